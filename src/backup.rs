@@ -1,0 +1,818 @@
+//! `ferry backup`: discover ─▶ capture ─▶ normalize ─▶ graph ─▶ select ─▶ store.
+//!
+//! Objects stream from paginated LISTs through normalization straight into
+//! the repository's pack writer; only object identities, labels and
+//! references stay in memory (for the application graph). Dependencies
+//! outside the selection (a RoleBinding's ClusterRole, a PVC's StorageClass,
+//! a CR's CRD…) are then fetched one by one until the graph is closed. The
+//! snapshot manifest is written last, so an interrupted backup leaves no
+//! snapshot behind, only unreferenced data that `prune` reclaims.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::cluster::capture::{DEFAULT_PAGE_SIZE, Pager, get_object};
+use crate::cluster::discovery::{Discovery, ServedResource, discover};
+use crate::cluster::profile::read_profile;
+use crate::cluster::{ClusterError, Connection, status_code};
+use crate::model::edges::{Reference, Target, references};
+use crate::model::graph::AppGraph;
+use crate::model::normalize::{NormalizeOptions, Verdict, normalize};
+use crate::model::select::Selection;
+use crate::model::ObjectRef;
+use crate::profile::ClusterProfile;
+use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId, WriteStats, encode_refs};
+
+/// The version of [`SnapshotContent`]; readers refuse versions they do not know.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Label on snapshots that records which tool version wrote them.
+pub const LABEL_WRITER: &str = "ferry.dev/writer";
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub name: String,
+    pub selection: Selection,
+    /// The label selector exactly as the user gave it, sent to the API
+    /// server so that unselected objects never cross the wire.
+    pub label_selector: Option<String>,
+    pub normalize: NormalizeOptions,
+    pub concurrency: usize,
+    pub page_size: u32,
+    pub ttl: Option<Duration>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl BackupOptions {
+    pub fn new(name: impl Into<String>, selection: Selection) -> Self {
+        BackupOptions {
+            name: name.into(),
+            selection,
+            label_selector: None,
+            normalize: NormalizeOptions::default(),
+            concurrency: 8,
+            page_size: DEFAULT_PAGE_SIZE,
+            ttl: None,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a snapshot holds, stored as its root blob.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotContent {
+    pub format: u32,
+    pub name: String,
+    pub source: SourceInfo,
+    pub profile: ClusterProfile,
+    /// The selection as the user expressed it (for `describe`).
+    pub selection: Value,
+    pub objects: Vec<CatalogEntry>,
+    /// The application graph in its compact serialized form.
+    pub graph: Value,
+    pub report: BackupReport,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceInfo {
+    pub server: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    pub namespaces: Vec<String>,
+}
+
+/// One stored object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    #[serde(flatten)]
+    pub object: ObjectRef,
+    pub blob: BlobId,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupReport {
+    /// Objects stored, per `group/Kind` (`Kind` for the core group).
+    pub counts: BTreeMap<String, usize>,
+    pub skipped: Vec<SkippedObject>,
+    /// Dependencies not stored because every cluster provides them
+    /// (bootstrap RBAC roles and the like); restore checks they exist.
+    pub provided_by_cluster: Vec<String>,
+    /// Collections or objects the credentials were not allowed to read.
+    pub forbidden: Vec<String>,
+    pub warnings: Vec<String>,
+    pub stats: BackupStats,
+}
+
+impl BackupReport {
+    /// A backup that could not read everything it was asked for is partial.
+    pub fn is_partial(&self) -> bool {
+        !self.forbidden.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SkippedObject {
+    pub object: String,
+    pub rule: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStats {
+    pub objects: usize,
+    pub collections_listed: usize,
+    pub bytes_plaintext: u64,
+    pub bytes_stored: u64,
+    pub blobs_added: u64,
+    pub blobs_deduplicated: u64,
+    pub packs_written: u64,
+    pub duration_ms: u64,
+}
+
+/// Live counters the CLI renders as a progress bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub collections_total: AtomicUsize,
+    pub collections_done: AtomicUsize,
+    pub objects: AtomicUsize,
+    pub bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct BackupOutcome {
+    pub snapshot: SnapshotId,
+    pub content: SnapshotContent,
+    pub write: WriteStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("a snapshot named '{0}' already exists in the repository; pick another name or delete it first")]
+    NameTaken(String),
+    #[error("cannot list namespaces to expand {patterns:?}: {source}. Name the namespaces literally with -n")]
+    NamespaceList {
+        patterns: Vec<String>,
+        #[source]
+        source: ClusterError,
+    },
+    #[error("nothing selected: no namespace matches {0:?}")]
+    NothingSelected(Vec<String>),
+    #[error("object {object} could not be encoded: {source}")]
+    Encode {
+        object: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the snapshot writer stopped unexpectedly: {0}")]
+    Writer(String),
+}
+
+/// Kinds whose objects are all skipped by normalization: not listing them
+/// at all saves the most expensive requests of a busy cluster.
+const NEVER_CAPTURED: &[(&str, &str)] = &[
+    ("", "Event"),
+    ("events.k8s.io", "Event"),
+    ("coordination.k8s.io", "Lease"),
+    ("", "Binding"),
+    ("", "ComponentStatus"),
+    ("metrics.k8s.io", "PodMetrics"),
+    ("metrics.k8s.io", "NodeMetrics"),
+];
+
+/// The same objects served under two groups: capture them once, through the
+/// group that survives.
+const ALIASED_GROUPS: &[(&str, &str, &str)] = &[("extensions", "Ingress", "networking.k8s.io")];
+
+/// Namespaced resource types to list for this selection.
+pub fn collections_to_capture<'a>(discovery: &'a Discovery, selection: &Selection) -> Vec<&'a ServedResource> {
+    discovery
+        .resources
+        .iter()
+        .filter(|r| r.namespaced && r.can("list") && r.can("get"))
+        .filter(|r| !NEVER_CAPTURED.contains(&(r.group.as_str(), r.kind.as_str())))
+        .filter(|r| {
+            !ALIASED_GROUPS.iter().any(|(old, kind, new)| {
+                r.group == *old && r.kind == *kind && discovery.by_group_kind(new, kind).is_some()
+            })
+        })
+        .filter(|r| selection.kind_selected(&r.group, &r.kind, &r.plural))
+        .collect()
+}
+
+/// A normalized object on its way to the repository.
+struct Captured {
+    object: ObjectRef,
+    value: Value,
+    bytes: Vec<u8>,
+}
+
+enum Item {
+    Object(Box<Captured>),
+    Skipped(SkippedObject),
+    Forbidden(String),
+    Warning(String),
+}
+
+/// Runs a whole backup and returns what it stored. A partial backup (some
+/// collections forbidden) still produces a snapshot whose report says so.
+pub async fn run(
+    conn: &Connection,
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupOutcome, BackupError> {
+    let started = Instant::now();
+    if repo.list_snapshots().await?.iter().any(|(_, s)| s.name == opts.name) {
+        return Err(BackupError::NameTaken(opts.name.clone()));
+    }
+    let lock = repo.lock_shared().await?;
+
+    let discovery = discover(&conn.client).await?;
+    let profile = read_profile(conn, &discovery).await?;
+    let mut report = BackupReport::default();
+    for (gv, why) in &discovery.failures {
+        report.warnings.push(format!("discovery of {gv} failed ({why}); its resources are not backed up"));
+    }
+
+    let namespaces = resolve_namespaces(conn, &discovery, &opts.selection).await?;
+    let collections = collections_to_capture(&discovery, &opts.selection);
+    // One cluster-wide LIST per type beats one per namespace when many
+    // namespaces are selected, if the credentials allow it.
+    let cluster_wide = opts.selection.all_namespaces || namespaces.len() > 4;
+    let namespace_set: BTreeSet<String> = namespaces.iter().cloned().collect();
+
+    let (tx, mut rx) = mpsc::channel::<Item>(1024);
+    let mut jobs: Vec<(&ServedResource, Option<String>)> = Vec::new();
+    for r in &collections {
+        if cluster_wide {
+            jobs.push((r, None));
+        } else {
+            for ns in &namespaces {
+                jobs.push((r, Some(ns.clone())));
+            }
+        }
+    }
+    progress.collections_total.store(jobs.len(), Ordering::Relaxed);
+
+    let writer_repo = repo.clone();
+    let writer_progress = progress.clone();
+    // The writer owns the pack writer and the graph: each object is encoded
+    // into a pack and reduced to its graph node right away, so memory holds
+    // identities and references, not objects.
+    let writer = tokio::spawn(async move {
+        let mut writer = writer_repo.writer();
+        let mut graph = AppGraph::new();
+        let mut catalog: Vec<CatalogEntry> = Vec::new();
+        let mut others = Vec::new();
+        while let Some(item) = rx.recv().await {
+            match item {
+                Item::Object(c) => {
+                    let blob = writer.add(&c.bytes).await?;
+                    writer_progress.objects.fetch_add(1, Ordering::Relaxed);
+                    writer_progress.bytes.fetch_add(c.bytes.len() as u64, Ordering::Relaxed);
+                    if graph.contains(&c.object) {
+                        continue;
+                    }
+                    add_to_graph(&mut graph, &c.object, &c.value, Some(&blob));
+                    catalog.push(CatalogEntry { object: c.object, blob, size: c.bytes.len() as u64 });
+                }
+                other => others.push(other),
+            }
+        }
+        Ok::<_, RepoError>((writer, graph, catalog, others))
+    });
+
+    let capture = futures::stream::iter(jobs)
+        .map(|(resource, namespace)| {
+            let tx = tx.clone();
+            let namespace_set = &namespace_set;
+            let progress = progress.clone();
+            async move {
+                let result = capture_collection(conn, resource, namespace.as_deref(), namespace_set, opts, &tx).await;
+                progress.collections_done.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = result {
+                    let scope = namespace.map(|n| format!(" in namespace {n}")).unwrap_or_default();
+                    let what = format!("{}{scope}", resource.qualified_plural());
+                    let item = match &e {
+                        ClusterError::List { source, .. } if status_code(source) == Some(403) => Item::Forbidden(what),
+                        ClusterError::List { source, .. } if status_code(source) == Some(404) => return Ok(()),
+                        _ => return Err(e),
+                    };
+                    let _ = tx.send(item).await;
+                }
+                Ok::<_, ClusterError>(())
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    report.stats.collections_listed = capture.len();
+    let capture_error = capture.into_iter().find_map(Result::err);
+
+    // Namespaces themselves are part of the application.
+    if let Some(ns_resource) = discovery.by_group_kind("", "Namespace") {
+        for ns in &namespaces {
+            match get_object(&conn.client, ns_resource, None, ns).await {
+                Ok(Some(obj)) => {
+                    let _ = tx.send(normalize_item(obj, &opts.normalize)?).await;
+                }
+                Ok(None) => report.warnings.push(format!("namespace {ns} disappeared during the backup")),
+                Err(ClusterError::Get { source, .. }) if status_code(&source) == Some(403) => {
+                    report.forbidden.push(format!("Namespace/{ns}"))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    drop(tx);
+    let (mut writer, mut graph, mut catalog, others) =
+        writer.await.map_err(|e| BackupError::Writer(e.to_string()))??;
+    if let Some(e) = capture_error {
+        // The pack writer is dropped unfinished: its packs are unreferenced
+        // and no snapshot exists, so the backup does not look complete.
+        return Err(e.into());
+    }
+    absorb(&mut report, others);
+
+    if opts.selection.include_deps {
+        close_dependencies(conn, &discovery, &namespace_set, opts, &mut graph, &mut writer, &mut catalog, &mut report)
+            .await?;
+    }
+    for dangling in graph.resolve() {
+        report.warnings.push(format!("dangling reference: {dangling}"));
+    }
+
+    for entry in &catalog {
+        *report.counts.entry(count_key(&entry.object)).or_default() += 1;
+    }
+    report.stats.objects = catalog.len();
+    report.skipped.sort_by(|a, b| a.object.cmp(&b.object));
+    report.forbidden.sort();
+    report.forbidden.dedup();
+    report.warnings.sort();
+    report.warnings.dedup();
+    report.provided_by_cluster.sort();
+    report.provided_by_cluster.dedup();
+    catalog.sort_by(|a, b| a.object.cmp(&b.object));
+
+    let mut content = SnapshotContent {
+        format: SNAPSHOT_FORMAT,
+        name: opts.name.clone(),
+        source: SourceInfo { server: conn.server.clone(), context: conn.context.clone(), namespaces },
+        profile,
+        selection: serde_json::to_value(&opts.selection).unwrap_or(Value::Null),
+        objects: catalog,
+        graph: graph.to_json(),
+        report,
+    };
+    // The large, usually unchanged parts (profile, catalog, graph) are blobs
+    // of their own, so an unchanged application deduplicates them and a
+    // re-backup writes little more than the small root.
+    let encode = |what: &str, value: &dyn erased::Encode| {
+        value.encode().map_err(|source| BackupError::Encode { object: what.to_string(), source })
+    };
+    let profile_blob = writer.add(&encode("cluster profile", &content.profile)?).await?;
+    let objects_blob = writer.add(&encode("object catalog", &content.objects)?).await?;
+    let graph_blob = writer.add(&encode("application graph", &content.graph)?).await?;
+    let mut all_blobs: Vec<BlobId> = content.objects.iter().map(|e| e.blob.clone()).collect();
+    all_blobs.extend([profile_blob.clone(), objects_blob.clone(), graph_blob.clone()]);
+    content.report.stats.bytes_plaintext = writer.stats().bytes_plaintext;
+    content.report.stats.duration_ms = started.elapsed().as_millis() as u64;
+    let root = StoredContent {
+        format: SNAPSHOT_FORMAT,
+        name: content.name.clone(),
+        source: content.source.clone(),
+        selection: content.selection.clone(),
+        profile: profile_blob,
+        objects: objects_blob,
+        graph: graph_blob,
+        report: content.report.clone(),
+    };
+    let content_blob = writer.add(&encode("snapshot content", &root)?).await?;
+    all_blobs.push(content_blob.clone());
+    let refs_blob = writer.add(&encode_refs(&all_blobs)).await?;
+    let write = writer.finish().await?;
+    content.report.stats.bytes_stored = write.bytes_stored;
+    content.report.stats.blobs_added = write.blobs_added;
+    content.report.stats.blobs_deduplicated = write.blobs_deduplicated;
+    content.report.stats.packs_written = write.packs_written;
+
+    let created = SystemTime::now();
+    let snapshot = Snapshot {
+        name: opts.name.clone(),
+        created: humantime::format_rfc3339_seconds(created).to_string(),
+        expires: opts.ttl.map(|ttl| humantime::format_rfc3339_seconds(created + ttl).to_string()),
+        labels: {
+            let mut labels = opts.labels.clone();
+            labels.insert(LABEL_WRITER.into(), format!("ferry/{}", env!("CARGO_PKG_VERSION")));
+            labels
+        },
+        content: content_blob,
+        refs: refs_blob,
+        summary: serde_json::json!({
+            "objects": content.report.stats.objects,
+            "namespaces": content.source.namespaces,
+            "cluster": content.profile.version,
+            "server": content.source.server,
+            "partial": content.report.is_partial(),
+            "warnings": content.report.warnings.len(),
+            "bytesPlaintext": content.report.stats.bytes_plaintext,
+            "bytesStored": write.bytes_stored,
+        }),
+    };
+    let id = repo.save_snapshot(&snapshot).await?;
+    lock.release().await?;
+    Ok(BackupOutcome { snapshot: id, content, write })
+}
+
+fn absorb(report: &mut BackupReport, items: Vec<Item>) {
+    for item in items {
+        match item {
+            Item::Skipped(s) => report.skipped.push(s),
+            Item::Forbidden(f) => report.forbidden.push(f),
+            Item::Warning(w) => report.warnings.push(w),
+            Item::Object(_) => {}
+        }
+    }
+}
+
+fn count_key(object: &ObjectRef) -> String {
+    if object.group.is_empty() { object.kind.clone() } else { format!("{}/{}", object.group, object.kind) }
+}
+
+fn object_label(value: &Value) -> String {
+    match ObjectRef::from_object(value) {
+        Ok(r) => r.to_string(),
+        Err(_) => value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("<unnamed>").to_string(),
+    }
+}
+
+fn normalize_item(obj: Value, opts: &NormalizeOptions) -> Result<Item, BackupError> {
+    let label = object_label(&obj);
+    match normalize(obj, opts) {
+        Verdict::Skip { rule, reason } => Ok(Item::Skipped(SkippedObject { object: label, rule: rule.to_string(), reason })),
+        Verdict::Keep { object, .. } => {
+            let object_ref = match ObjectRef::from_object(&object) {
+                Ok(r) => r,
+                Err(e) => return Ok(Item::Warning(format!("{label} is malformed and was not backed up: {e}"))),
+            };
+            let bytes = serde_json::to_vec(&object).map_err(|source| BackupError::Encode { object: label, source })?;
+            Ok(Item::Object(Box::new(Captured { object: object_ref, value: object, bytes })))
+        }
+    }
+}
+
+async fn capture_collection(
+    conn: &Connection,
+    resource: &ServedResource,
+    namespace: Option<&str>,
+    namespaces: &BTreeSet<String>,
+    opts: &BackupOptions,
+    tx: &mpsc::Sender<Item>,
+) -> Result<(), ClusterError> {
+    let mut pager = Pager::new(&conn.client, resource, namespace, opts.label_selector.as_deref(), opts.page_size);
+    while let Some(page) = pager.next_page().await? {
+        for obj in page {
+            let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
+            if !namespaces.contains(ns) || !opts.selection.object_selected(&obj) {
+                continue;
+            }
+            let item = match normalize_item(obj, &opts.normalize) {
+                Ok(item) => item,
+                Err(e) => Item::Warning(e.to_string()),
+            };
+            if tx.send(item).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn add_to_graph(graph: &mut AppGraph, object: &ObjectRef, value: &Value, blob: Option<&BlobId>) {
+    graph.add_object_value(object.clone(), value, blob.map(|b| b.to_string()));
+    graph.add_references(object, references(value));
+}
+
+/// The namespaces a selection names, expanding globs and `--all-namespaces`
+/// through a LIST of namespaces.
+async fn resolve_namespaces(
+    conn: &Connection,
+    discovery: &Discovery,
+    selection: &Selection,
+) -> Result<Vec<String>, BackupError> {
+    let literal = selection.namespaces.iter().all(|p| !p.contains(['*', '?', '[']));
+    if !selection.all_namespaces && literal {
+        let mut names: Vec<String> =
+            selection.namespaces.iter().filter(|n| selection.namespace_selected(n)).cloned().collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Err(BackupError::NothingSelected(selection.namespaces.clone()));
+        }
+        return Ok(names);
+    }
+    let resource = discovery.by_group_kind("", "Namespace").expect("every API server serves v1 Namespace");
+    let list = crate::cluster::capture::list_collection(&conn.client, resource, None, None, DEFAULT_PAGE_SIZE)
+        .await
+        .map_err(|source| BackupError::NamespaceList { patterns: selection.namespaces.clone(), source })?;
+    let mut names: Vec<String> = list
+        .iter()
+        .filter_map(|ns| ns.pointer("/metadata/name").and_then(Value::as_str))
+        .filter(|n| selection.namespace_selected(n))
+        .map(String::from)
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(BackupError::NothingSelected(selection.namespaces.clone()));
+    }
+    Ok(names)
+}
+
+/// Fetches what the selected objects depend on but the capture did not
+/// include, until nothing new turns up: cluster-scoped dependencies (roles,
+/// storage classes, persistent volumes, CRDs, priority/runtime/ingress
+/// classes) and namespaced ones in the selected namespaces (a ConfigMap a
+/// labelled Deployment mounts without carrying the label). ClusterRoleBindings
+/// that grant something to a selected ServiceAccount are pulled in as well.
+#[allow(clippy::too_many_arguments)]
+async fn close_dependencies(
+    conn: &Connection,
+    discovery: &Discovery,
+    namespaces: &BTreeSet<String>,
+    opts: &BackupOptions,
+    graph: &mut AppGraph,
+    writer: &mut crate::repo::PackWriter,
+    catalog: &mut Vec<CatalogEntry>,
+    report: &mut BackupReport,
+) -> Result<(), BackupError> {
+    let mut attempted: BTreeSet<String> = BTreeSet::new();
+
+    // ClusterRoleBindings whose subjects include a selected ServiceAccount.
+    if let Some(crb) = discovery.by_group_kind("rbac.authorization.k8s.io", "ClusterRoleBinding") {
+        match crate::cluster::capture::list_collection(&conn.client, crb, None, None, DEFAULT_PAGE_SIZE).await {
+            Ok(items) => {
+                for obj in items {
+                    let grants_selected = obj
+                        .get("subjects")
+                        .and_then(Value::as_array)
+                        .is_some_and(|subjects| {
+                            subjects.iter().any(|s| {
+                                s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
+                                    && s.get("namespace").and_then(Value::as_str).is_some_and(|n| namespaces.contains(n))
+                            })
+                        });
+                    if grants_selected {
+                        store_dependency(obj, opts, graph, writer, catalog, report).await?;
+                    }
+                }
+            }
+            Err(ClusterError::List { source, .. }) if status_code(&source) == Some(403) => {
+                report.forbidden.push("clusterrolebindings.rbac.authorization.k8s.io (cluster-wide)".into())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    loop {
+        let wanted: Vec<Reference> = graph.unresolved();
+        let mut fetched_any = false;
+        for reference in wanted {
+            let (resource, namespace, name) = match &reference.target {
+                Target::Object { group, kind, namespace, name } => {
+                    let Some(resource) = discovery.by_group_kind(group, kind) else { continue };
+                    if let Some(ns) = namespace
+                        && !namespaces.contains(ns)
+                    {
+                        continue;
+                    }
+                    (resource, namespace.clone(), name.clone())
+                }
+                Target::Crd { group, kind } => {
+                    let Some(served) = discovery.by_group_kind(group, kind) else { continue };
+                    let Some(crd) = discovery.by_group_kind("apiextensions.k8s.io", "CustomResourceDefinition") else {
+                        continue;
+                    };
+                    (crd, None, format!("{}.{}", served.plural, served.group))
+                }
+                _ => continue,
+            };
+            let key = format!("{}/{}/{}/{}", resource.group, resource.kind, namespace.clone().unwrap_or_default(), name);
+            if !attempted.insert(key) {
+                continue;
+            }
+            match get_object(&conn.client, resource, namespace.as_deref(), &name).await {
+                Ok(Some(obj)) => {
+                    fetched_any |= store_dependency(obj, opts, graph, writer, catalog, report).await?;
+                }
+                Ok(None) => {}
+                Err(ClusterError::Get { object, source }) if status_code(&source) == Some(403) => {
+                    report.forbidden.push(format!("{object} (dependency)"))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !fetched_any {
+            return Ok(());
+        }
+    }
+}
+
+/// Normalizes and stores one dependency; `true` when it was stored.
+async fn store_dependency(
+    obj: Value,
+    opts: &BackupOptions,
+    graph: &mut AppGraph,
+    writer: &mut crate::repo::PackWriter,
+    catalog: &mut Vec<CatalogEntry>,
+    report: &mut BackupReport,
+) -> Result<bool, BackupError> {
+    match normalize_item(obj, &opts.normalize)? {
+        Item::Object(c) => {
+            if graph.contains(&c.object) {
+                return Ok(false);
+            }
+            let blob = writer.add(&c.bytes).await?;
+            add_to_graph(graph, &c.object, &c.value, Some(&blob));
+            catalog.push(CatalogEntry { object: c.object, blob, size: c.bytes.len() as u64 });
+            Ok(true)
+        }
+        Item::Skipped(s) => {
+            report.provided_by_cluster.push(format!("{} ({})", s.object, s.reason));
+            Ok(false)
+        }
+        Item::Warning(w) => {
+            report.warnings.push(w);
+            Ok(false)
+        }
+        Item::Forbidden(f) => {
+            report.forbidden.push(f);
+            Ok(false)
+        }
+    }
+}
+
+/// The root blob of a snapshot as stored: the parts are blob ids.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredContent {
+    format: u32,
+    name: String,
+    source: SourceInfo,
+    selection: Value,
+    profile: BlobId,
+    objects: BlobId,
+    graph: BlobId,
+    report: BackupReport,
+}
+
+mod erased {
+    /// Object-safe JSON encoding, so one closure can encode every part.
+    pub trait Encode {
+        fn encode(&self) -> Result<Vec<u8>, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+            serde_json::to_vec(self)
+        }
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    repo: &Repository,
+    blob: &BlobId,
+    what: impl FnOnce() -> String,
+) -> Result<T, RepoError> {
+    let bytes = repo.read_blob(blob).await?;
+    serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt { what: what(), message: e.to_string() })
+}
+
+/// Loads a snapshot's content, refusing formats this version cannot read.
+pub async fn load_content(repo: &Repository, snapshot: &Snapshot) -> Result<SnapshotContent, RepoError> {
+    let name = &snapshot.name;
+    let root: StoredContent = read_json(repo, &snapshot.content, || format!("content of snapshot {name}")).await?;
+    if root.format != SNAPSHOT_FORMAT {
+        return Err(RepoError::Corrupt {
+            what: format!("snapshot {name}"),
+            message: format!("format {} is not readable by this version of ferry (it reads {SNAPSHOT_FORMAT}); upgrade ferry", root.format),
+        });
+    }
+    Ok(SnapshotContent {
+        format: root.format,
+        name: root.name,
+        source: root.source,
+        profile: read_json(repo, &root.profile, || format!("cluster profile of snapshot {name}")).await?,
+        selection: root.selection,
+        objects: read_json(repo, &root.objects, || format!("object catalog of snapshot {name}")).await?,
+        graph: read_json(repo, &root.graph, || format!("graph of snapshot {name}")).await?,
+        report: root.report,
+    })
+}
+
+/// What `ferry backup verify` found.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyOutcome {
+    pub snapshots: usize,
+    pub objects: usize,
+    /// One line per damaged or missing item, naming the snapshot and object.
+    pub problems: Vec<String>,
+}
+
+/// Checks that every object of the chosen snapshots (or all) reads back
+/// intact; with `read_data`, also checks every pack of the repository and
+/// maps damaged blobs to the objects that use them.
+pub async fn verify(repo: &Repository, name: Option<&str>, read_data: bool) -> Result<VerifyOutcome, RepoError> {
+    let snapshots = match name {
+        Some(name) => vec![repo.find_snapshot(name).await?],
+        None => repo.list_snapshots().await?,
+    };
+    let mut outcome = VerifyOutcome { snapshots: snapshots.len(), ..Default::default() };
+    // blob → objects using it, to name objects when a pack is damaged.
+    let mut users: std::collections::HashMap<BlobId, Vec<String>> = std::collections::HashMap::new();
+    for (_, snapshot) in &snapshots {
+        let content = match load_content(repo, snapshot).await {
+            Ok(c) => c,
+            Err(e) => {
+                outcome.problems.push(format!("snapshot {}: its content is unreadable: {e}", snapshot.name));
+                continue;
+            }
+        };
+        for entry in &content.objects {
+            outcome.objects += 1;
+            users.entry(entry.blob.clone()).or_default().push(format!("{} in snapshot {}", entry.object, snapshot.name));
+            if !read_data && let Err(e) = repo.read_blob(&entry.blob).await {
+                outcome.problems.push(format!("{} in snapshot {}: {e}", entry.object, snapshot.name));
+            }
+        }
+    }
+    if read_data {
+        let report = repo.verify(true).await?;
+        for damage in report.problems() {
+            match damage.blob().and_then(|b| users.get(b)) {
+                Some(objects) => {
+                    for object in objects {
+                        outcome.problems.push(format!("{object}: {damage}"));
+                    }
+                }
+                None => outcome.problems.push(damage.to_string()),
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// What retention deleted (or would delete).
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionOutcome {
+    pub deleted: Vec<String>,
+    pub bytes_freed: u64,
+}
+
+/// Deletes expired snapshots and all but the newest `keep_last`, then frees
+/// the data no remaining snapshot references.
+pub async fn apply_retention(
+    repo: &Repository,
+    keep_last: Option<usize>,
+    dry_run: bool,
+) -> Result<RetentionOutcome, RepoError> {
+    let mut snapshots = repo.list_snapshots().await?;
+    snapshots.sort_by(|a, b| b.1.created.cmp(&a.1.created));
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut outcome = RetentionOutcome::default();
+    let mut kept = 0;
+    for (id, snapshot) in snapshots {
+        let expired = snapshot.expires.as_ref().is_some_and(|e| *e <= now);
+        let beyond = keep_last.is_some_and(|n| kept >= n);
+        if expired || beyond {
+            if !dry_run {
+                repo.delete_snapshot(&id).await?;
+            }
+            outcome.deleted.push(snapshot.name);
+        } else {
+            kept += 1;
+        }
+    }
+    if !outcome.deleted.is_empty() {
+        let report = repo.prune(dry_run).await?;
+        outcome.bytes_freed = report.bytes_removed;
+    }
+    Ok(outcome)
+}

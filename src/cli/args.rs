@@ -1,0 +1,255 @@
+//! Command-line arguments (clap derive). Flags follow kubectl where kubectl
+//! has one: `--kubeconfig`, `--context`, `-n/--namespace`, `-A`,
+//! `-l/--selector`, `-o/--output`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use super::output::OutputFormat;
+
+/// Ferry backs up Kubernetes applications as normalized application graphs
+/// into an encrypted, deduplicating repository (a local directory or S3),
+/// and restores them into the same or another cluster.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, propagate_version = true, max_term_width = 100)]
+#[command(after_help = "Environment:\n  \
+    KUBECONFIG          kubeconfig files, as for kubectl\n  \
+    FERRY_REPO          repository location (a directory, or s3://bucket/prefix)\n  \
+    FERRY_PASSWORD      repository password (or FERRY_PASSWORD_FILE / FERRY_KEY_FILE)\n  \
+    FERRY_S3_ENDPOINT   endpoint of an S3-compatible store (MinIO, Ceph, R2…)\n  \
+    FERRY_CONFIG        config file (default ~/.config/ferry/config.yaml)\n  \
+    AWS_*               the standard AWS credential chain for s3:// repositories\n\n\
+Exit status: 0 success, 1 error, 2 usage error, 3 partial backup (some resources were forbidden).")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GlobalArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, env = "FERRY_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Timeout of each API request, e.g. 30s or 2m.
+    #[arg(long, global = true, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// More logging on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect, verify and delete backups (snapshots of applications).
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Create and maintain repositories.
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// Inspect clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Print the normalization table: what a backup strips or skips, and why.
+    Rules {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RepoArgs {
+    /// Repository: a local directory or s3://bucket/prefix.
+    #[arg(long, env = "FERRY_REPO")]
+    pub repo: Option<String>,
+    /// File holding the repository password.
+    #[arg(long, env = "FERRY_PASSWORD_FILE", conflicts_with = "key_file")]
+    pub password_file: Option<PathBuf>,
+    /// File holding a raw key (at least 32 bytes) instead of a password.
+    #[arg(long, env = "FERRY_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Endpoint URL of an S3-compatible store (MinIO, Ceph RGW, R2…).
+    #[arg(long, env = "FERRY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Region of the bucket (default: the AWS credential chain's region).
+    #[arg(long, env = "FERRY_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Address buckets by path (bucket in the URL path), as S3-compatible
+    /// stores need. Default: on when --s3-endpoint is set.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub s3_path_style: Option<bool>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Create a new repository with a fresh random master key wrapped by the
+    /// password or key file.
+    Init {
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Show how many snapshots, packs and bytes a repository holds.
+    Stats {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Print the cluster profile (version, served APIs, storage and ingress
+    /// classes, zones) that transforms and restore validation use offline.
+    Profile {
+        #[arg(short, long, value_enum, default_value = "json")]
+        output: OutputFormat,
+    },
+}
+
+/// Which objects a backup protects.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SelectionArgs {
+    /// Namespace to back up; repeatable; globs allowed (`team-*`).
+    #[arg(short, long = "namespace", value_name = "NAMESPACE")]
+    pub namespaces: Vec<String>,
+    /// Back up every namespace except kube-system, kube-public and kube-node-lease.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Namespace to leave out; repeatable; globs allowed.
+    #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
+    pub exclude_namespaces: Vec<String>,
+    /// Label selector, kubectl syntax: `app=web,tier!=cache,env in (prod,stage)`.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Only these kinds (Kind, plural or plural.group); repeatable or comma-separated.
+    #[arg(long = "include-kind", value_delimiter = ',')]
+    pub include_kinds: Vec<String>,
+    /// Leave out these kinds; repeatable or comma-separated.
+    #[arg(long = "exclude-kind", value_delimiter = ',')]
+    pub exclude_kinds: Vec<String>,
+    /// An application: objects labelled app.kubernetes.io/instance or
+    /// app.kubernetes.io/part-of with this value, or the Helm release of this name.
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Do not pull in dependencies outside the selection (ClusterRoles,
+    /// StorageClasses, CRDs, PriorityClasses, unlabelled ConfigMaps…).
+    #[arg(long)]
+    pub no_deps: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up the selected applications into a new snapshot.
+    #[command(after_help = "Examples:\n  \
+        ferry backup create shop-nightly -n shop\n  \
+        ferry backup create teams -n 'team-*' --exclude-kind secrets --ttl 720h\n  \
+        ferry backup create web --app web -A --repo s3://backups/prod")]
+    Create {
+        /// Name of the snapshot (unique in the repository).
+        name: String,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Delete the snapshot automatically after this long (e.g. 720h, 30days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// After the backup, keep only the newest N snapshots (expired ones
+        /// go first) and free the space of the others.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Label the snapshot, KEY=VALUE; repeatable.
+        #[arg(long = "label", value_parser = parse_key_value)]
+        labels: Vec<(String, String)>,
+        /// LISTs running at once against the API server.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Objects per LIST page.
+        #[arg(long, default_value_t = 500)]
+        page_size: u32,
+        /// Keep kubectl.kubernetes.io/last-applied-configuration annotations.
+        #[arg(long)]
+        keep_last_applied: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// List the snapshots in a repository.
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Show a snapshot: source, selection, objects per kind, skipped objects and warnings.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Also list every object.
+        #[arg(long)]
+        objects: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Print a snapshot's application graph.
+    Graph {
+        name: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Check snapshots (all, or NAME) for missing or damaged data; names every damaged object.
+    Verify {
+        name: Option<String>,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Also read and check every pack of the repository, not only the snapshot's objects.
+        #[arg(long)]
+        read_data: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Delete a snapshot (its data is freed by `ferry backup prune`).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Free the data no snapshot references right away.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Apply retention: delete expired snapshots (and beyond --keep-last),
+    /// then free the data no remaining snapshot references.
+    Prune {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Show what would be deleted without deleting.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Json,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
+}

@@ -1,0 +1,298 @@
+//! The `ferry` command line: argument parsing, output formats, progress
+//! bars, and the glue from commands to the library.
+
+pub mod args;
+pub mod output;
+pub mod progress;
+pub mod repo;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::backup::{self, BackupOptions, Progress};
+use crate::cluster::ConnectOptions;
+use crate::model::select::Selection;
+use args::{BackupCommand, Cli, ClusterCommand, Command, GlobalArgs, GraphFormat, RepoCommand, SelectionArgs};
+use output::{OutputFormat, emit, human_bytes, table};
+
+/// Exit status of a backup that stored what it could but was refused some resources.
+pub const EXIT_PARTIAL: u8 = 3;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Backup(cmd) => backup_command(&cli.global, cmd).await,
+        Command::Repo(cmd) => repo_command(cmd).await,
+        Command::Cluster(ClusterCommand::Profile { output }) => {
+            let conn = connect(&cli.global).await?;
+            let discovery = crate::cluster::discovery::discover(&conn.client).await?;
+            let profile = crate::cluster::profile::read_profile(&conn, &discovery).await?;
+            emit(if output == OutputFormat::Text { OutputFormat::Yaml } else { output }, &profile, |_| Ok(()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rules { output } => {
+            let rules: Vec<_> = crate::model::normalize::RULES
+                .iter()
+                .map(|r| serde_json::json!({"name": r.name, "matches": r.matches, "action": r.description}))
+                .collect();
+            emit(output, &rules, |out| {
+                let rows: Vec<Vec<String>> = crate::model::normalize::RULES
+                    .iter()
+                    .map(|r| vec![r.name.to_string(), r.matches.to_string(), r.description.to_string()])
+                    .collect();
+                table(out, &["RULE", "MATCHES", "ACTION"], &rows)
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub async fn connect(global: &GlobalArgs) -> anyhow::Result<crate::cluster::Connection> {
+    let options = ConnectOptions {
+        kubeconfig: global.kubeconfig.clone(),
+        context: global.context.clone(),
+        timeout: Some(global.request_timeout),
+    };
+    Ok(options.connect().await?)
+}
+
+fn selection(args: &SelectionArgs) -> anyhow::Result<Selection> {
+    if args.namespaces.is_empty() && !args.all_namespaces {
+        anyhow::bail!("say what to back up: -n NAMESPACE (repeatable, globs allowed) or -A/--all-namespaces");
+    }
+    let selector = match &args.selector {
+        Some(s) => Some(crate::model::select::LabelSelector::parse(s).with_context(|| format!("label selector '{s}'"))?),
+        None => None,
+    };
+    Ok(Selection {
+        namespaces: args.namespaces.clone(),
+        exclude_namespaces: args.exclude_namespaces.clone(),
+        all_namespaces: args.all_namespaces,
+        selector,
+        include_kinds: args.include_kinds.clone(),
+        exclude_kinds: args.exclude_kinds.clone(),
+        application: args.app.clone(),
+        include_deps: !args.no_deps,
+    })
+}
+
+async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RepoCommand::Init { repo } => {
+            let repository = repo::init(&repo).await?;
+            eprintln!("created repository {} ", repository.id());
+            eprintln!("keep the password safe: without it the backups cannot be read");
+        }
+        RepoCommand::Stats { repo, output } => {
+            let repository = repo::open(&repo).await?;
+            let stats = repository.stats().await?;
+            let snapshots = repository.list_snapshots().await?.len();
+            let value = serde_json::json!({"snapshots": snapshots, "stats": stats});
+            emit(output, &value, |out| {
+                writeln!(out, "repository {}", repository.id())?;
+                writeln!(out, "snapshots: {snapshots}")?;
+                writeln!(out, "packs: {}  blobs: {}  stored: {}", stats.packs, stats.blobs, human_bytes(stats.bytes))
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BackupCommand::Create {
+            name,
+            selection: selection_args,
+            repo,
+            ttl,
+            keep_last,
+            labels,
+            concurrency,
+            page_size,
+            keep_last_applied,
+            output,
+        } => {
+            let selection = selection(&selection_args)?;
+            let repository = repo::open(&repo).await?;
+            let conn = connect(global).await?;
+            let mut options = BackupOptions::new(&name, selection);
+            options.label_selector = selection_args.selector.clone();
+            options.normalize.keep_last_applied = keep_last_applied;
+            options.concurrency = concurrency.max(1);
+            options.page_size = page_size.max(1);
+            options.ttl = ttl;
+            options.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
+            let progress = Arc::new(Progress::default());
+            let bar = progress::BackupBar::start(progress.clone());
+            let result = backup::run(&conn, &repository, &options, progress).await;
+            bar.finish();
+            let outcome = result.with_context(|| format!("backup {name} failed; no snapshot was written"))?;
+            let report = &outcome.content.report;
+            emit(output, &serde_json::json!({"snapshot": outcome.snapshot.to_string(), "name": name, "report": report}), |out| {
+                print_report(out, &name, &outcome.content)
+            })?;
+            if let Some(n) = keep_last {
+                let pruned = backup::apply_retention(&repository, Some(n), false).await?;
+                if !pruned.deleted.is_empty() {
+                    eprintln!("retention: deleted {} snapshot(s), freed {}", pruned.deleted.len(), human_bytes(pruned.bytes_freed));
+                }
+            }
+            if report.is_partial() {
+                eprintln!(
+                    "warning: the backup is partial: {} resource(s) could not be read (see 'forbidden' above)",
+                    report.forbidden.len()
+                );
+                return Ok(ExitCode::from(EXIT_PARTIAL));
+            }
+        }
+        BackupCommand::List { repo, output } => {
+            let repository = repo::open(&repo).await?;
+            let mut snapshots = repository.list_snapshots().await?;
+            snapshots.sort_by(|a, b| a.1.created.cmp(&b.1.created));
+            let value: Vec<_> = snapshots
+                .iter()
+                .map(|(id, s)| serde_json::json!({"id": id.to_string(), "name": s.name, "created": s.created, "expires": s.expires, "labels": s.labels, "summary": s.summary}))
+                .collect();
+            emit(output, &value, |out| {
+                let rows: Vec<Vec<String>> = snapshots
+                    .iter()
+                    .map(|(id, s)| {
+                        let get = |k: &str| s.summary.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default();
+                        vec![
+                            s.name.clone(),
+                            id.to_string().chars().take(12).collect(),
+                            s.created.clone(),
+                            get("objects"),
+                            get("cluster"),
+                            if get("partial") == "true" { "partial".into() } else { "complete".into() },
+                            s.expires.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                table(out, &["NAME", "ID", "CREATED", "OBJECTS", "CLUSTER", "STATUS", "EXPIRES"], &rows)
+            })?;
+        }
+        BackupCommand::Describe { name, repo, objects, output } => {
+            let repository = repo::open(&repo).await?;
+            let (id, snapshot) = repository.find_snapshot(&name).await?;
+            let mut content = backup::load_content(&repository, &snapshot).await?;
+            if !objects && output == OutputFormat::Text {
+                content.objects.clear();
+            }
+            let value = serde_json::json!({"id": id.to_string(), "snapshot": snapshot, "content": content});
+            emit(output, &value, |out| {
+                writeln!(out, "Snapshot:   {} ({})", snapshot.name, id)?;
+                writeln!(out, "Created:    {}", snapshot.created)?;
+                if let Some(expires) = &snapshot.expires {
+                    writeln!(out, "Expires:    {expires}")?;
+                }
+                writeln!(out, "Cluster:    {} {} ({})", content.source.server, content.profile.version, content.profile.distribution)?;
+                writeln!(out, "Namespaces: {}", content.source.namespaces.join(", "))?;
+                print_report(out, &snapshot.name, &content)?;
+                if objects {
+                    writeln!(out, "\nObjects:")?;
+                    for entry in &content.objects {
+                        writeln!(out, "  {}", entry.object)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        BackupCommand::Graph { name, repo, format } => {
+            let repository = repo::open(&repo).await?;
+            let (_, snapshot) = repository.find_snapshot(&name).await?;
+            let content = backup::load_content(&repository, &snapshot).await?;
+            let graph = crate::model::graph::AppGraph::from_json(&content.graph)
+                .with_context(|| format!("the graph of snapshot {name} is unreadable"))?;
+            match format {
+                GraphFormat::Dot => print!("{}", graph.to_dot()),
+                GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&content.graph)?),
+            }
+        }
+        BackupCommand::Verify { name, repo, read_data, output } => {
+            let repository = repo::open(&repo).await?;
+            let report = backup::verify(&repository, name.as_deref(), read_data).await?;
+            emit(output, &report, |out| {
+                for problem in &report.problems {
+                    writeln!(out, "DAMAGED  {problem}")?;
+                }
+                writeln!(
+                    out,
+                    "checked {} snapshot(s), {} object(s): {}",
+                    report.snapshots,
+                    report.objects,
+                    if report.problems.is_empty() { "all intact".to_string() } else { format!("{} problem(s)", report.problems.len()) }
+                )
+            })?;
+            if !report.problems.is_empty() {
+                anyhow::bail!("verification failed: {} damaged or missing item(s), listed above", report.problems.len());
+            }
+        }
+        BackupCommand::Delete { name, repo, prune } => {
+            let repository = repo::open(&repo).await?;
+            let (id, snapshot) = repository.find_snapshot(&name).await?;
+            repository.delete_snapshot(&id).await?;
+            eprintln!("deleted snapshot {} ({id})", snapshot.name);
+            if prune {
+                let report = repository.prune(false).await?;
+                eprintln!("freed {}", human_bytes(report.bytes_removed));
+            }
+        }
+        BackupCommand::Prune { repo, keep_last, dry_run, output } => {
+            let repository = repo::open(&repo).await?;
+            let outcome = backup::apply_retention(&repository, keep_last, dry_run).await?;
+            emit(output, &outcome, |out| {
+                for name in &outcome.deleted {
+                    writeln!(out, "{} {name}", if dry_run { "would delete" } else { "deleted" })?;
+                }
+                writeln!(out, "{} {}", if dry_run { "would free" } else { "freed" }, human_bytes(outcome.bytes_freed))
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(out: &mut dyn Write, name: &str, content: &backup::SnapshotContent) -> std::io::Result<()> {
+    let report = &content.report;
+    let stats = &report.stats;
+    writeln!(
+        out,
+        "Backup {name}: {} objects, {} captured, {} new in the repository ({} packs), {:.1}s",
+        stats.objects,
+        human_bytes(stats.bytes_plaintext),
+        human_bytes(stats.bytes_stored),
+        stats.packs_written,
+        stats.duration_ms as f64 / 1000.0
+    )?;
+    let rows: Vec<Vec<String>> = report.counts.iter().map(|(k, n)| vec![k.clone(), n.to_string()]).collect();
+    writeln!(out)?;
+    table(out, &["KIND", "OBJECTS"], &rows)?;
+    if !report.skipped.is_empty() {
+        writeln!(out, "\nSkipped ({}):", report.skipped.len())?;
+        for s in &report.skipped {
+            writeln!(out, "  {}: {} [{}]", s.object, s.reason, s.rule)?;
+        }
+    }
+    if !report.provided_by_cluster.is_empty() {
+        writeln!(out, "\nProvided by the cluster, not stored ({}):", report.provided_by_cluster.len())?;
+        for p in &report.provided_by_cluster {
+            writeln!(out, "  {p}")?;
+        }
+    }
+    if !report.forbidden.is_empty() {
+        writeln!(out, "\nForbidden, not backed up ({}):", report.forbidden.len())?;
+        for f in &report.forbidden {
+            writeln!(out, "  {f}")?;
+        }
+    }
+    if !report.warnings.is_empty() {
+        writeln!(out, "\nWarnings ({}):", report.warnings.len())?;
+        for w in &report.warnings {
+            writeln!(out, "  {w}")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Opening the repository a command names: location from `--repo`,
+//! `FERRY_REPO` or the config file; key from a password file, a key file,
+//! `FERRY_PASSWORD`, or a prompt on a terminal.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::args::RepoArgs;
+use crate::repo::{Backend, KeySource, LocalBackend, Location, Repository, S3Backend, S3Location, parse_location};
+
+/// `~/.config/ferry/config.yaml` (or `$FERRY_CONFIG`): defaults for flags
+/// a user would otherwise repeat on every command.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigFile {
+    pub repository: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+}
+
+impl ConfigFile {
+    pub fn load() -> anyhow::Result<Self> {
+        let path = match std::env::var_os("FERRY_CONFIG") {
+            Some(p) => PathBuf::from(p),
+            None => match std::env::var_os("HOME") {
+                Some(home) => PathBuf::from(home).join(".config/ferry/config.yaml"),
+                None => return Ok(Self::default()),
+            },
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_yaml_ng::from_str(&text).with_context(|| format!("config file {} is not valid", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading config file {}", path.display())),
+        }
+    }
+}
+
+pub async fn backend(args: &RepoArgs) -> anyhow::Result<Arc<dyn Backend>> {
+    let config = ConfigFile::load()?;
+    let Some(location) = args.repo.clone().or(config.repository) else {
+        bail!("no repository given: pass --repo DIR or --repo s3://bucket/prefix, set FERRY_REPO, or set `repository:` in ~/.config/ferry/config.yaml");
+    };
+    let location = parse_location(&location)?;
+    Ok(match location {
+        Location::Local(path) => Arc::new(LocalBackend::new(path)),
+        Location::S3 { bucket, prefix } => {
+            let endpoint = args.s3_endpoint.clone().or(config.s3_endpoint);
+            let path_style = args.s3_path_style.unwrap_or(endpoint.is_some());
+            let region = args.s3_region.clone().or(config.s3_region);
+            Arc::new(
+                S3Backend::new(S3Location { bucket, prefix, endpoint, region, path_style })
+                    .await
+                    .context("setting up the S3 client")?,
+            )
+        }
+    })
+}
+
+pub fn key_source(args: &RepoArgs, confirm: bool) -> anyhow::Result<KeySource> {
+    if let Some(path) = &args.key_file {
+        return Ok(KeySource::KeyFile(path.clone()));
+    }
+    let password_file = args.password_file.clone().or_else(|| ConfigFile::load().ok().and_then(|c| c.password_file));
+    if let Some(path) = password_file {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading password file {}", path.display()))?;
+        let password = text.trim_end_matches(['\n', '\r']).to_string();
+        if password.is_empty() {
+            bail!("password file {} is empty", path.display());
+        }
+        return Ok(KeySource::Password(Zeroizing::new(password)));
+    }
+    if let Ok(password) = std::env::var("FERRY_PASSWORD") {
+        return Ok(KeySource::Password(Zeroizing::new(password)));
+    }
+    if std::io::stdin().is_terminal() {
+        let password = Zeroizing::new(rpassword::prompt_password("repository password: ")?);
+        if confirm {
+            let again = Zeroizing::new(rpassword::prompt_password("repeat password: ")?);
+            if *again != *password {
+                bail!("the passwords do not match");
+            }
+        }
+        return Ok(KeySource::Password(password));
+    }
+    bail!("no repository key: pass --password-file or --key-file, or set FERRY_PASSWORD")
+}
+
+pub async fn open(args: &RepoArgs) -> anyhow::Result<Repository> {
+    let backend = backend(args).await?;
+    let key = key_source(args, false)?;
+    Ok(Repository::open(backend, &key).await?)
+}
+
+pub async fn init(args: &RepoArgs) -> anyhow::Result<Repository> {
+    let backend = backend(args).await?;
+    let key = key_source(args, true)?;
+    Ok(Repository::init(backend, &key).await?)
+}

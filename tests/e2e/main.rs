@@ -1,0 +1,7 @@
+//! End-to-end tests against the real clusters and MinIO started by
+//! `scripts/testenv up` (see README). Each test works in its own namespace(s)
+//! and bucket, so the whole binary runs in parallel.
+
+mod support;
+
+mod testenv;

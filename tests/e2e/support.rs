@@ -1,0 +1,313 @@
+//! Shared support for the end-to-end tests: the running test environment
+//! (real kube-apiservers, controller-managers and MinIO started by
+//! `scripts/testenv up`), clients for its users, and per-test namespaces and
+//! buckets so tests run in parallel without seeing each other.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+pub struct Env {
+    pub clusters: BTreeMap<String, ClusterInfo>,
+    pub s3: S3Info,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub version: String,
+    pub server: String,
+    pub ca_file: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub admin_token: String,
+    pub users: BTreeMap<String, UserInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UserInfo {
+    pub token: String,
+    pub edit_namespace: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct S3Info {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+    pub bucket: String,
+}
+
+/// Where `scripts/testenv` keeps the description of the running environment.
+fn env_file() -> PathBuf {
+    if let Ok(path) = std::env::var("FERRY_TESTENV") {
+        return PathBuf::from(path);
+    }
+    let state = std::env::var("FERRY_TESTENV_DIR").map(PathBuf::from).unwrap_or_else(|_| {
+        std::env::var("TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from("/tmp"))
+            .join("ferry-testenv")
+    });
+    state.join("env.json")
+}
+
+/// The running test environment. Panics with instructions when none runs:
+/// these tests exist to prove behaviour on real API servers, so they never
+/// quietly pass without one.
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        ferry::cluster::connect::install_crypto_provider();
+        let path = env_file();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "no Ferry test environment at {} ({e}).\n\
+                 Start one with `scripts/testenv build && scripts/testenv up` \
+                 (or run everything with `scripts/test`).",
+                path.display()
+            )
+        });
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not a test environment description: {e}", path.display()))
+    })
+}
+
+/// The pinned versions the environment was built from.
+pub fn pinned_versions() -> BTreeMap<String, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testenv-versions.env");
+    std::fs::read_to_string(&path)
+        .expect("scripts/testenv-versions.env")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+impl Env {
+    pub fn cluster(&self, name: &str) -> &ClusterInfo {
+        self.clusters.get(name).unwrap_or_else(|| {
+            panic!(
+                "the test environment has no cluster '{name}' (it has {:?}); start it with \
+                 `scripts/testenv up --clusters a=new,b=new,old=old`",
+                self.clusters.keys().collect::<Vec<_>>()
+            )
+        })
+    }
+
+    /// Cluster 'a': the newest Kubernetes.
+    pub fn primary(&self) -> &ClusterInfo {
+        self.cluster("a")
+    }
+
+    /// A second cluster of the newest version, for cross-cluster tests.
+    pub fn secondary(&self) -> &ClusterInfo {
+        self.cluster("b")
+    }
+
+    /// The v1.24 cluster, for version-upgrade tests.
+    pub fn old(&self) -> &ClusterInfo {
+        self.cluster("old")
+    }
+}
+
+impl ClusterInfo {
+    pub async fn client(&self) -> kube::Client {
+        self.client_with_token(&self.admin_token).await
+    }
+
+    pub async fn client_as(&self, user: &str) -> kube::Client {
+        let info = self.users.get(user).unwrap_or_else(|| panic!("no test user '{user}'"));
+        self.client_with_token(&info.token).await
+    }
+
+    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
+        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("kubeconfig of the test cluster");
+        config.auth_info.token = Some(token.to_string().into());
+        kube::Client::try_from(config).expect("client for the test cluster")
+    }
+
+    /// A kubeconfig file for `user` (for running the `ferry` binary as that user).
+    pub fn kubeconfig_for(&self, user: &str, dir: &Path) -> PathBuf {
+        let token = &self.users.get(user).unwrap_or_else(|| panic!("no test user '{user}'")).token;
+        let text = std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig");
+        let text = text.replace(&self.admin_token, token);
+        let path = dir.join(format!("{}-{user}.kubeconfig", self.name));
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+}
+
+/// A unique name for a test's namespace or bucket: readable prefix plus random suffix.
+pub fn unique_name(prefix: &str) -> String {
+    let suffix: u32 = rand::random();
+    format!("{prefix}-{suffix:08x}")
+}
+
+/// A namespace that belongs to one test; deleted (in the background) when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    client: kube::Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &kube::Client, prefix: &str) -> Self {
+        Self::create_named(client, &unique_name(prefix)).await
+    }
+
+    pub async fn create_named(client: &kube::Client, name: &str) -> Self {
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"ferry.dev/test": "true"}}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &ns).await.expect("create test namespace");
+        TestNamespace { name: name.to_string(), client: client.clone() }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let name = self.name.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = api.delete(&name, &DeleteParams::background()).await;
+            });
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn s3_client() -> aws_sdk_s3::Client {
+    let s3 = &env().s3;
+    let creds = aws_sdk_s3::config::Credentials::new(&s3.access_key, &s3.secret_key, None, None, "ferry-testenv");
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new(s3.region.clone()))
+        .endpoint_url(&s3.endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// A bucket that belongs to one test.
+pub async fn fresh_bucket(prefix: &str) -> String {
+    let name = unique_name(prefix);
+    s3_client()
+        .await
+        .create_bucket()
+        .bucket(&name)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {name}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
+    name
+}
+
+/// Applies a multi-document YAML manifest with server-side apply, CRDs first
+/// (waiting until they are established so their custom resources apply).
+pub async fn apply_manifests(client: &kube::Client, yaml: &str) {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::core::GroupVersionKind;
+    use kube::discovery::pinned_kind;
+
+    let mut docs: Vec<serde_json::Value> = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc).expect("fixture is valid YAML");
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    let is_crd = |v: &serde_json::Value| v["kind"] == "CustomResourceDefinition";
+    docs.sort_by_key(|v| !is_crd(v));
+    let params = PatchParams::apply("ferry-test").force();
+    for doc in docs {
+        let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), doc["apiVersion"].as_str().unwrap().to_string()),
+        };
+        let gvk = GroupVersionKind::gvk(&group, &version, doc["kind"].as_str().unwrap());
+        let (resource, caps) = eventually(&format!("{gvk:?} to be served"), Duration::from_secs(30), || async {
+            pinned_kind(client, &gvk).await.ok()
+        })
+        .await;
+        let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+        let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
+            Some(ns) if caps.scope == kube::discovery::Scope::Namespaced => {
+                Api::namespaced_with(client.clone(), ns, &resource)
+            }
+            _ => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(&name, &params, &Patch::Apply(&doc))
+            .await
+            .unwrap_or_else(|e| panic!("apply {} {name}: {e}", gvk.kind));
+        if is_crd(&doc) {
+            eventually(&format!("CRD {name} to be established"), Duration::from_secs(30), || async {
+                let crd = api.get(&name).await.ok()?;
+                let established = crd.data["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True");
+                established.then_some(())
+            })
+            .await;
+        }
+    }
+}
+
+/// The multi-tier fixture application for namespace `ns`.
+pub fn multitier_app(ns: &str) -> String {
+    include_str!("../fixtures/multitier.yaml").replace("${NS}", ns)
+}
+
+/// The `ferry` binary, pointed at a cluster's kubeconfig and a repository password.
+pub fn ferry(kubeconfig: &Path) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("ferry").expect("ferry binary");
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .env("KUBECONFIG", kubeconfig)
+        .env("FERRY_PASSWORD", "correct horse battery staple")
+        .timeout(Duration::from_secs(300));
+    cmd
+}
+
+/// S3 settings for `ferry` against the test MinIO.
+pub fn with_s3(cmd: &mut assert_cmd::Command) -> &mut assert_cmd::Command {
+    let s3 = &env().s3;
+    cmd.env("AWS_ACCESS_KEY_ID", &s3.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+        .env("AWS_REGION", &s3.region)
+        .env("FERRY_S3_ENDPOINT", &s3.endpoint)
+}
