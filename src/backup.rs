@@ -405,7 +405,6 @@ pub async fn run(
         report: content.report.clone(),
     };
     let content_blob = writer.add(&encode("snapshot content", &root)?).await?;
-    all_blobs.push(content_blob.clone());
     let refs_blob = writer.add(&encode_refs(&all_blobs)).await?;
     let write = writer.finish().await?;
     content.report.stats.bytes_stored = write.bytes_stored;

@@ -1,3 +1,4 @@
 pub mod cluster;
 pub mod model;
 pub mod profile;
+pub mod repo;

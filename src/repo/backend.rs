@@ -1,0 +1,393 @@
+//! Storage backends: where a repository's files live. A backend stores
+//! immutable named objects; everything above it (encryption, packing,
+//! indexes) is the same for every backend.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{path} does not exist in {location}")]
+    NotFound { location: String, path: String },
+    #[error("{op} {path} in {location} failed: {message}")]
+    Io { location: String, op: &'static str, path: String, message: String },
+    #[error("the store at {location} refused access ({message}); check the credentials (AWS_* variables, profile or role) and the bucket policy")]
+    AccessDenied { location: String, message: String },
+}
+
+impl BackendError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BackendError::NotFound { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub path: String,
+    pub size: u64,
+}
+
+/// An object store of immutable files addressed by `/`-separated paths.
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Stores `data` at `path` atomically: readers never see a partial file.
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), BackendError>;
+    async fn get(&self, path: &str) -> Result<Bytes, BackendError>;
+    async fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, BackendError>;
+    /// Every file under `prefix` (a directory such as `data/`).
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError>;
+    async fn delete(&self, path: &str) -> Result<(), BackendError>;
+    /// Where the repository is, for messages.
+    fn location(&self) -> String;
+}
+
+/// A repository location as the user writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+/// `s3://bucket/prefix` or a local path.
+pub fn parse_location(s: &str) -> Result<Location, super::RepoError> {
+    if let Some(rest) = s.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(super::RepoError::BadLocation { location: s.to_string(), message: "no bucket after s3://".into() });
+        }
+        return Ok(Location::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
+    }
+    if s.contains("://") {
+        return Err(super::RepoError::BadLocation { location: s.to_string(), message: "only local paths and s3:// are supported".into() });
+    }
+    if s.is_empty() {
+        return Err(super::RepoError::BadLocation { location: s.to_string(), message: "empty location".into() });
+    }
+    Ok(Location::Local(PathBuf::from(s)))
+}
+
+// ---- local directory ----------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalBackend { root: root.into() }
+    }
+
+    fn full(&self, path: &str) -> PathBuf {
+        self.root.join(path)
+    }
+
+    fn io(&self, op: &'static str, path: &str, e: std::io::Error) -> BackendError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            BackendError::NotFound { location: self.location(), path: path.to_string() }
+        } else {
+            BackendError::Io { location: self.location(), op, path: path.to_string(), message: e.to_string() }
+        }
+    }
+}
+
+fn walk(dir: &Path, root: &Path, out: &mut Vec<ObjectInfo>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        let path = entry.path();
+        if ty.is_dir() {
+            walk(&path, root, out)?;
+        } else if ty.is_file() {
+            let name = entry.file_name();
+            // Temporary files of writes in progress are not objects.
+            if name.to_string_lossy().starts_with(".tmp-") {
+                continue;
+            }
+            let rel = path.strip_prefix(root).expect("under root").to_string_lossy().replace('\\', "/");
+            out.push(ObjectInfo { path: rel, size: entry.metadata()?.len() });
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), BackendError> {
+        let full = self.full(path);
+        let this = self.clone();
+        let p = path.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let dir = full.parent().expect("paths have a directory");
+            std::fs::create_dir_all(dir)?;
+            let tmp = dir.join(format!(".tmp-{}", hex::encode(rand::random::<[u8; 8]>())));
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&data)?;
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&tmp, &full)?;
+            // Make the rename durable too.
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .expect("blocking write task")
+        .map_err(|e| this.io("write", &p, e))
+    }
+
+    async fn get(&self, path: &str) -> Result<Bytes, BackendError> {
+        tokio::fs::read(self.full(path)).await.map(Bytes::from).map_err(|e| self.io("read", path, e))
+    }
+
+    async fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut file = tokio::fs::File::open(self.full(path)).await.map_err(|e| self.io("open", path, e))?;
+        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| self.io("seek", path, e))?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact(&mut buf).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                BackendError::Io { location: self.location(), op: "read", path: path.to_string(), message: format!("file is truncated: {len} bytes at offset {offset} are not there") }
+            } else {
+                self.io("read", path, e)
+            }
+        })?;
+        Ok(Bytes::from(buf))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        let root = self.root.clone();
+        let dir = self.full(prefix);
+        let mut out = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            walk(&dir, &root, &mut out).map(|_| out)
+        })
+        .await
+        .expect("blocking list task")
+        .map_err(|e| self.io("list", prefix, e))?;
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        match tokio::fs::remove_file(self.full(path)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io("delete", path, e)),
+        }
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+// ---- S3 ----------------------------------------------------------------------
+
+/// An S3 bucket and prefix, with what S3-compatible stores need.
+#[derive(Debug, Clone, Default)]
+pub struct S3Location {
+    pub bucket: String,
+    pub prefix: String,
+    /// Endpoint URL of an S3-compatible store (MinIO, Ceph, R2…).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Bucket in the URL path rather than the host name.
+    pub path_style: bool,
+}
+
+#[derive(Clone)]
+pub struct S3Backend {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl std::fmt::Debug for S3Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Backend").field("bucket", &self.bucket).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl S3Backend {
+    /// Credentials come from the standard AWS chain: environment, shared
+    /// profiles, web identity (IRSA), container and instance metadata.
+    pub async fn new(location: S3Location) -> Result<Self, BackendError> {
+        crate::cluster::connect::install_crypto_provider();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &location.region {
+            loader = loader.region(aws_sdk_s3::config::Region::new(region.clone()));
+        }
+        let shared = loader.load().await;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(location.path_style);
+        if let Some(endpoint) = &location.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        if shared.region().is_none() {
+            // S3-compatible stores ignore the region but the signer needs one.
+            config = config.region(aws_sdk_s3::config::Region::new("us-east-1"));
+        }
+        Ok(S3Backend { client: aws_sdk_s3::Client::from_conf(config.build()), bucket: location.bucket, prefix: location.prefix })
+    }
+
+    fn key(&self, path: &str) -> String {
+        if self.prefix.is_empty() { path.to_string() } else { format!("{}/{path}", self.prefix) }
+    }
+
+    fn error<E>(&self, op: &'static str, path: &str, e: aws_sdk_s3::error::SdkError<E>) -> BackendError
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        use aws_sdk_s3::error::ProvideErrorMetadata;
+        let code = e.code().map(String::from);
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let message = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+        match (code.as_deref(), status) {
+            (Some("NoSuchKey" | "NotFound"), _) | (_, Some(404)) if code.as_deref() != Some("NoSuchBucket") => {
+                BackendError::NotFound { location: self.location(), path: path.to_string() }
+            }
+            (Some("AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken"), _) | (_, Some(401 | 403)) => {
+                BackendError::AccessDenied { location: self.location(), message: code.unwrap_or(message) }
+            }
+            _ => BackendError::Io { location: self.location(), op, path: path.to_string(), message },
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for S3Backend {
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), BackendError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(path))
+            .body(data.into())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("write", path, e))
+    }
+
+    async fn get(&self, path: &str) -> Result<Bytes, BackendError> {
+        let out = self.client.get_object().bucket(&self.bucket).key(self.key(path)).send().await.map_err(|e| self.error("read", path, e))?;
+        out.body
+            .collect()
+            .await
+            .map(|b| b.into_bytes())
+            .map_err(|e| BackendError::Io { location: self.location(), op: "read", path: path.to_string(), message: e.to_string() })
+    }
+
+    async fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let range = format!("bytes={}-{}", offset, offset + len - 1);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(path))
+            .range(range)
+            .send()
+            .await
+            .map_err(|e| self.error("read", path, e))?;
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map(|b| b.into_bytes())
+            .map_err(|e| BackendError::Io { location: self.location(), op: "read", path: path.to_string(), message: e.to_string() })?;
+        if bytes.len() as u64 != len {
+            return Err(BackendError::Io {
+                location: self.location(),
+                op: "read",
+                path: path.to_string(),
+                message: format!("object is truncated: asked for {len} bytes at offset {offset}, got {}", bytes.len()),
+            });
+        }
+        Ok(bytes)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(self.key(prefix))
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.error("list", prefix, e))?;
+            for object in page.contents() {
+                if let Some(key) = object.key() {
+                    out.push(ObjectInfo { path: key[strip.min(key.len())..].to_string(), size: object.size().unwrap_or(0) as u64 });
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.key(path))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("delete", path, e))
+    }
+
+    fn location(&self) -> String {
+        if self.prefix.is_empty() { format!("s3://{}", self.bucket) } else { format!("s3://{}/{}", self.bucket, self.prefix) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse() {
+        assert_eq!(parse_location("s3://b/team/prod/").unwrap(), Location::S3 { bucket: "b".into(), prefix: "team/prod".into() });
+        assert_eq!(parse_location("s3://b").unwrap(), Location::S3 { bucket: "b".into(), prefix: "".into() });
+        assert_eq!(parse_location("/var/backups").unwrap(), Location::Local("/var/backups".into()));
+        assert!(parse_location("s3://").is_err());
+        assert!(parse_location("gs://bucket").is_err());
+    }
+
+    #[tokio::test]
+    async fn local_backend_stores_lists_ranges_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.put("data/ab/abcd", Bytes::from_static(b"hello world")).await.unwrap();
+        b.put("index/1", Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(b.get("data/ab/abcd").await.unwrap(), Bytes::from_static(b"hello world"));
+        assert_eq!(b.get_range("data/ab/abcd", 6, 5).await.unwrap(), Bytes::from_static(b"world"));
+        assert!(b.get_range("data/ab/abcd", 6, 50).await.is_err());
+        assert_eq!(b.list("data/").await.unwrap(), vec![ObjectInfo { path: "data/ab/abcd".into(), size: 11 }]);
+        assert!(b.list("snapshots/").await.unwrap().is_empty());
+        assert!(b.get("nope").await.unwrap_err().is_not_found());
+        b.delete("data/ab/abcd").await.unwrap();
+        b.delete("data/ab/abcd").await.unwrap();
+        assert!(b.list("data/").await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,151 @@
+//! A backup session's writer: deduplicates blobs against the index, packs
+//! new ones into ~8 MiB packs uploaded in the background (a bounded number
+//! at a time), and writes the session's index file when finished. A writer
+//! dropped without `finish` leaves only packs no index names: invisible to
+//! readers, reclaimed by prune.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use super::{BlobEntry, BlobId, IndexFile, PackEntries, RepoError, Repository, encode_blob, pack_path};
+
+/// Target size of a pack.
+pub const PACK_TARGET: usize = 8 * 1024 * 1024;
+/// Uploads in flight at once; each holds one pack in memory.
+const MAX_UPLOADS: usize = 2;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteStats {
+    pub blobs_added: u64,
+    pub blobs_deduplicated: u64,
+    /// Plaintext bytes offered to the writer (new and deduplicated).
+    pub bytes_plaintext: u64,
+    /// Bytes written to the store: packs and the index file.
+    pub bytes_stored: u64,
+    pub packs_written: u64,
+}
+
+pub struct PackWriter {
+    repo: Repository,
+    pack_target: usize,
+    buffer: Vec<u8>,
+    entries: Vec<BlobEntry>,
+    session: HashSet<BlobId>,
+    written: Vec<PackEntries>,
+    uploads: JoinSet<Result<(), RepoError>>,
+    stats: WriteStats,
+}
+
+impl PackWriter {
+    pub(crate) fn new(repo: Repository) -> Self {
+        PackWriter {
+            repo,
+            pack_target: PACK_TARGET,
+            buffer: Vec::new(),
+            entries: Vec::new(),
+            session: HashSet::new(),
+            written: Vec::new(),
+            uploads: JoinSet::new(),
+            stats: WriteStats::default(),
+        }
+    }
+
+    /// Changes the pack size (tests use small packs to get many of them).
+    pub fn with_pack_target(mut self, bytes: usize) -> Self {
+        self.pack_target = bytes.max(1);
+        self
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        self.stats.clone()
+    }
+
+    /// Stores a blob unless the repository already has it; returns its id.
+    pub async fn add(&mut self, plaintext: &[u8]) -> Result<BlobId, RepoError> {
+        self.add_inner(plaintext, true).await
+    }
+
+    /// Stores a blob even if the index has it: prune moves live blobs out of
+    /// packs it is about to delete.
+    pub(crate) async fn force_add(&mut self, plaintext: &[u8]) -> Result<BlobId, RepoError> {
+        self.add_inner(plaintext, false).await
+    }
+
+    async fn add_inner(&mut self, plaintext: &[u8], dedup_with_index: bool) -> Result<BlobId, RepoError> {
+        let id = self.repo.blob_id(plaintext);
+        self.stats.bytes_plaintext += plaintext.len() as u64;
+        if self.session.contains(&id) || (dedup_with_index && self.repo.has_blob(&id)) {
+            self.stats.blobs_deduplicated += 1;
+            return Ok(id);
+        }
+        let stored = encode_blob(self.repo.key(), plaintext);
+        self.entries.push(BlobEntry { id, offset: self.buffer.len() as u32, length: stored.len() as u32, raw_length: plaintext.len() as u32 });
+        self.buffer.extend_from_slice(&stored);
+        self.session.insert(id);
+        self.stats.blobs_added += 1;
+        if self.buffer.len() >= self.pack_target {
+            self.flush().await?;
+        }
+        Ok(id)
+    }
+
+    /// Seals the current pack and starts its upload.
+    async fn flush(&mut self) -> Result<(), RepoError> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        while self.uploads.len() >= MAX_UPLOADS {
+            if let Some(done) = self.uploads.join_next().await {
+                done.expect("upload task")?;
+            }
+        }
+        let mut pack = std::mem::take(&mut self.buffer);
+        let entries = std::mem::take(&mut self.entries);
+        // The header repeats the index entries so a pack can be understood
+        // on its own (e.g. to rebuild a lost index).
+        let header = self.repo.key().seal(&serde_json::to_vec(&entries).expect("entries serialize"));
+        pack.extend_from_slice(&header);
+        pack.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        let id = blake3::hash(&pack).to_hex().to_string();
+        self.stats.bytes_stored += pack.len() as u64;
+        self.stats.packs_written += 1;
+        self.written.push(PackEntries { id: id.clone(), blobs: entries });
+        let backend = self.repo.backend().clone();
+        self.uploads.spawn(async move { Ok(backend.put(&pack_path(&id), Bytes::from(pack)).await?) });
+        Ok(())
+    }
+
+    /// Uploads what is left and returns the packs written, without an index
+    /// file (prune writes one index for everything).
+    pub(crate) async fn finish_packs(mut self) -> Result<Vec<PackEntries>, RepoError> {
+        self.drain().await?;
+        Ok(std::mem::take(&mut self.written))
+    }
+
+    async fn drain(&mut self) -> Result<(), RepoError> {
+        self.flush().await?;
+        while let Some(done) = self.uploads.join_next().await {
+            done.expect("upload task")?;
+        }
+        Ok(())
+    }
+
+    /// Uploads what is left and writes the index file: from here on, the
+    /// session's blobs are visible to readers.
+    pub async fn finish(mut self) -> Result<WriteStats, RepoError> {
+        self.drain().await?;
+        if !self.written.is_empty() {
+            let file = IndexFile { packs: std::mem::take(&mut self.written) };
+            let bytes = self.repo.encode_json(&file);
+            self.stats.bytes_stored += bytes.len() as u64;
+            let name = hex::encode(rand::random::<[u8; 32]>());
+            self.repo.backend().put(&format!("index/{name}"), bytes).await?;
+            self.repo.add_to_index(&file.packs);
+        }
+        Ok(self.stats)
+    }
+}
