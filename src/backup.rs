@@ -642,6 +642,7 @@ async fn store_dependency(
     catalog: &mut Vec<CatalogEntry>,
     report: &mut BackupReport,
 ) -> Result<bool, BackupError> {
+    let original = ObjectRef::from_object(&obj).ok();
     match normalize_item(obj, &opts.normalize)? {
         Item::Object(c) => {
             if graph.contains(&c.object) {
@@ -653,6 +654,10 @@ async fn store_dependency(
             Ok(true)
         }
         Item::Skipped(s) => {
+            // It exists in the cluster; references to it are not dangling.
+            if let Some(object) = original {
+                graph.mark_external(&object);
+            }
             report.provided_by_cluster.push(format!("{} ({})", s.object, s.reason));
             Ok(false)
         }

@@ -1,4 +1,15 @@
+//! Ferry: Kubernetes-native backup, restore and migration of applications,
+//! captured as normalized application graphs.
+//!
+//! The pipeline (see README): `cluster` discovers and captures, `model`
+//! normalizes objects and builds the application graph, `repo` stores
+//! snapshots in an encrypted content-addressed repository, and `backup`
+//! orchestrates the whole.
+
+pub mod backup;
+pub mod cli;
 pub mod cluster;
 pub mod model;
 pub mod profile;
 pub mod repo;
+pub mod restore;

@@ -439,7 +439,7 @@ async fn check(
                 }
             }
         })
-        .buffer(16)
+        .buffered(16)
         .collect()
         .await;
     let mut live_by_object: HashMap<ObjectRef, Value> = HashMap::new();
@@ -609,8 +609,9 @@ async fn apply_one(
         }
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(&value);
     crate::cluster::retry::RetryPolicy::default()
-        .run(|| api.patch(&d.object.name, &params, &Patch::Apply(&value)))
+        .run(|| api.patch(&d.object.name, &params, &patch))
         .await
         .map(|o| o.metadata.uid)
         .map_err(|e| api_message(&e))

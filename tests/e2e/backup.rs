@@ -272,9 +272,10 @@ async fn multitier_app_backs_up_to_minio_and_an_unchanged_rebackup_stores_almost
     let s2 = &second["report"]["stats"];
     let objects = s1["objects"].as_u64().unwrap();
     assert_eq!(s2["objects"].as_u64().unwrap(), objects);
-    // Every object, the profile, catalog and graph deduplicate; only the
-    // snapshot's root and reference list are new.
-    assert!(s2["blobsAdded"].as_u64().unwrap() <= 2, "second backup added blobs: {s2}");
+    // No object is stored again. Only the snapshot's root is always new;
+    // the cluster profile (and with it at most the catalog and graph) may
+    // change too while tests running in parallel add cluster-scoped classes.
+    assert!(s2["blobsAdded"].as_u64().unwrap() <= 4, "second backup added blobs: {s2}");
     assert!(s2["blobsDeduplicated"].as_u64().unwrap() >= objects, "{s2}");
     let (b1, b2) = (s1["bytesStored"].as_u64().unwrap(), s2["bytesStored"].as_u64().unwrap());
     eprintln!("first backup stored {b1} bytes, unchanged re-backup {b2} bytes");
@@ -327,7 +328,7 @@ async fn a_flipped_byte_fails_verify_naming_the_object_and_a_wrong_password_fail
 
     // Flip one byte early in the pack: inside the first blob.
     let pack = before.iter().find(|p| p.contains("/data/")).expect("a pack").clone();
-    let path = repo_path.join(&pack);
+    let path = repo_path.join(pack.trim_start_matches('/'));
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[60] ^= 0x5a;
     std::fs::write(&path, bytes).unwrap();
@@ -386,9 +387,11 @@ async fn edit_only_user_backs_up_its_namespace_and_is_told_what_it_could_not_rea
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     let forbidden = result["report"]["forbidden"].to_string();
     assert!(forbidden.contains(&format!("roles.rbac.authorization.k8s.io in namespace {}", ns.name)), "{forbidden}");
+    // 'edit' grants nothing on custom resources: the Widget is reported, not silently missing.
+    assert!(forbidden.contains(&format!("widgets.demo.ferry.dev in namespace {}", ns.name)), "{forbidden}");
     assert!(forbidden.contains(&format!("rolebindings.rbac.authorization.k8s.io in namespace {}", ns.name)), "{forbidden}");
     let got = object_names(&describe(&kubeconfig, repo, false, "mine"));
-    for readable in ["Deployment/web", "StatefulSet/db", "ConfigMap/web-config", "Secret/db-credentials", "Widget/blue"] {
+    for readable in ["Deployment/web", "StatefulSet/db", "ConfigMap/web-config", "Secret/db-credentials", "Ingress/web"] {
         let (kind, name) = readable.split_once('/').unwrap();
         assert!(got.contains(&format!("{kind}/{}/{name}", ns.name)), "{readable} missing from {got:?}");
     }

@@ -3,5 +3,5 @@
 //! and bucket, so the whole binary runs in parallel.
 
 mod support;
-
+mod backup;
 mod testenv;
