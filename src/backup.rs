@@ -22,11 +22,11 @@ use crate::cluster::capture::{DEFAULT_PAGE_SIZE, Pager, get_object};
 use crate::cluster::discovery::{Discovery, ServedResource, discover};
 use crate::cluster::profile::read_profile;
 use crate::cluster::{ClusterError, Connection, status_code};
+use crate::model::ObjectRef;
 use crate::model::edges::{Reference, Target, references};
 use crate::model::graph::AppGraph;
 use crate::model::normalize::{NormalizeOptions, Verdict, normalize};
 use crate::model::select::Selection;
-use crate::model::ObjectRef;
 use crate::profile::ClusterProfile;
 use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId, WriteStats, encode_refs};
 
@@ -163,9 +163,13 @@ pub enum BackupError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("a snapshot named '{0}' already exists in the repository; pick another name or delete it first")]
+    #[error(
+        "a snapshot named '{0}' already exists in the repository; pick another name or delete it first"
+    )]
     NameTaken(String),
-    #[error("cannot list namespaces to expand {patterns:?}: {source}. Name the namespaces literally with -n")]
+    #[error(
+        "cannot list namespaces to expand {patterns:?}: {source}. Name the namespaces literally with -n"
+    )]
     NamespaceList {
         patterns: Vec<String>,
         #[source]
@@ -200,7 +204,10 @@ const NEVER_CAPTURED: &[(&str, &str)] = &[
 const ALIASED_GROUPS: &[(&str, &str, &str)] = &[("extensions", "Ingress", "networking.k8s.io")];
 
 /// Namespaced resource types to list for this selection.
-pub fn collections_to_capture<'a>(discovery: &'a Discovery, selection: &Selection) -> Vec<&'a ServedResource> {
+pub fn collections_to_capture<'a>(
+    discovery: &'a Discovery,
+    selection: &Selection,
+) -> Vec<&'a ServedResource> {
     discovery
         .resources
         .iter()
@@ -238,7 +245,12 @@ pub async fn run(
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome, BackupError> {
     let started = Instant::now();
-    if repo.list_snapshots().await?.iter().any(|(_, s)| s.name == opts.name) {
+    if repo
+        .list_snapshots()
+        .await?
+        .iter()
+        .any(|(_, s)| s.name == opts.name)
+    {
         return Err(BackupError::NameTaken(opts.name.clone()));
     }
     let lock = repo.lock_shared().await?;
@@ -247,7 +259,9 @@ pub async fn run(
     let profile = read_profile(conn, &discovery).await?;
     let mut report = BackupReport::default();
     for (gv, why) in &discovery.failures {
-        report.warnings.push(format!("discovery of {gv} failed ({why}); its resources are not backed up"));
+        report.warnings.push(format!(
+            "discovery of {gv} failed ({why}); its resources are not backed up"
+        ));
     }
 
     let namespaces = resolve_namespaces(conn, &discovery, &opts.selection).await?;
@@ -268,7 +282,9 @@ pub async fn run(
             }
         }
     }
-    progress.collections_total.store(jobs.len(), Ordering::Relaxed);
+    progress
+        .collections_total
+        .store(jobs.len(), Ordering::Relaxed);
 
     let writer_repo = repo.clone();
     let writer_progress = progress.clone();
@@ -285,12 +301,18 @@ pub async fn run(
                 Item::Object(c) => {
                     let blob = writer.add(&c.bytes).await?;
                     writer_progress.objects.fetch_add(1, Ordering::Relaxed);
-                    writer_progress.bytes.fetch_add(c.bytes.len() as u64, Ordering::Relaxed);
+                    writer_progress
+                        .bytes
+                        .fetch_add(c.bytes.len() as u64, Ordering::Relaxed);
                     if graph.contains(&c.object) {
                         continue;
                     }
                     add_to_graph(&mut graph, &c.object, &c.value, Some(&blob));
-                    catalog.push(CatalogEntry { object: c.object, blob, size: c.bytes.len() as u64 });
+                    catalog.push(CatalogEntry {
+                        object: c.object,
+                        blob,
+                        size: c.bytes.len() as u64,
+                    });
                 }
                 other => others.push(other),
             }
@@ -304,14 +326,28 @@ pub async fn run(
             let namespace_set = &namespace_set;
             let progress = progress.clone();
             async move {
-                let result = capture_collection(conn, resource, namespace.as_deref(), namespace_set, opts, &tx).await;
+                let result = capture_collection(
+                    conn,
+                    resource,
+                    namespace.as_deref(),
+                    namespace_set,
+                    opts,
+                    &tx,
+                )
+                .await;
                 progress.collections_done.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = result {
-                    let scope = namespace.map(|n| format!(" in namespace {n}")).unwrap_or_default();
+                    let scope = namespace
+                        .map(|n| format!(" in namespace {n}"))
+                        .unwrap_or_default();
                     let what = format!("{}{scope}", resource.qualified_plural());
                     let item = match &e {
-                        ClusterError::List { source, .. } if status_code(source) == Some(403) => Item::Forbidden(what),
-                        ClusterError::List { source, .. } if status_code(source) == Some(404) => return Ok(()),
+                        ClusterError::List { source, .. } if status_code(source) == Some(403) => {
+                            Item::Forbidden(what)
+                        }
+                        ClusterError::List { source, .. } if status_code(source) == Some(404) => {
+                            return Ok(());
+                        }
                         _ => return Err(e),
                     };
                     let _ = tx.send(item).await;
@@ -332,7 +368,9 @@ pub async fn run(
                 Ok(Some(obj)) => {
                     let _ = tx.send(normalize_item(obj, &opts.normalize)?).await;
                 }
-                Ok(None) => report.warnings.push(format!("namespace {ns} disappeared during the backup")),
+                Ok(None) => report
+                    .warnings
+                    .push(format!("namespace {ns} disappeared during the backup")),
                 Err(ClusterError::Get { source, .. }) if status_code(&source) == Some(403) => {
                     report.forbidden.push(format!("Namespace/{ns}"))
                 }
@@ -341,8 +379,9 @@ pub async fn run(
         }
     }
     drop(tx);
-    let (mut writer, mut graph, mut catalog, others) =
-        writer.await.map_err(|e| BackupError::Writer(e.to_string()))??;
+    let (mut writer, mut graph, mut catalog, others) = writer
+        .await
+        .map_err(|e| BackupError::Writer(e.to_string()))??;
     if let Some(e) = capture_error {
         // The pack writer is dropped unfinished: its packs are unreferenced
         // and no snapshot exists, so the backup does not look complete.
@@ -351,11 +390,22 @@ pub async fn run(
     absorb(&mut report, others);
 
     if opts.selection.include_deps {
-        close_dependencies(conn, &discovery, &namespace_set, opts, &mut graph, &mut writer, &mut catalog, &mut report)
-            .await?;
+        close_dependencies(
+            conn,
+            &discovery,
+            &namespace_set,
+            opts,
+            &mut graph,
+            &mut writer,
+            &mut catalog,
+            &mut report,
+        )
+        .await?;
     }
     for dangling in graph.resolve() {
-        report.warnings.push(format!("dangling reference: {dangling}"));
+        report
+            .warnings
+            .push(format!("dangling reference: {dangling}"));
     }
 
     for entry in &catalog {
@@ -374,7 +424,11 @@ pub async fn run(
     let mut content = SnapshotContent {
         format: SNAPSHOT_FORMAT,
         name: opts.name.clone(),
-        source: SourceInfo { server: conn.server.clone(), context: conn.context.clone(), namespaces },
+        source: SourceInfo {
+            server: conn.server.clone(),
+            context: conn.context.clone(),
+            namespaces,
+        },
         profile,
         selection: serde_json::to_value(&opts.selection).unwrap_or(Value::Null),
         objects: catalog,
@@ -385,13 +439,22 @@ pub async fn run(
     // of their own, so an unchanged application deduplicates them and a
     // re-backup writes little more than the small root.
     let encode = |what: &str, value: &dyn erased::Encode| {
-        value.encode().map_err(|source| BackupError::Encode { object: what.to_string(), source })
+        value.encode().map_err(|source| BackupError::Encode {
+            object: what.to_string(),
+            source,
+        })
     };
-    let profile_blob = writer.add(&encode("cluster profile", &content.profile)?).await?;
-    let objects_blob = writer.add(&encode("object catalog", &content.objects)?).await?;
-    let graph_blob = writer.add(&encode("application graph", &content.graph)?).await?;
-    let mut all_blobs: Vec<BlobId> = content.objects.iter().map(|e| e.blob.clone()).collect();
-    all_blobs.extend([profile_blob.clone(), objects_blob.clone(), graph_blob.clone()]);
+    let profile_blob = writer
+        .add(&encode("cluster profile", &content.profile)?)
+        .await?;
+    let objects_blob = writer
+        .add(&encode("object catalog", &content.objects)?)
+        .await?;
+    let graph_blob = writer
+        .add(&encode("application graph", &content.graph)?)
+        .await?;
+    let mut all_blobs: Vec<BlobId> = content.objects.iter().map(|e| e.blob).collect();
+    all_blobs.extend([profile_blob, objects_blob, graph_blob]);
     content.report.stats.bytes_plaintext = writer.stats().bytes_plaintext;
     content.report.stats.duration_ms = started.elapsed().as_millis() as u64;
     let root = StoredContent {
@@ -416,10 +479,15 @@ pub async fn run(
     let snapshot = Snapshot {
         name: opts.name.clone(),
         created: humantime::format_rfc3339_seconds(created).to_string(),
-        expires: opts.ttl.map(|ttl| humantime::format_rfc3339_seconds(created + ttl).to_string()),
+        expires: opts
+            .ttl
+            .map(|ttl| humantime::format_rfc3339_seconds(created + ttl).to_string()),
         labels: {
             let mut labels = opts.labels.clone();
-            labels.insert(LABEL_WRITER.into(), format!("ferry/{}", env!("CARGO_PKG_VERSION")));
+            labels.insert(
+                LABEL_WRITER.into(),
+                format!("ferry/{}", env!("CARGO_PKG_VERSION")),
+            );
             labels
         },
         content: content_blob,
@@ -437,7 +505,11 @@ pub async fn run(
     };
     let id = repo.save_snapshot(&snapshot).await?;
     lock.release().await?;
-    Ok(BackupOutcome { snapshot: id, content, write })
+    Ok(BackupOutcome {
+        snapshot: id,
+        content,
+        write,
+    })
 }
 
 fn absorb(report: &mut BackupReport, items: Vec<Item>) {
@@ -452,27 +524,50 @@ fn absorb(report: &mut BackupReport, items: Vec<Item>) {
 }
 
 fn count_key(object: &ObjectRef) -> String {
-    if object.group.is_empty() { object.kind.clone() } else { format!("{}/{}", object.group, object.kind) }
+    if object.group.is_empty() {
+        object.kind.clone()
+    } else {
+        format!("{}/{}", object.group, object.kind)
+    }
 }
 
 fn object_label(value: &Value) -> String {
     match ObjectRef::from_object(value) {
         Ok(r) => r.to_string(),
-        Err(_) => value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("<unnamed>").to_string(),
+        Err(_) => value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("<unnamed>")
+            .to_string(),
     }
 }
 
 fn normalize_item(obj: Value, opts: &NormalizeOptions) -> Result<Item, BackupError> {
     let label = object_label(&obj);
     match normalize(obj, opts) {
-        Verdict::Skip { rule, reason } => Ok(Item::Skipped(SkippedObject { object: label, rule: rule.to_string(), reason })),
+        Verdict::Skip { rule, reason } => Ok(Item::Skipped(SkippedObject {
+            object: label,
+            rule: rule.to_string(),
+            reason,
+        })),
         Verdict::Keep { object, .. } => {
             let object_ref = match ObjectRef::from_object(&object) {
                 Ok(r) => r,
-                Err(e) => return Ok(Item::Warning(format!("{label} is malformed and was not backed up: {e}"))),
+                Err(e) => {
+                    return Ok(Item::Warning(format!(
+                        "{label} is malformed and was not backed up: {e}"
+                    )));
+                }
             };
-            let bytes = serde_json::to_vec(&object).map_err(|source| BackupError::Encode { object: label, source })?;
-            Ok(Item::Object(Box::new(Captured { object: object_ref, value: object, bytes })))
+            let bytes = serde_json::to_vec(&object).map_err(|source| BackupError::Encode {
+                object: label,
+                source,
+            })?;
+            Ok(Item::Object(Box::new(Captured {
+                object: object_ref,
+                value: object,
+                bytes,
+            })))
         }
     }
 }
@@ -485,10 +580,19 @@ async fn capture_collection(
     opts: &BackupOptions,
     tx: &mpsc::Sender<Item>,
 ) -> Result<(), ClusterError> {
-    let mut pager = Pager::new(&conn.client, resource, namespace, opts.label_selector.as_deref(), opts.page_size);
+    let mut pager = Pager::new(
+        &conn.client,
+        resource,
+        namespace,
+        opts.label_selector.as_deref(),
+        opts.page_size,
+    );
     while let Some(page) = pager.next_page().await? {
         for obj in page {
-            let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
+            let ns = obj
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             if !namespaces.contains(ns) || !opts.selection.object_selected(&obj) {
                 continue;
             }
@@ -516,10 +620,17 @@ async fn resolve_namespaces(
     discovery: &Discovery,
     selection: &Selection,
 ) -> Result<Vec<String>, BackupError> {
-    let literal = selection.namespaces.iter().all(|p| !p.contains(['*', '?', '[']));
+    let literal = selection
+        .namespaces
+        .iter()
+        .all(|p| !p.contains(['*', '?', '[']));
     if !selection.all_namespaces && literal {
-        let mut names: Vec<String> =
-            selection.namespaces.iter().filter(|n| selection.namespace_selected(n)).cloned().collect();
+        let mut names: Vec<String> = selection
+            .namespaces
+            .iter()
+            .filter(|n| selection.namespace_selected(n))
+            .cloned()
+            .collect();
         names.sort();
         names.dedup();
         if names.is_empty() {
@@ -527,10 +638,21 @@ async fn resolve_namespaces(
         }
         return Ok(names);
     }
-    let resource = discovery.by_group_kind("", "Namespace").expect("every API server serves v1 Namespace");
-    let list = crate::cluster::capture::list_collection(&conn.client, resource, None, None, DEFAULT_PAGE_SIZE)
-        .await
-        .map_err(|source| BackupError::NamespaceList { patterns: selection.namespaces.clone(), source })?;
+    let resource = discovery
+        .by_group_kind("", "Namespace")
+        .expect("every API server serves v1 Namespace");
+    let list = crate::cluster::capture::list_collection(
+        &conn.client,
+        resource,
+        None,
+        None,
+        DEFAULT_PAGE_SIZE,
+    )
+    .await
+    .map_err(|source| BackupError::NamespaceList {
+        patterns: selection.namespaces.clone(),
+        source,
+    })?;
     let mut names: Vec<String> = list
         .iter()
         .filter_map(|ns| ns.pointer("/metadata/name").and_then(Value::as_str))
@@ -565,7 +687,15 @@ async fn close_dependencies(
 
     // ClusterRoleBindings whose subjects include a selected ServiceAccount.
     if let Some(crb) = discovery.by_group_kind("rbac.authorization.k8s.io", "ClusterRoleBinding") {
-        match crate::cluster::capture::list_collection(&conn.client, crb, None, None, DEFAULT_PAGE_SIZE).await {
+        match crate::cluster::capture::list_collection(
+            &conn.client,
+            crb,
+            None,
+            None,
+            DEFAULT_PAGE_SIZE,
+        )
+        .await
+        {
             Ok(items) => {
                 for obj in items {
                     let grants_selected = obj
@@ -574,7 +704,9 @@ async fn close_dependencies(
                         .is_some_and(|subjects| {
                             subjects.iter().any(|s| {
                                 s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
-                                    && s.get("namespace").and_then(Value::as_str).is_some_and(|n| namespaces.contains(n))
+                                    && s.get("namespace")
+                                        .and_then(Value::as_str)
+                                        .is_some_and(|n| namespaces.contains(n))
                             })
                         });
                     if grants_selected {
@@ -582,9 +714,9 @@ async fn close_dependencies(
                     }
                 }
             }
-            Err(ClusterError::List { source, .. }) if status_code(&source) == Some(403) => {
-                report.forbidden.push("clusterrolebindings.rbac.authorization.k8s.io (cluster-wide)".into())
-            }
+            Err(ClusterError::List { source, .. }) if status_code(&source) == Some(403) => report
+                .forbidden
+                .push("clusterrolebindings.rbac.authorization.k8s.io (cluster-wide)".into()),
             Err(e) => return Err(e.into()),
         }
     }
@@ -594,8 +726,15 @@ async fn close_dependencies(
         let mut fetched_any = false;
         for reference in wanted {
             let (resource, namespace, name) = match &reference.target {
-                Target::Object { group, kind, namespace, name } => {
-                    let Some(resource) = discovery.by_group_kind(group, kind) else { continue };
+                Target::Object {
+                    group,
+                    kind,
+                    namespace,
+                    name,
+                } => {
+                    let Some(resource) = discovery.by_group_kind(group, kind) else {
+                        continue;
+                    };
                     if let Some(ns) = namespace
                         && !namespaces.contains(ns)
                     {
@@ -604,21 +743,32 @@ async fn close_dependencies(
                     (resource, namespace.clone(), name.clone())
                 }
                 Target::Crd { group, kind } => {
-                    let Some(served) = discovery.by_group_kind(group, kind) else { continue };
-                    let Some(crd) = discovery.by_group_kind("apiextensions.k8s.io", "CustomResourceDefinition") else {
+                    let Some(served) = discovery.by_group_kind(group, kind) else {
+                        continue;
+                    };
+                    let Some(crd) =
+                        discovery.by_group_kind("apiextensions.k8s.io", "CustomResourceDefinition")
+                    else {
                         continue;
                     };
                     (crd, None, format!("{}.{}", served.plural, served.group))
                 }
                 _ => continue,
             };
-            let key = format!("{}/{}/{}/{}", resource.group, resource.kind, namespace.clone().unwrap_or_default(), name);
+            let key = format!(
+                "{}/{}/{}/{}",
+                resource.group,
+                resource.kind,
+                namespace.clone().unwrap_or_default(),
+                name
+            );
             if !attempted.insert(key) {
                 continue;
             }
             match get_object(&conn.client, resource, namespace.as_deref(), &name).await {
                 Ok(Some(obj)) => {
-                    fetched_any |= store_dependency(obj, opts, graph, writer, catalog, report).await?;
+                    fetched_any |=
+                        store_dependency(obj, opts, graph, writer, catalog, report).await?;
                 }
                 Ok(None) => {}
                 Err(ClusterError::Get { object, source }) if status_code(&source) == Some(403) => {
@@ -650,7 +800,11 @@ async fn store_dependency(
             }
             let blob = writer.add(&c.bytes).await?;
             add_to_graph(graph, &c.object, &c.value, Some(&blob));
-            catalog.push(CatalogEntry { object: c.object, blob, size: c.bytes.len() as u64 });
+            catalog.push(CatalogEntry {
+                object: c.object,
+                blob,
+                size: c.bytes.len() as u64,
+            });
             Ok(true)
         }
         Item::Skipped(s) => {
@@ -658,7 +812,9 @@ async fn store_dependency(
             if let Some(object) = original {
                 graph.mark_external(&object);
             }
-            report.provided_by_cluster.push(format!("{} ({})", s.object, s.reason));
+            report
+                .provided_by_cluster
+                .push(format!("{} ({})", s.object, s.reason));
             Ok(false)
         }
         Item::Warning(w) => {
@@ -704,26 +860,44 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     what: impl FnOnce() -> String,
 ) -> Result<T, RepoError> {
     let bytes = repo.read_blob(blob).await?;
-    serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt { what: what(), message: e.to_string() })
+    serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+        what: what(),
+        message: e.to_string(),
+    })
 }
 
 /// Loads a snapshot's content, refusing formats this version cannot read.
-pub async fn load_content(repo: &Repository, snapshot: &Snapshot) -> Result<SnapshotContent, RepoError> {
+pub async fn load_content(
+    repo: &Repository,
+    snapshot: &Snapshot,
+) -> Result<SnapshotContent, RepoError> {
     let name = &snapshot.name;
-    let root: StoredContent = read_json(repo, &snapshot.content, || format!("content of snapshot {name}")).await?;
+    let root: StoredContent = read_json(repo, &snapshot.content, || {
+        format!("content of snapshot {name}")
+    })
+    .await?;
     if root.format != SNAPSHOT_FORMAT {
         return Err(RepoError::Corrupt {
             what: format!("snapshot {name}"),
-            message: format!("format {} is not readable by this version of ferry (it reads {SNAPSHOT_FORMAT}); upgrade ferry", root.format),
+            message: format!(
+                "format {} is not readable by this version of ferry (it reads {SNAPSHOT_FORMAT}); upgrade ferry",
+                root.format
+            ),
         });
     }
     Ok(SnapshotContent {
         format: root.format,
         name: root.name,
         source: root.source,
-        profile: read_json(repo, &root.profile, || format!("cluster profile of snapshot {name}")).await?,
+        profile: read_json(repo, &root.profile, || {
+            format!("cluster profile of snapshot {name}")
+        })
+        .await?,
         selection: root.selection,
-        objects: read_json(repo, &root.objects, || format!("object catalog of snapshot {name}")).await?,
+        objects: read_json(repo, &root.objects, || {
+            format!("object catalog of snapshot {name}")
+        })
+        .await?,
         graph: read_json(repo, &root.graph, || format!("graph of snapshot {name}")).await?,
         report: root.report,
     })
@@ -742,27 +916,44 @@ pub struct VerifyOutcome {
 /// Checks that every object of the chosen snapshots (or all) reads back
 /// intact; with `read_data`, also checks every pack of the repository and
 /// maps damaged blobs to the objects that use them.
-pub async fn verify(repo: &Repository, name: Option<&str>, read_data: bool) -> Result<VerifyOutcome, RepoError> {
+pub async fn verify(
+    repo: &Repository,
+    name: Option<&str>,
+    read_data: bool,
+) -> Result<VerifyOutcome, RepoError> {
     let snapshots = match name {
         Some(name) => vec![repo.find_snapshot(name).await?],
         None => repo.list_snapshots().await?,
     };
-    let mut outcome = VerifyOutcome { snapshots: snapshots.len(), ..Default::default() };
+    let mut outcome = VerifyOutcome {
+        snapshots: snapshots.len(),
+        ..Default::default()
+    };
     // blob → objects using it, to name objects when a pack is damaged.
-    let mut users: std::collections::HashMap<BlobId, Vec<String>> = std::collections::HashMap::new();
+    let mut users: std::collections::HashMap<BlobId, Vec<String>> =
+        std::collections::HashMap::new();
     for (_, snapshot) in &snapshots {
         let content = match load_content(repo, snapshot).await {
             Ok(c) => c,
             Err(e) => {
-                outcome.problems.push(format!("snapshot {}: its content is unreadable: {e}", snapshot.name));
+                outcome.problems.push(format!(
+                    "snapshot {}: its content is unreadable: {e}",
+                    snapshot.name
+                ));
                 continue;
             }
         };
         for entry in &content.objects {
             outcome.objects += 1;
-            users.entry(entry.blob.clone()).or_default().push(format!("{} in snapshot {}", entry.object, snapshot.name));
+            users
+                .entry(entry.blob)
+                .or_default()
+                .push(format!("{} in snapshot {}", entry.object, snapshot.name));
             if !read_data && let Err(e) = repo.read_blob(&entry.blob).await {
-                outcome.problems.push(format!("{} in snapshot {}: {e}", entry.object, snapshot.name));
+                outcome.problems.push(format!(
+                    "{} in snapshot {}: {e}",
+                    entry.object, snapshot.name
+                ));
             }
         }
     }

@@ -6,6 +6,11 @@
 //! snapshots in an encrypted content-addressed repository, and `backup`
 //! orchestrates the whole.
 
+// Errors carry the Kubernetes client's error as their source so that the
+// whole cause chain reaches the user; it is large, and these results are
+// not on hot paths.
+#![allow(clippy::result_large_err)]
+
 pub mod backup;
 pub mod cli;
 pub mod cluster;

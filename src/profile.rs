@@ -73,7 +73,12 @@ pub fn parse_minor(minor: &str, git_version: &str) -> u32 {
     if let Ok(m) = digits.parse() {
         return m;
     }
-    git_version.trim_start_matches('v').split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0)
+    git_version
+        .trim_start_matches('v')
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Distribution hints visible to any client: version suffixes and node labels.
@@ -129,7 +134,10 @@ mod tests {
             ..Default::default()
         };
         let json = serde_json::to_string(&profile).unwrap();
-        assert_eq!(serde_json::from_str::<ClusterProfile>(&json).unwrap(), profile);
+        assert_eq!(
+            serde_json::from_str::<ClusterProfile>(&json).unwrap(),
+            profile
+        );
         assert!(profile.serves("apps/v1"));
         assert!(!profile.serves("batch/v1beta1"));
     }

@@ -12,7 +12,12 @@ use super::output::OutputFormat;
 /// into an encrypted, deduplicating repository (a local directory or S3),
 /// and restores them into the same or another cluster.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "ferry",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 #[command(after_help = "Environment:\n  \
     KUBECONFIG          kubeconfig files, as for kubectl\n  \
     FERRY_REPO          repository location (a directory, or s3://bucket/prefix)\n  \
@@ -44,6 +49,8 @@ pub struct GlobalArgs {
     pub verbose: u8,
 }
 
+// Parsed once per run: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create, inspect, verify and delete backups (snapshots of applications).
@@ -143,6 +150,7 @@ pub struct SelectionArgs {
     pub no_deps: bool,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
     /// Back up the selected applications into a new snapshot.

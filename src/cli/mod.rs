@@ -16,7 +16,10 @@ use anyhow::Context;
 use crate::backup::{self, BackupOptions, Progress};
 use crate::cluster::ConnectOptions;
 use crate::model::select::Selection;
-use args::{BackupCommand, Cli, ClusterCommand, Command, GlobalArgs, GraphFormat, RepoCommand, SelectionArgs};
+use args::{
+    BackupCommand, Cli, ClusterCommand, Command, GlobalArgs, GraphFormat, RepoCommand,
+    SelectionArgs,
+};
 use output::{OutputFormat, emit, human_bytes, table};
 
 /// Exit status of a backup that stored what it could but was refused some resources.
@@ -30,7 +33,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let conn = connect(&cli.global).await?;
             let discovery = crate::cluster::discovery::discover(&conn.client).await?;
             let profile = crate::cluster::profile::read_profile(&conn, &discovery).await?;
-            emit(if output == OutputFormat::Text { OutputFormat::Yaml } else { output }, &profile, |_| Ok(()))?;
+            emit(
+                if output == OutputFormat::Text {
+                    OutputFormat::Yaml
+                } else {
+                    output
+                },
+                &profile,
+                |_| Ok(()),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Rules { output } => {
@@ -41,7 +52,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             emit(output, &rules, |out| {
                 let rows: Vec<Vec<String>> = crate::model::normalize::RULES
                     .iter()
-                    .map(|r| vec![r.name.to_string(), r.matches.to_string(), r.description.to_string()])
+                    .map(|r| {
+                        vec![
+                            r.name.to_string(),
+                            r.matches.to_string(),
+                            r.description.to_string(),
+                        ]
+                    })
                     .collect();
                 table(out, &["RULE", "MATCHES", "ACTION"], &rows)
             })?;
@@ -61,10 +78,15 @@ pub async fn connect(global: &GlobalArgs) -> anyhow::Result<crate::cluster::Conn
 
 fn selection(args: &SelectionArgs) -> anyhow::Result<Selection> {
     if args.namespaces.is_empty() && !args.all_namespaces {
-        anyhow::bail!("say what to back up: -n NAMESPACE (repeatable, globs allowed) or -A/--all-namespaces");
+        anyhow::bail!(
+            "say what to back up: -n NAMESPACE (repeatable, globs allowed) or -A/--all-namespaces"
+        );
     }
     let selector = match &args.selector {
-        Some(s) => Some(crate::model::select::LabelSelector::parse(s).with_context(|| format!("label selector '{s}'"))?),
+        Some(s) => Some(
+            crate::model::select::LabelSelector::parse(s)
+                .with_context(|| format!("label selector '{s}'"))?,
+        ),
         None => None,
     };
     Ok(Selection {
@@ -94,7 +116,13 @@ async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
             emit(output, &value, |out| {
                 writeln!(out, "repository {}", repository.id())?;
                 writeln!(out, "snapshots: {snapshots}")?;
-                writeln!(out, "packs: {}  blobs: {}  stored: {}", stats.packs, stats.blobs, human_bytes(stats.bytes))
+                writeln!(
+                    out,
+                    "packs: {}  blobs: {}  stored: {}",
+                    stats.packs,
+                    stats.blobs,
+                    human_bytes(stats.bytes)
+                )
             })?;
         }
     }
@@ -129,15 +157,22 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
             let bar = progress::BackupBar::start(progress.clone());
             let result = backup::run(&conn, &repository, &options, progress).await;
             bar.finish();
-            let outcome = result.with_context(|| format!("backup {name} failed; no snapshot was written"))?;
+            let outcome =
+                result.with_context(|| format!("backup {name} failed; no snapshot was written"))?;
             let report = &outcome.content.report;
-            emit(output, &serde_json::json!({"snapshot": outcome.snapshot.to_string(), "name": name, "report": report}), |out| {
-                print_report(out, &name, &outcome.content)
-            })?;
+            emit(
+                output,
+                &serde_json::json!({"snapshot": outcome.snapshot.to_string(), "name": name, "report": report}),
+                |out| print_report(out, &name, &outcome.content),
+            )?;
             if let Some(n) = keep_last {
                 let pruned = backup::apply_retention(&repository, Some(n), false).await?;
                 if !pruned.deleted.is_empty() {
-                    eprintln!("retention: deleted {} snapshot(s), freed {}", pruned.deleted.len(), human_bytes(pruned.bytes_freed));
+                    eprintln!(
+                        "retention: deleted {} snapshot(s), freed {}",
+                        pruned.deleted.len(),
+                        human_bytes(pruned.bytes_freed)
+                    );
                 }
             }
             if report.is_partial() {
@@ -160,36 +195,61 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 let rows: Vec<Vec<String>> = snapshots
                     .iter()
                     .map(|(id, s)| {
-                        let get = |k: &str| s.summary.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default();
+                        let get = |k: &str| {
+                            s.summary
+                                .get(k)
+                                .map(|v| v.to_string().trim_matches('"').to_string())
+                                .unwrap_or_default()
+                        };
                         vec![
                             s.name.clone(),
                             id.to_string().chars().take(12).collect(),
                             s.created.clone(),
                             get("objects"),
                             get("cluster"),
-                            if get("partial") == "true" { "partial".into() } else { "complete".into() },
+                            if get("partial") == "true" {
+                                "partial".into()
+                            } else {
+                                "complete".into()
+                            },
                             s.expires.clone().unwrap_or_else(|| "-".into()),
                         ]
                     })
                     .collect();
-                table(out, &["NAME", "ID", "CREATED", "OBJECTS", "CLUSTER", "STATUS", "EXPIRES"], &rows)
+                table(
+                    out,
+                    &[
+                        "NAME", "ID", "CREATED", "OBJECTS", "CLUSTER", "STATUS", "EXPIRES",
+                    ],
+                    &rows,
+                )
             })?;
         }
-        BackupCommand::Describe { name, repo, objects, output } => {
+        BackupCommand::Describe {
+            name,
+            repo,
+            objects,
+            output,
+        } => {
             let repository = repo::open(&repo).await?;
             let (id, snapshot) = repository.find_snapshot(&name).await?;
             let mut content = backup::load_content(&repository, &snapshot).await?;
             if !objects && output == OutputFormat::Text {
                 content.objects.clear();
             }
-            let value = serde_json::json!({"id": id.to_string(), "snapshot": snapshot, "content": content});
+            let value =
+                serde_json::json!({"id": id.to_string(), "snapshot": snapshot, "content": content});
             emit(output, &value, |out| {
                 writeln!(out, "Snapshot:   {} ({})", snapshot.name, id)?;
                 writeln!(out, "Created:    {}", snapshot.created)?;
                 if let Some(expires) = &snapshot.expires {
                     writeln!(out, "Expires:    {expires}")?;
                 }
-                writeln!(out, "Cluster:    {} {} ({})", content.source.server, content.profile.version, content.profile.distribution)?;
+                writeln!(
+                    out,
+                    "Cluster:    {} {} ({})",
+                    content.source.server, content.profile.version, content.profile.distribution
+                )?;
                 writeln!(out, "Namespaces: {}", content.source.namespaces.join(", "))?;
                 print_report(out, &snapshot.name, &content)?;
                 if objects {
@@ -212,7 +272,12 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&content.graph)?),
             }
         }
-        BackupCommand::Verify { name, repo, read_data, output } => {
+        BackupCommand::Verify {
+            name,
+            repo,
+            read_data,
+            output,
+        } => {
             let repository = repo::open(&repo).await?;
             let report = backup::verify(&repository, name.as_deref(), read_data).await?;
             emit(output, &report, |out| {
@@ -224,11 +289,18 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                     "checked {} snapshot(s), {} object(s): {}",
                     report.snapshots,
                     report.objects,
-                    if report.problems.is_empty() { "all intact".to_string() } else { format!("{} problem(s)", report.problems.len()) }
+                    if report.problems.is_empty() {
+                        "all intact".to_string()
+                    } else {
+                        format!("{} problem(s)", report.problems.len())
+                    }
                 )
             })?;
             if !report.problems.is_empty() {
-                anyhow::bail!("verification failed: {} damaged or missing item(s), listed above", report.problems.len());
+                anyhow::bail!(
+                    "verification failed: {} damaged or missing item(s), listed above",
+                    report.problems.len()
+                );
             }
         }
         BackupCommand::Delete { name, repo, prune } => {
@@ -241,21 +313,39 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 eprintln!("freed {}", human_bytes(report.bytes_removed));
             }
         }
-        BackupCommand::Prune { repo, keep_last, dry_run, output } => {
+        BackupCommand::Prune {
+            repo,
+            keep_last,
+            dry_run,
+            output,
+        } => {
             let repository = repo::open(&repo).await?;
             let outcome = backup::apply_retention(&repository, keep_last, dry_run).await?;
             emit(output, &outcome, |out| {
                 for name in &outcome.deleted {
-                    writeln!(out, "{} {name}", if dry_run { "would delete" } else { "deleted" })?;
+                    writeln!(
+                        out,
+                        "{} {name}",
+                        if dry_run { "would delete" } else { "deleted" }
+                    )?;
                 }
-                writeln!(out, "{} {}", if dry_run { "would free" } else { "freed" }, human_bytes(outcome.bytes_freed))
+                writeln!(
+                    out,
+                    "{} {}",
+                    if dry_run { "would free" } else { "freed" },
+                    human_bytes(outcome.bytes_freed)
+                )
             })?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_report(out: &mut dyn Write, name: &str, content: &backup::SnapshotContent) -> std::io::Result<()> {
+fn print_report(
+    out: &mut dyn Write,
+    name: &str,
+    content: &backup::SnapshotContent,
+) -> std::io::Result<()> {
     let report = &content.report;
     let stats = &report.stats;
     writeln!(
@@ -267,7 +357,11 @@ fn print_report(out: &mut dyn Write, name: &str, content: &backup::SnapshotConte
         stats.packs_written,
         stats.duration_ms as f64 / 1000.0
     )?;
-    let rows: Vec<Vec<String>> = report.counts.iter().map(|(k, n)| vec![k.clone(), n.to_string()]).collect();
+    let rows: Vec<Vec<String>> = report
+        .counts
+        .iter()
+        .map(|(k, n)| vec![k.clone(), n.to_string()])
+        .collect();
     writeln!(out)?;
     table(out, &["KIND", "OBJECTS"], &rows)?;
     if !report.skipped.is_empty() {
@@ -277,13 +371,21 @@ fn print_report(out: &mut dyn Write, name: &str, content: &backup::SnapshotConte
         }
     }
     if !report.provided_by_cluster.is_empty() {
-        writeln!(out, "\nProvided by the cluster, not stored ({}):", report.provided_by_cluster.len())?;
+        writeln!(
+            out,
+            "\nProvided by the cluster, not stored ({}):",
+            report.provided_by_cluster.len()
+        )?;
         for p in &report.provided_by_cluster {
             writeln!(out, "  {p}")?;
         }
     }
     if !report.forbidden.is_empty() {
-        writeln!(out, "\nForbidden, not backed up ({}):", report.forbidden.len())?;
+        writeln!(
+            out,
+            "\nForbidden, not backed up ({}):",
+            report.forbidden.len()
+        )?;
         for f in &report.forbidden {
             writeln!(out, "  {f}")?;
         }

@@ -74,7 +74,11 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -84,8 +88,19 @@ mod tests {
     #[test]
     fn tables_align_columns_to_content() {
         let mut out = Vec::new();
-        table(&mut out, &["NAME", "OBJECTS"], &[vec!["a".into(), "1".into()], vec!["longer".into(), "22".into()]]).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), "NAME     OBJECTS\na        1\nlonger   22\n");
+        table(
+            &mut out,
+            &["NAME", "OBJECTS"],
+            &[
+                vec!["a".into(), "1".into()],
+                vec!["longer".into(), "22".into()],
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "NAME     OBJECTS\na        1\nlonger   22\n"
+        );
     }
 
     #[test]

@@ -18,9 +18,11 @@ impl BackupBar {
     pub fn start(progress: Arc<Progress>) -> Self {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} collections  {msg}")
-                .expect("static template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} collections  {msg}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         let shown = bar.clone();
         let ticker = tokio::spawn(async move {

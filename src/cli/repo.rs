@@ -11,7 +11,9 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use super::args::RepoArgs;
-use crate::repo::{Backend, KeySource, LocalBackend, Location, Repository, S3Backend, S3Location, parse_location};
+use crate::repo::{
+    Backend, KeySource, LocalBackend, Location, Repository, S3Backend, S3Location, parse_location,
+};
 
 /// `~/.config/ferry/config.yaml` (or `$FERRY_CONFIG`): defaults for flags
 /// a user would otherwise repeat on every command.
@@ -34,7 +36,8 @@ impl ConfigFile {
             },
         };
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_yaml_ng::from_str(&text).with_context(|| format!("config file {} is not valid", path.display())),
+            Ok(text) => serde_yaml_ng::from_str(&text)
+                .with_context(|| format!("config file {} is not valid", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("reading config file {}", path.display())),
         }
@@ -44,7 +47,9 @@ impl ConfigFile {
 pub async fn backend(args: &RepoArgs) -> anyhow::Result<Arc<dyn Backend>> {
     let config = ConfigFile::load()?;
     let Some(location) = args.repo.clone().or(config.repository) else {
-        bail!("no repository given: pass --repo DIR or --repo s3://bucket/prefix, set FERRY_REPO, or set `repository:` in ~/.config/ferry/config.yaml");
+        bail!(
+            "no repository given: pass --repo DIR or --repo s3://bucket/prefix, set FERRY_REPO, or set `repository:` in ~/.config/ferry/config.yaml"
+        );
     };
     let location = parse_location(&location)?;
     Ok(match location {
@@ -54,9 +59,15 @@ pub async fn backend(args: &RepoArgs) -> anyhow::Result<Arc<dyn Backend>> {
             let path_style = args.s3_path_style.unwrap_or(endpoint.is_some());
             let region = args.s3_region.clone().or(config.s3_region);
             Arc::new(
-                S3Backend::new(S3Location { bucket, prefix, endpoint, region, path_style })
-                    .await
-                    .context("setting up the S3 client")?,
+                S3Backend::new(S3Location {
+                    bucket,
+                    prefix,
+                    endpoint,
+                    region,
+                    path_style,
+                })
+                .await
+                .context("setting up the S3 client")?,
             )
         }
     })
@@ -66,9 +77,13 @@ pub fn key_source(args: &RepoArgs, confirm: bool) -> anyhow::Result<KeySource> {
     if let Some(path) = &args.key_file {
         return Ok(KeySource::KeyFile(path.clone()));
     }
-    let password_file = args.password_file.clone().or_else(|| ConfigFile::load().ok().and_then(|c| c.password_file));
+    let password_file = args
+        .password_file
+        .clone()
+        .or_else(|| ConfigFile::load().ok().and_then(|c| c.password_file));
     if let Some(path) = password_file {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading password file {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading password file {}", path.display()))?;
         let password = text.trim_end_matches(['\n', '\r']).to_string();
         if password.is_empty() {
             bail!("password file {} is empty", path.display());

@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::ClusterError;
 use super::discovery::ServedResource;
 use super::retry::RetryPolicy;
-use super::ClusterError;
 
 /// Default page size: large enough to keep request overhead low, small
 /// enough that a page of big objects stays a few MiB.
@@ -70,7 +70,11 @@ impl<'a> Pager<'a> {
     }
 
     fn url(&self) -> String {
-        let mut url = format!("{}?limit={}", self.resource.url_path(self.namespace), self.limit);
+        let mut url = format!(
+            "{}?limit={}",
+            self.resource.url_path(self.namespace),
+            self.limit
+        );
         if let Some(selector) = self.label_selector {
             url.push_str("&labelSelector=");
             url.push_str(&encode(selector));
@@ -94,13 +98,17 @@ impl<'a> Pager<'a> {
             let result = self
                 .retry
                 .run(|| async {
-                    let request = http::Request::get(&url).body(Vec::new()).map_err(kube::Error::HttpError)?;
+                    let request = http::Request::get(&url)
+                        .body(Vec::new())
+                        .map_err(kube::Error::HttpError)?;
                     client.request::<RawList>(request).await
                 })
                 .await;
             let list = match result {
                 Ok(list) => list,
-                Err(kube::Error::Api(status)) if status.code == 410 && self.continue_token.is_some() => {
+                Err(kube::Error::Api(status))
+                    if status.code == 410 && self.continue_token.is_some() =>
+                {
                     // The continue token expired (the API server compacted
                     // the revision it pointed at). Relist from the start and
                     // skip what was already returned.
@@ -129,8 +137,10 @@ impl<'a> Pager<'a> {
                     continue;
                 }
                 if let Some(map) = item.as_object_mut() {
-                    map.entry("apiVersion").or_insert_with(|| Value::String(api_version.clone()));
-                    map.entry("kind").or_insert_with(|| Value::String(self.resource.kind.clone()));
+                    map.entry("apiVersion")
+                        .or_insert_with(|| Value::String(api_version.clone()));
+                    map.entry("kind")
+                        .or_insert_with(|| Value::String(self.resource.kind.clone()));
                 }
                 if self.seen.is_some() || !self.done {
                     self.returned.push(key);
@@ -143,8 +153,14 @@ impl<'a> Pager<'a> {
 }
 
 fn item_key(item: &Value) -> String {
-    let ns = item.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
-    let name = item.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    let ns = item
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = item
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     format!("{ns}/{name}")
 }
 
@@ -153,7 +169,9 @@ fn encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -186,15 +204,19 @@ pub async fn get_object(
     let url = format!("{}/{}", resource.url_path(namespace), encode(name));
     let result = RetryPolicy::default()
         .run(|| async {
-            let request = http::Request::get(&url).body(Vec::new()).map_err(kube::Error::HttpError)?;
+            let request = http::Request::get(&url)
+                .body(Vec::new())
+                .map_err(kube::Error::HttpError)?;
             client.request::<Value>(request).await
         })
         .await;
     match result {
         Ok(mut obj) => {
             if let Some(map) = obj.as_object_mut() {
-                map.entry("apiVersion").or_insert_with(|| Value::String(resource.api_version()));
-                map.entry("kind").or_insert_with(|| Value::String(resource.kind.clone()));
+                map.entry("apiVersion")
+                    .or_insert_with(|| Value::String(resource.api_version()));
+                map.entry("kind")
+                    .or_insert_with(|| Value::String(resource.kind.clone()));
             }
             Ok(Some(obj))
         }
@@ -229,9 +251,18 @@ mod tests {
             namespaced: true,
             verbs: vec!["list".into()],
         };
-        assert_eq!(deployments.url_path(Some("prod")), "/apis/apps/v1/namespaces/prod/deployments");
+        assert_eq!(
+            deployments.url_path(Some("prod")),
+            "/apis/apps/v1/namespaces/prod/deployments"
+        );
         assert_eq!(deployments.url_path(None), "/apis/apps/v1/deployments");
-        let nodes = ServedResource { group: "".into(), kind: "Node".into(), plural: "nodes".into(), namespaced: false, ..deployments };
+        let nodes = ServedResource {
+            group: "".into(),
+            kind: "Node".into(),
+            plural: "nodes".into(),
+            namespaced: false,
+            ..deployments
+        };
         assert_eq!(nodes.url_path(Some("ignored")), "/api/v1/nodes");
     }
 }

@@ -29,20 +29,34 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("server", &self.server).field("context", &self.context).finish()
+        f.debug_struct("Connection")
+            .field("server", &self.server)
+            .field("context", &self.context)
+            .finish()
     }
 }
 
 impl ConnectOptions {
     async fn config(&self) -> Result<kube::Config, ClusterError> {
-        let options = KubeConfigOptions { context: self.context.clone(), ..Default::default() };
-        let err = |e: Box<dyn std::error::Error + Send + Sync>| ClusterError::Kubeconfig { context: self.context.clone(), source: e };
+        let options = KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| ClusterError::Kubeconfig {
+            context: self.context.clone(),
+            source: e,
+        };
         let mut config = match &self.kubeconfig {
             Some(path) => {
-                let kubeconfig = Kubeconfig::read_from(path).map_err(|e| err(format!("{}: {e}", path.display()).into()))?;
-                kube::Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|e| err(Box::new(e)))?
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .map_err(|e| err(format!("{}: {e}", path.display()).into()))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                    .await
+                    .map_err(|e| err(Box::new(e)))?
             }
-            None if self.context.is_some() => kube::Config::from_kubeconfig(&options).await.map_err(|e| err(Box::new(e)))?,
+            None if self.context.is_some() => kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| err(Box::new(e)))?,
             None => kube::Config::infer().await.map_err(|e| err(Box::new(e)))?,
         };
         let timeout = self.timeout.unwrap_or(Duration::from_secs(60));
@@ -58,16 +72,32 @@ impl ConnectOptions {
         install_crypto_provider();
         let config = self.config().await?;
         let server = config.cluster_url.to_string();
-        let client = kube::Client::try_from(config)
-            .map_err(|e| ClusterError::Kubeconfig { context: self.context.clone(), source: Box::new(e) })?;
+        let client = kube::Client::try_from(config).map_err(|e| ClusterError::Kubeconfig {
+            context: self.context.clone(),
+            source: Box::new(e),
+        })?;
         let version = match client.apiserver_version().await {
             Ok(v) => v,
             Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => {
-                return Err(ClusterError::Unauthorized { server, code: status.code, message: status.message.clone() });
+                return Err(ClusterError::Unauthorized {
+                    server,
+                    code: status.code,
+                    message: status.message.clone(),
+                });
             }
-            Err(e) => return Err(ClusterError::Unreachable { server, message: error_chain(&e) }),
+            Err(e) => {
+                return Err(ClusterError::Unreachable {
+                    server,
+                    message: error_chain(&e),
+                });
+            }
         };
-        Ok(Connection { client, server, context: self.context.clone(), version })
+        Ok(Connection {
+            client,
+            server,
+            context: self.context.clone(),
+            version,
+        })
     }
 }
 

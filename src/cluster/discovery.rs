@@ -22,12 +22,20 @@ pub struct ServedResource {
 
 impl ServedResource {
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.clone() } else { format!("{}/{}", self.group, self.version) }
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
     }
 
     /// `deployments.apps`, `configmaps`: the name kubectl users know.
     pub fn qualified_plural(&self) -> String {
-        if self.group.is_empty() { self.plural.clone() } else { format!("{}.{}", self.plural, self.group) }
+        if self.group.is_empty() {
+            self.plural.clone()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
     }
 
     pub fn can(&self, verb: &str) -> bool {
@@ -62,7 +70,9 @@ pub struct Discovery {
 impl Discovery {
     /// Finds the served resource for a group and kind (any version).
     pub fn by_group_kind(&self, group: &str, kind: &str) -> Option<&ServedResource> {
-        self.resources.iter().find(|r| r.group == group && r.kind == kind)
+        self.resources
+            .iter()
+            .find(|r| r.group == group && r.kind == kind)
     }
 }
 
@@ -71,14 +81,21 @@ impl Discovery {
 const DISCOVERY_CONCURRENCY: usize = 8;
 
 pub async fn discover(client: &kube::Client) -> Result<Discovery, ClusterError> {
-    let core_versions = client
-        .list_core_api_versions()
-        .await
-        .map_err(|source| ClusterError::Discovery { group_version: "v1".into(), source })?;
+    let core_versions =
+        client
+            .list_core_api_versions()
+            .await
+            .map_err(|source| ClusterError::Discovery {
+                group_version: "v1".into(),
+                source,
+            })?;
     let groups = client
         .list_api_groups()
         .await
-        .map_err(|source| ClusterError::Discovery { group_version: "apis".into(), source })?;
+        .map_err(|source| ClusterError::Discovery {
+            group_version: "apis".into(),
+            source,
+        })?;
 
     let mut group_versions: Vec<String> = core_versions.versions.clone();
     // (groupVersion to read, group name); the preferred version of each group.
@@ -98,21 +115,27 @@ pub async fn discover(client: &kube::Client) -> Result<Discovery, ClusterError> 
     group_versions.sort();
     group_versions.dedup();
 
-    let results: Vec<(String, String, Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList, kube::Error>)> =
-        futures::stream::iter(to_read)
-            .map(|(gv, group)| async move {
-                let list = if group.is_empty() {
-                    client.list_core_api_resources(&gv).await
-                } else {
-                    client.list_api_group_resources(&gv).await
-                };
-                Ok::<_, ClusterError>((gv, group, list))
-            })
-            .buffer_unordered(DISCOVERY_CONCURRENCY)
-            .try_collect()
-            .await?;
+    let results: Vec<(
+        String,
+        String,
+        Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList, kube::Error>,
+    )> = futures::stream::iter(to_read)
+        .map(|(gv, group)| async move {
+            let list = if group.is_empty() {
+                client.list_core_api_resources(&gv).await
+            } else {
+                client.list_api_group_resources(&gv).await
+            };
+            Ok::<_, ClusterError>((gv, group, list))
+        })
+        .buffer_unordered(DISCOVERY_CONCURRENCY)
+        .try_collect()
+        .await?;
 
-    let mut discovery = Discovery { group_versions, ..Default::default() };
+    let mut discovery = Discovery {
+        group_versions,
+        ..Default::default()
+    };
     for (gv, group, list) in results {
         match list {
             Ok(list) => {
@@ -123,8 +146,16 @@ pub async fn discover(client: &kube::Client) -> Result<Discovery, ClusterError> 
                         continue;
                     }
                     discovery.resources.push(ServedResource {
-                        group: r.group.clone().filter(|g| !g.is_empty()).unwrap_or_else(|| group.clone()),
-                        version: r.version.clone().filter(|v| !v.is_empty()).unwrap_or_else(|| version.clone()),
+                        group: r
+                            .group
+                            .clone()
+                            .filter(|g| !g.is_empty())
+                            .unwrap_or_else(|| group.clone()),
+                        version: r
+                            .version
+                            .clone()
+                            .filter(|v| !v.is_empty())
+                            .unwrap_or_else(|| version.clone()),
                         kind: r.kind,
                         plural: r.name,
                         namespaced: r.namespaced,
@@ -132,10 +163,14 @@ pub async fn discover(client: &kube::Client) -> Result<Discovery, ClusterError> 
                     });
                 }
             }
-            Err(e) => discovery.failures.push((gv, super::connect::error_chain(&e))),
+            Err(e) => discovery
+                .failures
+                .push((gv, super::connect::error_chain(&e))),
         }
     }
-    discovery.resources.sort_by(|a, b| (&a.group, &a.plural).cmp(&(&b.group, &b.plural)));
+    discovery
+        .resources
+        .sort_by(|a, b| (&a.group, &a.plural).cmp(&(&b.group, &b.plural)));
     discovery.failures.sort();
     Ok(discovery)
 }

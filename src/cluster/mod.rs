@@ -11,7 +11,7 @@ pub mod discovery;
 pub mod profile;
 pub mod retry;
 
-pub use connect::{Connection, ConnectOptions};
+pub use connect::{ConnectOptions, Connection};
 pub use discovery::{Discovery, ServedResource};
 
 /// Errors of the cluster I/O layer.
@@ -23,10 +23,18 @@ pub enum ClusterError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("cluster at {server} is unreachable: {message}. Check that the API server runs and that --context/--kubeconfig point at it")]
+    #[error(
+        "cluster at {server} is unreachable: {message}. Check that the API server runs and that --context/--kubeconfig point at it"
+    )]
     Unreachable { server: String, message: String },
-    #[error("the API server at {server} refused our credentials (HTTP {code}: {message}). Log in again or pick another --context")]
-    Unauthorized { server: String, code: u16, message: String },
+    #[error(
+        "the API server at {server} refused our credentials (HTTP {code}: {message}). Log in again or pick another --context"
+    )]
+    Unauthorized {
+        server: String,
+        code: u16,
+        message: String,
+    },
     #[error("discovery of {group_version} failed: {source}")]
     Discovery {
         group_version: String,

@@ -8,20 +8,42 @@ use serde_json::Value;
 
 use super::discovery::Discovery;
 use super::{ClusterError, Connection};
-use crate::profile::{ClusterProfile, IngressClassInfo, StorageClassInfo, guess_distribution, parse_minor};
+use crate::profile::{
+    ClusterProfile, IngressClassInfo, StorageClassInfo, guess_distribution, parse_minor,
+};
 
-const ZONE_LABELS: [&str; 2] = ["topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone"];
-const REGION_LABELS: [&str; 2] = ["topology.kubernetes.io/region", "failure-domain.beta.kubernetes.io/region"];
-const DEFAULT_CLASS_ANNOTATIONS: [&str; 2] =
-    ["storageclass.kubernetes.io/is-default-class", "storageclass.beta.kubernetes.io/is-default-class"];
+const ZONE_LABELS: [&str; 2] = [
+    "topology.kubernetes.io/zone",
+    "failure-domain.beta.kubernetes.io/zone",
+];
+const REGION_LABELS: [&str; 2] = [
+    "topology.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/region",
+];
+const DEFAULT_CLASS_ANNOTATIONS: [&str; 2] = [
+    "storageclass.kubernetes.io/is-default-class",
+    "storageclass.beta.kubernetes.io/is-default-class",
+];
 
-pub async fn read_profile(conn: &Connection, discovery: &Discovery) -> Result<ClusterProfile, ClusterError> {
+pub async fn read_profile(
+    conn: &Connection,
+    discovery: &Discovery,
+) -> Result<ClusterProfile, ClusterError> {
     let mut profile = ClusterProfile {
         version: conn.version.git_version.clone(),
-        major: conn.version.major.trim_end_matches('+').parse().unwrap_or(1),
+        major: conn
+            .version
+            .major
+            .trim_end_matches('+')
+            .parse()
+            .unwrap_or(1),
         minor: parse_minor(&conn.version.minor, &conn.version.git_version),
         served_group_versions: discovery.group_versions.iter().cloned().collect(),
-        served_kinds: discovery.resources.iter().map(|r| format!("{}/{}", r.api_version(), r.kind)).collect(),
+        served_kinds: discovery
+            .resources
+            .iter()
+            .map(|r| format!("{}/{}", r.api_version(), r.kind))
+            .collect(),
         ..Default::default()
     };
     for (gv, why) in &discovery.failures {
@@ -55,8 +77,13 @@ pub async fn read_profile(conn: &Connection, discovery: &Discovery) -> Result<Cl
                 profile.storage_classes.push(StorageClassInfo {
                     name: str_at(&sc, "/metadata/name"),
                     provisioner: str_at(&sc, "/provisioner"),
-                    default: DEFAULT_CLASS_ANNOTATIONS.iter().any(|a| annotation(&sc, a) == Some("true")),
-                    volume_binding_mode: sc.get("volumeBindingMode").and_then(Value::as_str).map(String::from),
+                    default: DEFAULT_CLASS_ANNOTATIONS
+                        .iter()
+                        .any(|a| annotation(&sc, a) == Some("true")),
+                    volume_binding_mode: sc
+                        .get("volumeBindingMode")
+                        .and_then(Value::as_str)
+                        .map(String::from),
                     allow_volume_expansion: sc.get("allowVolumeExpansion").and_then(Value::as_bool),
                 });
             }
@@ -69,18 +96,23 @@ pub async fn read_profile(conn: &Connection, discovery: &Discovery) -> Result<Cl
                 profile.ingress_classes.push(IngressClassInfo {
                     name: str_at(&ic, "/metadata/name"),
                     controller: str_at(&ic, "/spec/controller"),
-                    default: annotation(&ic, "ingressclass.kubernetes.io/is-default-class") == Some("true"),
+                    default: annotation(&ic, "ingressclass.kubernetes.io/is-default-class")
+                        == Some("true"),
                 });
             }
         }
         Err(why) => profile.incomplete.push(format!("ingress classes: {why}")),
     }
     match list_all(conn, discovery, "scheduling.k8s.io", "PriorityClass").await {
-        Ok(items) => profile.priority_classes = items.iter().map(|o| str_at(o, "/metadata/name")).collect(),
+        Ok(items) => {
+            profile.priority_classes = items.iter().map(|o| str_at(o, "/metadata/name")).collect()
+        }
         Err(why) => profile.incomplete.push(format!("priority classes: {why}")),
     }
     match list_all(conn, discovery, "node.k8s.io", "RuntimeClass").await {
-        Ok(items) => profile.runtime_classes = items.iter().map(|o| str_at(o, "/metadata/name")).collect(),
+        Ok(items) => {
+            profile.runtime_classes = items.iter().map(|o| str_at(o, "/metadata/name")).collect()
+        }
         Err(why) => profile.incomplete.push(format!("runtime classes: {why}")),
     }
     profile.storage_classes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -91,15 +123,25 @@ pub async fn read_profile(conn: &Connection, discovery: &Discovery) -> Result<Cl
 }
 
 fn str_at(obj: &Value, pointer: &str) -> String {
-    obj.pointer(pointer).and_then(Value::as_str).unwrap_or_default().to_string()
+    obj.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn annotation<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
-    obj.pointer("/metadata/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
+    obj.pointer("/metadata/annotations")
+        .and_then(|a| a.get(key))
+        .and_then(Value::as_str)
 }
 
 /// Lists every object of a small cluster-scoped kind, or says why it could not.
-async fn list_all(conn: &Connection, discovery: &Discovery, group: &str, kind: &str) -> Result<Vec<Value>, String> {
+async fn list_all(
+    conn: &Connection,
+    discovery: &Discovery,
+    group: &str,
+    kind: &str,
+) -> Result<Vec<Value>, String> {
     let Some(resource) = discovery.by_group_kind(group, kind) else {
         return Ok(Vec::new());
     };

@@ -16,7 +16,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { attempts: 6, initial: Duration::from_millis(100), max: Duration::from_secs(5) }
+        RetryPolicy {
+            attempts: 6,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
     }
 }
 
@@ -65,7 +69,11 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn api_error(code: u16) -> kube::Error {
-        kube::Error::Api(Box::new(kube::core::Status { code, message: format!("HTTP {code}"), ..Default::default() }))
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: format!("HTTP {code}"),
+            ..Default::default()
+        }))
     }
 
     #[test]
@@ -79,7 +87,11 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { attempts: 10, initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        let p = RetryPolicy {
+            attempts: 10,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
         assert!(p.backoff(1) <= Duration::from_millis(200));
         assert!(p.backoff(12) <= Duration::from_secs(1));
         assert!(p.backoff(12) >= Duration::from_millis(500));
@@ -88,10 +100,18 @@ mod tests {
     #[tokio::test]
     async fn transient_errors_are_retried_until_success() {
         let calls = AtomicU32::new(0);
-        let p = RetryPolicy { attempts: 5, initial: Duration::from_millis(1), max: Duration::from_millis(2) };
+        let p = RetryPolicy {
+            attempts: 5,
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+        };
         let result = p
             .run(|| async {
-                if calls.fetch_add(1, Ordering::SeqCst) < 2 { Err(api_error(429)) } else { Ok(7) }
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(api_error(429))
+                } else {
+                    Ok(7)
+                }
             })
             .await;
         assert_eq!(result.unwrap(), 7);
@@ -101,11 +121,28 @@ mod tests {
     #[tokio::test]
     async fn permanent_errors_and_exhausted_budgets_fail() {
         let calls = AtomicU32::new(0);
-        let p = RetryPolicy { attempts: 3, initial: Duration::from_millis(1), max: Duration::from_millis(2) };
-        let forbidden: Result<(), _> = p.run(|| async { calls.fetch_add(1, Ordering::SeqCst); Err(api_error(403)) }).await;
-        assert_eq!(super::super::status_code(&forbidden.unwrap_err()), Some(403));
+        let p = RetryPolicy {
+            attempts: 3,
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+        };
+        let forbidden: Result<(), _> = p
+            .run(|| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(api_error(403))
+            })
+            .await;
+        assert_eq!(
+            super::super::status_code(&forbidden.unwrap_err()),
+            Some(403)
+        );
         assert_eq!(calls.swap(0, Ordering::SeqCst), 1);
-        let busy: Result<(), _> = p.run(|| async { calls.fetch_add(1, Ordering::SeqCst); Err(api_error(503)) }).await;
+        let busy: Result<(), _> = p
+            .run(|| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(api_error(503))
+            })
+            .await;
         assert!(busy.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }

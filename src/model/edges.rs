@@ -69,9 +69,17 @@ impl EdgeKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum Target {
-    Object { group: String, kind: String, namespace: Option<String>, name: String },
+    Object {
+        group: String,
+        kind: String,
+        namespace: Option<String>,
+        name: String,
+    },
     /// Workloads (or pods) in `namespace` whose pod labels match.
-    Selector { namespace: String, selector: LabelSelector },
+    Selector {
+        namespace: String,
+        selector: LabelSelector,
+    },
     /// The CRD that defines `group`/`kind`.
     Crd { group: String, kind: String },
 }
@@ -90,9 +98,22 @@ pub struct Reference {
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Object { kind, namespace: Some(ns), name, .. } => write!(f, "{kind}/{ns}/{name}"),
-            Target::Object { kind, namespace: None, name, .. } => write!(f, "{kind}/{name}"),
-            Target::Selector { namespace, selector } => write!(f, "pods matching {selector} in {namespace}"),
+            Target::Object {
+                kind,
+                namespace: Some(ns),
+                name,
+                ..
+            } => write!(f, "{kind}/{ns}/{name}"),
+            Target::Object {
+                kind,
+                namespace: None,
+                name,
+                ..
+            } => write!(f, "{kind}/{name}"),
+            Target::Selector {
+                namespace,
+                selector,
+            } => write!(f, "pods matching {selector} in {namespace}"),
             Target::Crd { group, kind } => write!(f, "the CRD of {kind}.{group}"),
         }
     }
@@ -113,12 +134,33 @@ struct Collector<'a> {
 }
 
 impl Collector<'_> {
-    fn object(&mut self, kind: EdgeKind, group: &str, target_kind: &str, namespaced: bool, name: Option<&str>, path: String, optional: bool) {
-        let Some(name) = name.filter(|n| !n.is_empty()) else { return };
-        let namespace = if namespaced { self.namespace.map(String::from) } else { None };
+    #[allow(clippy::too_many_arguments)]
+    fn object(
+        &mut self,
+        kind: EdgeKind,
+        group: &str,
+        target_kind: &str,
+        namespaced: bool,
+        name: Option<&str>,
+        path: String,
+        optional: bool,
+    ) {
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return;
+        };
+        let namespace = if namespaced {
+            self.namespace.map(String::from)
+        } else {
+            None
+        };
         self.out.push(Reference {
             kind,
-            target: Target::Object { group: group.into(), kind: target_kind.into(), namespace, name: name.into() },
+            target: Target::Object {
+                group: group.into(),
+                kind: target_kind.into(),
+                namespace,
+                name: name.into(),
+            },
             path,
             optional,
         });
@@ -130,16 +172,20 @@ fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 fn array<'a>(v: &'a Value, pointer: &str) -> impl Iterator<Item = (usize, &'a Value)> {
-    v.pointer(pointer).and_then(Value::as_array).into_iter().flatten().enumerate()
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
 }
 
 /// Where the pod template of a workload kind lives.
 pub fn pod_spec_pointer(group: &str, kind: &str) -> Option<&'static str> {
     match (group, kind) {
         ("", "Pod") => Some("/spec"),
-        ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet") | ("batch", "Job") | ("", "ReplicationController") => {
-            Some("/spec/template/spec")
-        }
+        ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet")
+        | ("batch", "Job")
+        | ("", "ReplicationController") => Some("/spec/template/spec"),
         ("batch", "CronJob") => Some("/spec/jobTemplate/spec/template/spec"),
         _ => None,
     }
@@ -154,20 +200,55 @@ fn pod_spec_references(c: &mut Collector, spec: &Value, base: &str) {
         let at = format!("{base}.volumes[{i}]");
         if let Some(cm) = volume.get("configMap") {
             let optional = cm.get("optional").and_then(Value::as_bool).unwrap_or(false);
-            c.object(EdgeKind::Mounts, "", "ConfigMap", true, str_at(cm, "name"), format!("{at}.configMap.name"), optional);
+            c.object(
+                EdgeKind::Mounts,
+                "",
+                "ConfigMap",
+                true,
+                str_at(cm, "name"),
+                format!("{at}.configMap.name"),
+                optional,
+            );
         }
         if let Some(secret) = volume.get("secret") {
-            let optional = secret.get("optional").and_then(Value::as_bool).unwrap_or(false);
-            c.object(EdgeKind::Mounts, "", "Secret", true, str_at(secret, "secretName"), format!("{at}.secret.secretName"), optional);
+            let optional = secret
+                .get("optional")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            c.object(
+                EdgeKind::Mounts,
+                "",
+                "Secret",
+                true,
+                str_at(secret, "secretName"),
+                format!("{at}.secret.secretName"),
+                optional,
+            );
         }
         if let Some(pvc) = volume.get("persistentVolumeClaim") {
-            c.object(EdgeKind::Mounts, "", "PersistentVolumeClaim", true, str_at(pvc, "claimName"), format!("{at}.persistentVolumeClaim.claimName"), false);
+            c.object(
+                EdgeKind::Mounts,
+                "",
+                "PersistentVolumeClaim",
+                true,
+                str_at(pvc, "claimName"),
+                format!("{at}.persistentVolumeClaim.claimName"),
+                false,
+            );
         }
         for (j, source) in array(volume, "/projected/sources") {
             for (key, kind) in [("configMap", "ConfigMap"), ("secret", "Secret")] {
                 if let Some(s) = source.get(key) {
                     let optional = s.get("optional").and_then(Value::as_bool).unwrap_or(false);
-                    c.object(EdgeKind::Mounts, "", kind, true, str_at(s, "name"), format!("{at}.projected.sources[{j}].{key}.name"), optional);
+                    c.object(
+                        EdgeKind::Mounts,
+                        "",
+                        kind,
+                        true,
+                        str_at(s, "name"),
+                        format!("{at}.projected.sources[{j}].{key}.name"),
+                        optional,
+                    );
                 }
             }
         }
@@ -179,7 +260,15 @@ fn pod_spec_references(c: &mut Collector, spec: &Value, base: &str) {
                 for (key, kind) in [("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")] {
                     if let Some(r) = env.pointer(&format!("/valueFrom/{key}")) {
                         let optional = r.get("optional").and_then(Value::as_bool).unwrap_or(false);
-                        c.object(EdgeKind::Env, "", kind, true, str_at(r, "name"), format!("{at}.env[{j}].valueFrom.{key}.name"), optional);
+                        c.object(
+                            EdgeKind::Env,
+                            "",
+                            kind,
+                            true,
+                            str_at(r, "name"),
+                            format!("{at}.env[{j}].valueFrom.{key}.name"),
+                            optional,
+                        );
                     }
                 }
             }
@@ -187,7 +276,15 @@ fn pod_spec_references(c: &mut Collector, spec: &Value, base: &str) {
                 for (key, kind) in [("configMapRef", "ConfigMap"), ("secretRef", "Secret")] {
                     if let Some(r) = from.get(key) {
                         let optional = r.get("optional").and_then(Value::as_bool).unwrap_or(false);
-                        c.object(EdgeKind::Env, "", kind, true, str_at(r, "name"), format!("{at}.envFrom[{j}].{key}.name"), optional);
+                        c.object(
+                            EdgeKind::Env,
+                            "",
+                            kind,
+                            true,
+                            str_at(r, "name"),
+                            format!("{at}.envFrom[{j}].{key}.name"),
+                            optional,
+                        );
                     }
                 }
             }
@@ -195,34 +292,93 @@ fn pod_spec_references(c: &mut Collector, spec: &Value, base: &str) {
     }
     let sa = str_at(spec, "serviceAccountName").or_else(|| str_at(spec, "serviceAccount"));
     if sa != Some("default") {
-        c.object(EdgeKind::UsesServiceAccount, "", "ServiceAccount", true, sa, format!("{base}.serviceAccountName"), false);
+        c.object(
+            EdgeKind::UsesServiceAccount,
+            "",
+            "ServiceAccount",
+            true,
+            sa,
+            format!("{base}.serviceAccountName"),
+            false,
+        );
     }
     for (i, secret) in array(spec, "/imagePullSecrets") {
-        c.object(EdgeKind::PullsWith, "", "Secret", true, str_at(secret, "name"), format!("{base}.imagePullSecrets[{i}].name"), false);
+        c.object(
+            EdgeKind::PullsWith,
+            "",
+            "Secret",
+            true,
+            str_at(secret, "name"),
+            format!("{base}.imagePullSecrets[{i}].name"),
+            false,
+        );
     }
-    c.object(EdgeKind::ScheduledWith, "scheduling.k8s.io", "PriorityClass", false, str_at(spec, "priorityClassName").filter(|n| !n.starts_with("system-")), format!("{base}.priorityClassName"), false);
-    c.object(EdgeKind::ScheduledWith, "node.k8s.io", "RuntimeClass", false, str_at(spec, "runtimeClassName"), format!("{base}.runtimeClassName"), false);
+    c.object(
+        EdgeKind::ScheduledWith,
+        "scheduling.k8s.io",
+        "PriorityClass",
+        false,
+        str_at(spec, "priorityClassName").filter(|n| !n.starts_with("system-")),
+        format!("{base}.priorityClassName"),
+        false,
+    );
+    c.object(
+        EdgeKind::ScheduledWith,
+        "node.k8s.io",
+        "RuntimeClass",
+        false,
+        str_at(spec, "runtimeClassName"),
+        format!("{base}.runtimeClassName"),
+        false,
+    );
 }
 
 /// The workload kinds a selector-based reference may match.
-fn selector_reference(c: &mut Collector, kind: EdgeKind, selector: Option<LabelSelector>, path: &str) {
+fn selector_reference(
+    c: &mut Collector,
+    kind: EdgeKind,
+    selector: Option<LabelSelector>,
+    path: &str,
+) {
     if let (Some(ns), Some(selector)) = (c.namespace, selector)
         && !selector.is_empty()
     {
-        c.out.push(Reference { kind, target: Target::Selector { namespace: ns.to_string(), selector }, path: path.into(), optional: false });
+        c.out.push(Reference {
+            kind,
+            target: Target::Selector {
+                namespace: ns.to_string(),
+                selector,
+            },
+            path: path.into(),
+            optional: false,
+        });
     }
 }
 
 /// Every reference one (normalized) object makes.
 pub fn references(obj: &Value) -> Vec<Reference> {
-    let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let api_version = obj
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let (group, _) = split_api_version(api_version);
     let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
     let namespace = obj.pointer("/metadata/namespace").and_then(Value::as_str);
-    let mut c = Collector { namespace, out: Vec::new() };
+    let mut c = Collector {
+        namespace,
+        out: Vec::new(),
+    };
 
     if let Some(ns) = namespace {
-        c.object(EdgeKind::InNamespace, "", "Namespace", false, Some(ns), "metadata.namespace".into(), false);
+        c.object(
+            EdgeKind::InNamespace,
+            "",
+            "Namespace",
+            false,
+            Some(ns),
+            "metadata.namespace".into(),
+            false,
+        );
     }
     for (i, owner) in array(obj, "/metadata/ownerReferences") {
         let (owner_group, _) = split_api_version(str_at(owner, "apiVersion").unwrap_or_default());
@@ -230,10 +386,26 @@ pub fn references(obj: &Value) -> Vec<Reference> {
         // Owners are namespaced exactly when the owned object is, except for
         // cluster-scoped owners of namespaced objects (rare: treat the owner
         // as in the same scope, which is what the API server allows).
-        c.object(EdgeKind::Owns, owner_group, owner_kind, namespace.is_some(), str_at(owner, "name"), format!("metadata.ownerReferences[{i}]"), false);
+        c.object(
+            EdgeKind::Owns,
+            owner_group,
+            owner_kind,
+            namespace.is_some(),
+            str_at(owner, "name"),
+            format!("metadata.ownerReferences[{i}]"),
+            false,
+        );
     }
     if !is_builtin_group(group) {
-        c.out.push(Reference { kind: EdgeKind::InstanceOf, target: Target::Crd { group: group.into(), kind: kind.into() }, path: "apiVersion".into(), optional: false });
+        c.out.push(Reference {
+            kind: EdgeKind::InstanceOf,
+            target: Target::Crd {
+                group: group.into(),
+                kind: kind.into(),
+            },
+            path: "apiVersion".into(),
+            optional: false,
+        });
     }
     if let Some(pointer) = pod_spec_pointer(group, kind)
         && let Some(spec) = obj.pointer(pointer)
@@ -244,56 +416,152 @@ pub fn references(obj: &Value) -> Vec<Reference> {
     match (group, kind) {
         ("apps", "StatefulSet") => {
             for (i, t) in array(obj, "/spec/volumeClaimTemplates") {
-                c.object(EdgeKind::Claims, "storage.k8s.io", "StorageClass", false, t.pointer("/spec/storageClassName").and_then(Value::as_str), format!("spec.volumeClaimTemplates[{i}].spec.storageClassName"), false);
+                c.object(
+                    EdgeKind::Claims,
+                    "storage.k8s.io",
+                    "StorageClass",
+                    false,
+                    t.pointer("/spec/storageClassName").and_then(Value::as_str),
+                    format!("spec.volumeClaimTemplates[{i}].spec.storageClassName"),
+                    false,
+                );
             }
         }
         ("", "PersistentVolumeClaim") => {
-            c.object(EdgeKind::Claims, "storage.k8s.io", "StorageClass", false, obj.pointer("/spec/storageClassName").and_then(Value::as_str), "spec.storageClassName".into(), false);
-            c.object(EdgeKind::Claims, "", "PersistentVolume", false, obj.pointer("/spec/volumeName").and_then(Value::as_str), "spec.volumeName".into(), false);
+            c.object(
+                EdgeKind::Claims,
+                "storage.k8s.io",
+                "StorageClass",
+                false,
+                obj.pointer("/spec/storageClassName")
+                    .and_then(Value::as_str),
+                "spec.storageClassName".into(),
+                false,
+            );
+            c.object(
+                EdgeKind::Claims,
+                "",
+                "PersistentVolume",
+                false,
+                obj.pointer("/spec/volumeName").and_then(Value::as_str),
+                "spec.volumeName".into(),
+                false,
+            );
         }
         ("", "PersistentVolume") => {
-            c.object(EdgeKind::Claims, "storage.k8s.io", "StorageClass", false, obj.pointer("/spec/storageClassName").and_then(Value::as_str), "spec.storageClassName".into(), false);
+            c.object(
+                EdgeKind::Claims,
+                "storage.k8s.io",
+                "StorageClass",
+                false,
+                obj.pointer("/spec/storageClassName")
+                    .and_then(Value::as_str),
+                "spec.storageClassName".into(),
+                false,
+            );
             if let Some(claim) = obj.pointer("/spec/claimRef") {
-                let mut claim_collector = Collector { namespace: str_at(claim, "namespace"), out: Vec::new() };
-                claim_collector.object(EdgeKind::Claims, "", "PersistentVolumeClaim", true, str_at(claim, "name"), "spec.claimRef".into(), true);
+                let mut claim_collector = Collector {
+                    namespace: str_at(claim, "namespace"),
+                    out: Vec::new(),
+                };
+                claim_collector.object(
+                    EdgeKind::Claims,
+                    "",
+                    "PersistentVolumeClaim",
+                    true,
+                    str_at(claim, "name"),
+                    "spec.claimRef".into(),
+                    true,
+                );
                 c.out.extend(claim_collector.out);
             }
         }
         ("rbac.authorization.k8s.io", "RoleBinding" | "ClusterRoleBinding") => {
             if let Some(role) = obj.get("roleRef") {
                 let role_kind = str_at(role, "kind").unwrap_or("ClusterRole");
-                c.object(EdgeKind::Binds, "rbac.authorization.k8s.io", role_kind, role_kind == "Role", str_at(role, "name"), "roleRef".into(), false);
+                c.object(
+                    EdgeKind::Binds,
+                    "rbac.authorization.k8s.io",
+                    role_kind,
+                    role_kind == "Role",
+                    str_at(role, "name"),
+                    "roleRef".into(),
+                    false,
+                );
             }
             for (i, subject) in array(obj, "/subjects") {
                 if str_at(subject, "kind") == Some("ServiceAccount") {
-                    let mut sub = Collector { namespace: str_at(subject, "namespace").or(namespace), out: Vec::new() };
-                    sub.object(EdgeKind::Binds, "", "ServiceAccount", true, str_at(subject, "name"), format!("subjects[{i}]"), true);
+                    let mut sub = Collector {
+                        namespace: str_at(subject, "namespace").or(namespace),
+                        out: Vec::new(),
+                    };
+                    sub.object(
+                        EdgeKind::Binds,
+                        "",
+                        "ServiceAccount",
+                        true,
+                        str_at(subject, "name"),
+                        format!("subjects[{i}]"),
+                        true,
+                    );
                     c.out.extend(sub.out);
                 }
             }
         }
         ("", "Service") => {
-            let selector = obj.pointer("/spec/selector").and_then(Value::as_object).map(LabelSelector::from_match_labels);
+            let selector = obj
+                .pointer("/spec/selector")
+                .and_then(Value::as_object)
+                .map(LabelSelector::from_match_labels);
             selector_reference(&mut c, EdgeKind::Selects, selector, "spec.selector");
         }
         ("policy", "PodDisruptionBudget") => {
-            let selector = obj.pointer("/spec/selector").and_then(LabelSelector::from_object);
+            let selector = obj
+                .pointer("/spec/selector")
+                .and_then(LabelSelector::from_object);
             selector_reference(&mut c, EdgeKind::Selects, selector, "spec.selector");
         }
         ("networking.k8s.io", "NetworkPolicy") => {
-            let selector = obj.pointer("/spec/podSelector").and_then(LabelSelector::from_object);
+            let selector = obj
+                .pointer("/spec/podSelector")
+                .and_then(LabelSelector::from_object);
             selector_reference(&mut c, EdgeKind::Selects, selector, "spec.podSelector");
         }
         ("autoscaling", "HorizontalPodAutoscaler") => {
             if let Some(target) = obj.pointer("/spec/scaleTargetRef") {
                 let (g, _) = split_api_version(str_at(target, "apiVersion").unwrap_or_default());
-                c.object(EdgeKind::Selects, g, str_at(target, "kind").unwrap_or_default(), true, str_at(target, "name"), "spec.scaleTargetRef".into(), false);
+                c.object(
+                    EdgeKind::Selects,
+                    g,
+                    str_at(target, "kind").unwrap_or_default(),
+                    true,
+                    str_at(target, "name"),
+                    "spec.scaleTargetRef".into(),
+                    false,
+                );
             }
         }
         ("networking.k8s.io" | "extensions", "Ingress") => {
-            c.object(EdgeKind::Routes, "networking.k8s.io", "IngressClass", false, obj.pointer("/spec/ingressClassName").and_then(Value::as_str), "spec.ingressClassName".into(), false);
+            c.object(
+                EdgeKind::Routes,
+                "networking.k8s.io",
+                "IngressClass",
+                false,
+                obj.pointer("/spec/ingressClassName")
+                    .and_then(Value::as_str),
+                "spec.ingressClassName".into(),
+                false,
+            );
             for (i, tls) in array(obj, "/spec/tls") {
-                c.object(EdgeKind::Routes, "", "Secret", true, str_at(tls, "secretName"), format!("spec.tls[{i}].secretName"), false);
+                c.object(
+                    EdgeKind::Routes,
+                    "",
+                    "Secret",
+                    true,
+                    str_at(tls, "secretName"),
+                    format!("spec.tls[{i}].secretName"),
+                    false,
+                );
             }
             let mut backends: Vec<(String, &Value)> = Vec::new();
             for key in ["defaultBackend", "backend"] {
@@ -309,23 +577,51 @@ pub fn references(obj: &Value) -> Vec<Reference> {
                 }
             }
             for (at, backend) in backends {
-                let name = backend.pointer("/service/name").and_then(Value::as_str).or_else(|| str_at(backend, "serviceName"));
+                let name = backend
+                    .pointer("/service/name")
+                    .and_then(Value::as_str)
+                    .or_else(|| str_at(backend, "serviceName"));
                 c.object(EdgeKind::Routes, "", "Service", true, name, at, false);
             }
         }
-        ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration") => {
+        (
+            "admissionregistration.k8s.io",
+            "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration",
+        ) => {
             for (i, hook) in array(obj, "/webhooks") {
                 if let Some(service) = hook.pointer("/clientConfig/service") {
-                    let mut s = Collector { namespace: str_at(service, "namespace"), out: Vec::new() };
-                    s.object(EdgeKind::Serves, "", "Service", true, str_at(service, "name"), format!("webhooks[{i}].clientConfig.service"), false);
+                    let mut s = Collector {
+                        namespace: str_at(service, "namespace"),
+                        out: Vec::new(),
+                    };
+                    s.object(
+                        EdgeKind::Serves,
+                        "",
+                        "Service",
+                        true,
+                        str_at(service, "name"),
+                        format!("webhooks[{i}].clientConfig.service"),
+                        false,
+                    );
                     c.out.extend(s.out);
                 }
             }
         }
         ("apiregistration.k8s.io", "APIService") => {
             if let Some(service) = obj.pointer("/spec/service").filter(|s| !s.is_null()) {
-                let mut s = Collector { namespace: str_at(service, "namespace"), out: Vec::new() };
-                s.object(EdgeKind::Serves, "", "Service", true, str_at(service, "name"), "spec.service".into(), false);
+                let mut s = Collector {
+                    namespace: str_at(service, "namespace"),
+                    out: Vec::new(),
+                };
+                s.object(
+                    EdgeKind::Serves,
+                    "",
+                    "Service",
+                    true,
+                    str_at(service, "name"),
+                    "spec.service".into(),
+                    false,
+                );
                 c.out.extend(s.out);
             }
         }
@@ -336,7 +632,11 @@ pub fn references(obj: &Value) -> Vec<Reference> {
 
 /// Pod labels of a workload's template, or of a Pod.
 pub fn pod_template_labels(obj: &Value) -> Option<&serde_json::Map<String, Value>> {
-    let (group, _) = split_api_version(obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default());
+    let (group, _) = split_api_version(
+        obj.get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+    );
     let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
     let pointer = match pod_spec_pointer(group, kind)? {
         "/spec" => "/metadata/labels",
@@ -357,7 +657,8 @@ mod tests {
     use serde_json::json;
 
     fn found(refs: &[Reference], kind: EdgeKind, target: &str) -> bool {
-        refs.iter().any(|r| r.kind == kind && r.target.to_string() == target)
+        refs.iter()
+            .any(|r| r.kind == kind && r.target.to_string() == target)
     }
 
     #[test]
@@ -392,9 +693,15 @@ mod tests {
         ] {
             assert!(found(&refs, kind, target), "{kind:?} {target} in {refs:#?}");
         }
-        let optional = refs.iter().find(|r| r.target.to_string() == "Secret/a/tls").unwrap();
+        let optional = refs
+            .iter()
+            .find(|r| r.target.to_string() == "Secret/a/tls")
+            .unwrap();
         assert!(optional.optional);
-        assert_eq!(optional.path, "spec.template.spec.volumes[1].secret.secretName");
+        assert_eq!(
+            optional.path,
+            "spec.template.spec.volumes[1].secret.secretName"
+        );
     }
 
     #[test]
@@ -408,14 +715,24 @@ mod tests {
     fn storage_references_chain_claims_volumes_and_classes() {
         let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "a"},
             "spec": {"volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {"storageClassName": "fast"}}]}});
-        assert!(found(&references(&sts), EdgeKind::Claims, "StorageClass/fast"));
+        assert!(found(
+            &references(&sts),
+            EdgeKind::Claims,
+            "StorageClass/fast"
+        ));
         let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "d", "namespace": "a"}, "spec": {"storageClassName": "fast", "volumeName": "pv-1"}});
         let refs = references(&pvc);
-        assert!(found(&refs, EdgeKind::Claims, "StorageClass/fast") && found(&refs, EdgeKind::Claims, "PersistentVolume/pv-1"));
+        assert!(
+            found(&refs, EdgeKind::Claims, "StorageClass/fast")
+                && found(&refs, EdgeKind::Claims, "PersistentVolume/pv-1")
+        );
         let pv = json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv-1"}, "spec": {"storageClassName": "fast", "claimRef": {"namespace": "a", "name": "d"}}});
         let refs = references(&pv);
         assert!(found(&refs, EdgeKind::Claims, "PersistentVolumeClaim/a/d"));
-        assert!(!found(&refs, EdgeKind::InNamespace, "Namespace/a"), "cluster-scoped objects have no namespace edge");
+        assert!(
+            !found(&refs, EdgeKind::InNamespace, "Namespace/a"),
+            "cluster-scoped objects have no namespace edge"
+        );
     }
 
     #[test]
@@ -429,19 +746,32 @@ mod tests {
         assert!(found(&refs, EdgeKind::Binds, "ServiceAccount/tools/ci"));
         let crb = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "b"},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"}, "subjects": []});
-        assert!(found(&references(&crb), EdgeKind::Binds, "ClusterRole/view"));
+        assert!(found(
+            &references(&crb),
+            EdgeKind::Binds,
+            "ClusterRole/view"
+        ));
     }
 
     #[test]
     fn services_policies_and_autoscalers_select_workloads() {
         let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "a"}, "spec": {"selector": {"app": "web"}}});
         let refs = references(&svc);
-        assert!(refs.iter().any(|r| r.kind == EdgeKind::Selects && matches!(&r.target, Target::Selector { namespace, .. } if namespace == "a")));
+        assert!(refs.iter().any(|r| r.kind == EdgeKind::Selects
+            && matches!(&r.target, Target::Selector { namespace, .. } if namespace == "a")));
         let no_selector = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext", "namespace": "a"}, "spec": {"type": "ExternalName"}});
-        assert!(!references(&no_selector).iter().any(|r| r.kind == EdgeKind::Selects));
+        assert!(
+            !references(&no_selector)
+                .iter()
+                .any(|r| r.kind == EdgeKind::Selects)
+        );
         let hpa = json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "h", "namespace": "a"},
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}}});
-        assert!(found(&references(&hpa), EdgeKind::Selects, "Deployment/a/web"));
+        assert!(found(
+            &references(&hpa),
+            EdgeKind::Selects,
+            "Deployment/a/web"
+        ));
         let pdb = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "p", "namespace": "a"}, "spec": {"selector": {"matchLabels": {"app": "web"}}}});
         assert!(references(&pdb).iter().any(|r| r.kind == EdgeKind::Selects));
     }
@@ -452,7 +782,12 @@ mod tests {
             "spec": {"ingressClassName": "nginx", "tls": [{"secretName": "tls"}], "defaultBackend": {"service": {"name": "fallback"}},
                      "rules": [{"http": {"paths": [{"backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}});
         let refs = references(&v1);
-        for t in ["IngressClass/nginx", "Secret/a/tls", "Service/a/fallback", "Service/a/web"] {
+        for t in [
+            "IngressClass/nginx",
+            "Secret/a/tls",
+            "Service/a/fallback",
+            "Service/a/web",
+        ] {
             assert!(found(&refs, EdgeKind::Routes, t), "{t}");
         }
         let beta = json!({"apiVersion": "extensions/v1beta1", "kind": "Ingress", "metadata": {"name": "i", "namespace": "a"},
@@ -465,21 +800,45 @@ mod tests {
         let cr = json!({"apiVersion": "demo.ferry.dev/v1", "kind": "Widget", "metadata": {"name": "w", "namespace": "a",
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}]}});
         let refs = references(&cr);
-        assert!(refs.iter().any(|r| r.kind == EdgeKind::InstanceOf && r.target == Target::Crd { group: "demo.ferry.dev".into(), kind: "Widget".into() }));
+        assert!(refs.iter().any(|r| r.kind == EdgeKind::InstanceOf
+            && r.target
+                == Target::Crd {
+                    group: "demo.ferry.dev".into(),
+                    kind: "Widget".into()
+                }));
         assert!(found(&refs, EdgeKind::Owns, "Deployment/a/web"));
         let builtin = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "n", "namespace": "a"}, "spec": {}});
-        assert!(!references(&builtin).iter().any(|r| r.kind == EdgeKind::InstanceOf));
-        assert!(is_builtin_group("apps") && is_builtin_group("") && is_builtin_group("rbac.authorization.k8s.io"));
-        assert!(!is_builtin_group("cert-manager.io") && !is_builtin_group("gateway.networking.x-k8s.io"));
+        assert!(
+            !references(&builtin)
+                .iter()
+                .any(|r| r.kind == EdgeKind::InstanceOf)
+        );
+        assert!(
+            is_builtin_group("apps")
+                && is_builtin_group("")
+                && is_builtin_group("rbac.authorization.k8s.io")
+        );
+        assert!(
+            !is_builtin_group("cert-manager.io")
+                && !is_builtin_group("gateway.networking.x-k8s.io")
+        );
     }
 
     #[test]
     fn webhooks_and_api_services_serve_through_services() {
         let hook = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "v"},
             "webhooks": [{"name": "x", "clientConfig": {"service": {"name": "hook", "namespace": "sys"}}}]});
-        assert!(found(&references(&hook), EdgeKind::Serves, "Service/sys/hook"));
+        assert!(found(
+            &references(&hook),
+            EdgeKind::Serves,
+            "Service/sys/hook"
+        ));
         let api = json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": "v1beta1.metrics.k8s.io"},
             "spec": {"service": {"name": "metrics-server", "namespace": "kube-system"}}});
-        assert!(found(&references(&api), EdgeKind::Serves, "Service/kube-system/metrics-server"));
+        assert!(found(
+            &references(&api),
+            EdgeKind::Serves,
+            "Service/kube-system/metrics-server"
+        ));
     }
 }

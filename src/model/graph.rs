@@ -61,7 +61,12 @@ impl fmt::Display for Dangling {
 type Key = (String, String, Option<String>, String);
 
 fn key_of(o: &ObjectRef) -> Key {
-    (o.group.clone(), o.kind.clone(), o.namespace.clone(), o.name.clone())
+    (
+        o.group.clone(),
+        o.kind.clone(),
+        o.namespace.clone(),
+        o.name.clone(),
+    )
 }
 
 #[derive(Debug, Default, Clone)]
@@ -96,20 +101,47 @@ impl AppGraph {
     }
 
     /// Adds an object (once), keeping what reference resolution needs from it.
-    pub fn add_object_value(&mut self, object: ObjectRef, value: &Value, blob: Option<String>) -> NodeIndex {
+    pub fn add_object_value(
+        &mut self,
+        object: ObjectRef,
+        value: &Value,
+        blob: Option<String>,
+    ) -> NodeIndex {
         if let Some(i) = self.index.get(&key_of(&object)) {
             return *i;
         }
-        let labels = value.pointer("/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
-        let pod_labels = if selectable(&object.group, &object.kind) { pod_template_labels(value).cloned() } else { None };
+        let labels = value
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let pod_labels = if selectable(&object.group, &object.kind) {
+            pod_template_labels(value).cloned()
+        } else {
+            None
+        };
         let defines = (object.kind == "CustomResourceDefinition").then(|| {
             (
-                value.pointer("/spec/group").and_then(Value::as_str).unwrap_or_default().to_string(),
-                value.pointer("/spec/names/kind").and_then(Value::as_str).unwrap_or_default().to_string(),
+                value
+                    .pointer("/spec/group")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                value
+                    .pointer("/spec/names/kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
             )
         });
         let key = key_of(&object);
-        let i = self.graph.add_node(Node { object, blob, labels, pod_labels, defines });
+        let i = self.graph.add_node(Node {
+            object,
+            blob,
+            labels,
+            pod_labels,
+            defines,
+        });
         self.index.insert(key, i);
         i
     }
@@ -128,13 +160,23 @@ impl AppGraph {
 
     fn target_key(target: &Target) -> Option<Key> {
         match target {
-            Target::Object { group, kind, namespace, name } => Some((group.clone(), kind.clone(), namespace.clone(), name.clone())),
+            Target::Object {
+                group,
+                kind,
+                namespace,
+                name,
+            } => Some((group.clone(), kind.clone(), namespace.clone(), name.clone())),
             _ => None,
         }
     }
 
     fn crd_for(&self, group: &str, kind: &str) -> Option<NodeIndex> {
-        self.graph.node_indices().find(|i| self.graph[*i].defines.as_ref().is_some_and(|(g, k)| g == group && k == kind))
+        self.graph.node_indices().find(|i| {
+            self.graph[*i]
+                .defines
+                .as_ref()
+                .is_some_and(|(g, k)| g == group && k == kind)
+        })
     }
 
     /// Pending references whose target is neither in the graph nor known
@@ -178,7 +220,10 @@ impl AppGraph {
                         Some(i) => vec![*i],
                         None => {
                             if !reference.optional && !self.external.contains(&k) {
-                                dangling.push(Dangling { from: self.graph[from].object.clone(), reference: reference.clone() });
+                                dangling.push(Dangling {
+                                    from: self.graph[from].object.clone(),
+                                    reference: reference.clone(),
+                                });
                             }
                             vec![]
                         }
@@ -187,27 +232,45 @@ impl AppGraph {
                 Target::Crd { group, kind } => match crds.get(&(group.clone(), kind.clone())) {
                     Some(i) => vec![*i],
                     None => {
-                        dangling.push(Dangling { from: self.graph[from].object.clone(), reference: reference.clone() });
+                        dangling.push(Dangling {
+                            from: self.graph[from].object.clone(),
+                            reference: reference.clone(),
+                        });
                         vec![]
                     }
                 },
-                Target::Selector { namespace, selector } => self
+                Target::Selector {
+                    namespace,
+                    selector,
+                } => self
                     .graph
                     .node_indices()
                     .filter(|i| {
                         let n = &self.graph[*i];
                         n.object.namespace.as_deref() == Some(namespace.as_str())
-                            && n.pod_labels.as_ref().is_some_and(|l| selector.matches(Some(l)))
+                            && n.pod_labels
+                                .as_ref()
+                                .is_some_and(|l| selector.matches(Some(l)))
                     })
                     .collect(),
             };
             for to in targets {
                 if to != from {
-                    self.graph.add_edge(from, to, Edge { kind: reference.kind, path: reference.path.clone() });
+                    self.graph.add_edge(
+                        from,
+                        to,
+                        Edge {
+                            kind: reference.kind,
+                            path: reference.path.clone(),
+                        },
+                    );
                 }
             }
         }
-        dangling.sort_by(|a, b| (a.from.to_string(), a.reference.target.to_string()).cmp(&(b.from.to_string(), b.reference.target.to_string())));
+        dangling.sort_by(|a, b| {
+            (a.from.to_string(), a.reference.target.to_string())
+                .cmp(&(b.from.to_string(), b.reference.target.to_string()))
+        });
         dangling
     }
 
@@ -223,7 +286,13 @@ impl AppGraph {
         let mut edges: Vec<_> = self
             .graph
             .edge_references()
-            .map(|e| (&self.graph[e.source()].object, &self.graph[e.target()].object, e.weight()))
+            .map(|e| {
+                (
+                    &self.graph[e.source()].object,
+                    &self.graph[e.target()].object,
+                    e.weight(),
+                )
+            })
             .collect();
         edges.sort_by(|a, b| (a.0, a.1, a.2.kind, &a.2.path).cmp(&(b.0, b.1, b.2.kind, &b.2.path)));
         edges
@@ -231,7 +300,9 @@ impl AppGraph {
 
     /// Objects that refer to `object`.
     pub fn referrers(&self, object: &ObjectRef) -> Vec<(&ObjectRef, EdgeKind)> {
-        let Some(&i) = self.index.get(&key_of(object)) else { return Vec::new() };
+        let Some(&i) = self.index.get(&key_of(object)) else {
+            return Vec::new();
+        };
         let mut out: Vec<_> = self
             .graph
             .edges_directed(i, petgraph::Direction::Incoming)
@@ -244,10 +315,16 @@ impl AppGraph {
     /// What `seeds` need, transitively (the seeds included).
     pub fn dependencies_closure(&self, seeds: &[ObjectRef]) -> BTreeSet<ObjectRef> {
         let mut out = BTreeSet::new();
-        let mut stack: Vec<NodeIndex> = seeds.iter().filter_map(|s| self.index.get(&key_of(s)).copied()).collect();
+        let mut stack: Vec<NodeIndex> = seeds
+            .iter()
+            .filter_map(|s| self.index.get(&key_of(s)).copied())
+            .collect();
         while let Some(i) = stack.pop() {
             if out.insert(self.graph[i].object.clone()) {
-                stack.extend(self.graph.neighbors_directed(i, petgraph::Direction::Outgoing));
+                stack.extend(
+                    self.graph
+                        .neighbors_directed(i, petgraph::Direction::Outgoing),
+                );
             }
         }
         out
@@ -256,7 +333,11 @@ impl AppGraph {
     /// The compact, stable JSON form: sorted nodes, edges as index pairs.
     pub fn to_json(&self) -> Value {
         let nodes = self.nodes();
-        let position: HashMap<&ObjectRef, usize> = nodes.iter().enumerate().map(|(i, n)| (&n.object, i)).collect();
+        let position: HashMap<&ObjectRef, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (&n.object, i))
+            .collect();
         let edges: Vec<Value> = self
             .edges()
             .into_iter()
@@ -278,7 +359,8 @@ impl AppGraph {
             nodes: Vec<Node>,
             edges: Vec<RawEdge>,
         }
-        let raw: Raw = serde_json::from_value(value.clone()).map_err(|e| ModelError::Graph(e.to_string()))?;
+        let raw: Raw =
+            serde_json::from_value(value.clone()).map_err(|e| ModelError::Graph(e.to_string()))?;
         let mut g = AppGraph::new();
         let mut indices = Vec::with_capacity(raw.nodes.len());
         for node in raw.nodes {
@@ -289,9 +371,19 @@ impl AppGraph {
         }
         for e in raw.edges {
             let (Some(&from), Some(&to)) = (indices.get(e.from), indices.get(e.to)) else {
-                return Err(ModelError::Graph(format!("edge {} → {} points outside the node list", e.from, e.to)));
+                return Err(ModelError::Graph(format!(
+                    "edge {} → {} points outside the node list",
+                    e.from, e.to
+                )));
             };
-            g.graph.add_edge(from, to, Edge { kind: e.kind, path: e.path });
+            g.graph.add_edge(
+                from,
+                to,
+                Edge {
+                    kind: e.kind,
+                    path: e.path,
+                },
+            );
         }
         Ok(g)
     }
@@ -299,28 +391,49 @@ impl AppGraph {
     /// Graphviz DOT, deterministic: namespaces as clusters, labelled edges.
     pub fn to_dot(&self) -> String {
         let nodes = self.nodes();
-        let position: HashMap<&ObjectRef, usize> = nodes.iter().enumerate().map(|(i, n)| (&n.object, i)).collect();
+        let position: HashMap<&ObjectRef, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (&n.object, i))
+            .collect();
         let mut by_namespace: BTreeMap<Option<&str>, Vec<usize>> = BTreeMap::new();
         for (i, n) in nodes.iter().enumerate() {
-            by_namespace.entry(n.object.namespace.as_deref()).or_default().push(i);
+            by_namespace
+                .entry(n.object.namespace.as_deref())
+                .or_default()
+                .push(i);
         }
         let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-        let mut out = String::from("digraph application {\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];\n");
+        let mut out = String::from(
+            "digraph application {\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];\n",
+        );
         for (ns, members) in &by_namespace {
             let indent = if ns.is_some() { "    " } else { "  " };
             if let Some(ns) = ns {
-                out.push_str(&format!("  subgraph \"cluster_{0}\" {{\n    label=\"namespace {0}\";\n", quote(ns)));
+                out.push_str(&format!(
+                    "  subgraph \"cluster_{0}\" {{\n    label=\"namespace {0}\";\n",
+                    quote(ns)
+                ));
             }
             for i in members {
                 let o = &nodes[*i].object;
-                out.push_str(&format!("{indent}n{i} [label=\"{}\\n{}\"];\n", quote(&o.kind), quote(&o.name)));
+                out.push_str(&format!(
+                    "{indent}n{i} [label=\"{}\\n{}\"];\n",
+                    quote(&o.kind),
+                    quote(&o.name)
+                ));
             }
             if ns.is_some() {
                 out.push_str("  }\n");
             }
         }
         for (from, to, e) in self.edges() {
-            out.push_str(&format!("  n{} -> n{} [label=\"{}\"];\n", position[from], position[to], e.kind.as_str()));
+            out.push_str(&format!(
+                "  n{} -> n{} [label=\"{}\"];\n",
+                position[from],
+                position[to],
+                e.kind.as_str()
+            ));
         }
         out.push_str("}\n");
         out
@@ -342,36 +455,74 @@ mod tests {
 
     fn app() -> (AppGraph, Vec<ObjectRef>) {
         let mut g = AppGraph::new();
-        let ns = add(&mut g, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}));
-        let cm = add(&mut g, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": "a"}}));
-        let dep = add(&mut g, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "a"},
-            "spec": {"template": {"metadata": {"labels": {"app": "web"}}, "spec": {"volumes": [{"name": "c", "configMap": {"name": "cfg"}}, {"name": "m", "configMap": {"name": "missing"}}]}}}}));
-        let svc = add(&mut g, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "a"}, "spec": {"selector": {"app": "web"}}}));
-        let crd = add(&mut g, json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.demo.io"},
-            "spec": {"group": "demo.io", "names": {"kind": "Widget", "plural": "widgets"}}}));
-        let cr = add(&mut g, json!({"apiVersion": "demo.io/v1", "kind": "Widget", "metadata": {"name": "w", "namespace": "a"}}));
-        let rb = add(&mut g, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "v", "namespace": "a"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"}, "subjects": []}));
+        let ns = add(
+            &mut g,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}),
+        );
+        let cm = add(
+            &mut g,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": "a"}}),
+        );
+        let dep = add(
+            &mut g,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "a"},
+            "spec": {"template": {"metadata": {"labels": {"app": "web"}}, "spec": {"volumes": [{"name": "c", "configMap": {"name": "cfg"}}, {"name": "m", "configMap": {"name": "missing"}}]}}}}),
+        );
+        let svc = add(
+            &mut g,
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "a"}, "spec": {"selector": {"app": "web"}}}),
+        );
+        let crd = add(
+            &mut g,
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.demo.io"},
+            "spec": {"group": "demo.io", "names": {"kind": "Widget", "plural": "widgets"}}}),
+        );
+        let cr = add(
+            &mut g,
+            json!({"apiVersion": "demo.io/v1", "kind": "Widget", "metadata": {"name": "w", "namespace": "a"}}),
+        );
+        let rb = add(
+            &mut g,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "v", "namespace": "a"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"}, "subjects": []}),
+        );
         (g, vec![ns, cm, dep, svc, crd, cr, rb])
     }
 
     #[test]
     fn references_resolve_into_typed_edges_and_dangling_ones_are_reported() {
         let (mut g, objs) = app();
-        let unresolved: Vec<String> = g.unresolved().iter().map(|r| r.target.to_string()).collect();
+        let unresolved: Vec<String> = g
+            .unresolved()
+            .iter()
+            .map(|r| r.target.to_string())
+            .collect();
         assert_eq!(unresolved, vec!["ConfigMap/a/missing", "ClusterRole/view"]);
-        g.mark_external(&ObjectRef { group: "rbac.authorization.k8s.io".into(), version: "v1".into(), kind: "ClusterRole".into(), namespace: None, name: "view".into() });
+        g.mark_external(&ObjectRef {
+            group: "rbac.authorization.k8s.io".into(),
+            version: "v1".into(),
+            kind: "ClusterRole".into(),
+            namespace: None,
+            name: "view".into(),
+        });
         let dangling = g.resolve();
         assert_eq!(dangling.len(), 1, "{dangling:?}");
         assert!(dangling[0].to_string().starts_with("Deployment/a/web refers to ConfigMap/a/missing (mounts at spec.template.spec.volumes[1].configMap.name)"));
-        let edges: Vec<String> = g.edges().iter().map(|(f, t, e)| format!("{f} -{}-> {t}", e.kind.as_str())).collect();
+        let edges: Vec<String> = g
+            .edges()
+            .iter()
+            .map(|(f, t, e)| format!("{f} -{}-> {t}", e.kind.as_str()))
+            .collect();
         for expected in [
             "Deployment/a/web -mounts-> ConfigMap/a/cfg",
             "Service/a/web -selects-> Deployment/a/web",
             "Widget/a/w -instance-of-> CustomResourceDefinition/widgets.demo.io",
             "ConfigMap/a/cfg -in-namespace-> Namespace/a",
         ] {
-            assert!(edges.contains(&expected.to_string()), "{expected} in {edges:#?}");
+            assert!(
+                edges.contains(&expected.to_string()),
+                "{expected} in {edges:#?}"
+            );
         }
         assert_eq!(g.referrers(&objs[1]), vec![(&objs[2], EdgeKind::Mounts)]);
     }
@@ -382,7 +533,15 @@ mod tests {
         g.resolve();
         let closure = g.dependencies_closure(&[objs[3].clone()]);
         let names: Vec<String> = closure.iter().map(ToString::to_string).collect();
-        assert_eq!(names, vec!["ConfigMap/a/cfg", "Namespace/a", "Service/a/web", "Deployment/a/web"]);
+        assert_eq!(
+            names,
+            vec![
+                "ConfigMap/a/cfg",
+                "Namespace/a",
+                "Service/a/web",
+                "Deployment/a/web"
+            ]
+        );
     }
 
     #[test]
@@ -398,6 +557,11 @@ mod tests {
         assert_eq!(again.to_dot(), g.to_dot());
         assert!(g.to_dot().contains("subgraph \"cluster_a\""));
         assert!(g.to_dot().contains("[label=\"mounts\"]"));
-        assert!(AppGraph::from_json(&json!({"nodes": [], "edges": [{"from": 0, "to": 1, "kind": "owns", "path": ""}]})).is_err());
+        assert!(
+            AppGraph::from_json(
+                &json!({"nodes": [], "edges": [{"from": 0, "to": 1, "kind": "owns", "path": ""}]})
+            )
+            .is_err()
+        );
     }
 }

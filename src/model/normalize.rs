@@ -18,7 +18,10 @@ pub struct NormalizeOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Keep the (normalized) object; `applied` names the rules that changed it.
-    Keep { object: Value, applied: Vec<&'static str> },
+    Keep {
+        object: Value,
+        applied: Vec<&'static str>,
+    },
     /// Do not back the object up, for `reason`.
     Skip { rule: &'static str, reason: String },
 }
@@ -169,10 +172,18 @@ pub fn normalize(mut obj: Value, opts: &NormalizeOptions) -> Verdict {
         match (rule.apply)(&mut obj, opts) {
             Outcome::Unchanged => {}
             Outcome::Changed => applied.push(rule.name),
-            Outcome::Skip(reason) => return Verdict::Skip { rule: rule.name, reason },
+            Outcome::Skip(reason) => {
+                return Verdict::Skip {
+                    rule: rule.name,
+                    reason,
+                };
+            }
         }
     }
-    Verdict::Keep { object: obj, applied }
+    Verdict::Keep {
+        object: obj,
+        applied,
+    }
 }
 
 // ---- helpers ---------------------------------------------------------------
@@ -182,7 +193,11 @@ fn kind(obj: &Value) -> &str {
 }
 
 fn group(obj: &Value) -> &str {
-    obj.get("apiVersion").and_then(Value::as_str).and_then(|v| v.rsplit_once('/')).map(|(g, _)| g).unwrap_or("")
+    obj.get("apiVersion")
+        .and_then(Value::as_str)
+        .and_then(|v| v.rsplit_once('/'))
+        .map(|(g, _)| g)
+        .unwrap_or("")
 }
 
 fn is(obj: &Value, g: &str, k: &str) -> bool {
@@ -190,15 +205,21 @@ fn is(obj: &Value, g: &str, k: &str) -> bool {
 }
 
 fn name(obj: &Value) -> &str {
-    obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+    obj.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 fn label<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
-    obj.pointer("/metadata/labels").and_then(|l| l.get(key)).and_then(Value::as_str)
+    obj.pointer("/metadata/labels")
+        .and_then(|l| l.get(key))
+        .and_then(Value::as_str)
 }
 
 fn annotation<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
-    obj.pointer("/metadata/annotations").and_then(|l| l.get(key)).and_then(Value::as_str)
+    obj.pointer("/metadata/annotations")
+        .and_then(|l| l.get(key))
+        .and_then(Value::as_str)
 }
 
 fn map_at<'a>(obj: &'a mut Value, pointer: &str) -> Option<&'a mut Map<String, Value>> {
@@ -208,13 +229,23 @@ fn map_at<'a>(obj: &'a mut Value, pointer: &str) -> Option<&'a mut Map<String, V
 /// Removes `keys` from the map at `pointer`; whether anything was removed.
 fn remove_keys(obj: &mut Value, pointer: &str, keys: &[&str]) -> bool {
     match map_at(obj, pointer) {
-        Some(map) => keys.iter().fold(false, |changed, k| map.remove(*k).is_some() || changed),
+        Some(map) => {
+            let mut removed = false;
+            for k in keys {
+                removed |= map.remove(*k).is_some();
+            }
+            removed
+        }
         None => false,
     }
 }
 
 fn changed(c: bool) -> Outcome {
-    if c { Outcome::Changed } else { Outcome::Unchanged }
+    if c {
+        Outcome::Changed
+    } else {
+        Outcome::Unchanged
+    }
 }
 
 // ---- skip rules ------------------------------------------------------------
@@ -235,18 +266,37 @@ const RECREATED_BY_OWNER: &[(&str, &str, &str, &str)] = &[
 ];
 
 fn skip_controller_owned(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
-    let Some(owners) = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array) else {
+    let Some(owners) = obj
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+    else {
         return Outcome::Unchanged;
     };
     for owner in owners {
         if owner.get("controller").and_then(Value::as_bool) != Some(true) {
             continue;
         }
-        let owner_group = owner.get("apiVersion").and_then(Value::as_str).and_then(|v| v.rsplit_once('/')).map(|(g, _)| g).unwrap_or("");
-        let owner_kind = owner.get("kind").and_then(Value::as_str).unwrap_or_default();
-        if RECREATED_BY_OWNER.iter().any(|(og, ok, g, k)| *og == owner_group && *ok == owner_kind && is(obj, g, k)) {
-            let owner_name = owner.get("name").and_then(Value::as_str).unwrap_or_default();
-            return Outcome::Skip(format!("created by {owner_kind} {owner_name}, which recreates it"));
+        let owner_group = owner
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .and_then(|v| v.rsplit_once('/'))
+            .map(|(g, _)| g)
+            .unwrap_or("");
+        let owner_kind = owner
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if RECREATED_BY_OWNER
+            .iter()
+            .any(|(og, ok, g, k)| *og == owner_group && *ok == owner_kind && is(obj, g, k))
+        {
+            let owner_name = owner
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            return Outcome::Skip(format!(
+                "created by {owner_kind} {owner_name}, which recreates it"
+            ));
         }
     }
     Outcome::Unchanged
@@ -260,7 +310,9 @@ fn skip_root_ca(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
 }
 
 fn skip_token_secrets(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
-    if is(obj, "", "Secret") && obj.get("type").and_then(Value::as_str) == Some("kubernetes.io/service-account-token") {
+    if is(obj, "", "Secret")
+        && obj.get("type").and_then(Value::as_str) == Some("kubernetes.io/service-account-token")
+    {
         return Outcome::Skip("service-account token; the target cluster issues its own".into());
     }
     Outcome::Unchanged
@@ -298,16 +350,22 @@ fn skip_managed_endpoints(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
 }
 
 fn skip_cluster_defaults(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
-    if group(obj) == "rbac.authorization.k8s.io" && label(obj, "kubernetes.io/bootstrapping") == Some("rbac-defaults") {
+    if group(obj) == "rbac.authorization.k8s.io"
+        && label(obj, "kubernetes.io/bootstrapping") == Some("rbac-defaults")
+    {
         return Outcome::Skip("default RBAC object every cluster provides".into());
     }
     if is(obj, "scheduling.k8s.io", "PriorityClass") && name(obj).starts_with("system-") {
         return Outcome::Skip("system priority class every cluster provides".into());
     }
-    if is(obj, "apiregistration.k8s.io", "APIService") && obj.pointer("/spec/service").is_none_or(Value::is_null) {
+    if is(obj, "apiregistration.k8s.io", "APIService")
+        && obj.pointer("/spec/service").is_none_or(Value::is_null)
+    {
         return Outcome::Skip("API group served by the API server itself".into());
     }
-    if group(obj) == "flowcontrol.apiserver.k8s.io" && annotation(obj, "apf.kubernetes.io/autoupdate-spec") == Some("true") {
+    if group(obj) == "flowcontrol.apiserver.k8s.io"
+        && annotation(obj, "apf.kubernetes.io/autoupdate-spec") == Some("true")
+    {
         return Outcome::Skip("flow-control default maintained by the API server".into());
     }
     Outcome::Unchanged
@@ -317,12 +375,24 @@ fn skip_default_service_account(obj: &mut Value, _: &NormalizeOptions) -> Outcom
     if !is(obj, "", "ServiceAccount") || name(obj) != "default" {
         return Outcome::Unchanged;
     }
-    let non_empty = |p: &str| obj.pointer(p).is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()) || v.as_array().is_some_and(|a| !a.is_empty()));
+    let non_empty = |p: &str| {
+        obj.pointer(p).is_some_and(|v| {
+            v.as_object().is_some_and(|m| !m.is_empty())
+                || v.as_array().is_some_and(|a| !a.is_empty())
+        })
+    };
     let user_annotations = obj
         .pointer("/metadata/annotations")
         .and_then(Value::as_object)
-        .is_some_and(|a| a.keys().any(|k| k != "kubectl.kubernetes.io/last-applied-configuration"));
-    if non_empty("/imagePullSecrets") || obj.get("automountServiceAccountToken").is_some() || non_empty("/metadata/labels") || user_annotations {
+        .is_some_and(|a| {
+            a.keys()
+                .any(|k| k != "kubectl.kubernetes.io/last-applied-configuration")
+        });
+    if non_empty("/imagePullSecrets")
+        || obj.get("automountServiceAccountToken").is_some()
+        || non_empty("/metadata/labels")
+        || user_annotations
+    {
         return Outcome::Unchanged;
     }
     Outcome::Skip("created by the cluster in every namespace".into())
@@ -335,15 +405,35 @@ fn skip_default_service_account(obj: &mut Value, _: &NormalizeOptions) -> Outcom
 /// ownership of `f:nodePort` by any manager means a user asked for it.
 fn node_port_user_set(service: &Value, port: &Value) -> bool {
     let number = port.get("port").and_then(Value::as_i64).unwrap_or_default();
-    let protocol = port.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+    let protocol = port
+        .get("protocol")
+        .and_then(Value::as_str)
+        .unwrap_or("TCP");
     let key = format!("k:{{\"port\":{number},\"protocol\":\"{protocol}\"}}");
-    let by_managed_fields = service.pointer("/metadata/managedFields").and_then(Value::as_array).is_some_and(|entries| {
-        entries.iter().any(|e| e.pointer("/fieldsV1/f:spec/f:ports").and_then(|p| p.get(&key)).and_then(|p| p.get("f:nodePort")).is_some())
-    });
+    let by_managed_fields = service
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .is_some_and(|entries| {
+            entries.iter().any(|e| {
+                e.pointer("/fieldsV1/f:spec/f:ports")
+                    .and_then(|p| p.get(&key))
+                    .and_then(|p| p.get("f:nodePort"))
+                    .is_some()
+            })
+        });
     let by_last_applied = annotation(service, "kubectl.kubernetes.io/last-applied-configuration")
         .and_then(|text| serde_json::from_str::<Value>(text).ok())
-        .and_then(|applied| applied.pointer("/spec/ports").and_then(Value::as_array).cloned())
-        .is_some_and(|ports| ports.iter().any(|p| p.get("port").and_then(Value::as_i64) == Some(number) && p.get("nodePort").is_some()));
+        .and_then(|applied| {
+            applied
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .cloned()
+        })
+        .is_some_and(|ports| {
+            ports.iter().any(|p| {
+                p.get("port").and_then(Value::as_i64) == Some(number) && p.get("nodePort").is_some()
+            })
+        });
     by_managed_fields || by_last_applied
 }
 
@@ -356,7 +446,9 @@ fn service_allocated_fields(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
         .and_then(Value::as_array)
         .map(|ports| ports.iter().map(|p| node_port_user_set(obj, p)).collect())
         .unwrap_or_default();
-    let Some(spec) = map_at(obj, "/spec") else { return Outcome::Unchanged };
+    let Some(spec) = map_at(obj, "/spec") else {
+        return Outcome::Unchanged;
+    };
     let mut c = false;
     let headless = spec.get("clusterIP").and_then(Value::as_str) == Some("None");
     if !headless {
@@ -378,15 +470,31 @@ fn server_metadata(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     changed(remove_keys(
         obj,
         "/metadata",
-        &["uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"],
+        &[
+            "uid",
+            "resourceVersion",
+            "generation",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+            "selfLink",
+        ],
     ))
 }
 
 fn status(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
-    let mut c = obj.as_object_mut().is_some_and(|m| m.remove("status").is_some());
-    if let Some(templates) = obj.pointer_mut("/spec/volumeClaimTemplates").and_then(Value::as_array_mut) {
+    let mut c = obj
+        .as_object_mut()
+        .is_some_and(|m| m.remove("status").is_some());
+    if let Some(templates) = obj
+        .pointer_mut("/spec/volumeClaimTemplates")
+        .and_then(Value::as_array_mut)
+    {
         for t in templates {
-            c |= t.as_object_mut().is_some_and(|m| m.remove("status").is_some());
+            c |= t
+                .as_object_mut()
+                .is_some_and(|m| m.remove("status").is_some());
         }
     }
     changed(c)
@@ -394,9 +502,14 @@ fn status(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
 
 fn owner_uids(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     let mut c = false;
-    if let Some(owners) = obj.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
+    if let Some(owners) = obj
+        .pointer_mut("/metadata/ownerReferences")
+        .and_then(Value::as_array_mut)
+    {
         for owner in owners {
-            c |= owner.as_object_mut().is_some_and(|m| m.remove("uid").is_some());
+            c |= owner
+                .as_object_mut()
+                .is_some_and(|m| m.remove("uid").is_some());
         }
     }
     changed(c)
@@ -406,7 +519,11 @@ fn last_applied(obj: &mut Value, opts: &NormalizeOptions) -> Outcome {
     if opts.keep_last_applied {
         return Outcome::Unchanged;
     }
-    changed(remove_keys(obj, "/metadata/annotations", &["kubectl.kubernetes.io/last-applied-configuration"]))
+    changed(remove_keys(
+        obj,
+        "/metadata/annotations",
+        &["kubectl.kubernetes.io/last-applied-configuration"],
+    ))
 }
 
 const BINDING_ANNOTATIONS: &[&str] = &[
@@ -430,7 +547,11 @@ fn claim_binding(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     }
     if is(obj, "", "PersistentVolume") {
         let mut c = remove_keys(obj, "/spec/claimRef", &["uid", "resourceVersion"]);
-        c |= remove_keys(obj, "/metadata/annotations", &["pv.kubernetes.io/bound-by-controller"]);
+        c |= remove_keys(
+            obj,
+            "/metadata/annotations",
+            &["pv.kubernetes.io/bound-by-controller"],
+        );
         return changed(c);
     }
     Outcome::Unchanged
@@ -444,14 +565,21 @@ fn pod_node(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
 }
 
 fn job_generated_selector(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
-    if !is(obj, "batch", "Job") || obj.pointer("/spec/manualSelector").and_then(Value::as_bool) == Some(true) {
+    if !is(obj, "batch", "Job")
+        || obj.pointer("/spec/manualSelector").and_then(Value::as_bool) == Some(true)
+    {
         return Outcome::Unchanged;
     }
     let mut c = remove_keys(obj, "/spec", &["selector"]);
     c |= remove_keys(
         obj,
         "/spec/template/metadata/labels",
-        &["controller-uid", "batch.kubernetes.io/controller-uid", "job-name", "batch.kubernetes.io/job-name"],
+        &[
+            "controller-uid",
+            "batch.kubernetes.io/controller-uid",
+            "job-name",
+            "batch.kubernetes.io/job-name",
+        ],
     );
     changed(c)
 }
@@ -460,7 +588,11 @@ fn deployment_revision(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     if !is(obj, "apps", "Deployment") {
         return Outcome::Unchanged;
     }
-    changed(remove_keys(obj, "/metadata/annotations", &["deployment.kubernetes.io/revision"]))
+    changed(remove_keys(
+        obj,
+        "/metadata/annotations",
+        &["deployment.kubernetes.io/revision"],
+    ))
 }
 
 fn namespace_generated(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
@@ -468,7 +600,11 @@ fn namespace_generated(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
         return Outcome::Unchanged;
     }
     let mut c = remove_keys(obj, "/spec", &["finalizers"]);
-    if obj.get("spec").and_then(Value::as_object).is_some_and(Map::is_empty) {
+    if obj
+        .get("spec")
+        .and_then(Value::as_object)
+        .is_some_and(Map::is_empty)
+    {
         obj.as_object_mut().map(|m| m.remove("spec"));
         c = true;
     }
@@ -497,17 +633,28 @@ fn legacy_token_references(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
 }
 
 fn aggregated_rules(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
-    if !is(obj, "rbac.authorization.k8s.io", "ClusterRole") || obj.get("aggregationRule").is_none_or(Value::is_null) {
+    if !is(obj, "rbac.authorization.k8s.io", "ClusterRole")
+        || obj.get("aggregationRule").is_none_or(Value::is_null)
+    {
         return Outcome::Unchanged;
     }
-    changed(obj.as_object_mut().is_some_and(|m| m.remove("rules").is_some()))
+    changed(
+        obj.as_object_mut()
+            .is_some_and(|m| m.remove("rules").is_some()),
+    )
 }
 
 fn empty_metadata(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
-    let Some(meta) = map_at(obj, "/metadata") else { return Outcome::Unchanged };
+    let Some(meta) = map_at(obj, "/metadata") else {
+        return Outcome::Unchanged;
+    };
     let mut c = false;
     for key in ["labels", "annotations", "ownerReferences", "finalizers"] {
-        let empty = meta.get(key).is_some_and(|v| v.as_object().is_some_and(Map::is_empty) || v.as_array().is_some_and(Vec::is_empty) || v.is_null());
+        let empty = meta.get(key).is_some_and(|v| {
+            v.as_object().is_some_and(Map::is_empty)
+                || v.as_array().is_some_and(Vec::is_empty)
+                || v.is_null()
+        });
         if empty {
             meta.remove(key);
             c = true;
@@ -559,22 +706,42 @@ mod tests {
     fn server_metadata_status_revision_and_last_applied_are_stripped() {
         let (d, applied) = keep(live_deployment());
         let meta = d["metadata"].as_object().unwrap();
-        for gone in ["uid", "resourceVersion", "generation", "creationTimestamp", "selfLink", "managedFields"] {
+        for gone in [
+            "uid",
+            "resourceVersion",
+            "generation",
+            "creationTimestamp",
+            "selfLink",
+            "managedFields",
+        ] {
             assert!(!meta.contains_key(gone), "{gone} must be stripped");
         }
         assert!(d.get("status").is_none());
         assert_eq!(d["metadata"]["annotations"], json!({"team": "a"}));
         assert_eq!(d["spec"]["replicas"], 2);
-        for rule in ["server-metadata", "status", "deployment-revision", "last-applied-configuration"] {
+        for rule in [
+            "server-metadata",
+            "status",
+            "deployment-revision",
+            "last-applied-configuration",
+        ] {
             assert!(applied.contains(&rule), "{rule} in {applied:?}");
         }
     }
 
     #[test]
     fn last_applied_is_kept_on_request() {
-        let opts = NormalizeOptions { keep_last_applied: true };
-        let Verdict::Keep { object, .. } = normalize(live_deployment(), &opts) else { panic!() };
-        assert!(object["metadata"]["annotations"].get("kubectl.kubernetes.io/last-applied-configuration").is_some());
+        let opts = NormalizeOptions {
+            keep_last_applied: true,
+        };
+        let Verdict::Keep { object, .. } = normalize(live_deployment(), &opts) else {
+            panic!()
+        };
+        assert!(
+            object["metadata"]["annotations"]
+                .get("kubectl.kubernetes.io/last-applied-configuration")
+                .is_some()
+        );
     }
 
     #[test]
@@ -589,64 +756,135 @@ mod tests {
             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob", "name": "nightly", "uid": "3", "controller": true}]}});
         assert_eq!(skipped_by(job), "skip-controller-owned");
         // A Deployment an operator created (owned by a custom resource) is kept, owner uid dropped.
-        let (kept, _) = keep(json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x", "namespace": "shop",
-            "ownerReferences": [{"apiVersion": "demo.io/v1", "kind": "App", "name": "x", "uid": "4", "controller": true}]}}));
-        assert_eq!(kept["metadata"]["ownerReferences"], json!([{"apiVersion": "demo.io/v1", "kind": "App", "name": "x", "controller": true}]));
+        let (kept, _) = keep(
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x", "namespace": "shop",
+            "ownerReferences": [{"apiVersion": "demo.io/v1", "kind": "App", "name": "x", "uid": "4", "controller": true}]}}),
+        );
+        assert_eq!(
+            kept["metadata"]["ownerReferences"],
+            json!([{"apiVersion": "demo.io/v1", "kind": "App", "name": "x", "controller": true}])
+        );
         // A StatefulSet's claims are not owned by it and stay.
-        keep(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data-db-0", "namespace": "shop"}}));
+        keep(
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data-db-0", "namespace": "shop"}}),
+        );
     }
 
     #[test]
     fn root_ca_token_secrets_events_and_leases_are_skipped() {
-        assert_eq!(skipped_by(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-root-ca.crt", "namespace": "a"}})), "skip-root-ca");
         assert_eq!(
-            skipped_by(json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token", "metadata": {"name": "t", "namespace": "a"}})),
+            skipped_by(
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-root-ca.crt", "namespace": "a"}})
+            ),
+            "skip-root-ca"
+        );
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token", "metadata": {"name": "t", "namespace": "a"}})
+            ),
             "skip-token-secrets"
         );
-        assert_eq!(skipped_by(json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "e", "namespace": "a"}})), "skip-events-and-leases");
-        assert_eq!(skipped_by(json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "a"}})), "skip-events-and-leases");
-        assert_eq!(skipped_by(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "l", "namespace": "a"}})), "skip-events-and-leases");
-        assert_eq!(skipped_by(json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest", "metadata": {"name": "c"}})), "skip-events-and-leases");
-        keep(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config", "namespace": "a"}}));
-        keep(json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": "s", "namespace": "a"}}));
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "e", "namespace": "a"}})
+            ),
+            "skip-events-and-leases"
+        );
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "a"}})
+            ),
+            "skip-events-and-leases"
+        );
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "l", "namespace": "a"}})
+            ),
+            "skip-events-and-leases"
+        );
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest", "metadata": {"name": "c"}})
+            ),
+            "skip-events-and-leases"
+        );
+        keep(
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config", "namespace": "a"}}),
+        );
+        keep(
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": "s", "namespace": "a"}}),
+        );
     }
 
     #[test]
     fn controller_maintained_endpoints_are_skipped_manual_ones_kept() {
         assert_eq!(
-            skipped_by(json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "web", "namespace": "a",
-                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-25T05:00:00Z"}}})),
+            skipped_by(
+                json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "web", "namespace": "a",
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-25T05:00:00Z"}}})
+            ),
             "skip-managed-endpoints"
         );
         assert_eq!(
-            skipped_by(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web-x", "namespace": "a",
-                "labels": {"endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}}})),
+            skipped_by(
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web-x", "namespace": "a",
+                "labels": {"endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}}})
+            ),
             "skip-managed-endpoints"
         );
-        keep(json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "external-db", "namespace": "a"}, "subsets": []}));
+        keep(
+            json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "external-db", "namespace": "a"}, "subsets": []}),
+        );
     }
 
     #[test]
     fn cluster_defaults_are_skipped() {
         assert_eq!(
-            skipped_by(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "view", "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}}})),
+            skipped_by(
+                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "view", "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}}})
+            ),
             "skip-cluster-defaults"
         );
-        assert_eq!(skipped_by(json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "system-node-critical"}, "value": 2000001000})), "skip-cluster-defaults");
-        assert_eq!(skipped_by(json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": "v1.apps"}, "spec": {"service": null}})), "skip-cluster-defaults");
         assert_eq!(
-            skipped_by(json!({"apiVersion": "flowcontrol.apiserver.k8s.io/v1", "kind": "FlowSchema", "metadata": {"name": "exempt", "annotations": {"apf.kubernetes.io/autoupdate-spec": "true"}}})),
+            skipped_by(
+                json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "system-node-critical"}, "value": 2000001000})
+            ),
             "skip-cluster-defaults"
         );
-        keep(json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": "v1beta1.metrics.k8s.io"}, "spec": {"service": {"name": "metrics", "namespace": "kube-system"}}}));
-        keep(json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "high"}, "value": 1000}));
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": "v1.apps"}, "spec": {"service": null}})
+            ),
+            "skip-cluster-defaults"
+        );
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "flowcontrol.apiserver.k8s.io/v1", "kind": "FlowSchema", "metadata": {"name": "exempt", "annotations": {"apf.kubernetes.io/autoupdate-spec": "true"}}})
+            ),
+            "skip-cluster-defaults"
+        );
+        keep(
+            json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": "v1beta1.metrics.k8s.io"}, "spec": {"service": {"name": "metrics", "namespace": "kube-system"}}}),
+        );
+        keep(
+            json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "high"}, "value": 1000}),
+        );
     }
 
     #[test]
     fn the_default_service_account_is_skipped_unless_customized() {
-        assert_eq!(skipped_by(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "a", "uid": "x"}})), "skip-default-service-account");
-        keep(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "a"}, "imagePullSecrets": [{"name": "pull"}]}));
-        keep(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web", "namespace": "a"}}));
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "a", "uid": "x"}})
+            ),
+            "skip-default-service-account"
+        );
+        keep(
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "a"}, "imagePullSecrets": [{"name": "pull"}]}),
+        );
+        keep(
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web", "namespace": "a"}}),
+        );
     }
 
     fn service(ports: Value, managed: Value, cluster_ip: &str) -> Value {
@@ -664,20 +902,34 @@ mod tests {
         assert!(applied.contains(&"service-allocated-fields"));
         assert!(svc["spec"].get("clusterIP").is_none() && svc["spec"].get("clusterIPs").is_none());
         assert!(svc["spec"].get("healthCheckNodePort").is_none());
-        assert!(svc["spec"]["ports"][0].get("nodePort").is_none(), "allocated node port dropped");
-        assert_eq!(svc["spec"]["ports"][1]["nodePort"], 30443, "user-set node port kept");
+        assert!(
+            svc["spec"]["ports"][0].get("nodePort").is_none(),
+            "allocated node port dropped"
+        );
+        assert_eq!(
+            svc["spec"]["ports"][1]["nodePort"], 30443,
+            "user-set node port kept"
+        );
     }
 
     #[test]
     fn headless_services_stay_headless() {
-        let (svc, _) = keep(service(json!([{"port": 5432, "protocol": "TCP"}]), json!([]), "None"));
+        let (svc, _) = keep(service(
+            json!([{"port": 5432, "protocol": "TCP"}]),
+            json!([]),
+            "None",
+        ));
         assert_eq!(svc["spec"]["clusterIP"], "None");
         assert_eq!(svc["spec"]["clusterIPs"], json!(["None"]));
     }
 
     #[test]
     fn node_ports_in_last_applied_configuration_count_as_user_set() {
-        let mut svc = service(json!([{"port": 80, "protocol": "TCP", "nodePort": 30080}]), json!([]), "10.0.0.1");
+        let mut svc = service(
+            json!([{"port": 80, "protocol": "TCP", "nodePort": 30080}]),
+            json!([]),
+            "10.0.0.1",
+        );
         svc["metadata"]["annotations"] = json!({"kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{\"ports\":[{\"port\":80,\"nodePort\":30080}]}}"});
         let (svc, _) = keep(svc);
         assert_eq!(svc["spec"]["ports"][0]["nodePort"], 30080);
@@ -691,28 +943,44 @@ mod tests {
         assert!(pvc["spec"].get("volumeName").is_none());
         assert_eq!(pvc["metadata"]["annotations"], json!({"keep": "me"}));
         // A claim pre-bound by the user to a named volume keeps it.
-        let (pre, _) = keep(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "d", "namespace": "a"}, "spec": {"volumeName": "nfs-1"}}));
+        let (pre, _) = keep(
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "d", "namespace": "a"}, "spec": {"volumeName": "nfs-1"}}),
+        );
         assert_eq!(pre["spec"]["volumeName"], "nfs-1");
-        let (pv, _) = keep(json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv1"},
-            "spec": {"claimRef": {"kind": "PersistentVolumeClaim", "namespace": "a", "name": "data", "uid": "u", "resourceVersion": "9"}}}));
-        assert_eq!(pv["spec"]["claimRef"], json!({"kind": "PersistentVolumeClaim", "namespace": "a", "name": "data"}));
+        let (pv, _) = keep(
+            json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv1"},
+            "spec": {"claimRef": {"kind": "PersistentVolumeClaim", "namespace": "a", "name": "data", "uid": "u", "resourceVersion": "9"}}}),
+        );
+        assert_eq!(
+            pv["spec"]["claimRef"],
+            json!({"kind": "PersistentVolumeClaim", "namespace": "a", "name": "data"})
+        );
     }
 
     #[test]
     fn pods_lose_their_node() {
-        let (pod, _) = keep(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a"}, "spec": {"nodeName": "n1", "containers": []}}));
+        let (pod, _) = keep(
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a"}, "spec": {"nodeName": "n1", "containers": []}}),
+        );
         assert!(pod["spec"].get("nodeName").is_none());
     }
 
     #[test]
     fn generated_job_selectors_are_dropped_manual_ones_kept() {
-        let (job, _) = keep(json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "a"},
+        let (job, _) = keep(
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "a"},
             "spec": {"selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": "u"}},
-                     "template": {"metadata": {"labels": {"batch.kubernetes.io/controller-uid": "u", "controller-uid": "u", "job-name": "j", "batch.kubernetes.io/job-name": "j", "app": "x"}}}}}));
+                     "template": {"metadata": {"labels": {"batch.kubernetes.io/controller-uid": "u", "controller-uid": "u", "job-name": "j", "batch.kubernetes.io/job-name": "j", "app": "x"}}}}}),
+        );
         assert!(job["spec"].get("selector").is_none());
-        assert_eq!(job["spec"]["template"]["metadata"]["labels"], json!({"app": "x"}));
-        let (manual, _) = keep(json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "a"},
-            "spec": {"manualSelector": true, "selector": {"matchLabels": {"app": "x"}}}}));
+        assert_eq!(
+            job["spec"]["template"]["metadata"]["labels"],
+            json!({"app": "x"})
+        );
+        let (manual, _) = keep(
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "a"},
+            "spec": {"manualSelector": true, "selector": {"matchLabels": {"app": "x"}}}}),
+        );
         assert!(manual["spec"].get("selector").is_some());
     }
 
@@ -721,31 +989,46 @@ mod tests {
         let (ns, _) = keep(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop", "team": "a"}},
             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}));
-        assert_eq!(ns, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": {"team": "a"}}}));
+        assert_eq!(
+            ns,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": {"team": "a"}}})
+        );
     }
 
     #[test]
     fn legacy_token_references_are_dropped_from_service_accounts() {
-        let (sa, _) = keep(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web", "namespace": "a"},
-            "secrets": [{"name": "web-token-x7k2p"}, {"name": "web-extra"}]}));
+        let (sa, _) = keep(
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web", "namespace": "a"},
+            "secrets": [{"name": "web-token-x7k2p"}, {"name": "web-extra"}]}),
+        );
         assert_eq!(sa["secrets"], json!([{"name": "web-extra"}]));
     }
 
     #[test]
     fn aggregated_cluster_roles_lose_their_filled_rules() {
-        let (role, _) = keep(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "monitoring"},
+        let (role, _) = keep(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "monitoring"},
             "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"rbac.example.com/aggregate-to-monitoring": "true"}}]},
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}));
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}),
+        );
         assert!(role.get("rules").is_none());
-        let (plain, _) = keep(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "r"}, "rules": []}));
+        let (plain, _) = keep(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "r"}, "rules": []}),
+        );
         assert!(plain.get("rules").is_some());
     }
 
     #[test]
     fn statefulset_claim_template_status_is_dropped_and_empty_maps_removed() {
-        let (sts, applied) = keep(json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "a", "labels": {}, "annotations": {}},
-            "spec": {"volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {}, "status": {"phase": "Pending"}}]}}));
-        assert!(sts["spec"]["volumeClaimTemplates"][0].get("status").is_none());
+        let (sts, applied) = keep(
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "a", "labels": {}, "annotations": {}},
+            "spec": {"volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {}, "status": {"phase": "Pending"}}]}}),
+        );
+        assert!(
+            sts["spec"]["volumeClaimTemplates"][0]
+                .get("status")
+                .is_none()
+        );
         assert_eq!(sts["metadata"], json!({"name": "db", "namespace": "a"}));
         assert!(applied.contains(&"empty-metadata"));
     }
@@ -753,7 +1036,9 @@ mod tests {
     #[test]
     fn every_rule_is_documented() {
         for rule in RULES {
-            assert!(!rule.name.is_empty() && !rule.matches.is_empty() && !rule.description.is_empty());
+            assert!(
+                !rule.name.is_empty() && !rule.matches.is_empty() && !rule.description.is_empty()
+            );
         }
         let mut names: Vec<_> = RULES.iter().map(|r| r.name).collect();
         names.sort();

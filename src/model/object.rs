@@ -8,9 +8,16 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelError {
     #[error("object has no {field}{}", name.as_ref().map(|n| format!(" (metadata.name {n})")).unwrap_or_default())]
-    MissingField { field: &'static str, name: Option<String> },
+    MissingField {
+        field: &'static str,
+        name: Option<String>,
+    },
     #[error("invalid label selector '{input}' at position {position}: {message}")]
-    Selector { input: String, position: usize, message: String },
+    Selector {
+        input: String,
+        position: usize,
+        message: String,
+    },
     #[error("invalid namespace pattern '{pattern}': {message}")]
     Glob { pattern: String, message: String },
     #[error("the graph document is not valid: {0}")]
@@ -38,7 +45,10 @@ pub struct GroupKind {
 
 impl GroupKind {
     pub fn new(group: &str, kind: &str) -> Self {
-        GroupKind { group: group.to_string(), kind: kind.to_string() }
+        GroupKind {
+            group: group.to_string(),
+            kind: kind.to_string(),
+        }
     }
 }
 
@@ -49,23 +59,45 @@ pub fn split_api_version(api_version: &str) -> (&str, &str) {
 
 impl ObjectRef {
     pub fn from_object(obj: &Value) -> Result<ObjectRef, ModelError> {
-        let name = obj.pointer("/metadata/name").and_then(Value::as_str).filter(|n| !n.is_empty());
-        let missing = |field| ModelError::MissingField { field, name: name.map(String::from) };
-        let api_version = obj.get("apiVersion").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| missing("apiVersion"))?;
-        let kind = obj.get("kind").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| missing("kind"))?;
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty());
+        let missing = |field| ModelError::MissingField {
+            field,
+            name: name.map(String::from),
+        };
+        let api_version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("apiVersion"))?;
+        let kind = obj
+            .get("kind")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("kind"))?;
         let name = name.ok_or_else(|| missing("metadata.name"))?;
         let (group, version) = split_api_version(api_version);
         Ok(ObjectRef {
             group: group.to_string(),
             version: version.to_string(),
             kind: kind.to_string(),
-            namespace: obj.pointer("/metadata/namespace").and_then(Value::as_str).filter(|s| !s.is_empty()).map(String::from),
+            namespace: obj
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(String::from),
             name: name.to_string(),
         })
     }
 
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.clone() } else { format!("{}/{}", self.group, self.version) }
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
     }
 
     pub fn group_kind(&self) -> GroupKind {
@@ -93,16 +125,23 @@ mod tests {
         assert_eq!((r.group.as_str(), r.version.as_str()), ("apps", "v1"));
         assert_eq!(r.to_string(), "Deployment/shop/web");
         assert_eq!(r.api_version(), "apps/v1");
-        let ns = ObjectRef::from_object(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})).unwrap();
+        let ns = ObjectRef::from_object(
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+        )
+        .unwrap();
         assert_eq!(ns.group, "");
         assert_eq!(ns.to_string(), "Namespace/shop");
     }
 
     #[test]
     fn missing_fields_are_named() {
-        let e = ObjectRef::from_object(&json!({"kind": "ConfigMap", "metadata": {"name": "x"}})).unwrap_err();
+        let e = ObjectRef::from_object(&json!({"kind": "ConfigMap", "metadata": {"name": "x"}}))
+            .unwrap_err();
         assert_eq!(e.to_string(), "object has no apiVersion (metadata.name x)");
-        let e = ObjectRef::from_object(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}})).unwrap_err();
+        let e = ObjectRef::from_object(
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}),
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "object has no metadata.name");
     }
 }

@@ -32,9 +32,15 @@ impl Requirement {
     fn matches(&self, labels: &BTreeMap<&str, &str>) -> bool {
         match self {
             Requirement::Equals { key, value } => labels.get(key.as_str()) == Some(&value.as_str()),
-            Requirement::NotEquals { key, value } => labels.get(key.as_str()) != Some(&value.as_str()),
-            Requirement::In { key, values } => labels.get(key.as_str()).is_some_and(|v| values.iter().any(|x| x == v)),
-            Requirement::NotIn { key, values } => labels.get(key.as_str()).is_none_or(|v| !values.iter().any(|x| x == v)),
+            Requirement::NotEquals { key, value } => {
+                labels.get(key.as_str()) != Some(&value.as_str())
+            }
+            Requirement::In { key, values } => labels
+                .get(key.as_str())
+                .is_some_and(|v| values.iter().any(|x| x == v)),
+            Requirement::NotIn { key, values } => labels
+                .get(key.as_str())
+                .is_none_or(|v| !values.iter().any(|x| x == v)),
             Requirement::Exists { key } => labels.contains_key(key.as_str()),
             Requirement::DoesNotExist { key } => !labels.contains_key(key.as_str()),
         }
@@ -62,7 +68,10 @@ impl fmt::Display for LabelSelector {
 }
 
 fn labels_of(map: Option<&Map<String, Value>>) -> BTreeMap<&str, &str> {
-    map.into_iter().flatten().filter_map(|(k, v)| v.as_str().map(|v| (k.as_str(), v))).collect()
+    map.into_iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_str().map(|v| (k.as_str(), v)))
+        .collect()
 }
 
 impl LabelSelector {
@@ -72,7 +81,11 @@ impl LabelSelector {
 
     /// Parses kubectl's selector syntax: `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
     pub fn parse(input: &str) -> Result<Self, ModelError> {
-        let err = |position: usize, message: &str| ModelError::Selector { input: input.to_string(), position, message: message.to_string() };
+        let err = |position: usize, message: &str| ModelError::Selector {
+            input: input.to_string(),
+            position,
+            message: message.to_string(),
+        };
         let bytes = input.as_bytes();
         let mut pos = 0;
         let mut requirements = Vec::new();
@@ -81,7 +94,8 @@ impl LabelSelector {
                 *pos += 1;
             }
         };
-        let is_key_char = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/');
+        let is_key_char =
+            |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/');
         let read_word = |pos: &mut usize| {
             let start = *pos;
             while *pos < bytes.len() && is_key_char(bytes[*pos]) {
@@ -113,11 +127,17 @@ impl LabelSelector {
             } else if input[pos..].starts_with("!=") {
                 pos += 2;
                 skip_ws(&mut pos);
-                Requirement::NotEquals { key, value: read_word(&mut pos) }
+                Requirement::NotEquals {
+                    key,
+                    value: read_word(&mut pos),
+                }
             } else if input[pos..].starts_with("==") || input[pos..].starts_with('=') {
                 pos += if input[pos..].starts_with("==") { 2 } else { 1 };
                 skip_ws(&mut pos);
-                Requirement::Equals { key, value: read_word(&mut pos) }
+                Requirement::Equals {
+                    key,
+                    value: read_word(&mut pos),
+                }
             } else if input[pos..].starts_with("in") || input[pos..].starts_with("notin") {
                 let not = input[pos..].starts_with("notin");
                 pos += if not { 5 } else { 2 };
@@ -140,7 +160,11 @@ impl LabelSelector {
                         _ => return Err(err(pos, "expected ',' or ')' in value list")),
                     }
                 }
-                if not { Requirement::NotIn { key, values } } else { Requirement::In { key, values } }
+                if not {
+                    Requirement::NotIn { key, values }
+                } else {
+                    Requirement::In { key, values }
+                }
             } else {
                 Requirement::Exists { key }
             };
@@ -159,7 +183,12 @@ impl LabelSelector {
         LabelSelector {
             requirements: map
                 .iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| Requirement::Equals { key: k.clone(), value: v.to_string() }))
+                .filter_map(|(k, v)| {
+                    v.as_str().map(|v| Requirement::Equals {
+                        key: k.clone(),
+                        value: v.to_string(),
+                    })
+                })
                 .collect(),
         }
     }
@@ -167,17 +196,34 @@ impl LabelSelector {
     /// From a `{matchLabels, matchExpressions}` object.
     pub fn from_object(obj: &Value) -> Option<Self> {
         let obj = obj.as_object()?;
-        let mut selector = obj.get("matchLabels").and_then(Value::as_object).map(Self::from_match_labels).unwrap_or_default();
-        for expr in obj.get("matchExpressions").and_then(Value::as_array).into_iter().flatten() {
+        let mut selector = obj
+            .get("matchLabels")
+            .and_then(Value::as_object)
+            .map(Self::from_match_labels)
+            .unwrap_or_default();
+        for expr in obj
+            .get("matchExpressions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let key = expr.get("key").and_then(Value::as_str)?.to_string();
-            let values: Vec<String> = expr.get("values").and_then(Value::as_array).into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
-            selector.requirements.push(match expr.get("operator").and_then(Value::as_str)? {
-                "In" => Requirement::In { key, values },
-                "NotIn" => Requirement::NotIn { key, values },
-                "Exists" => Requirement::Exists { key },
-                "DoesNotExist" => Requirement::DoesNotExist { key },
-                _ => return None,
-            });
+            let values: Vec<String> = expr
+                .get("values")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            selector
+                .requirements
+                .push(match expr.get("operator").and_then(Value::as_str)? {
+                    "In" => Requirement::In { key, values },
+                    "NotIn" => Requirement::NotIn { key, values },
+                    "Exists" => Requirement::Exists { key },
+                    "DoesNotExist" => Requirement::DoesNotExist { key },
+                    _ => return None,
+                });
         }
         Some(selector)
     }
@@ -206,7 +252,12 @@ pub struct Selection {
 }
 
 fn glob(pattern: &str) -> Result<GlobMatcher, ModelError> {
-    Glob::new(pattern).map(|g| g.compile_matcher()).map_err(|e| ModelError::Glob { pattern: pattern.to_string(), message: e.to_string() })
+    Glob::new(pattern)
+        .map(|g| g.compile_matcher())
+        .map_err(|e| ModelError::Glob {
+            pattern: pattern.to_string(),
+            message: e.to_string(),
+        })
 }
 
 fn kind_matches(pattern: &str, group: &str, kind: &str, plural: &str) -> bool {
@@ -233,7 +284,11 @@ impl Selection {
     }
 
     pub fn namespace_selected(&self, ns: &str) -> bool {
-        let matches = |patterns: &[String]| patterns.iter().any(|p| glob(p).is_ok_and(|g| g.is_match(ns)));
+        let matches = |patterns: &[String]| {
+            patterns
+                .iter()
+                .any(|p| glob(p).is_ok_and(|g| g.is_match(ns)))
+        };
         if matches(&self.exclude_namespaces) {
             return false;
         }
@@ -248,10 +303,18 @@ impl Selection {
 
     /// Kinds match by Kind, plural, `plural.group` or `Kind.group`, case-insensitively.
     pub fn kind_selected(&self, group: &str, kind: &str, plural: &str) -> bool {
-        if self.exclude_kinds.iter().any(|p| kind_matches(p, group, kind, plural)) {
+        if self
+            .exclude_kinds
+            .iter()
+            .any(|p| kind_matches(p, group, kind, plural))
+        {
             return false;
         }
-        self.include_kinds.is_empty() || self.include_kinds.iter().any(|p| kind_matches(p, group, kind, plural))
+        self.include_kinds.is_empty()
+            || self
+                .include_kinds
+                .iter()
+                .any(|p| kind_matches(p, group, kind, plural))
     }
 
     /// Labels and application membership of one object.
@@ -272,16 +335,30 @@ impl Selection {
 /// Whether an object belongs to application `app`: the recommended labels,
 /// or the Helm release of that name (its objects and its release Secrets).
 pub fn in_application(obj: &Value, app: &str) -> bool {
-    let label = |k: &str| obj.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str);
-    let annotation = |k: &str| obj.pointer("/metadata/annotations").and_then(|l| l.get(k)).and_then(Value::as_str);
-    if label("app.kubernetes.io/instance") == Some(app) || label("app.kubernetes.io/part-of") == Some(app) {
+    let label = |k: &str| {
+        obj.pointer("/metadata/labels")
+            .and_then(|l| l.get(k))
+            .and_then(Value::as_str)
+    };
+    let annotation = |k: &str| {
+        obj.pointer("/metadata/annotations")
+            .and_then(|l| l.get(k))
+            .and_then(Value::as_str)
+    };
+    if label("app.kubernetes.io/instance") == Some(app)
+        || label("app.kubernetes.io/part-of") == Some(app)
+    {
         return true;
     }
     if annotation("meta.helm.sh/release-name") == Some(app) {
         return true;
     }
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
-    obj.get("type").and_then(Value::as_str) == Some("helm.sh/release.v1") && name.starts_with(&format!("sh.helm.release.v1.{app}.v"))
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    obj.get("type").and_then(Value::as_str) == Some("helm.sh/release.v1")
+        && name.starts_with(&format!("sh.helm.release.v1.{app}.v"))
 }
 
 #[cfg(test)]
@@ -295,13 +372,29 @@ mod tests {
 
     #[test]
     fn kubectl_selector_syntax_parses_and_matches() {
-        let s = LabelSelector::parse("app=web, tier!=cache,env in (prod, stage),zone notin (x),team,!legacy").unwrap();
+        let s = LabelSelector::parse(
+            "app=web, tier!=cache,env in (prod, stage),zone notin (x),team,!legacy",
+        )
+        .unwrap();
         assert_eq!(s.requirements.len(), 6);
-        assert_eq!(s.to_string(), "app=web,tier!=cache,env in (prod,stage),zone notin (x),team,!legacy");
-        assert!(s.matches(Some(&labels(json!({"app": "web", "env": "prod", "team": "a"})))));
-        assert!(!s.matches(Some(&labels(json!({"app": "web", "env": "dev", "team": "a"})))));
-        assert!(!s.matches(Some(&labels(json!({"app": "web", "env": "prod", "team": "a", "legacy": "1"})))));
-        assert!(LabelSelector::parse("app==web").unwrap().matches(Some(&labels(json!({"app": "web"})))));
+        assert_eq!(
+            s.to_string(),
+            "app=web,tier!=cache,env in (prod,stage),zone notin (x),team,!legacy"
+        );
+        assert!(s.matches(Some(&labels(
+            json!({"app": "web", "env": "prod", "team": "a"})
+        ))));
+        assert!(!s.matches(Some(&labels(
+            json!({"app": "web", "env": "dev", "team": "a"})
+        ))));
+        assert!(!s.matches(Some(&labels(
+            json!({"app": "web", "env": "prod", "team": "a", "legacy": "1"})
+        ))));
+        assert!(
+            LabelSelector::parse("app==web")
+                .unwrap()
+                .matches(Some(&labels(json!({"app": "web"}))))
+        );
         assert!(LabelSelector::parse("").unwrap().is_empty());
     }
 
@@ -325,38 +418,66 @@ mod tests {
 
     #[test]
     fn namespaces_match_globs_exclusions_and_skip_system_namespaces_under_all() {
-        let s = Selection { namespaces: vec!["team-*".into(), "kube-system".into()], exclude_namespaces: vec!["team-old".into()], ..Default::default() };
+        let s = Selection {
+            namespaces: vec!["team-*".into(), "kube-system".into()],
+            exclude_namespaces: vec!["team-old".into()],
+            ..Default::default()
+        };
         assert!(s.namespace_selected("team-a"));
         assert!(!s.namespace_selected("team-old"));
         assert!(s.namespace_selected("kube-system"), "named explicitly");
         assert!(!s.namespace_selected("default"));
-        let all = Selection { all_namespaces: true, ..Default::default() };
+        let all = Selection {
+            all_namespaces: true,
+            ..Default::default()
+        };
         assert!(all.namespace_selected("default"));
         assert!(!all.namespace_selected("kube-system"));
-        let bad = Selection { namespaces: vec!["[".into()], ..Default::default() };
+        let bad = Selection {
+            namespaces: vec!["[".into()],
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().to_string().contains("'['"));
     }
 
     #[test]
     fn kinds_match_by_kind_plural_and_group() {
-        let s = Selection { include_kinds: vec!["deployments.apps".into(), "ConfigMap".into()], exclude_kinds: vec!["secrets".into()], ..Default::default() };
+        let s = Selection {
+            include_kinds: vec!["deployments.apps".into(), "ConfigMap".into()],
+            exclude_kinds: vec!["secrets".into()],
+            ..Default::default()
+        };
         assert!(s.kind_selected("apps", "Deployment", "deployments"));
         assert!(s.kind_selected("", "ConfigMap", "configmaps"));
         assert!(!s.kind_selected("extensions", "Deployment", "deployments"));
         assert!(!s.kind_selected("", "Service", "services"));
-        let ex = Selection { exclude_kinds: vec!["secrets".into()], ..Default::default() };
+        let ex = Selection {
+            exclude_kinds: vec!["secrets".into()],
+            ..Default::default()
+        };
         assert!(!ex.kind_selected("", "Secret", "secrets"));
         assert!(ex.kind_selected("", "ConfigMap", "configmaps"));
     }
 
     #[test]
     fn applications_match_recommended_labels_and_helm_releases() {
-        let s = Selection { application: Some("shop".into()), ..Default::default() };
-        assert!(s.object_selected(&json!({"metadata": {"labels": {"app.kubernetes.io/instance": "shop"}}})));
-        assert!(s.object_selected(&json!({"metadata": {"labels": {"app.kubernetes.io/part-of": "shop"}}})));
-        assert!(s.object_selected(&json!({"metadata": {"annotations": {"meta.helm.sh/release-name": "shop"}}})));
+        let s = Selection {
+            application: Some("shop".into()),
+            ..Default::default()
+        };
+        assert!(s.object_selected(
+            &json!({"metadata": {"labels": {"app.kubernetes.io/instance": "shop"}}})
+        ));
+        assert!(s.object_selected(
+            &json!({"metadata": {"labels": {"app.kubernetes.io/part-of": "shop"}}})
+        ));
+        assert!(s.object_selected(
+            &json!({"metadata": {"annotations": {"meta.helm.sh/release-name": "shop"}}})
+        ));
         assert!(s.object_selected(&json!({"type": "helm.sh/release.v1", "metadata": {"name": "sh.helm.release.v1.shop.v3"}})));
-        assert!(!s.object_selected(&json!({"metadata": {"labels": {"app.kubernetes.io/instance": "blog"}}})));
+        assert!(!s.object_selected(
+            &json!({"metadata": {"labels": {"app.kubernetes.io/instance": "blog"}}})
+        ));
         assert!(!s.object_selected(&json!({"type": "helm.sh/release.v1", "metadata": {"name": "sh.helm.release.v1.shopping.v1"}})));
     }
 }

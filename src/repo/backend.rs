@@ -12,8 +12,15 @@ pub enum BackendError {
     #[error("{path} does not exist in {location}")]
     NotFound { location: String, path: String },
     #[error("{op} {path} in {location} failed: {message}")]
-    Io { location: String, op: &'static str, path: String, message: String },
-    #[error("the store at {location} refused access ({message}); check the credentials (AWS_* variables, profile or role) and the bucket policy")]
+    Io {
+        location: String,
+        op: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error(
+        "the store at {location} refused access ({message}); check the credentials (AWS_* variables, profile or role) and the bucket policy"
+    )]
     AccessDenied { location: String, message: String },
 }
 
@@ -55,15 +62,27 @@ pub fn parse_location(s: &str) -> Result<Location, super::RepoError> {
     if let Some(rest) = s.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(super::RepoError::BadLocation { location: s.to_string(), message: "no bucket after s3://".into() });
+            return Err(super::RepoError::BadLocation {
+                location: s.to_string(),
+                message: "no bucket after s3://".into(),
+            });
         }
-        return Ok(Location::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
+        return Ok(Location::S3 {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+        });
     }
     if s.contains("://") {
-        return Err(super::RepoError::BadLocation { location: s.to_string(), message: "only local paths and s3:// are supported".into() });
+        return Err(super::RepoError::BadLocation {
+            location: s.to_string(),
+            message: "only local paths and s3:// are supported".into(),
+        });
     }
     if s.is_empty() {
-        return Err(super::RepoError::BadLocation { location: s.to_string(), message: "empty location".into() });
+        return Err(super::RepoError::BadLocation {
+            location: s.to_string(),
+            message: "empty location".into(),
+        });
     }
     Ok(Location::Local(PathBuf::from(s)))
 }
@@ -86,9 +105,17 @@ impl LocalBackend {
 
     fn io(&self, op: &'static str, path: &str, e: std::io::Error) -> BackendError {
         if e.kind() == std::io::ErrorKind::NotFound {
-            BackendError::NotFound { location: self.location(), path: path.to_string() }
+            BackendError::NotFound {
+                location: self.location(),
+                path: path.to_string(),
+            }
         } else {
-            BackendError::Io { location: self.location(), op, path: path.to_string(), message: e.to_string() }
+            BackendError::Io {
+                location: self.location(),
+                op,
+                path: path.to_string(),
+                message: e.to_string(),
+            }
         }
     }
 }
@@ -111,8 +138,15 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<ObjectInfo>) -> std::io::Result<(
             if name.to_string_lossy().starts_with(".tmp-") {
                 continue;
             }
-            let rel = path.strip_prefix(root).expect("under root").to_string_lossy().replace('\\', "/");
-            out.push(ObjectInfo { path: rel, size: entry.metadata()?.len() });
+            let rel = path
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            out.push(ObjectInfo {
+                path: rel,
+                size: entry.metadata()?.len(),
+            });
         }
     }
     Ok(())
@@ -146,17 +180,31 @@ impl Backend for LocalBackend {
     }
 
     async fn get(&self, path: &str) -> Result<Bytes, BackendError> {
-        tokio::fs::read(self.full(path)).await.map(Bytes::from).map_err(|e| self.io("read", path, e))
+        tokio::fs::read(self.full(path))
+            .await
+            .map(Bytes::from)
+            .map_err(|e| self.io("read", path, e))
     }
 
     async fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let mut file = tokio::fs::File::open(self.full(path)).await.map_err(|e| self.io("open", path, e))?;
-        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| self.io("seek", path, e))?;
+        let mut file = tokio::fs::File::open(self.full(path))
+            .await
+            .map_err(|e| self.io("open", path, e))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| self.io("seek", path, e))?;
         let mut buf = vec![0u8; len as usize];
         file.read_exact(&mut buf).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                BackendError::Io { location: self.location(), op: "read", path: path.to_string(), message: format!("file is truncated: {len} bytes at offset {offset} are not there") }
+                BackendError::Io {
+                    location: self.location(),
+                    op: "read",
+                    path: path.to_string(),
+                    message: format!(
+                        "file is truncated: {len} bytes at offset {offset} are not there"
+                    ),
+                }
             } else {
                 self.io("read", path, e)
             }
@@ -214,7 +262,10 @@ pub struct S3Backend {
 
 impl std::fmt::Debug for S3Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Backend").field("bucket", &self.bucket).field("prefix", &self.prefix).finish()
+        f.debug_struct("S3Backend")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -228,7 +279,8 @@ impl S3Backend {
             loader = loader.region(aws_sdk_s3::config::Region::new(region.clone()));
         }
         let shared = loader.load().await;
-        let mut config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(location.path_style);
+        let mut config =
+            aws_sdk_s3::config::Builder::from(&shared).force_path_style(location.path_style);
         if let Some(endpoint) = &location.endpoint {
             config = config.endpoint_url(endpoint);
         }
@@ -236,14 +288,27 @@ impl S3Backend {
             // S3-compatible stores ignore the region but the signer needs one.
             config = config.region(aws_sdk_s3::config::Region::new("us-east-1"));
         }
-        Ok(S3Backend { client: aws_sdk_s3::Client::from_conf(config.build()), bucket: location.bucket, prefix: location.prefix })
+        Ok(S3Backend {
+            client: aws_sdk_s3::Client::from_conf(config.build()),
+            bucket: location.bucket,
+            prefix: location.prefix,
+        })
     }
 
     fn key(&self, path: &str) -> String {
-        if self.prefix.is_empty() { path.to_string() } else { format!("{}/{path}", self.prefix) }
+        if self.prefix.is_empty() {
+            path.to_string()
+        } else {
+            format!("{}/{path}", self.prefix)
+        }
     }
 
-    fn error<E>(&self, op: &'static str, path: &str, e: aws_sdk_s3::error::SdkError<E>) -> BackendError
+    fn error<E>(
+        &self,
+        op: &'static str,
+        path: &str,
+        e: aws_sdk_s3::error::SdkError<E>,
+    ) -> BackendError
     where
         E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -252,13 +317,33 @@ impl S3Backend {
         let status = e.raw_response().map(|r| r.status().as_u16());
         let message = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
         match (code.as_deref(), status) {
-            (Some("NoSuchKey" | "NotFound"), _) | (_, Some(404)) if code.as_deref() != Some("NoSuchBucket") => {
-                BackendError::NotFound { location: self.location(), path: path.to_string() }
+            (Some("NoSuchKey" | "NotFound"), _) | (_, Some(404))
+                if code.as_deref() != Some("NoSuchBucket") =>
+            {
+                BackendError::NotFound {
+                    location: self.location(),
+                    path: path.to_string(),
+                }
             }
-            (Some("AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken"), _) | (_, Some(401 | 403)) => {
-                BackendError::AccessDenied { location: self.location(), message: code.unwrap_or(message) }
-            }
-            _ => BackendError::Io { location: self.location(), op, path: path.to_string(), message },
+            (
+                Some(
+                    "AccessDenied"
+                    | "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "ExpiredToken",
+                ),
+                _,
+            )
+            | (_, Some(401 | 403)) => BackendError::AccessDenied {
+                location: self.location(),
+                message: code.unwrap_or(message),
+            },
+            _ => BackendError::Io {
+                location: self.location(),
+                op,
+                path: path.to_string(),
+                message,
+            },
         }
     }
 }
@@ -278,12 +363,24 @@ impl Backend for S3Backend {
     }
 
     async fn get(&self, path: &str) -> Result<Bytes, BackendError> {
-        let out = self.client.get_object().bucket(&self.bucket).key(self.key(path)).send().await.map_err(|e| self.error("read", path, e))?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(path))
+            .send()
+            .await
+            .map_err(|e| self.error("read", path, e))?;
         out.body
             .collect()
             .await
             .map(|b| b.into_bytes())
-            .map_err(|e| BackendError::Io { location: self.location(), op: "read", path: path.to_string(), message: e.to_string() })
+            .map_err(|e| BackendError::Io {
+                location: self.location(),
+                op: "read",
+                path: path.to_string(),
+                message: e.to_string(),
+            })
     }
 
     async fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
@@ -305,13 +402,21 @@ impl Backend for S3Backend {
             .collect()
             .await
             .map(|b| b.into_bytes())
-            .map_err(|e| BackendError::Io { location: self.location(), op: "read", path: path.to_string(), message: e.to_string() })?;
+            .map_err(|e| BackendError::Io {
+                location: self.location(),
+                op: "read",
+                path: path.to_string(),
+                message: e.to_string(),
+            })?;
         if bytes.len() as u64 != len {
             return Err(BackendError::Io {
                 location: self.location(),
                 op: "read",
                 path: path.to_string(),
-                message: format!("object is truncated: asked for {len} bytes at offset {offset}, got {}", bytes.len()),
+                message: format!(
+                    "object is truncated: asked for {len} bytes at offset {offset}, got {}",
+                    bytes.len()
+                ),
             });
         }
         Ok(bytes)
@@ -320,7 +425,11 @@ impl Backend for S3Backend {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
-        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
         loop {
             let page = self
                 .client
@@ -333,7 +442,10 @@ impl Backend for S3Backend {
                 .map_err(|e| self.error("list", prefix, e))?;
             for object in page.contents() {
                 if let Some(key) = object.key() {
-                    out.push(ObjectInfo { path: key[strip.min(key.len())..].to_string(), size: object.size().unwrap_or(0) as u64 });
+                    out.push(ObjectInfo {
+                        path: key[strip.min(key.len())..].to_string(),
+                        size: object.size().unwrap_or(0) as u64,
+                    });
                 }
             }
             match page.next_continuation_token() {
@@ -357,7 +469,11 @@ impl Backend for S3Backend {
     }
 
     fn location(&self) -> String {
-        if self.prefix.is_empty() { format!("s3://{}", self.bucket) } else { format!("s3://{}/{}", self.bucket, self.prefix) }
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
     }
 }
 
@@ -367,9 +483,24 @@ mod tests {
 
     #[test]
     fn locations_parse() {
-        assert_eq!(parse_location("s3://b/team/prod/").unwrap(), Location::S3 { bucket: "b".into(), prefix: "team/prod".into() });
-        assert_eq!(parse_location("s3://b").unwrap(), Location::S3 { bucket: "b".into(), prefix: "".into() });
-        assert_eq!(parse_location("/var/backups").unwrap(), Location::Local("/var/backups".into()));
+        assert_eq!(
+            parse_location("s3://b/team/prod/").unwrap(),
+            Location::S3 {
+                bucket: "b".into(),
+                prefix: "team/prod".into()
+            }
+        );
+        assert_eq!(
+            parse_location("s3://b").unwrap(),
+            Location::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
+        );
+        assert_eq!(
+            parse_location("/var/backups").unwrap(),
+            Location::Local("/var/backups".into())
+        );
         assert!(parse_location("s3://").is_err());
         assert!(parse_location("gs://bucket").is_err());
     }
@@ -378,12 +509,26 @@ mod tests {
     async fn local_backend_stores_lists_ranges_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBackend::new(dir.path());
-        b.put("data/ab/abcd", Bytes::from_static(b"hello world")).await.unwrap();
+        b.put("data/ab/abcd", Bytes::from_static(b"hello world"))
+            .await
+            .unwrap();
         b.put("index/1", Bytes::from_static(b"x")).await.unwrap();
-        assert_eq!(b.get("data/ab/abcd").await.unwrap(), Bytes::from_static(b"hello world"));
-        assert_eq!(b.get_range("data/ab/abcd", 6, 5).await.unwrap(), Bytes::from_static(b"world"));
+        assert_eq!(
+            b.get("data/ab/abcd").await.unwrap(),
+            Bytes::from_static(b"hello world")
+        );
+        assert_eq!(
+            b.get_range("data/ab/abcd", 6, 5).await.unwrap(),
+            Bytes::from_static(b"world")
+        );
         assert!(b.get_range("data/ab/abcd", 6, 50).await.is_err());
-        assert_eq!(b.list("data/").await.unwrap(), vec![ObjectInfo { path: "data/ab/abcd".into(), size: 11 }]);
+        assert_eq!(
+            b.list("data/").await.unwrap(),
+            vec![ObjectInfo {
+                path: "data/ab/abcd".into(),
+                size: 11
+            }]
+        );
         assert!(b.list("snapshots/").await.unwrap().is_empty());
         assert!(b.get("nope").await.unwrap_err().is_not_found());
         b.delete("data/ab/abcd").await.unwrap();

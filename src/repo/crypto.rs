@@ -35,7 +35,11 @@ pub fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Vec<u8> {
     let nonce: [u8; NONCE_LEN] = rand::random();
     let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
     out.extend_from_slice(&nonce);
-    out.extend(cipher.encrypt(XNonce::from_slice(&nonce), plaintext).expect("encryption of in-memory data cannot fail"));
+    out.extend(
+        cipher
+            .encrypt(XNonce::from_slice(&nonce), plaintext)
+            .expect("encryption of in-memory data cannot fail"),
+    );
     out
 }
 
@@ -45,12 +49,17 @@ pub fn open_with(key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, Tampered> {
     }
     let cipher = XChaCha20Poly1305::new(key.into());
     let (nonce, body) = sealed.split_at(NONCE_LEN);
-    cipher.decrypt(XNonce::from_slice(nonce), body).map_err(|_| Tampered)
+    cipher
+        .decrypt(XNonce::from_slice(nonce), body)
+        .map_err(|_| Tampered)
 }
 
 impl MasterKey {
     pub fn random() -> Self {
-        MasterKey { encryption: Zeroizing::new(rand::random()), id: Zeroizing::new(rand::random()) }
+        MasterKey {
+            encryption: Zeroizing::new(rand::random()),
+            id: Zeroizing::new(rand::random()),
+        }
     }
 
     pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
@@ -107,12 +116,21 @@ const MEMORY_KIB: u32 = 64 * 1024;
 const ITERATIONS: u32 = 3;
 const PARALLELISM: u32 = 1;
 
-fn derive(kdf: &str, secret: &[u8], salt: &[u8], memory_kib: u32, iterations: u32, parallelism: u32) -> Option<Zeroizing<[u8; 32]>> {
+fn derive(
+    kdf: &str,
+    secret: &[u8],
+    salt: &[u8],
+    memory_kib: u32,
+    iterations: u32,
+    parallelism: u32,
+) -> Option<Zeroizing<[u8; 32]>> {
     let mut out = Zeroizing::new([0u8; 32]);
     match kdf {
         "argon2id" => {
             let params = Params::new(memory_kib, iterations, parallelism, Some(32)).ok()?;
-            Argon2::new(Algorithm::Argon2id, Version::V0x13, params).hash_password_into(secret, salt, &mut *out).ok()?;
+            Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+                .hash_password_into(secret, salt, &mut *out)
+                .ok()?;
         }
         "keyfile" => {
             let mut hasher = blake3::Hasher::new_derive_key("ferry repository key file v1");
@@ -128,7 +146,11 @@ fn derive(kdf: &str, secret: &[u8], salt: &[u8], memory_kib: u32, iterations: u3
 impl KeyFile {
     pub fn wrap(master: &MasterKey, kdf: &str, secret: &[u8]) -> Self {
         let salt: [u8; 16] = rand::random();
-        let (m, t, p) = if kdf == "argon2id" { (MEMORY_KIB, ITERATIONS, PARALLELISM) } else { (0, 0, 0) };
+        let (m, t, p) = if kdf == "argon2id" {
+            (MEMORY_KIB, ITERATIONS, PARALLELISM)
+        } else {
+            (0, 0, 0)
+        };
         let kek = derive(kdf, secret, &salt, m, t, p).expect("built-in parameters are valid");
         let wrapped = seal_with(&kek, &master.to_bytes());
         KeyFile {
@@ -146,7 +168,14 @@ impl KeyFile {
     pub fn unwrap(&self, secret: &[u8]) -> Option<MasterKey> {
         let salt = hex::decode(&self.salt).ok()?;
         let wrapped = hex::decode(&self.wrapped).ok()?;
-        let kek = derive(&self.kdf, secret, &salt, self.memory_kib, self.iterations, self.parallelism)?;
+        let kek = derive(
+            &self.kdf,
+            secret,
+            &salt,
+            self.memory_kib,
+            self.iterations,
+            self.parallelism,
+        )?;
         let mut bytes = open_with(&kek, &wrapped).ok()?;
         let key = MasterKey::from_bytes(&bytes);
         bytes.zeroize();

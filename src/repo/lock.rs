@@ -23,7 +23,10 @@ struct LockFile {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 fn hostname() -> String {
@@ -39,11 +42,21 @@ impl LockFile {
             return true;
         }
         // On this host, a lock of a process that no longer runs is stale.
-        self.hostname == hostname() && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        self.hostname == hostname()
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 
     fn describe(&self) -> String {
-        format!("{} lock of pid {} on {}", if self.exclusive { "an exclusive" } else { "a shared" }, self.pid, self.hostname)
+        format!(
+            "{} lock of pid {} on {}",
+            if self.exclusive {
+                "an exclusive"
+            } else {
+                "a shared"
+            },
+            self.pid,
+            self.hostname
+        )
     }
 }
 
@@ -76,30 +89,61 @@ async fn others(backend: &Arc<dyn Backend>, own: &str) -> Result<Vec<LockFile>, 
     Ok(out)
 }
 
-pub(crate) async fn acquire(backend: Arc<dyn Backend>, exclusive: bool) -> Result<RepoLock, RepoError> {
+pub(crate) async fn acquire(
+    backend: Arc<dyn Backend>,
+    exclusive: bool,
+) -> Result<RepoLock, RepoError> {
     let path = format!("locks/{}", hex::encode(rand::random::<[u8; 16]>()));
     let conflicting = |locks: &[LockFile]| locks.iter().find(|l| exclusive || l.exclusive).cloned();
     if let Some(holder) = conflicting(&others(&backend, &path).await?) {
-        return Err(RepoError::Locked { holder: holder.describe(), hint: hint(exclusive) });
+        return Err(RepoError::Locked {
+            holder: holder.describe(),
+            hint: hint(exclusive),
+        });
     }
-    let file = LockFile { exclusive, hostname: hostname(), pid: std::process::id(), time: now() };
-    backend.put(&path, Bytes::from(serde_json::to_vec(&file).expect("lock serializes"))).await?;
+    let file = LockFile {
+        exclusive,
+        hostname: hostname(),
+        pid: std::process::id(),
+        time: now(),
+    };
+    backend
+        .put(
+            &path,
+            Bytes::from(serde_json::to_vec(&file).expect("lock serializes")),
+        )
+        .await?;
     // Re-check after writing: two processes that checked at the same time
     // both see each other now, and both back off.
     if let Some(holder) = conflicting(&others(&backend, &path).await?) {
         let _ = backend.delete(&path).await;
-        return Err(RepoError::Locked { holder: holder.describe(), hint: hint(exclusive) });
+        return Err(RepoError::Locked {
+            holder: holder.describe(),
+            hint: hint(exclusive),
+        });
     }
     let refresh_backend = backend.clone();
     let refresh_path = path.clone();
     let refresher = tokio::spawn(async move {
         loop {
             tokio::time::sleep(REFRESH_EVERY).await;
-            let file = LockFile { time: now(), ..file.clone() };
-            let _ = refresh_backend.put(&refresh_path, Bytes::from(serde_json::to_vec(&file).expect("lock serializes"))).await;
+            let file = LockFile {
+                time: now(),
+                ..file.clone()
+            };
+            let _ = refresh_backend
+                .put(
+                    &refresh_path,
+                    Bytes::from(serde_json::to_vec(&file).expect("lock serializes")),
+                )
+                .await;
         }
     });
-    Ok(RepoLock { backend, path, refresher: Some(refresher) })
+    Ok(RepoLock {
+        backend,
+        path,
+        refresher: Some(refresher),
+    })
 }
 
 fn hint(exclusive: bool) -> String {

@@ -8,7 +8,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::{BlobEntry, BlobId, IndexFile, PackEntries, RepoError, Repository, decode_blob, pack_path};
+use super::{
+    BlobEntry, BlobId, IndexFile, PackEntries, RepoError, Repository, decode_blob, pack_path,
+};
 
 /// One damaged or missing piece.
 #[derive(Debug, Clone, Serialize)]
@@ -75,7 +77,11 @@ impl Repository {
     pub async fn stats(&self) -> Result<RepoStats, RepoError> {
         let packs = self.backend().list("data/").await?;
         let blobs = self.inner.index.read().expect("index lock").blobs.len();
-        Ok(RepoStats { packs: packs.len(), blobs, bytes: packs.iter().map(|p| p.size).sum() })
+        Ok(RepoStats {
+            packs: packs.len(),
+            blobs,
+            bytes: packs.iter().map(|p| p.size).sum(),
+        })
     }
 
     /// Checks the structure (every indexed pack exists and is long enough)
@@ -85,14 +91,23 @@ impl Repository {
         let mut report = VerifyReport::default();
         let index = self.read_index_files().await?;
         for (file, message) in &index.damaged_files {
-            report.damage.push(Damage { blob: None, pack: None, message: format!("index file {file} is unreadable: {message}") });
+            report.damage.push(Damage {
+                blob: None,
+                pack: None,
+                message: format!("index file {file} is unreadable: {message}"),
+            });
         }
         let present: HashMap<String, u64> = self
             .backend()
             .list("data/")
             .await?
             .into_iter()
-            .map(|o| (o.path.rsplit('/').next().unwrap_or_default().to_string(), o.size))
+            .map(|o| {
+                (
+                    o.path.rsplit('/').next().unwrap_or_default().to_string(),
+                    o.size,
+                )
+            })
             .collect();
         let mut by_pack: BTreeMap<u32, Vec<(BlobId, super::IndexEntry)>> = BTreeMap::new();
         for (id, entry) in &index.blobs {
@@ -106,13 +121,21 @@ impl Repository {
             match present.get(&pack) {
                 None => {
                     for (id, _) in &blobs {
-                        report.damage.push(Damage { blob: Some(*id), pack: Some(pack.clone()), message: "its pack is missing".into() });
+                        report.damage.push(Damage {
+                            blob: Some(*id),
+                            pack: Some(pack.clone()),
+                            message: "its pack is missing".into(),
+                        });
                     }
                 }
                 Some(size) => {
                     for (id, e) in &blobs {
                         if e.offset as u64 + e.length as u64 > *size {
-                            report.damage.push(Damage { blob: Some(*id), pack: Some(pack.clone()), message: format!("the pack is truncated ({size} bytes)") });
+                            report.damage.push(Damage {
+                                blob: Some(*id),
+                                pack: Some(pack.clone()),
+                                message: format!("the pack is truncated ({size} bytes)"),
+                            });
                         }
                     }
                     if read_data {
@@ -129,9 +152,17 @@ impl Repository {
                 async move {
                     let bytes = match self.backend().get(&pack_path(&pack)).await {
                         Ok(b) => b,
-                        Err(e) => return vec![Damage { blob: None, pack: Some(pack), message: e.to_string() }],
+                        Err(e) => {
+                            return vec![Damage {
+                                blob: None,
+                                pack: Some(pack),
+                                message: e.to_string(),
+                            }];
+                        }
                     };
-                    tokio::task::spawn_blocking(move || check_pack(&key, &pack, &bytes, &blobs)).await.expect("verify task")
+                    tokio::task::spawn_blocking(move || check_pack(&key, &pack, &bytes, &blobs))
+                        .await
+                        .expect("verify task")
                 }
             })
             .buffer_unordered(4)
@@ -173,20 +204,38 @@ impl Repository {
                 delete.insert(pack.clone());
                 report.packs_rewritten += 1;
                 report.blobs_removed += blobs.len() - live_count;
-                rewrite.extend(blobs.iter().filter(|(id, _)| live.contains(id)).map(|(id, _)| *id));
+                rewrite.extend(
+                    blobs
+                        .iter()
+                        .filter(|(id, _)| live.contains(id))
+                        .map(|(id, _)| *id),
+                );
             } else {
                 let mut entries: Vec<BlobEntry> = blobs
                     .iter()
-                    .map(|(id, e)| BlobEntry { id: *id, offset: e.offset, length: e.length, raw_length: e.raw_length })
+                    .map(|(id, e)| BlobEntry {
+                        id: *id,
+                        offset: e.offset,
+                        length: e.length,
+                        raw_length: e.raw_length,
+                    })
                     .collect();
                 entries.sort_by_key(|e| e.offset);
-                keep.push(PackEntries { id: pack.clone(), blobs: entries });
+                keep.push(PackEntries {
+                    id: pack.clone(),
+                    blobs: entries,
+                });
             }
         }
         // Packs no index names: left by interrupted backups.
         let indexed: HashSet<&String> = index.packs.iter().collect();
         for object in &present {
-            let name = object.path.rsplit('/').next().unwrap_or_default().to_string();
+            let name = object
+                .path
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
             if !indexed.contains(&name) {
                 delete.insert(name);
             }
@@ -213,7 +262,9 @@ impl Repository {
         // ...then one index replaces all old ones, and only then is old data deleted.
         let file = IndexFile { packs: keep };
         let name = hex::encode(rand::random::<[u8; 32]>());
-        self.backend().put(&format!("index/{name}"), self.encode_json(&file)).await?;
+        self.backend()
+            .put(&format!("index/{name}"), self.encode_json(&file))
+            .await?;
         for old in &index.files {
             self.backend().delete(old).await?;
         }
@@ -230,21 +281,37 @@ impl Repository {
     }
 }
 
-fn check_pack(key: &super::crypto::MasterKey, pack: &str, bytes: &Bytes, blobs: &[(BlobId, super::IndexEntry)]) -> Vec<Damage> {
+fn check_pack(
+    key: &super::crypto::MasterKey,
+    pack: &str,
+    bytes: &Bytes,
+    blobs: &[(BlobId, super::IndexEntry)],
+) -> Vec<Damage> {
     let mut damage = Vec::new();
     if blake3::hash(bytes).to_hex().as_str() != pack {
-        damage.push(Damage { blob: None, pack: Some(pack.to_string()), message: "its content does not match its name (altered or truncated)".into() });
+        damage.push(Damage {
+            blob: None,
+            pack: Some(pack.to_string()),
+            message: "its content does not match its name (altered or truncated)".into(),
+        });
     }
     for (id, e) in blobs {
         let end = e.offset as usize + e.length as usize;
         let Some(stored) = bytes.get(e.offset as usize..end) else {
-            damage.push(Damage { blob: Some(*id), pack: Some(pack.to_string()), message: "the pack is truncated".into() });
+            damage.push(Damage {
+                blob: Some(*id),
+                pack: Some(pack.to_string()),
+                message: "the pack is truncated".into(),
+            });
             continue;
         };
         if let Err(message) = decode_blob(key, id, stored, e.raw_length) {
-            damage.push(Damage { blob: Some(*id), pack: Some(pack.to_string()), message });
+            damage.push(Damage {
+                blob: Some(*id),
+                pack: Some(pack.to_string()),
+                message,
+            });
         }
     }
     damage
 }
-

@@ -36,7 +36,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-pub use backend::{Backend, BackendError, LocalBackend, Location, ObjectInfo, S3Backend, S3Location, parse_location};
+pub use backend::{
+    Backend, BackendError, LocalBackend, Location, ObjectInfo, S3Backend, S3Location,
+    parse_location,
+};
 pub use lock::RepoLock;
 pub use maintenance::{Damage, PruneReport, RepoStats, VerifyReport};
 pub use writer::{PackWriter, WriteStats};
@@ -53,18 +56,26 @@ pub enum RepoError {
     NotInitialized { location: String },
     #[error("{location} already holds a repository")]
     AlreadyInitialized { location: String },
-    #[error("wrong password or key for the repository at {location}: none of its {keys} key file(s) could be unlocked")]
+    #[error(
+        "wrong password or key for the repository at {location}: none of its {keys} key file(s) could be unlocked"
+    )]
     WrongKey { location: String, keys: usize },
     #[error("repository location '{location}' is not valid: {message}")]
     BadLocation { location: String, message: String },
     #[error("cannot read key file {path}: {message}")]
     KeySource { path: String, message: String },
-    #[error("repository format {found} is not supported by this version of ferry (it reads {FORMAT_VERSION}); upgrade ferry")]
+    #[error(
+        "repository format {found} is not supported by this version of ferry (it reads {FORMAT_VERSION}); upgrade ferry"
+    )]
     UnsupportedFormat { found: u32 },
     #[error("blob {blob} is not in the repository index (was it pruned, or is the index damaged?)")]
     BlobNotFound { blob: BlobId },
     #[error("blob {blob} in pack {pack} is damaged: {message}")]
-    Damaged { blob: BlobId, pack: String, message: String },
+    Damaged {
+        blob: BlobId,
+        pack: String,
+        message: String,
+    },
     #[error("{what} is damaged: {message}")]
     Corrupt { what: String, message: String },
     #[error("no snapshot named or identified by '{0}'")]
@@ -95,7 +106,9 @@ impl FromStr for BlobId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bytes = hex::decode(s).map_err(|e| format!("blob id '{s}': {e}"))?;
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| format!("blob id '{s}' is not 32 bytes"))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| format!("blob id '{s}' is not 32 bytes"))?;
         Ok(BlobId(arr))
     }
 }
@@ -154,11 +167,18 @@ impl KeySource {
         match self {
             KeySource::Password(p) => Ok(("argon2id", Zeroizing::new(p.as_bytes().to_vec()))),
             KeySource::KeyFile(path) => {
-                let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| RepoError::KeySource { path: path.display().to_string(), message: e.to_string() })?);
+                let bytes =
+                    Zeroizing::new(std::fs::read(path).map_err(|e| RepoError::KeySource {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?);
                 if bytes.len() < 32 {
                     return Err(RepoError::KeySource {
                         path: path.display().to_string(),
-                        message: format!("{} bytes is too short; a key file needs at least 32 random bytes (e.g. head -c 64 /dev/urandom > key)", bytes.len()),
+                        message: format!(
+                            "{} bytes is too short; a key file needs at least 32 random bytes (e.g. head -c 64 /dev/urandom > key)",
+                            bytes.len()
+                        ),
                     });
                 }
                 Ok(("keyfile", bytes))
@@ -219,7 +239,15 @@ impl Index {
             (self.packs.len() - 1) as u32
         });
         for b in &pack.blobs {
-            self.blobs.insert(b.id, IndexEntry { pack: number, offset: b.offset, length: b.length, raw_length: b.raw_length });
+            self.blobs.insert(
+                b.id,
+                IndexEntry {
+                    pack: number,
+                    offset: b.offset,
+                    length: b.length,
+                    raw_length: b.raw_length,
+                },
+            );
         }
     }
 }
@@ -243,7 +271,10 @@ pub struct Repository {
 
 impl fmt::Debug for Repository {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Repository").field("location", &self.inner.backend.location()).field("id", &self.inner.id).finish()
+        f.debug_struct("Repository")
+            .field("location", &self.inner.backend.location())
+            .field("id", &self.inner.id)
+            .finish()
     }
 }
 
@@ -253,9 +284,17 @@ pub(crate) fn encode_blob(key: &MasterKey, plaintext: &[u8]) -> Vec<u8> {
     key.seal(&compressed)
 }
 
-fn decode_blob(key: &MasterKey, id: &BlobId, stored: &[u8], raw_length: u32) -> Result<Vec<u8>, String> {
-    let compressed = key.open(stored).map_err(|Tampered| "authentication failed (the data was altered)".to_string())?;
-    let plaintext = zstd::bulk::decompress(&compressed, raw_length as usize).map_err(|e| format!("decompression failed: {e}"))?;
+fn decode_blob(
+    key: &MasterKey,
+    id: &BlobId,
+    stored: &[u8],
+    raw_length: u32,
+) -> Result<Vec<u8>, String> {
+    let compressed = key
+        .open(stored)
+        .map_err(|Tampered| "authentication failed (the data was altered)".to_string())?;
+    let plaintext = zstd::bulk::decompress(&compressed, raw_length as usize)
+        .map_err(|e| format!("decompression failed: {e}"))?;
     if key.blob_hash(&plaintext) != id.0 {
         return Err("content does not match its id".into());
     }
@@ -271,17 +310,27 @@ pub fn encode_refs(ids: &[BlobId]) -> Vec<u8> {
 }
 
 pub fn decode_refs(bytes: &[u8]) -> Result<Vec<BlobId>, String> {
-    if bytes.len() % 32 != 0 {
-        return Err(format!("a reference list of {} bytes is not a multiple of 32", bytes.len()));
+    if !bytes.len().is_multiple_of(32) {
+        return Err(format!(
+            "a reference list of {} bytes is not a multiple of 32",
+            bytes.len()
+        ));
     }
-    Ok(bytes.chunks_exact(32).map(|c| BlobId(c.try_into().expect("32 bytes"))).collect())
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| BlobId(c.try_into().expect("32 bytes")))
+        .collect())
 }
 
 impl Repository {
     /// Creates a repository with a fresh random master key.
     pub async fn init(backend: Arc<dyn Backend>, key: &KeySource) -> Result<Self, RepoError> {
         match backend.get("config").await {
-            Ok(_) => return Err(RepoError::AlreadyInitialized { location: backend.location() }),
+            Ok(_) => {
+                return Err(RepoError::AlreadyInitialized {
+                    location: backend.location(),
+                });
+            }
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
@@ -289,44 +338,89 @@ impl Repository {
         let master = MasterKey::random();
         let key_file = KeyFile::wrap(&master, kdf, &secret);
         let key_id = hex::encode(rand::random::<[u8; 16]>());
-        backend.put(&format!("keys/{key_id}"), Bytes::from(serde_json::to_vec_pretty(&key_file).expect("key file serializes"))).await?;
-        let config = Config { version: FORMAT_VERSION, id: hex::encode(rand::random::<[u8; 16]>()) };
+        backend
+            .put(
+                &format!("keys/{key_id}"),
+                Bytes::from(serde_json::to_vec_pretty(&key_file).expect("key file serializes")),
+            )
+            .await?;
+        let config = Config {
+            version: FORMAT_VERSION,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+        };
         // The config is written last: a repository is initialized once it exists.
-        backend.put("config", Bytes::from(serde_json::to_vec_pretty(&config).expect("config serializes"))).await?;
-        Ok(Repository { inner: Arc::new(Inner { backend, key: master, id: config.id, index: RwLock::new(Index::default()) }) })
+        backend
+            .put(
+                "config",
+                Bytes::from(serde_json::to_vec_pretty(&config).expect("config serializes")),
+            )
+            .await?;
+        Ok(Repository {
+            inner: Arc::new(Inner {
+                backend,
+                key: master,
+                id: config.id,
+                index: RwLock::new(Index::default()),
+            }),
+        })
     }
 
     /// Opens a repository: checks the key, then loads the index.
     pub async fn open(backend: Arc<dyn Backend>, key: &KeySource) -> Result<Self, RepoError> {
         let config_bytes = match backend.get("config").await {
             Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(RepoError::NotInitialized { location: backend.location() }),
+            Err(e) if e.is_not_found() => {
+                return Err(RepoError::NotInitialized {
+                    location: backend.location(),
+                });
+            }
             Err(e) => return Err(e.into()),
         };
-        let config: Config = serde_json::from_slice(&config_bytes).map_err(|e| RepoError::Corrupt { what: "config".into(), message: e.to_string() })?;
+        let config: Config =
+            serde_json::from_slice(&config_bytes).map_err(|e| RepoError::Corrupt {
+                what: "config".into(),
+                message: e.to_string(),
+            })?;
         if config.version != FORMAT_VERSION {
-            return Err(RepoError::UnsupportedFormat { found: config.version });
+            return Err(RepoError::UnsupportedFormat {
+                found: config.version,
+            });
         }
         let (kdf, secret) = key.secret()?;
         let key_files = backend.list("keys/").await?;
         let mut master = None;
         for info in &key_files {
             let bytes = backend.get(&info.path).await?;
-            let Ok(file) = serde_json::from_slice::<KeyFile>(&bytes) else { continue };
+            let Ok(file) = serde_json::from_slice::<KeyFile>(&bytes) else {
+                continue;
+            };
             if file.kdf != kdf {
                 continue;
             }
             let file_clone = file.clone();
             let secret = secret.clone();
-            if let Some(k) = tokio::task::spawn_blocking(move || file_clone.unwrap(&secret)).await.expect("key derivation task") {
+            if let Some(k) = tokio::task::spawn_blocking(move || file_clone.unwrap(&secret))
+                .await
+                .expect("key derivation task")
+            {
                 master = Some(k);
                 break;
             }
         }
         let Some(master) = master else {
-            return Err(RepoError::WrongKey { location: backend.location(), keys: key_files.len() });
+            return Err(RepoError::WrongKey {
+                location: backend.location(),
+                keys: key_files.len(),
+            });
         };
-        let repo = Repository { inner: Arc::new(Inner { backend, key: master, id: config.id, index: RwLock::new(Index::default()) }) };
+        let repo = Repository {
+            inner: Arc::new(Inner {
+                backend,
+                key: master,
+                id: config.id,
+                index: RwLock::new(Index::default()),
+            }),
+        };
         repo.reload_index().await?;
         Ok(repo)
     }
@@ -367,14 +461,18 @@ impl Repository {
     }
 
     fn decode_json<T: serde::de::DeserializeOwned>(&self, sealed: &[u8]) -> Result<T, String> {
-        let compressed = self.inner.key.open(sealed).map_err(|_| "authentication failed (altered, or written with another key)".to_string())?;
-        let plain = zstd::stream::decode_all(&compressed[..]).map_err(|e| format!("decompression failed: {e}"))?;
+        let compressed = self.inner.key.open(sealed).map_err(|_| {
+            "authentication failed (altered, or written with another key)".to_string()
+        })?;
+        let plain = zstd::stream::decode_all(&compressed[..])
+            .map_err(|e| format!("decompression failed: {e}"))?;
         serde_json::from_slice(&plain).map_err(|e| format!("not valid: {e}"))
     }
 
     pub(crate) fn encode_json<T: Serialize>(&self, value: &T) -> Bytes {
         let plain = serde_json::to_vec(value).expect("repository records serialize");
-        let compressed = zstd::bulk::compress(&plain, 3).expect("compressing in memory cannot fail");
+        let compressed =
+            zstd::bulk::compress(&plain, 3).expect("compressing in memory cannot fail");
         Bytes::from(self.inner.key.seal(&compressed))
     }
 
@@ -399,7 +497,12 @@ impl Repository {
     }
 
     pub(crate) fn has_blob(&self, id: &BlobId) -> bool {
-        self.inner.index.read().expect("index lock").blobs.contains_key(id)
+        self.inner
+            .index
+            .read()
+            .expect("index lock")
+            .blobs
+            .contains_key(id)
     }
 
     pub(crate) fn add_to_index(&self, packs: &[PackEntries]) {
@@ -418,7 +521,10 @@ impl Repository {
     pub async fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>, RepoError> {
         let (pack, entry) = {
             let index = self.inner.index.read().expect("index lock");
-            let entry = *index.blobs.get(id).ok_or(RepoError::BlobNotFound { blob: *id })?;
+            let entry = *index
+                .blobs
+                .get(id)
+                .ok_or(RepoError::BlobNotFound { blob: *id })?;
             (index.packs[entry.pack as usize].clone(), entry)
         };
         let stored = self
@@ -426,19 +532,30 @@ impl Repository {
             .backend
             .get_range(&pack_path(&pack), entry.offset as u64, entry.length as u64)
             .await
-            .map_err(|e| RepoError::Damaged { blob: *id, pack: pack.clone(), message: e.to_string() })?;
+            .map_err(|e| RepoError::Damaged {
+                blob: *id,
+                pack: pack.clone(),
+                message: e.to_string(),
+            })?;
         let key = self.inner.key.clone();
         let blob = *id;
         tokio::task::spawn_blocking(move || decode_blob(&key, &blob, &stored, entry.raw_length))
             .await
             .expect("decode task")
-            .map_err(|message| RepoError::Damaged { blob: *id, pack, message })
+            .map_err(|message| RepoError::Damaged {
+                blob: *id,
+                pack,
+                message,
+            })
     }
 
     /// Writes a snapshot manifest: the step that makes a backup exist.
     pub async fn save_snapshot(&self, snap: &Snapshot) -> Result<SnapshotId, RepoError> {
         let id = hex::encode(rand::random::<[u8; 32]>());
-        self.inner.backend.put(&format!("snapshots/{id}"), self.encode_json(snap)).await?;
+        self.inner
+            .backend
+            .put(&format!("snapshots/{id}"), self.encode_json(snap))
+            .await?;
         Ok(SnapshotId(id))
     }
 
@@ -448,7 +565,12 @@ impl Repository {
             .map(|f| async move {
                 let id = f.path.trim_start_matches("snapshots/").to_string();
                 let bytes = self.inner.backend.get(&f.path).await?;
-                let snap = self.decode_json::<Snapshot>(&bytes).map_err(|message| RepoError::Corrupt { what: format!("snapshot manifest {id}"), message })?;
+                let snap =
+                    self.decode_json::<Snapshot>(&bytes)
+                        .map_err(|message| RepoError::Corrupt {
+                            what: format!("snapshot manifest {id}"),
+                            message,
+                        })?;
                 Ok((SnapshotId(id), snap))
             })
             .buffer_unordered(8)
@@ -460,12 +582,18 @@ impl Repository {
     }
 
     /// By name (the newest with that name) or by a unique id prefix.
-    pub async fn find_snapshot(&self, name_or_id: &str) -> Result<(SnapshotId, Snapshot), RepoError> {
+    pub async fn find_snapshot(
+        &self,
+        name_or_id: &str,
+    ) -> Result<(SnapshotId, Snapshot), RepoError> {
         let all = self.list_snapshots().await?;
         if let Some(found) = all.iter().rev().find(|(_, s)| s.name == name_or_id) {
             return Ok(found.clone());
         }
-        let by_id: Vec<_> = all.iter().filter(|(id, _)| !name_or_id.is_empty() && id.0.starts_with(name_or_id)).collect();
+        let by_id: Vec<_> = all
+            .iter()
+            .filter(|(id, _)| !name_or_id.is_empty() && id.0.starts_with(name_or_id))
+            .collect();
         match by_id.as_slice() {
             [one] => Ok((*one).clone()),
             [] => Err(RepoError::SnapshotNotFound(name_or_id.to_string())),
@@ -474,7 +602,11 @@ impl Repository {
     }
 
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), RepoError> {
-        Ok(self.inner.backend.delete(&format!("snapshots/{}", id.0)).await?)
+        Ok(self
+            .inner
+            .backend
+            .delete(&format!("snapshots/{}", id.0))
+            .await?)
     }
 
     pub async fn lock_shared(&self) -> Result<RepoLock, RepoError> {
@@ -492,7 +624,10 @@ impl Repository {
             live.insert(snap.content);
             live.insert(snap.refs);
             let refs = self.read_blob(&snap.refs).await?;
-            let ids = decode_refs(&refs).map_err(|message| RepoError::Corrupt { what: format!("reference list of snapshot {} ({id})", snap.name), message })?;
+            let ids = decode_refs(&refs).map_err(|message| RepoError::Corrupt {
+                what: format!("reference list of snapshot {} ({id})", snap.name),
+                message,
+            })?;
             live.extend(ids);
         }
         Ok(live)

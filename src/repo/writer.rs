@@ -10,7 +10,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use super::{BlobEntry, BlobId, IndexFile, PackEntries, RepoError, Repository, encode_blob, pack_path};
+use super::{
+    BlobEntry, BlobId, IndexFile, PackEntries, RepoError, Repository, encode_blob, pack_path,
+};
 
 /// Target size of a pack.
 pub const PACK_TARGET: usize = 8 * 1024 * 1024;
@@ -75,7 +77,11 @@ impl PackWriter {
         self.add_inner(plaintext, false).await
     }
 
-    async fn add_inner(&mut self, plaintext: &[u8], dedup_with_index: bool) -> Result<BlobId, RepoError> {
+    async fn add_inner(
+        &mut self,
+        plaintext: &[u8],
+        dedup_with_index: bool,
+    ) -> Result<BlobId, RepoError> {
         let id = self.repo.blob_id(plaintext);
         self.stats.bytes_plaintext += plaintext.len() as u64;
         if self.session.contains(&id) || (dedup_with_index && self.repo.has_blob(&id)) {
@@ -83,7 +89,12 @@ impl PackWriter {
             return Ok(id);
         }
         let stored = encode_blob(self.repo.key(), plaintext);
-        self.entries.push(BlobEntry { id, offset: self.buffer.len() as u32, length: stored.len() as u32, raw_length: plaintext.len() as u32 });
+        self.entries.push(BlobEntry {
+            id,
+            offset: self.buffer.len() as u32,
+            length: stored.len() as u32,
+            raw_length: plaintext.len() as u32,
+        });
         self.buffer.extend_from_slice(&stored);
         self.session.insert(id);
         self.stats.blobs_added += 1;
@@ -107,15 +118,22 @@ impl PackWriter {
         let entries = std::mem::take(&mut self.entries);
         // The header repeats the index entries so a pack can be understood
         // on its own (e.g. to rebuild a lost index).
-        let header = self.repo.key().seal(&serde_json::to_vec(&entries).expect("entries serialize"));
+        let header = self
+            .repo
+            .key()
+            .seal(&serde_json::to_vec(&entries).expect("entries serialize"));
         pack.extend_from_slice(&header);
         pack.extend_from_slice(&(header.len() as u32).to_le_bytes());
         let id = blake3::hash(&pack).to_hex().to_string();
         self.stats.bytes_stored += pack.len() as u64;
         self.stats.packs_written += 1;
-        self.written.push(PackEntries { id: id.clone(), blobs: entries });
+        self.written.push(PackEntries {
+            id: id.clone(),
+            blobs: entries,
+        });
         let backend = self.repo.backend().clone();
-        self.uploads.spawn(async move { Ok(backend.put(&pack_path(&id), Bytes::from(pack)).await?) });
+        self.uploads
+            .spawn(async move { Ok(backend.put(&pack_path(&id), Bytes::from(pack)).await?) });
         Ok(())
     }
 
@@ -139,11 +157,16 @@ impl PackWriter {
     pub async fn finish(mut self) -> Result<WriteStats, RepoError> {
         self.drain().await?;
         if !self.written.is_empty() {
-            let file = IndexFile { packs: std::mem::take(&mut self.written) };
+            let file = IndexFile {
+                packs: std::mem::take(&mut self.written),
+            };
             let bytes = self.repo.encode_json(&file);
             self.stats.bytes_stored += bytes.len() as u64;
             let name = hex::encode(rand::random::<[u8; 32]>());
-            self.repo.backend().put(&format!("index/{name}"), bytes).await?;
+            self.repo
+                .backend()
+                .put(&format!("index/{name}"), bytes)
+                .await?;
             self.repo.add_to_index(&file.packs);
         }
         Ok(self.stats)

@@ -16,7 +16,9 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
             // server drops empty maps and lists).
             None => is_empty(dv),
         }),
-        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b)),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
+        }
         (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
         _ => desired == live,
     }
@@ -44,7 +46,11 @@ impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let show = |v: &Value| {
             let s = v.to_string();
-            if s.len() > 80 { format!("{}…", &s[..s.floor_char_boundary(77)]) } else { s }
+            if s.len() > 80 {
+                format!("{}…", &s[..s.floor_char_boundary(77)])
+            } else {
+                s
+            }
         };
         match &self.live {
             Some(live) => write!(f, "{}: {} → {}", self.path, show(live), show(&self.desired)),
@@ -64,11 +70,19 @@ fn walk(path: &str, desired: &Value, live: Option<&Value>, out: &mut Vec<Change>
     match (desired, live) {
         (Value::Object(d), Some(Value::Object(l))) => {
             for (k, dv) in d {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match l.get(k) {
                     Some(lv) => walk(&p, dv, Some(lv), out),
                     None if is_empty(dv) => {}
-                    None => out.push(Change { path: p, live: None, desired: dv.clone() }),
+                    None => out.push(Change {
+                        path: p,
+                        live: None,
+                        desired: dv.clone(),
+                    }),
                 }
             }
         }
@@ -78,7 +92,11 @@ fn walk(path: &str, desired: &Value, live: Option<&Value>, out: &mut Vec<Change>
             }
         }
         (d, Some(l)) if is_subset(d, l) => {}
-        (d, l) => out.push(Change { path: path.to_string(), live: l.cloned(), desired: d.clone() }),
+        (d, l) => out.push(Change {
+            path: path.to_string(),
+            live: l.cloned(),
+            desired: d.clone(),
+        }),
     }
 }
 
@@ -102,7 +120,10 @@ mod tests {
         let desired = json!({"spec": {"replicas": 3, "paused": true, "template": {"spec": {"containers": [{"image": "nginx:2"}]}}}});
         let live = json!({"spec": {"replicas": 2, "template": {"spec": {"containers": [{"image": "nginx:1"}]}}}});
         assert!(!is_subset(&desired, &live));
-        let list: Vec<String> = changes(&desired, &live).iter().map(ToString::to_string).collect();
+        let list: Vec<String> = changes(&desired, &live)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             list,
             vec![

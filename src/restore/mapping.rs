@@ -64,7 +64,11 @@ impl NamespaceMapping {
         if self.is_empty() {
             return;
         }
-        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+        let kind = obj
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let group = obj
             .get("apiVersion")
             .and_then(Value::as_str)
@@ -78,7 +82,9 @@ impl NamespaceMapping {
                 if let Some(name) = obj.pointer_mut("/metadata/name") {
                     self.remap_at(name);
                 }
-                if let Some(label) = obj.pointer_mut("/metadata/labels/kubernetes.io~1metadata.name") {
+                if let Some(label) =
+                    obj.pointer_mut("/metadata/labels/kubernetes.io~1metadata.name")
+                {
                     self.remap_at(label);
                 }
             }
@@ -96,7 +102,10 @@ impl NamespaceMapping {
                     self.remap_at(ns);
                 }
             }
-            ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration") => {
+            (
+                "admissionregistration.k8s.io",
+                "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration",
+            ) => {
                 if let Some(hooks) = obj.get_mut("webhooks").and_then(Value::as_array_mut) {
                     for hook in hooks {
                         if let Some(ns) = hook.pointer_mut("/clientConfig/service/namespace") {
@@ -113,21 +122,32 @@ impl NamespaceMapping {
             ("networking.k8s.io", "NetworkPolicy") => {
                 for direction in ["ingress", "egress"] {
                     let peers_key = if direction == "ingress" { "from" } else { "to" };
-                    let Some(rules) = obj.pointer_mut(&format!("/spec/{direction}")).and_then(Value::as_array_mut) else {
+                    let Some(rules) = obj
+                        .pointer_mut(&format!("/spec/{direction}"))
+                        .and_then(Value::as_array_mut)
+                    else {
                         continue;
                     };
                     for rule in rules {
-                        let Some(peers) = rule.get_mut(peers_key).and_then(Value::as_array_mut) else { continue };
+                        let Some(peers) = rule.get_mut(peers_key).and_then(Value::as_array_mut)
+                        else {
+                            continue;
+                        };
                         for peer in peers {
-                            if let Some(label) = peer.pointer_mut("/namespaceSelector/matchLabels/kubernetes.io~1metadata.name") {
+                            if let Some(label) = peer.pointer_mut(
+                                "/namespaceSelector/matchLabels/kubernetes.io~1metadata.name",
+                            ) {
                                 self.remap_at(label);
                             }
-                            if let Some(exprs) =
-                                peer.pointer_mut("/namespaceSelector/matchExpressions").and_then(Value::as_array_mut)
+                            if let Some(exprs) = peer
+                                .pointer_mut("/namespaceSelector/matchExpressions")
+                                .and_then(Value::as_array_mut)
                             {
                                 for expr in exprs {
-                                    if expr.get("key").and_then(Value::as_str) == Some("kubernetes.io/metadata.name")
-                                        && let Some(values) = expr.get_mut("values").and_then(Value::as_array_mut)
+                                    if expr.get("key").and_then(Value::as_str)
+                                        == Some("kubernetes.io/metadata.name")
+                                        && let Some(values) =
+                                            expr.get_mut("values").and_then(Value::as_array_mut)
                                     {
                                         values.iter_mut().for_each(|v| self.remap_at(v));
                                     }
@@ -153,10 +173,22 @@ mod tests {
 
     #[test]
     fn parse_rejects_bad_syntax_duplicates_and_merges() {
-        assert_eq!(NamespaceMapping::parse(&["prod"]), Err(MappingError::Syntax("prod".into())));
-        assert_eq!(NamespaceMapping::parse(&["=x"]), Err(MappingError::Syntax("=x".into())));
-        assert_eq!(NamespaceMapping::parse(&["a=b", "a=c"]), Err(MappingError::Duplicate("a".into())));
-        assert!(matches!(NamespaceMapping::parse(&["a=c", "b=c"]), Err(MappingError::Merge(..))));
+        assert_eq!(
+            NamespaceMapping::parse(&["prod"]),
+            Err(MappingError::Syntax("prod".into()))
+        );
+        assert_eq!(
+            NamespaceMapping::parse(&["=x"]),
+            Err(MappingError::Syntax("=x".into()))
+        );
+        assert_eq!(
+            NamespaceMapping::parse(&["a=b", "a=c"]),
+            Err(MappingError::Duplicate("a".into()))
+        );
+        assert!(matches!(
+            NamespaceMapping::parse(&["a=c", "b=c"]),
+            Err(MappingError::Merge(..))
+        ));
     }
 
     #[test]
@@ -176,7 +208,10 @@ mod tests {
             "metadata": {"name": "prod", "labels": {"kubernetes.io/metadata.name": "prod", "team": "a"}}});
         prod_to_staging().apply(&mut ns);
         assert_eq!(ns["metadata"]["name"], "staging");
-        assert_eq!(ns["metadata"]["labels"]["kubernetes.io/metadata.name"], "staging");
+        assert_eq!(
+            ns["metadata"]["labels"]["kubernetes.io/metadata.name"],
+            "staging"
+        );
         assert_eq!(ns["metadata"]["labels"]["team"], "a");
     }
 
@@ -200,19 +235,28 @@ mod tests {
         let mut hook = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
             "metadata": {"name": "v"}, "webhooks": [{"name": "a", "clientConfig": {"service": {"name": "hook", "namespace": "prod"}}}]});
         m.apply(&mut hook);
-        assert_eq!(hook["webhooks"][0]["clientConfig"]["service"]["namespace"], "staging");
+        assert_eq!(
+            hook["webhooks"][0]["clientConfig"]["service"]["namespace"],
+            "staging"
+        );
         let mut pv = json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv"},
             "spec": {"claimRef": {"name": "data", "namespace": "prod"}}});
         m.apply(&mut pv);
         assert_eq!(pv["spec"]["claimRef"]["namespace"], "staging");
         let mut np = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "n", "namespace": "prod"},
-            "spec": {"ingress": [{"from": [
-                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prod"}}},
-                {"namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["prod", "ops"]}]}}
-            ]}]}});
+        "metadata": {"name": "n", "namespace": "prod"},
+        "spec": {"ingress": [{"from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prod"}}},
+            {"namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["prod", "ops"]}]}}
+        ]}]}});
         m.apply(&mut np);
-        assert_eq!(np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "staging");
-        assert_eq!(np["spec"]["ingress"][0]["from"][1]["namespaceSelector"]["matchExpressions"][0]["values"], json!(["staging", "ops"]));
+        assert_eq!(
+            np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "staging"
+        );
+        assert_eq!(
+            np["spec"]["ingress"][0]["from"][1]["namespaceSelector"]["matchExpressions"][0]["values"],
+            json!(["staging", "ops"])
+        );
     }
 }

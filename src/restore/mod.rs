@@ -158,7 +158,11 @@ async fn load_objects(
     content: &SnapshotContent,
     opts: &RestoreOptions,
 ) -> Result<Vec<Desired>, RestoreError> {
-    let wanted: BTreeSet<String> = opts.objects.iter().map(|o| o.to_ascii_lowercase()).collect();
+    let wanted: BTreeSet<String> = opts
+        .objects
+        .iter()
+        .map(|o| o.to_ascii_lowercase())
+        .collect();
     let entries: Vec<_> = content
         .objects
         .iter()
@@ -169,18 +173,32 @@ async fn load_objects(
                 None => true,
             }
         })
-        .filter(|e| opts.selection.kind_selected(&e.object.group, &e.object.kind, ""))
-        .filter(|e| wanted.is_empty() || wanted.contains(&e.object.to_string().to_ascii_lowercase()))
+        .filter(|e| {
+            opts.selection
+                .kind_selected(&e.object.group, &e.object.kind, "")
+        })
+        .filter(|e| {
+            wanted.is_empty() || wanted.contains(&e.object.to_string().to_ascii_lowercase())
+        })
         .collect();
     let loaded: Vec<Result<Desired, RestoreError>> = futures::stream::iter(entries)
         .map(|entry| async move {
-            let bytes = repo.read_blob(&entry.blob).await.map_err(|e| RestoreError::BadObject {
-                object: entry.object.to_string(),
-                message: e.to_string(),
-            })?;
-            let value: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| RestoreError::BadObject { object: entry.object.to_string(), message: e.to_string() })?;
-            Ok(Desired { object: entry.object.clone(), value })
+            let bytes = repo
+                .read_blob(&entry.blob)
+                .await
+                .map_err(|e| RestoreError::BadObject {
+                    object: entry.object.to_string(),
+                    message: e.to_string(),
+                })?;
+            let value: Value =
+                serde_json::from_slice(&bytes).map_err(|e| RestoreError::BadObject {
+                    object: entry.object.to_string(),
+                    message: e.to_string(),
+                })?;
+            Ok(Desired {
+                object: entry.object.clone(),
+                value,
+            })
         })
         .buffer_unordered(16)
         .collect()
@@ -188,12 +206,17 @@ async fn load_objects(
     let mut out = Vec::with_capacity(loaded.len());
     for d in loaded {
         let mut d = d?;
-        if !opts.selection.object_selected(&d.value) && d.object.kind != "Namespace" && d.object.namespace.is_some() {
+        if !opts.selection.object_selected(&d.value)
+            && d.object.kind != "Namespace"
+            && d.object.namespace.is_some()
+        {
             continue;
         }
         opts.mapping.apply(&mut d.value);
-        d.object = ObjectRef::from_object(&d.value)
-            .map_err(|e| RestoreError::BadObject { object: d.object.to_string(), message: e.to_string() })?;
+        d.object = ObjectRef::from_object(&d.value).map_err(|e| RestoreError::BadObject {
+            object: d.object.to_string(),
+            message: e.to_string(),
+        })?;
         out.push(d);
     }
     // Keep namespaces only if something is restored into them (or they
@@ -208,10 +231,26 @@ fn dependencies(objects: &[Desired]) -> Vec<plan::PlanInput> {
     let mut by_key: HashMap<String, &ObjectRef> = HashMap::new();
     let mut crds: HashMap<(String, String), &ObjectRef> = HashMap::new();
     for d in objects {
-        by_key.insert(gk_key(&d.object.group, &d.object.kind, d.object.namespace.as_deref(), &d.object.name), &d.object);
+        by_key.insert(
+            gk_key(
+                &d.object.group,
+                &d.object.kind,
+                d.object.namespace.as_deref(),
+                &d.object.name,
+            ),
+            &d.object,
+        );
         if d.object.kind == "CustomResourceDefinition" {
-            let group = d.value.pointer("/spec/group").and_then(Value::as_str).unwrap_or_default();
-            let kind = d.value.pointer("/spec/names/kind").and_then(Value::as_str).unwrap_or_default();
+            let group = d
+                .value
+                .pointer("/spec/group")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let kind = d
+                .value
+                .pointer("/spec/names/kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             crds.insert((group.to_string(), kind.to_string()), &d.object);
         }
     }
@@ -231,14 +270,23 @@ fn dependencies(objects: &[Desired]) -> Vec<plan::PlanInput> {
                 if !reference.kind.orders_restore() {
                     continue;
                 }
-                if let Target::Object { group, kind, namespace, name } = &reference.target
-                    && let Some(target) = by_key.get(&gk_key(group, kind, namespace.as_deref(), name))
+                if let Target::Object {
+                    group,
+                    kind,
+                    namespace,
+                    name,
+                } = &reference.target
+                    && let Some(target) =
+                        by_key.get(&gk_key(group, kind, namespace.as_deref(), name))
                     && **target != d.object
                 {
                     needs.push((*target).clone());
                 }
             }
-            plan::PlanInput { object: d.object.clone(), needs }
+            plan::PlanInput {
+                object: d.object.clone(),
+                needs,
+            }
         })
         .collect()
 }
@@ -254,13 +302,23 @@ fn api_resource(served: &ServedResource) -> ApiResource {
 }
 
 /// The target's resource for an object at the object's own version.
-fn resource_for<'a>(discovery: &'a Discovery, object: &ObjectRef) -> Option<ServedResource> {
-    discovery.by_group_kind(&object.group, &object.kind).map(|r| ServedResource { version: object.version.clone(), ..r.clone() })
+fn resource_for(discovery: &Discovery, object: &ObjectRef) -> Option<ServedResource> {
+    discovery
+        .by_group_kind(&object.group, &object.kind)
+        .map(|r| ServedResource {
+            version: object.version.clone(),
+            ..r.clone()
+        })
 }
 
 fn served_exactly(discovery: &Discovery, object: &ObjectRef) -> bool {
-    discovery.group_versions.iter().any(|gv| *gv == object.api_version())
-        && discovery.by_group_kind(&object.group, &object.kind).is_some()
+    discovery
+        .group_versions
+        .iter()
+        .any(|gv| *gv == object.api_version())
+        && discovery
+            .by_group_kind(&object.group, &object.kind)
+            .is_some()
 }
 
 /// Cluster-scoped classes objects refer to by name, checked in preflight.
@@ -306,7 +364,11 @@ async fn check(
     for cycle in &ordering.cycles {
         warnings.push(format!(
             "dependency cycle {} broken",
-            cycle.iter().map(ToString::to_string).collect::<Vec<_>>().join(" → ")
+            cycle
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" → ")
         ));
     }
 
@@ -319,11 +381,23 @@ async fn check(
                 .value
                 .pointer("/spec/versions")
                 .and_then(Value::as_array)
-                .map(|vs| vs.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect())
+                .map(|vs| {
+                    vs.iter()
+                        .filter_map(|v| v["name"].as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             (
-                d.value.pointer("/spec/group").and_then(Value::as_str).unwrap_or_default().to_string(),
-                d.value.pointer("/spec/names/kind").and_then(Value::as_str).unwrap_or_default().to_string(),
+                d.value
+                    .pointer("/spec/group")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                d.value
+                    .pointer("/spec/names/kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
                 versions,
             )
         })
@@ -333,9 +407,13 @@ async fn check(
         if served_exactly(&discovery, o) {
             continue;
         }
-        let by_crd = restored_crds.iter().any(|(g, k, vs)| *g == o.group && *k == o.kind && vs.contains(&o.version));
+        let by_crd = restored_crds
+            .iter()
+            .any(|(g, k, vs)| *g == o.group && *k == o.kind && vs.contains(&o.version));
         if !by_crd {
-            let served_other = discovery.by_group_kind(&o.group, &o.kind).map(|r| r.api_version());
+            let served_other = discovery
+                .by_group_kind(&o.group, &o.kind)
+                .map(|r| r.api_version());
             problems.push(match served_other {
                 Some(other) => format!(
                     "{o}: the target does not serve {} (it serves {other}); convert it with a transform (api-versions)",
@@ -351,22 +429,42 @@ async fn check(
     }
 
     // Referenced classes: present in the target or in the restore.
-    let in_restore: BTreeSet<String> = objects.iter().map(|d| gk_key(&d.object.group, &d.object.kind, None, &d.object.name)).collect();
+    let in_restore: BTreeSet<String> = objects
+        .iter()
+        .map(|d| gk_key(&d.object.group, &d.object.kind, None, &d.object.name))
+        .collect();
     let mut class_checks: BTreeMap<(String, String, String), Vec<String>> = BTreeMap::new();
     for d in &objects {
         for reference in references(&d.value) {
-            if let Target::Object { group, kind, namespace: None, name } = &reference.target
-                && CLASS_REFERENCES.iter().any(|(g, k, _)| g == group && k == kind)
+            if let Target::Object {
+                group,
+                kind,
+                namespace: None,
+                name,
+            } = &reference.target
+                && CLASS_REFERENCES
+                    .iter()
+                    .any(|(g, k, _)| g == group && k == kind)
                 && !in_restore.contains(&gk_key(group, kind, None, name))
             {
-                class_checks.entry((group.clone(), kind.clone(), name.clone())).or_default().push(d.object.to_string());
+                class_checks
+                    .entry((group.clone(), kind.clone(), name.clone()))
+                    .or_default()
+                    .push(d.object.to_string());
             }
         }
     }
     for ((group, kind, name), users) in class_checks {
-        let label = CLASS_REFERENCES.iter().find(|(g, k, _)| *g == group && *k == kind).map(|c| c.2).unwrap_or("class");
+        let label = CLASS_REFERENCES
+            .iter()
+            .find(|(g, k, _)| *g == group && *k == kind)
+            .map(|c| c.2)
+            .unwrap_or("class");
         let Some(resource) = discovery.by_group_kind(&group, &kind) else {
-            problems.push(format!("{label} {name} (used by {}) cannot exist: the target does not serve {kind}", users.join(", ")));
+            problems.push(format!(
+                "{label} {name} (used by {}) cannot exist: the target does not serve {kind}",
+                users.join(", ")
+            ));
             continue;
         };
         match get_object(&conn.client, resource, None, &name).await {
@@ -385,23 +483,37 @@ async fn check(
     // Permissions for every verb and resource the plan uses.
     let mut needed: BTreeSet<(String, String, String, Option<String>)> = BTreeSet::new();
     for d in &objects {
-        let plural = resource_for(&discovery, &d.object).map(|r| r.plural).or_else(|| {
-            objects
-                .iter()
-                .find(|c| {
-                    c.object.kind == "CustomResourceDefinition"
-                        && c.value.pointer("/spec/group").and_then(Value::as_str) == Some(&d.object.group)
-                        && c.value.pointer("/spec/names/kind").and_then(Value::as_str) == Some(&d.object.kind)
-                })
-                .and_then(|c| c.value.pointer("/spec/names/plural").and_then(Value::as_str).map(String::from))
-        });
+        let plural = resource_for(&discovery, &d.object)
+            .map(|r| r.plural)
+            .or_else(|| {
+                objects
+                    .iter()
+                    .find(|c| {
+                        c.object.kind == "CustomResourceDefinition"
+                            && c.value.pointer("/spec/group").and_then(Value::as_str)
+                                == Some(&d.object.group)
+                            && c.value.pointer("/spec/names/kind").and_then(Value::as_str)
+                                == Some(&d.object.kind)
+                    })
+                    .and_then(|c| {
+                        c.value
+                            .pointer("/spec/names/plural")
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                    })
+            });
         let Some(plural) = plural else { continue };
         let mut verbs = vec!["get", "create", "patch"];
         if opts.existing == ExistingPolicy::Recreate {
             verbs.push("delete");
         }
         for verb in verbs {
-            needed.insert((verb.to_string(), d.object.group.clone(), plural.clone(), d.object.namespace.clone()));
+            needed.insert((
+                verb.to_string(),
+                d.object.group.clone(),
+                plural.clone(),
+                d.object.namespace.clone(),
+            ));
         }
     }
     let denials: Vec<Option<String>> = futures::stream::iter(needed)
@@ -434,7 +546,15 @@ async fn check(
             let discovery = &discovery;
             async move {
                 match resource_for(discovery, &d.object) {
-                    Some(r) => get_object(&conn.client, &r, d.object.namespace.as_deref(), &d.object.name).await,
+                    Some(r) => {
+                        get_object(
+                            &conn.client,
+                            &r,
+                            d.object.namespace.as_deref(),
+                            &d.object.name,
+                        )
+                        .await
+                    }
                     None => Ok(None),
                 }
             }
@@ -454,32 +574,56 @@ async fn check(
         }
     }
 
-    let mut by_object: HashMap<ObjectRef, Desired> = objects.into_iter().map(|d| (d.object.clone(), d)).collect();
+    let mut by_object: HashMap<ObjectRef, Desired> =
+        objects.into_iter().map(|d| (d.object.clone(), d)).collect();
     let mut waves = Vec::new();
     let mut desired_waves = Vec::new();
     for (index, wave) in ordering.waves.iter().enumerate() {
         let mut items = Vec::new();
         let mut desired = Vec::new();
         for object in wave {
-            let d = by_object.remove(object).expect("planned objects come from the set");
+            let d = by_object
+                .remove(object)
+                .expect("planned objects come from the set");
             let (action, reason, changes) = match (live_by_object.get(object), opts.existing) {
                 (None, _) => (Action::Create, "not in the target".to_string(), Vec::new()),
-                (Some(_), ExistingPolicy::Skip) => (Action::Skip, "exists; --existing skip".into(), Vec::new()),
+                (Some(_), ExistingPolicy::Skip) => {
+                    (Action::Skip, "exists; --existing skip".into(), Vec::new())
+                }
                 (Some(_), ExistingPolicy::Fail) => {
-                    problems.push(format!("{object} already exists in the target (--existing fail)"));
+                    problems.push(format!(
+                        "{object} already exists in the target (--existing fail)"
+                    ));
                     (Action::Skip, "exists; --existing fail".into(), Vec::new())
                 }
-                (Some(_), ExistingPolicy::Recreate) => (Action::Recreate, "exists; --existing recreate".into(), Vec::new()),
+                (Some(_), ExistingPolicy::Recreate) => (
+                    Action::Recreate,
+                    "exists; --existing recreate".into(),
+                    Vec::new(),
+                ),
                 (Some(live), ExistingPolicy::Update) => {
                     let changes = diff::changes(&comparable(&d.value), live);
                     if changes.is_empty() {
-                        (Action::Unchanged, "the target already matches".into(), changes)
+                        (
+                            Action::Unchanged,
+                            "the target already matches".into(),
+                            changes,
+                        )
                     } else {
-                        (Action::Update, format!("{} field(s) differ", changes.len()), changes)
+                        (
+                            Action::Update,
+                            format!("{} field(s) differ", changes.len()),
+                            changes,
+                        )
                     }
                 }
             };
-            items.push(PlanItem { object: object.clone(), action, reason, changes });
+            items.push(PlanItem {
+                object: object.clone(),
+                action,
+                reason,
+                changes,
+            });
             desired.push(d);
         }
         waves.push(Wave { index, items });
@@ -494,10 +638,18 @@ async fn check(
         snapshot: snap.name.clone(),
         target: conn.server.clone(),
         waves,
-        cycles: ordering.cycles.iter().map(|c| c.iter().map(ToString::to_string).collect()).collect(),
+        cycles: ordering
+            .cycles
+            .iter()
+            .map(|c| c.iter().map(ToString::to_string).collect())
+            .collect(),
         warnings,
     };
-    Ok(Checked { plan, desired: desired_waves, discovery })
+    Ok(Checked {
+        plan,
+        desired: desired_waves,
+        discovery,
+    })
 }
 
 /// The desired object as it compares against a live one: owner references
@@ -518,29 +670,40 @@ pub async fn run(
     opts: &RestoreOptions,
     progress: Arc<Progress>,
 ) -> Result<(RestorePlan, RestoreReport), RestoreError> {
-    let Checked { plan, desired, mut discovery } = check(conn, repo, snapshot, opts).await?;
-    let mut report = RestoreReport { warnings: plan.warnings.clone(), ..Default::default() };
+    let Checked {
+        plan,
+        desired,
+        mut discovery,
+    } = check(conn, repo, snapshot, opts).await?;
+    let mut report = RestoreReport {
+        warnings: plan.warnings.clone(),
+        ..Default::default()
+    };
     if opts.dry_run {
         server_dry_run(conn, &discovery, &plan, &desired, &mut report).await;
         return Ok((plan, report));
     }
-    progress.total.store(plan.waves.iter().map(|w| w.items.len()).sum(), Ordering::Relaxed);
+    progress.total.store(
+        plan.waves.iter().map(|w| w.items.len()).sum(),
+        Ordering::Relaxed,
+    );
     let mut uids: HashMap<String, String> = HashMap::new();
     for (wave, objects) in plan.waves.iter().zip(desired) {
-        let results: Vec<(PlanItem, Result<Option<String>, String>)> = futures::stream::iter(wave.items.iter().cloned().zip(objects))
-            .map(|(item, d)| {
-                let discovery = &discovery;
-                let uids = &uids;
-                let progress = progress.clone();
-                async move {
-                    let result = apply_one(conn, discovery, &item, d, uids).await;
-                    progress.done.fetch_add(1, Ordering::Relaxed);
-                    (item, result)
-                }
-            })
-            .buffer_unordered(opts.concurrency.max(1))
-            .collect()
-            .await;
+        let results: Vec<(PlanItem, Result<Option<String>, String>)> =
+            futures::stream::iter(wave.items.iter().cloned().zip(objects))
+                .map(|(item, d)| {
+                    let discovery = &discovery;
+                    let uids = &uids;
+                    let progress = progress.clone();
+                    async move {
+                        let result = apply_one(conn, discovery, &item, d, uids).await;
+                        progress.done.fetch_add(1, Ordering::Relaxed);
+                        (item, result)
+                    }
+                })
+                .buffer_unordered(opts.concurrency.max(1))
+                .collect()
+                .await;
         let mut gates = Vec::new();
         for (item, result) in results {
             let name = item.object.to_string();
@@ -548,7 +711,10 @@ pub async fn run(
                 Ok(uid) => {
                     if let Some(uid) = uid {
                         let o = &item.object;
-                        uids.insert(gk_key(&o.group, &o.kind, o.namespace.as_deref(), &o.name), uid);
+                        uids.insert(
+                            gk_key(&o.group, &o.kind, o.namespace.as_deref(), &o.name),
+                            uid,
+                        );
                     }
                     match item.action {
                         Action::Create => report.created.push(name),
@@ -556,11 +722,17 @@ pub async fn run(
                         Action::Unchanged => report.unchanged.push(name),
                         Action::Skip => report.skipped.push(name),
                     }
-                    if matches!(item.object.kind.as_str(), "CustomResourceDefinition" | "Namespace") {
+                    if matches!(
+                        item.object.kind.as_str(),
+                        "CustomResourceDefinition" | "Namespace"
+                    ) {
                         gates.push(item.object.clone());
                     }
                 }
-                Err(message) => report.failed.push(Failure { object: name, message }),
+                Err(message) => report.failed.push(Failure {
+                    object: name,
+                    message,
+                }),
             }
         }
         if !gates.is_empty() {
@@ -585,7 +757,11 @@ async fn apply_one(
         return Ok(None);
     }
     let Some(served) = resource_for(discovery, &d.object) else {
-        return Err(format!("the target does not serve {} {}", d.object.api_version(), d.object.kind));
+        return Err(format!(
+            "the target does not serve {} {}",
+            d.object.api_version(),
+            d.object.kind
+        ));
     };
     let resource = api_resource(&served);
     let api: Api<DynamicObject> = match &d.object.namespace {
@@ -593,9 +769,19 @@ async fn apply_one(
         None => Api::all_with(conn.client.clone(), &resource),
     };
     let mut value = d.value;
-    repoint_owners(conn, discovery, &mut value, d.object.namespace.as_deref(), uids).await;
+    repoint_owners(
+        conn,
+        discovery,
+        &mut value,
+        d.object.namespace.as_deref(),
+        uids,
+    )
+    .await;
     if item.action == Action::Recreate {
-        match api.delete(&d.object.name, &DeleteParams::foreground()).await {
+        match api
+            .delete(&d.object.name, &DeleteParams::foreground())
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(format!("delete before recreate: {}", api_message(&e))),
@@ -634,7 +820,10 @@ async fn repoint_owners(
     namespace: Option<&str>,
     uids: &HashMap<String, String>,
 ) {
-    let Some(owners) = value.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) else {
+    let Some(owners) = value
+        .pointer_mut("/metadata/ownerReferences")
+        .and_then(Value::as_array_mut)
+    else {
         return;
     };
     let mut kept = Vec::new();
@@ -643,7 +832,10 @@ async fn repoint_owners(
         let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
         let kind = owner["kind"].as_str().unwrap_or_default();
         let name = owner["name"].as_str().unwrap_or_default();
-        let scoped_ns = discovery.by_group_kind(group, kind).filter(|r| r.namespaced).and(namespace);
+        let scoped_ns = discovery
+            .by_group_kind(group, kind)
+            .filter(|r| r.namespaced)
+            .and(namespace);
         let uid = match uids.get(&gk_key(group, kind, scoped_ns, name)) {
             Some(uid) => Some(uid.clone()),
             None => match discovery.by_group_kind(group, kind) {
@@ -651,7 +843,11 @@ async fn repoint_owners(
                     .await
                     .ok()
                     .flatten()
-                    .and_then(|o| o.pointer("/metadata/uid").and_then(Value::as_str).map(String::from)),
+                    .and_then(|o| {
+                        o.pointer("/metadata/uid")
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                    }),
                 None => None,
             },
         };
@@ -673,20 +869,29 @@ async fn wait_ready(conn: &Connection, objects: &[ObjectRef], report: &mut Resto
     let discovery = match discover(&conn.client).await {
         Ok(d) => d,
         Err(e) => {
-            report.warnings.push(format!("cannot wait for readiness: {e}"));
+            report
+                .warnings
+                .push(format!("cannot wait for readiness: {e}"));
             return;
         }
     };
     for o in objects {
-        let Some(r) = discovery.by_group_kind(&o.group, &o.kind) else { continue };
+        let Some(r) = discovery.by_group_kind(&o.group, &o.kind) else {
+            continue;
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let ready = match get_object(&conn.client, r, None, &o.name).await {
-                Ok(Some(v)) if o.kind == "Namespace" => v.pointer("/status/phase").and_then(Value::as_str) == Some("Active"),
+                Ok(Some(v)) if o.kind == "Namespace" => {
+                    v.pointer("/status/phase").and_then(Value::as_str) == Some("Active")
+                }
                 Ok(Some(v)) => v
                     .pointer("/status/conditions")
                     .and_then(Value::as_array)
-                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Established" && c["status"] == "True")),
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Established" && c["status"] == "True")
+                    }),
                 _ => false,
             };
             if ready {
@@ -720,10 +925,17 @@ async fn server_dry_run(
         .collect();
     for (wave, objects) in plan.waves.iter().zip(desired) {
         for (item, d) in wave.items.iter().zip(objects) {
-            if !matches!(item.action, Action::Create | Action::Update | Action::Recreate) {
+            if !matches!(
+                item.action,
+                Action::Create | Action::Update | Action::Recreate
+            ) {
                 continue;
             }
-            let waits = d.object.namespace.as_ref().is_some_and(|n| creates_namespaces.contains(n));
+            let waits = d
+                .object
+                .namespace
+                .as_ref()
+                .is_some_and(|n| creates_namespaces.contains(n));
             let Some(served) = resource_for(discovery, &d.object).filter(|_| !waits) else {
                 continue;
             };
@@ -737,8 +949,14 @@ async fn server_dry_run(
                 meta.remove("ownerReferences");
             }
             let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
-            if let Err(e) = api.patch(&d.object.name, &params, &Patch::Apply(&value)).await {
-                report.failed.push(Failure { object: item.object.to_string(), message: format!("server-side dry run: {}", api_message(&e)) });
+            if let Err(e) = api
+                .patch(&d.object.name, &params, &Patch::Apply(&value))
+                .await
+            {
+                report.failed.push(Failure {
+                    object: item.object.to_string(),
+                    message: format!("server-side dry run: {}", api_message(&e)),
+                });
             }
         }
     }

@@ -31,8 +31,16 @@ pub fn kind_tier(group: &str, kind: &str) -> u32 {
         ("rbac.authorization.k8s.io", "Role")
         | ("rbac.authorization.k8s.io", "RoleBinding")
         | ("rbac.authorization.k8s.io", "ClusterRoleBinding") => 3,
-        ("apps", _) | ("batch", _) | ("", "Pod") | ("", "ReplicationController") | ("", "PodTemplate") => 4,
-        ("", "Service") | ("networking.k8s.io", _) | ("extensions", _) | ("", "Endpoints") | ("discovery.k8s.io", _) => 5,
+        ("apps", _)
+        | ("batch", _)
+        | ("", "Pod")
+        | ("", "ReplicationController")
+        | ("", "PodTemplate") => 4,
+        ("", "Service")
+        | ("networking.k8s.io", _)
+        | ("extensions", _)
+        | ("", "Endpoints")
+        | ("discovery.k8s.io", _) => 5,
         ("autoscaling", _) | ("policy", _) => 6,
         ("admissionregistration.k8s.io", _) | ("apiregistration.k8s.io", _) => 8,
         // Custom resources and anything else: after the built-in application
@@ -59,12 +67,20 @@ pub struct Ordering {
 
 /// Orders objects into waves.
 pub fn order(inputs: &[PlanInput]) -> Ordering {
-    let index: BTreeMap<&ObjectRef, usize> = inputs.iter().enumerate().map(|(i, p)| (&p.object, i)).collect();
+    let index: BTreeMap<&ObjectRef, usize> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (&p.object, i))
+        .collect();
     // Sorted, deduplicated dependency lists within the set: deterministic.
     let needs: Vec<Vec<usize>> = inputs
         .iter()
         .map(|p| {
-            let set: BTreeSet<usize> = p.needs.iter().filter_map(|n| index.get(n).copied()).collect();
+            let set: BTreeSet<usize> = p
+                .needs
+                .iter()
+                .filter_map(|n| index.get(n).copied())
+                .collect();
             set.into_iter().collect()
         })
         .collect();
@@ -105,7 +121,12 @@ pub fn order(inputs: &[PlanInput]) -> Ordering {
                     State::Active => {
                         // A back edge closes a cycle: record it and ignore the edge.
                         let start = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
-                        cycles.push(stack[start..].iter().map(|(n, _)| inputs[*n].object.clone()).collect());
+                        cycles.push(
+                            stack[start..]
+                                .iter()
+                                .map(|(n, _)| inputs[*n].object.clone())
+                                .collect(),
+                        );
                     }
                     State::Done => {}
                 }
@@ -152,7 +173,10 @@ mod tests {
             "HorizontalPodAutoscaler" => "autoscaling",
             _ => "",
         };
-        let namespaced = !matches!(kind, "Namespace" | "ClusterRole" | "CustomResourceDefinition" | "StorageClass");
+        let namespaced = !matches!(
+            kind,
+            "Namespace" | "ClusterRole" | "CustomResourceDefinition" | "StorageClass"
+        );
         ObjectRef {
             group: group.into(),
             version: "v1".into(),
@@ -163,11 +187,18 @@ mod tests {
     }
 
     fn input(object: ObjectRef, needs: &[ObjectRef]) -> PlanInput {
-        PlanInput { object, needs: needs.to_vec() }
+        PlanInput {
+            object,
+            needs: needs.to_vec(),
+        }
     }
 
     fn wave_of(ordering: &Ordering, o: &ObjectRef) -> usize {
-        ordering.waves.iter().position(|w| w.contains(o)).expect("object is planned")
+        ordering
+            .waves
+            .iter()
+            .position(|w| w.contains(o))
+            .expect("object is planned")
     }
 
     #[test]
@@ -184,10 +215,10 @@ mod tests {
         let inputs = vec![
             input(widget.clone(), &[crd.clone(), ns.clone()]),
             input(hpa.clone(), &[dep.clone(), ns.clone()]),
-            input(svc.clone(), &[ns.clone()]),
+            input(svc.clone(), std::slice::from_ref(&ns)),
             input(dep.clone(), &[cm.clone(), pvc.clone(), ns.clone()]),
             input(pvc.clone(), &[sc.clone(), ns.clone()]),
-            input(cm.clone(), &[ns.clone()]),
+            input(cm.clone(), std::slice::from_ref(&ns)),
             input(sc.clone(), &[]),
             input(crd.clone(), &[]),
             input(ns.clone(), &[]),
@@ -217,12 +248,19 @@ mod tests {
         let a = r("ConfigMap", "a");
         let b = r("ConfigMap", "b");
         let c = r("ConfigMap", "c");
-        let forward = vec![input(a.clone(), &[b.clone()]), input(b.clone(), &[c.clone()]), input(c.clone(), &[a.clone()])];
+        let forward = vec![
+            input(a.clone(), std::slice::from_ref(&b)),
+            input(b.clone(), std::slice::from_ref(&c)),
+            input(c.clone(), std::slice::from_ref(&a)),
+        ];
         let mut backward = forward.clone();
         backward.reverse();
         let o1 = order(&forward);
         let o2 = order(&backward);
-        assert_eq!(o1, o2, "the same graph gives the same plan whatever the input order");
+        assert_eq!(
+            o1, o2,
+            "the same graph gives the same plan whatever the input order"
+        );
         assert_eq!(o1.cycles.len(), 1);
         assert_eq!(o1.cycles[0].len(), 3);
         assert_eq!(o1.waves.iter().map(Vec::len).sum::<usize>(), 3);

@@ -20,14 +20,18 @@ async fn deploy_multitier(client: &kube::Client, prefix: &str) -> TestNamespace 
     let ns = TestNamespace::create(client, prefix).await;
     apply_manifests(client, &multitier_app(&ns.name)).await;
     let rs: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns.name);
-    eventually("a ReplicaSet for deployment web", Duration::from_secs(30), || async {
-        (!rs.list(&ListParams::default()).await.ok()?.items.is_empty()).then_some(())
-    })
+    eventually(
+        "a ReplicaSet for deployment web",
+        Duration::from_secs(30),
+        || async { (!rs.list(&ListParams::default()).await.ok()?.items.is_empty()).then_some(()) },
+    )
     .await;
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the StatefulSet's claim data-db-0", Duration::from_secs(30), || async {
-        pvcs.get_opt("data-db-0").await.ok()?.map(|_| ())
-    })
+    eventually(
+        "the StatefulSet's claim data-db-0",
+        Duration::from_secs(30),
+        || async { pvcs.get_opt("data-db-0").await.ok()?.map(|_| ()) },
+    )
     .await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
     eventually("kube-root-ca.crt", Duration::from_secs(30), || async {
@@ -90,7 +94,9 @@ fn init_repo(kubeconfig: &Path, repo: &str, s3: bool) {
     if s3 {
         with_s3(&mut cmd);
     }
-    cmd.args(["repo", "init", "--repo", repo]).assert().success();
+    cmd.args(["repo", "init", "--repo", repo])
+        .assert()
+        .success();
 }
 
 fn backup(kubeconfig: &Path, repo: &str, s3: bool, name: &str, ns: &str) -> Value {
@@ -98,7 +104,12 @@ fn backup(kubeconfig: &Path, repo: &str, s3: bool, name: &str, ns: &str) -> Valu
     if s3 {
         with_s3(&mut cmd);
     }
-    let out = cmd.args(["backup", "create", name, "-n", ns, "--repo", repo, "-o", "json"]).output().unwrap();
+    let out = cmd
+        .args([
+            "backup", "create", name, "-n", ns, "--repo", repo, "-o", "json",
+        ])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "backup failed: {}\n{}",
@@ -113,8 +124,15 @@ fn describe(kubeconfig: &Path, repo: &str, s3: bool, name: &str) -> Value {
     if s3 {
         with_s3(&mut cmd);
     }
-    let out = cmd.args(["backup", "describe", name, "--repo", repo, "-o", "json"]).output().unwrap();
-    assert!(out.status.success(), "describe failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .args(["backup", "describe", name, "--repo", repo, "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "describe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -124,8 +142,16 @@ fn object_names(described: &Value) -> BTreeSet<String> {
         .unwrap()
         .iter()
         .map(|o| match o["namespace"].as_str() {
-            Some(ns) => format!("{}/{ns}/{}", o["kind"].as_str().unwrap(), o["name"].as_str().unwrap()),
-            None => format!("{}/{}", o["kind"].as_str().unwrap(), o["name"].as_str().unwrap()),
+            Some(ns) => format!(
+                "{}/{ns}/{}",
+                o["kind"].as_str().unwrap(),
+                o["name"].as_str().unwrap()
+            ),
+            None => format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["name"].as_str().unwrap()
+            ),
         })
         .collect()
 }
@@ -153,8 +179,16 @@ fn has_edge(graph: &Value, from: &str, to: &str, kind: &str) -> bool {
         .map(|n| {
             let r = n.get("object").unwrap_or(n);
             match r["namespace"].as_str() {
-                Some(ns) => format!("{}/{ns}/{}", r["kind"].as_str().unwrap(), r["name"].as_str().unwrap()),
-                None => format!("{}/{}", r["kind"].as_str().unwrap(), r["name"].as_str().unwrap()),
+                Some(ns) => format!(
+                    "{}/{ns}/{}",
+                    r["kind"].as_str().unwrap(),
+                    r["name"].as_str().unwrap()
+                ),
+                None => format!(
+                    "{}/{}",
+                    r["kind"].as_str().unwrap(),
+                    r["name"].as_str().unwrap()
+                ),
             }
         })
         .collect();
@@ -189,16 +223,42 @@ async fn multitier_app_is_captured_as_a_normalized_graph_in_a_local_repository()
     );
 
     // Skipped with reasons: the controller-owned ReplicaSet and Pods, the root CA.
-    let skipped: Vec<String> =
-        report["skipped"].as_array().unwrap().iter().map(|s| s["object"].as_str().unwrap().to_string()).collect();
-    assert!(skipped.iter().any(|s| s.starts_with(&format!("ReplicaSet/{}/web-", ns.name))), "{skipped:?}");
-    assert!(skipped.iter().any(|s| s.starts_with(&format!("Pod/{}/web-", ns.name))), "{skipped:?}");
-    assert!(skipped.contains(&format!("ConfigMap/{}/kube-root-ca.crt", ns.name)), "{skipped:?}");
-    assert!(report["skipped"].as_array().unwrap().iter().all(|s| !s["reason"].as_str().unwrap().is_empty()));
+    let skipped: Vec<String> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["object"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.starts_with(&format!("ReplicaSet/{}/web-", ns.name))),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.starts_with(&format!("Pod/{}/web-", ns.name))),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped.contains(&format!("ConfigMap/{}/kube-root-ca.crt", ns.name)),
+        "{skipped:?}"
+    );
+    assert!(
+        report["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| !s["reason"].as_str().unwrap().is_empty())
+    );
     // The bootstrap 'view' ClusterRole is a dependency every cluster provides.
     let provided = report["providedByCluster"].to_string();
     assert!(provided.contains("ClusterRole/view"), "{provided}");
-    assert!(report["forbidden"].as_array().unwrap().is_empty(), "{report}");
+    assert!(
+        report["forbidden"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
     assert_eq!(report["counts"]["apps/Deployment"], 1);
     assert_eq!(report["counts"]["Service"], 4);
 
@@ -206,50 +266,164 @@ async fn multitier_app_is_captured_as_a_normalized_graph_in_a_local_repository()
     let dir_path = dir.path().join("repo");
     let web = stored_object(&dir_path, "shop", &format!("Deployment/{}/web", ns.name)).await;
     assert!(web.get("status").is_none());
-    for field in ["uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"] {
-        assert!(web["metadata"].get(field).is_none(), "metadata.{field} must be stripped: {web}");
+    for field in [
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        assert!(
+            web["metadata"].get(field).is_none(),
+            "metadata.{field} must be stripped: {web}"
+        );
     }
-    assert!(web["metadata"]["annotations"].get("deployment.kubernetes.io/revision").is_none());
-    assert_eq!(web["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1.27");
+    assert!(
+        web["metadata"]["annotations"]
+            .get("deployment.kubernetes.io/revision")
+            .is_none()
+    );
+    assert_eq!(
+        web["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.27"
+    );
     let svc = stored_object(&dir_path, "shop", &format!("Service/{}/web", ns.name)).await;
-    assert!(svc["spec"].get("clusterIP").is_none() && svc["spec"].get("clusterIPs").is_none(), "{svc}");
+    assert!(
+        svc["spec"].get("clusterIP").is_none() && svc["spec"].get("clusterIPs").is_none(),
+        "{svc}"
+    );
     let headless = stored_object(&dir_path, "shop", &format!("Service/{}/db", ns.name)).await;
-    assert_eq!(headless["spec"]["clusterIP"], "None", "headless services stay headless");
-    let node_port = stored_object(&dir_path, "shop", &format!("Service/{}/web-nodeport", ns.name)).await;
-    assert!(node_port["spec"]["ports"][0].get("nodePort").is_none(), "allocated nodePort stripped: {node_port}");
-    let secret = stored_object(&dir_path, "shop", &format!("Secret/{}/db-credentials", ns.name)).await;
+    assert_eq!(
+        headless["spec"]["clusterIP"], "None",
+        "headless services stay headless"
+    );
+    let node_port = stored_object(
+        &dir_path,
+        "shop",
+        &format!("Service/{}/web-nodeport", ns.name),
+    )
+    .await;
+    assert!(
+        node_port["spec"]["ports"][0].get("nodePort").is_none(),
+        "allocated nodePort stripped: {node_port}"
+    );
+    let secret = stored_object(
+        &dir_path,
+        "shop",
+        &format!("Secret/{}/db-credentials", ns.name),
+    )
+    .await;
     assert!(secret["data"]["password"].is_string());
     let namespace = stored_object(&dir_path, "shop", &format!("Namespace/{}", ns.name)).await;
-    assert!(namespace.get("spec").and_then(|s| s.get("finalizers")).is_none());
+    assert!(
+        namespace
+            .get("spec")
+            .and_then(|s| s.get("finalizers"))
+            .is_none()
+    );
 
     // Typed edges.
     let graph = described["content"]["graph"].clone();
     let n = &ns.name;
     let edges = [
-        (format!("Deployment/{n}/web"), format!("ConfigMap/{n}/web-config"), "mounts"),
-        (format!("Deployment/{n}/web"), format!("PersistentVolumeClaim/{n}/uploads"), "mounts"),
-        (format!("Deployment/{n}/web"), format!("Secret/{n}/db-credentials"), "env"),
-        (format!("Deployment/{n}/web"), format!("ServiceAccount/{n}/web"), "uses-service-account"),
-        (format!("Deployment/{n}/web"), format!("Secret/{n}/registry-pull"), "pulls-with"),
-        (format!("Deployment/{n}/web"), format!("PriorityClass/{n}-high"), "scheduled-with"),
-        (format!("RoleBinding/{n}/web-config-reader"), format!("Role/{n}/config-reader"), "binds"),
-        (format!("RoleBinding/{n}/web-config-reader"), format!("ServiceAccount/{n}/web"), "binds"),
-        (format!("ClusterRoleBinding/{n}-node-reader"), format!("ClusterRole/{n}-node-reader"), "binds"),
-        (format!("PersistentVolumeClaim/{n}/uploads"), format!("StorageClass/{n}-fast"), "claims"),
-        (format!("StatefulSet/{n}/db"), format!("StorageClass/{n}-fast"), "claims"),
-        (format!("Service/{n}/web"), format!("Deployment/{n}/web"), "selects"),
-        (format!("HorizontalPodAutoscaler/{n}/web"), format!("Deployment/{n}/web"), "selects"),
-        (format!("Ingress/{n}/web"), format!("Service/{n}/web"), "routes"),
-        (format!("Ingress/{n}/web"), format!("Secret/{n}/web-tls"), "routes"),
-        (format!("Ingress/{n}/web"), format!("IngressClass/{n}-nginx"), "routes"),
-        (format!("Widget/{n}/blue"), "CustomResourceDefinition/widgets.demo.ferry.dev".into(), "instance-of"),
+        (
+            format!("Deployment/{n}/web"),
+            format!("ConfigMap/{n}/web-config"),
+            "mounts",
+        ),
+        (
+            format!("Deployment/{n}/web"),
+            format!("PersistentVolumeClaim/{n}/uploads"),
+            "mounts",
+        ),
+        (
+            format!("Deployment/{n}/web"),
+            format!("Secret/{n}/db-credentials"),
+            "env",
+        ),
+        (
+            format!("Deployment/{n}/web"),
+            format!("ServiceAccount/{n}/web"),
+            "uses-service-account",
+        ),
+        (
+            format!("Deployment/{n}/web"),
+            format!("Secret/{n}/registry-pull"),
+            "pulls-with",
+        ),
+        (
+            format!("Deployment/{n}/web"),
+            format!("PriorityClass/{n}-high"),
+            "scheduled-with",
+        ),
+        (
+            format!("RoleBinding/{n}/web-config-reader"),
+            format!("Role/{n}/config-reader"),
+            "binds",
+        ),
+        (
+            format!("RoleBinding/{n}/web-config-reader"),
+            format!("ServiceAccount/{n}/web"),
+            "binds",
+        ),
+        (
+            format!("ClusterRoleBinding/{n}-node-reader"),
+            format!("ClusterRole/{n}-node-reader"),
+            "binds",
+        ),
+        (
+            format!("PersistentVolumeClaim/{n}/uploads"),
+            format!("StorageClass/{n}-fast"),
+            "claims",
+        ),
+        (
+            format!("StatefulSet/{n}/db"),
+            format!("StorageClass/{n}-fast"),
+            "claims",
+        ),
+        (
+            format!("Service/{n}/web"),
+            format!("Deployment/{n}/web"),
+            "selects",
+        ),
+        (
+            format!("HorizontalPodAutoscaler/{n}/web"),
+            format!("Deployment/{n}/web"),
+            "selects",
+        ),
+        (
+            format!("Ingress/{n}/web"),
+            format!("Service/{n}/web"),
+            "routes",
+        ),
+        (
+            format!("Ingress/{n}/web"),
+            format!("Secret/{n}/web-tls"),
+            "routes",
+        ),
+        (
+            format!("Ingress/{n}/web"),
+            format!("IngressClass/{n}-nginx"),
+            "routes",
+        ),
+        (
+            format!("Widget/{n}/blue"),
+            "CustomResourceDefinition/widgets.demo.ferry.dev".into(),
+            "instance-of",
+        ),
     ];
     for (from, to, kind) in edges {
-        assert!(has_edge(&graph, &from, &to, kind), "missing edge {from} -[{kind}]-> {to}");
+        assert!(
+            has_edge(&graph, &from, &to, kind),
+            "missing edge {from} -[{kind}]-> {to}"
+        );
     }
 
     // The graph renders as DOT.
-    let dot = ferry(&cluster.kubeconfig).args(["backup", "graph", "shop", "--repo", repo]).output().unwrap();
+    let dot = ferry(&cluster.kubeconfig)
+        .args(["backup", "graph", "shop", "--repo", repo])
+        .output()
+        .unwrap();
     assert!(dot.status.success());
     let dot = String::from_utf8(dot.stdout).unwrap();
     assert!(dot.starts_with("digraph"), "{dot}");
@@ -275,11 +449,20 @@ async fn multitier_app_backs_up_to_minio_and_an_unchanged_rebackup_stores_almost
     // No object is stored again. Only the snapshot's root is always new;
     // the cluster profile (and with it at most the catalog and graph) may
     // change too while tests running in parallel add cluster-scoped classes.
-    assert!(s2["blobsAdded"].as_u64().unwrap() <= 4, "second backup added blobs: {s2}");
+    assert!(
+        s2["blobsAdded"].as_u64().unwrap() <= 4,
+        "second backup added blobs: {s2}"
+    );
     assert!(s2["blobsDeduplicated"].as_u64().unwrap() >= objects, "{s2}");
-    let (b1, b2) = (s1["bytesStored"].as_u64().unwrap(), s2["bytesStored"].as_u64().unwrap());
+    let (b1, b2) = (
+        s1["bytesStored"].as_u64().unwrap(),
+        s2["bytesStored"].as_u64().unwrap(),
+    );
     eprintln!("first backup stored {b1} bytes, unchanged re-backup {b2} bytes");
-    assert!(b2 * 4 < b1, "an unchanged re-backup stored {b2} bytes against {b1} for the first");
+    assert!(
+        b2 * 4 < b1,
+        "an unchanged re-backup stored {b2} bytes against {b1} for the first"
+    );
 
     let listed = with_s3(&mut ferry(&cluster.kubeconfig))
         .args(["backup", "list", "--repo", &repo, "-o", "json"])
@@ -289,8 +472,18 @@ async fn multitier_app_backs_up_to_minio_and_an_unchanged_rebackup_stores_almost
     assert_eq!(listed.as_array().unwrap().len(), 2);
     // The store holds packs, not one object per Kubernetes object.
     let s3 = crate::support::s3_client().await;
-    let keys = s3.list_objects_v2().bucket(&bucket).prefix("team/prod/data/").send().await.unwrap();
-    assert!(keys.key_count().unwrap_or(0) <= 4, "{objects} objects took {:?} packs", keys.key_count());
+    let keys = s3
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix("team/prod/data/")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        keys.key_count().unwrap_or(0) <= 4,
+        "{objects} objects took {:?} packs",
+        keys.key_count()
+    );
 }
 
 #[tokio::test]
@@ -312,7 +505,10 @@ async fn a_flipped_byte_fails_verify_naming_the_object_and_a_wrong_password_fail
     let repo = repo_path.to_str().unwrap();
     init_repo(&cluster.kubeconfig, repo, false);
     backup(&cluster.kubeconfig, repo, false, "v", &ns.name);
-    ferry(&cluster.kubeconfig).args(["backup", "verify", "--repo", repo, "--read-data"]).assert().success();
+    ferry(&cluster.kubeconfig)
+        .args(["backup", "verify", "--repo", repo, "--read-data"])
+        .assert()
+        .success();
 
     // Wrong password: one clear error, nothing written.
     let before = list_files(&repo_path);
@@ -324,20 +520,37 @@ async fn a_flipped_byte_fails_verify_naming_the_object_and_a_wrong_password_fail
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("wrong password"), "{stderr}");
-    assert_eq!(list_files(&repo_path), before, "a wrong password must write nothing");
+    assert_eq!(
+        list_files(&repo_path),
+        before,
+        "a wrong password must write nothing"
+    );
 
     // Flip one byte early in the pack: inside the first blob.
-    let pack = before.iter().find(|p| p.contains("/data/")).expect("a pack").clone();
+    let pack = before
+        .iter()
+        .find(|p| p.contains("/data/"))
+        .expect("a pack")
+        .clone();
     let path = repo_path.join(pack.trim_start_matches('/'));
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[60] ^= 0x5a;
     std::fs::write(&path, bytes).unwrap();
-    let out = ferry(&cluster.kubeconfig).args(["backup", "verify", "--repo", repo, "--read-data"]).output().unwrap();
+    let out = ferry(&cluster.kubeconfig)
+        .args(["backup", "verify", "--repo", repo, "--read-data"])
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "verify must fail on a damaged pack");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&format!("/{}/", ns.name)) || stdout.contains("snapshot v"), "verify must name the damaged object: {stdout}");
+    assert!(
+        stdout.contains(&format!("/{}/", ns.name)) || stdout.contains("snapshot v"),
+        "verify must name the damaged object: {stdout}"
+    );
     // Reading the snapshot's objects refuses the damaged data too.
-    let out = ferry(&cluster.kubeconfig).args(["backup", "verify", "v", "--repo", repo]).output().unwrap();
+    let out = ferry(&cluster.kubeconfig)
+        .args(["backup", "verify", "v", "--repo", repo])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
 }
 
@@ -350,7 +563,14 @@ fn list_files(root: &Path) -> Vec<String> {
             if entry.file_type().unwrap().is_dir() {
                 stack.push(entry.path());
             } else {
-                out.push(entry.path().strip_prefix(root).unwrap().to_string_lossy().into_owned());
+                out.push(
+                    entry
+                        .path()
+                        .strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
             }
         }
     }
@@ -380,24 +600,64 @@ async fn edit_only_user_backs_up_its_namespace_and_is_told_what_it_could_not_rea
     let repo = repo.to_str().unwrap();
     init_repo(&kubeconfig, repo, false);
     let out = ferry(&kubeconfig)
-        .args(["backup", "create", "mine", "-n", &ns.name, "--repo", repo, "-o", "json"])
+        .args([
+            "backup", "create", "mine", "-n", &ns.name, "--repo", repo, "-o", "json",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "a partial backup exits 3: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a partial backup exits 3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     let forbidden = result["report"]["forbidden"].to_string();
-    assert!(forbidden.contains(&format!("roles.rbac.authorization.k8s.io in namespace {}", ns.name)), "{forbidden}");
+    assert!(
+        forbidden.contains(&format!(
+            "roles.rbac.authorization.k8s.io in namespace {}",
+            ns.name
+        )),
+        "{forbidden}"
+    );
     // 'edit' grants nothing on custom resources: the Widget is reported, not silently missing.
-    assert!(forbidden.contains(&format!("widgets.demo.ferry.dev in namespace {}", ns.name)), "{forbidden}");
-    assert!(forbidden.contains(&format!("rolebindings.rbac.authorization.k8s.io in namespace {}", ns.name)), "{forbidden}");
+    assert!(
+        forbidden.contains(&format!("widgets.demo.ferry.dev in namespace {}", ns.name)),
+        "{forbidden}"
+    );
+    assert!(
+        forbidden.contains(&format!(
+            "rolebindings.rbac.authorization.k8s.io in namespace {}",
+            ns.name
+        )),
+        "{forbidden}"
+    );
     let got = object_names(&describe(&kubeconfig, repo, false, "mine"));
-    for readable in ["Deployment/web", "StatefulSet/db", "ConfigMap/web-config", "Secret/db-credentials", "Ingress/web"] {
+    for readable in [
+        "Deployment/web",
+        "StatefulSet/db",
+        "ConfigMap/web-config",
+        "Secret/db-credentials",
+        "Ingress/web",
+    ] {
         let (kind, name) = readable.split_once('/').unwrap();
-        assert!(got.contains(&format!("{kind}/{}/{name}", ns.name)), "{readable} missing from {got:?}");
+        assert!(
+            got.contains(&format!("{kind}/{}/{name}", ns.name)),
+            "{readable} missing from {got:?}"
+        );
     }
-    assert!(!got.iter().any(|o| o.starts_with("Role/") || o.starts_with("RoleBinding/")));
-    let listed = ferry(&kubeconfig).args(["backup", "list", "--repo", repo]).output().unwrap();
-    assert!(String::from_utf8_lossy(&listed.stdout).contains("partial"), "the listing marks the backup partial");
+    assert!(
+        !got.iter()
+            .any(|o| o.starts_with("Role/") || o.starts_with("RoleBinding/"))
+    );
+    let listed = ferry(&kubeconfig)
+        .args(["backup", "list", "--repo", repo])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("partial"),
+        "the listing marks the backup partial"
+    );
 }
 
 #[tokio::test]
@@ -423,33 +683,67 @@ async fn a_backup_killed_midway_leaves_a_valid_repository_and_the_next_backup_wo
     let mut child = std::process::Command::new(bin)
         .env("KUBECONFIG", &cluster.kubeconfig)
         .env("FERRY_PASSWORD", "correct horse battery staple")
-        .args(["backup", "create", "killed", "-n", &ns.name, "--repo", repo, "--page-size", "5", "--concurrency", "1"])
+        .args([
+            "backup",
+            "create",
+            "killed",
+            "-n",
+            &ns.name,
+            "--repo",
+            repo,
+            "--page-size",
+            "5",
+            "--concurrency",
+            "1",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     // Kill it once it holds its lock, i.e. while it is working.
-    eventually("the backup to take its lock", Duration::from_secs(30), || async {
-        std::fs::read_dir(repo_path.join("locks")).ok()?.next().map(|_| ())
-    })
+    eventually(
+        "the backup to take its lock",
+        Duration::from_secs(30),
+        || async {
+            std::fs::read_dir(repo_path.join("locks"))
+                .ok()?
+                .next()
+                .map(|_| ())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let listed = ferry(&cluster.kubeconfig).args(["backup", "list", "--repo", repo, "-o", "json"]).output().unwrap();
+    let listed = ferry(&cluster.kubeconfig)
+        .args(["backup", "list", "--repo", repo, "-o", "json"])
+        .output()
+        .unwrap();
     assert!(listed.status.success());
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     for snap in listed.as_array().unwrap() {
         // Either it finished before the kill, complete, or it left nothing.
         assert_eq!(snap["summary"]["objects"].as_u64(), Some(301));
     }
-    ferry(&cluster.kubeconfig).args(["backup", "verify", "--repo", repo, "--read-data"]).assert().success();
+    ferry(&cluster.kubeconfig)
+        .args(["backup", "verify", "--repo", repo, "--read-data"])
+        .assert()
+        .success();
     let next = backup(&cluster.kubeconfig, repo, false, "after-kill", &ns.name);
     assert_eq!(next["report"]["stats"]["objects"].as_u64(), Some(301));
-    ferry(&cluster.kubeconfig).args(["backup", "verify", "--repo", repo, "--read-data"]).assert().success();
-    ferry(&cluster.kubeconfig).args(["backup", "prune", "--repo", repo]).assert().success();
-    ferry(&cluster.kubeconfig).args(["backup", "verify", "after-kill", "--repo", repo]).assert().success();
+    ferry(&cluster.kubeconfig)
+        .args(["backup", "verify", "--repo", repo, "--read-data"])
+        .assert()
+        .success();
+    ferry(&cluster.kubeconfig)
+        .args(["backup", "prune", "--repo", repo])
+        .assert()
+        .success();
+    ferry(&cluster.kubeconfig)
+        .args(["backup", "verify", "after-kill", "--repo", repo])
+        .assert()
+        .success();
 }
 
 #[tokio::test]
@@ -468,20 +762,42 @@ async fn unreachable_cluster_and_rejected_credentials_fail_cleanly_and_write_not
     };
     let text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
     let unreachable = dir.path().join("unreachable.kubeconfig");
-    std::fs::write(&unreachable, text.replace(&cluster.server, &format!("https://127.0.0.1:{closed}"))).unwrap();
-    let out = ferry(&unreachable).args(["backup", "create", "x", "-n", "default", "--repo", repo]).output().unwrap();
+    std::fs::write(
+        &unreachable,
+        text.replace(&cluster.server, &format!("https://127.0.0.1:{closed}")),
+    )
+    .unwrap();
+    let out = ferry(&unreachable)
+        .args(["backup", "create", "x", "-n", "default", "--repo", repo])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unreachable"), "{stderr}");
-    assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "one clear error: {stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "one clear error: {stderr}"
+    );
 
     // An expired or revoked token.
     let expired = dir.path().join("expired.kubeconfig");
-    std::fs::write(&expired, text.replace(&cluster.admin_token, "expired-token-0000")).unwrap();
-    let out = ferry(&expired).args(["backup", "create", "x", "-n", "default", "--repo", repo]).output().unwrap();
+    std::fs::write(
+        &expired,
+        text.replace(&cluster.admin_token, "expired-token-0000"),
+    )
+    .unwrap();
+    let out = ferry(&expired)
+        .args(["backup", "create", "x", "-n", "default", "--repo", repo])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refused our credentials"), "{stderr}");
 
-    assert_eq!(list_files(&repo_path), before, "failed backups must write nothing");
+    assert_eq!(
+        list_files(&repo_path),
+        before,
+        "failed backups must write nothing"
+    );
 }

@@ -2,6 +2,6 @@
 //! `scripts/testenv up` (see README). Each test works in its own namespace(s)
 //! and bucket, so the whole binary runs in parallel.
 
-mod support;
 mod backup;
+mod support;
 mod testenv;

@@ -24,7 +24,6 @@ pub struct ClusterInfo {
     pub name: String,
     pub version: String,
     pub server: String,
-    pub ca_file: PathBuf,
     pub kubeconfig: PathBuf,
     pub admin_token: String,
     pub users: BTreeMap<String, UserInfo>,
@@ -33,8 +32,8 @@ pub struct ClusterInfo {
 #[derive(Debug, Deserialize)]
 pub struct UserInfo {
     pub token: String,
+    /// The one namespace where the user has `edit`, if any.
     pub edit_namespace: Option<String>,
-    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -43,7 +42,6 @@ pub struct S3Info {
     pub access_key: String,
     pub secret_key: String,
     pub region: String,
-    pub bucket: String,
 }
 
 /// Where `scripts/testenv` keeps the description of the running environment.
@@ -51,12 +49,14 @@ fn env_file() -> PathBuf {
     if let Ok(path) = std::env::var("FERRY_TESTENV") {
         return PathBuf::from(path);
     }
-    let state = std::env::var("FERRY_TESTENV_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-        std::env::var("TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from("/tmp"))
-            .join("ferry-testenv")
-    });
+    let state = std::env::var("FERRY_TESTENV_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::env::var("TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| PathBuf::from("/tmp"))
+                .join("ferry-testenv")
+        });
     state.join("env.json")
 }
 
@@ -76,8 +76,12 @@ pub fn env() -> &'static Env {
                 path.display()
             )
         });
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{} is not a test environment description: {e}", path.display()))
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "{} is not a test environment description: {e}",
+                path.display()
+            )
+        })
     })
 }
 
@@ -126,22 +130,30 @@ impl ClusterInfo {
     }
 
     pub async fn client_as(&self, user: &str) -> kube::Client {
-        let info = self.users.get(user).unwrap_or_else(|| panic!("no test user '{user}'"));
+        let info = self
+            .users
+            .get(user)
+            .unwrap_or_else(|| panic!("no test user '{user}'"));
         self.client_with_token(&info.token).await
     }
 
     pub async fn client_with_token(&self, token: &str) -> kube::Client {
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
-        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .expect("kubeconfig of the test cluster");
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("kubeconfig of the test cluster");
         config.auth_info.token = Some(token.to_string().into());
         kube::Client::try_from(config).expect("client for the test cluster")
     }
 
     /// A kubeconfig file for `user` (for running the `ferry` binary as that user).
     pub fn kubeconfig_for(&self, user: &str, dir: &Path) -> PathBuf {
-        let token = &self.users.get(user).unwrap_or_else(|| panic!("no test user '{user}'")).token;
+        let token = &self
+            .users
+            .get(user)
+            .unwrap_or_else(|| panic!("no test user '{user}'"))
+            .token;
         let text = std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig");
         let text = text.replace(&self.admin_token, token);
         let path = dir.join(format!("{}-{user}.kubeconfig", self.name));
@@ -174,8 +186,13 @@ impl TestNamespace {
             "metadata": {"name": name, "labels": {"ferry.dev/test": "true"}}
         }))
         .unwrap();
-        api.create(&PostParams::default(), &ns).await.expect("create test namespace");
-        TestNamespace { name: name.to_string(), client: client.clone() }
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("create test namespace");
+        TestNamespace {
+            name: name.to_string(),
+            client: client.clone(),
+        }
     }
 }
 
@@ -211,7 +228,13 @@ where
 
 pub async fn s3_client() -> aws_sdk_s3::Client {
     let s3 = &env().s3;
-    let creds = aws_sdk_s3::config::Credentials::new(&s3.access_key, &s3.secret_key, None, None, "ferry-testenv");
+    let creds = aws_sdk_s3::config::Credentials::new(
+        &s3.access_key,
+        &s3.secret_key,
+        None,
+        None,
+        "ferry-testenv",
+    );
     let config = aws_sdk_s3::Config::builder()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
         .region(aws_sdk_s3::config::Region::new(s3.region.clone()))
@@ -231,7 +254,12 @@ pub async fn fresh_bucket(prefix: &str) -> String {
         .bucket(&name)
         .send()
         .await
-        .unwrap_or_else(|e| panic!("create bucket {name}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
+        .unwrap_or_else(|e| {
+            panic!(
+                "create bucket {name}: {}",
+                aws_sdk_s3::error::DisplayErrorContext(e)
+            )
+        });
     name
 }
 
@@ -255,12 +283,17 @@ pub async fn apply_manifests(client: &kube::Client, yaml: &str) {
     for doc in docs {
         let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
             Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (String::new(), doc["apiVersion"].as_str().unwrap().to_string()),
+            None => (
+                String::new(),
+                doc["apiVersion"].as_str().unwrap().to_string(),
+            ),
         };
         let gvk = GroupVersionKind::gvk(&group, &version, doc["kind"].as_str().unwrap());
-        let (resource, caps) = eventually(&format!("{gvk:?} to be served"), Duration::from_secs(30), || async {
-            pinned_kind(client, &gvk).await.ok()
-        })
+        let (resource, caps) = eventually(
+            &format!("{gvk:?} to be served"),
+            Duration::from_secs(30),
+            || async { pinned_kind(client, &gvk).await.ok() },
+        )
         .await;
         let name = doc["metadata"]["name"].as_str().unwrap().to_string();
         let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
@@ -273,14 +306,18 @@ pub async fn apply_manifests(client: &kube::Client, yaml: &str) {
             .await
             .unwrap_or_else(|e| panic!("apply {} {name}: {e}", gvk.kind));
         if is_crd(&doc) {
-            eventually(&format!("CRD {name} to be established"), Duration::from_secs(30), || async {
-                let crd = api.get(&name).await.ok()?;
-                let established = crd.data["status"]["conditions"]
-                    .as_array()?
-                    .iter()
-                    .any(|c| c["type"] == "Established" && c["status"] == "True");
-                established.then_some(())
-            })
+            eventually(
+                &format!("CRD {name} to be established"),
+                Duration::from_secs(30),
+                || async {
+                    let crd = api.get(&name).await.ok()?;
+                    let established = crd.data["status"]["conditions"]
+                        .as_array()?
+                        .iter()
+                        .any(|c| c["type"] == "Established" && c["status"] == "True");
+                    established.then_some(())
+                },
+            )
             .await;
         }
     }
@@ -296,7 +333,10 @@ pub fn ferry(kubeconfig: &Path) -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("ferry").expect("ferry binary");
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
+        )
         .env("KUBECONFIG", kubeconfig)
         .env("FERRY_PASSWORD", "correct horse battery staple")
         .timeout(Duration::from_secs(300));

@@ -7,15 +7,29 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
-use crate::support::{env, eventually, fresh_bucket, pinned_versions, s3_client, unique_name, TestNamespace};
+use crate::support::{
+    TestNamespace, env, eventually, fresh_bucket, pinned_versions, s3_client, unique_name,
+};
 
 #[tokio::test]
 async fn each_cluster_reports_the_version_it_claims() {
     let pinned = pinned_versions();
-    for (name, key) in [("a", "K8S_NEW_VERSION"), ("b", "K8S_NEW_VERSION"), ("old", "K8S_OLD_VERSION")] {
+    for (name, key) in [
+        ("a", "K8S_NEW_VERSION"),
+        ("b", "K8S_NEW_VERSION"),
+        ("old", "K8S_OLD_VERSION"),
+    ] {
         let cluster = env().cluster(name);
-        assert_eq!(cluster.version, pinned[key], "environment description of cluster {name}");
-        let info = cluster.client().await.apiserver_version().await.expect("GET /version");
+        assert_eq!(
+            cluster.version, pinned[key],
+            "environment description of cluster {name}"
+        );
+        let info = cluster
+            .client()
+            .await
+            .apiserver_version()
+            .await
+            .expect("GET /version");
         assert_eq!(info.git_version, pinned[key], "/version of cluster {name}");
     }
 }
@@ -36,9 +50,15 @@ async fn serves(client: &kube::Client, group_version: &str) -> bool {
 async fn old_cluster_serves_batch_v1beta1_cronjob_and_newest_does_not() {
     let old = env().old().client().await;
     let new = env().primary().client().await;
-    assert!(serves(&old, "batch/v1beta1").await, "v1.24 must serve batch/v1beta1 CronJob");
+    assert!(
+        serves(&old, "batch/v1beta1").await,
+        "v1.24 must serve batch/v1beta1 CronJob"
+    );
     assert!(serves(&old, "batch/v1").await);
-    assert!(!serves(&new, "batch/v1beta1").await, "the newest release must not serve batch/v1beta1");
+    assert!(
+        !serves(&new, "batch/v1beta1").await,
+        "the newest release must not serve batch/v1beta1"
+    );
     assert!(serves(&new, "batch/v1").await);
 }
 
@@ -60,36 +80,79 @@ async fn deployment_gets_replicaset_and_namespace_deletion_removes_everything() 
         }
     }))
     .unwrap();
-    let created = deployments.create(&PostParams::default(), &deployment).await.expect("create deployment");
+    let created = deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
     let uid = created.metadata.uid.clone().unwrap();
 
     let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns.name);
-    let rs = eventually("the deployment controller to create a ReplicaSet", Duration::from_secs(30), || async {
-        replica_sets.list(&ListParams::default()).await.ok()?.items.into_iter().next()
-    })
+    let rs = eventually(
+        "the deployment controller to create a ReplicaSet",
+        Duration::from_secs(30),
+        || async {
+            replica_sets
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()
+        },
+    )
     .await;
-    let owner = &rs.metadata.owner_references.as_ref().expect("owner references")[0];
-    assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Deployment", uid.as_str()));
+    let owner = &rs
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("owner references")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Deployment", uid.as_str())
+    );
     assert_eq!(rs.spec.replicas, Some(2));
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces.delete(&ns.name, &DeleteParams::default()).await.expect("delete namespace");
-    eventually("the namespace controller to remove the namespace", Duration::from_secs(60), || async {
-        match namespaces.get_opt(&ns.name).await {
-            Ok(None) => Some(()),
-            _ => None,
-        }
-    })
+    namespaces
+        .delete(&ns.name, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+    eventually(
+        "the namespace controller to remove the namespace",
+        Duration::from_secs(60),
+        || async {
+            match namespaces.get_opt(&ns.name).await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        },
+    )
     .await;
-    assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty());
-    assert!(replica_sets.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(
+        deployments
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        replica_sets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn minio_round_trips_an_object_through_aws_sdk_s3() {
     let bucket = fresh_bucket("t-s3").await;
     let s3 = s3_client().await;
-    let body: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let body: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     s3.put_object()
         .bucket(&bucket)
         .key("dir/object.bin")
@@ -97,11 +160,25 @@ async fn minio_round_trips_an_object_through_aws_sdk_s3() {
         .send()
         .await
         .expect("put object");
-    let got = s3.get_object().bucket(&bucket).key("dir/object.bin").send().await.expect("get object");
+    let got = s3
+        .get_object()
+        .bucket(&bucket)
+        .key("dir/object.bin")
+        .send()
+        .await
+        .expect("get object");
     let bytes = got.body.collect().await.unwrap().into_bytes();
     assert_eq!(bytes.len(), body.len());
-    assert!(bytes.as_ref() == body.as_slice(), "object read back differs");
-    let missing = s3.get_object().bucket(&bucket).key("dir/missing").send().await;
+    assert!(
+        bytes.as_ref() == body.as_slice(),
+        "object read back differs"
+    );
+    let missing = s3
+        .get_object()
+        .bucket(&bucket)
+        .key("dir/missing")
+        .send()
+        .await;
     assert!(missing.is_err(), "a missing key must be an error");
 }
 
@@ -116,16 +193,29 @@ fn config_map(name: &str) -> ConfigMap {
 async fn edit_only_user_is_refused_outside_its_namespace_and_allowed_inside() {
     let cluster = env().primary();
     let admin = cluster.client().await;
-    // The static 'developer' user only has 'edit' in team-a.
+    // The static 'developer' user only has 'edit' in one namespace.
+    let edit_namespace = cluster.users["developer"]
+        .edit_namespace
+        .clone()
+        .expect("developer's namespace");
     let developer = cluster.client_as("developer").await;
-    let inside: Api<ConfigMap> = Api::namespaced(developer.clone(), "team-a");
+    let inside: Api<ConfigMap> = Api::namespaced(developer.clone(), &edit_namespace);
     let name = unique_name("t-rbac");
-    inside.create(&PostParams::default(), &config_map(&name)).await.expect("developer may create in team-a");
-    inside.delete(&name, &DeleteParams::default()).await.expect("developer may delete in team-a");
+    inside
+        .create(&PostParams::default(), &config_map(&name))
+        .await
+        .expect("developer may create in team-a");
+    inside
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("developer may delete in team-a");
 
     let other = TestNamespace::create(&admin, "t-rbac").await;
     let outside: Api<ConfigMap> = Api::namespaced(developer.clone(), &other.name);
-    match outside.create(&PostParams::default(), &config_map("x")).await {
+    match outside
+        .create(&PostParams::default(), &config_map("x"))
+        .await
+    {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
         other => panic!("developer must be refused outside team-a, got {other:?}"),
     }
@@ -153,9 +243,18 @@ async fn two_clusters_run_side_by_side_with_separate_data() {
         .await
         .unwrap();
     let in_b: Api<Namespace> = Api::all(client_b.clone());
-    assert!(in_b.get_opt(&ns.name).await.unwrap().is_none(), "cluster b must not see cluster a's namespace");
+    assert!(
+        in_b.get_opt(&ns.name).await.unwrap().is_none(),
+        "cluster b must not see cluster a's namespace"
+    );
     // Both clusters run their own controller-manager: each publishes its own root CA.
-    let ca_a = Api::<ConfigMap>::namespaced(client_a, "team-a").get("kube-root-ca.crt").await.unwrap();
-    let ca_b = Api::<ConfigMap>::namespaced(client_b, "team-a").get("kube-root-ca.crt").await.unwrap();
+    let ca_a = Api::<ConfigMap>::namespaced(client_a, "team-a")
+        .get("kube-root-ca.crt")
+        .await
+        .unwrap();
+    let ca_b = Api::<ConfigMap>::namespaced(client_b, "team-a")
+        .get("kube-root-ca.crt")
+        .await
+        .unwrap();
     assert_ne!(ca_a.data, ca_b.data, "each cluster has its own CA");
 }
