@@ -59,6 +59,26 @@ pub enum Command {
     /// Create and maintain repositories.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Restore a snapshot into the current or another cluster.
+    #[command(
+        after_help = "The restore is planned first: objects are ordered into waves by their \
+dependencies (CRDs and Namespaces, classes, configuration, RBAC, workloads, networking, \
+autoscaling), and a preflight checks the target before anything is written: served API \
+versions, referenced storage/ingress/priority/runtime classes, CRDs, and permissions for every \
+write (SelfSubjectAccessReview). A failed preflight lists every problem and writes nothing. \
+Objects are written with server-side apply (field manager 'ferry'): running a restore again \
+converges, and a restore interrupted half-way finishes when run again.\n\n\
+Examples:\n  \
+  ferry restore shop-nightly --dry-run\n  \
+  ferry restore shop-nightly --context staging --namespace-mapping shop=shop-staging\n  \
+  ferry restore shop-nightly --object Deployment/shop/web --existing recreate"
+    )]
+    Restore(RestoreArgs),
+    /// Back up from one cluster and restore into another, in one command.
+    #[command(after_help = "Examples:\n  \
+  ferry migrate --from prod-eu --to prod-us -n shop\n  \
+  ferry migrate --from old --to new -A --repo s3://migrations/2026 --snapshot cutover")]
+    Migrate(MigrateArgs),
     /// Inspect clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -260,4 +280,84 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
+}
+
+/// Which part of a snapshot to restore, and how.
+#[derive(Debug, Args, Clone)]
+pub struct RestoreOptionsArgs {
+    /// Restore only these source namespaces; repeatable; globs allowed.
+    #[arg(short, long = "namespace", value_name = "NAMESPACE")]
+    pub namespaces: Vec<String>,
+    /// Leave out these source namespaces; repeatable; globs allowed.
+    #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
+    pub exclude_namespaces: Vec<String>,
+    /// Only objects whose labels match (kubectl syntax).
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Only these kinds (Kind, plural or plural.group); repeatable or comma-separated.
+    #[arg(long = "include-kind", value_delimiter = ',')]
+    pub include_kinds: Vec<String>,
+    /// Leave out these kinds; repeatable or comma-separated.
+    #[arg(long = "exclude-kind", value_delimiter = ',')]
+    pub exclude_kinds: Vec<String>,
+    /// Only this object, as Kind/namespace/name or Kind/name; repeatable.
+    #[arg(long = "object", value_name = "KIND/NS/NAME")]
+    pub objects: Vec<String>,
+    #[command(flatten)]
+    pub write: RestoreWriteArgs,
+}
+
+/// How a restore writes into the target.
+#[derive(Debug, Args, Clone)]
+pub struct RestoreWriteArgs {
+    /// Restore namespace OLD as NEW, with every reference following; repeatable.
+    #[arg(long = "namespace-mapping", value_name = "OLD=NEW")]
+    pub namespace_mapping: Vec<String>,
+    /// What to do with objects that already exist in the target.
+    #[arg(long, value_enum, default_value_t = crate::restore::ExistingPolicy::Update)]
+    pub existing: crate::restore::ExistingPolicy,
+    /// Print the restore plan and a diff against the target; write nothing
+    /// (writes are validated with a server-side dry run).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Writes running at once within a wave.
+    #[arg(long, default_value_t = 16)]
+    pub restore_concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot name (the newest of that name) or id prefix.
+    pub snapshot: String,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    #[command(flatten)]
+    pub options: RestoreOptionsArgs,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Source kubeconfig context.
+    #[arg(long)]
+    pub from: String,
+    /// Target kubeconfig context.
+    #[arg(long)]
+    pub to: String,
+    /// Kubeconfig of the target, when it is not in the source's kubeconfig.
+    #[arg(long)]
+    pub to_kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Name of the snapshot to keep (default: a temporary one in a
+    /// temporary repository, deleted afterwards).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    #[command(flatten)]
+    pub write: RestoreWriteArgs,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: OutputFormat,
 }

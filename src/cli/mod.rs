@@ -17,8 +17,8 @@ use crate::backup::{self, BackupOptions, Progress};
 use crate::cluster::ConnectOptions;
 use crate::model::select::Selection;
 use args::{
-    BackupCommand, Cli, ClusterCommand, Command, GlobalArgs, GraphFormat, RepoCommand,
-    SelectionArgs,
+    BackupCommand, Cli, ClusterCommand, Command, GlobalArgs, GraphFormat, MigrateArgs, RepoCommand,
+    RestoreArgs, RestoreOptionsArgs, RestoreWriteArgs, SelectionArgs,
 };
 use output::{OutputFormat, emit, human_bytes, table};
 
@@ -29,6 +29,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Backup(cmd) => backup_command(&cli.global, cmd).await,
         Command::Repo(cmd) => repo_command(cmd).await,
+        Command::Restore(args) => restore_command(&cli.global, args).await,
+        Command::Migrate(args) => migrate_command(&cli.global, args).await,
         Command::Cluster(ClusterCommand::Profile { output }) => {
             let conn = connect(&cli.global).await?;
             let discovery = crate::cluster::discovery::discover(&conn.client).await?;
@@ -397,4 +399,237 @@ fn print_report(
         }
     }
     Ok(())
+}
+
+fn restore_options(
+    subset: Option<&RestoreOptionsArgs>,
+    write: &RestoreWriteArgs,
+) -> anyhow::Result<crate::restore::RestoreOptions> {
+    let mut selection = Selection {
+        all_namespaces: true,
+        include_deps: true,
+        ..Default::default()
+    };
+    let mut objects = Vec::new();
+    if let Some(subset) = subset {
+        if !subset.namespaces.is_empty() {
+            selection.all_namespaces = false;
+            selection.namespaces = subset.namespaces.clone();
+        }
+        selection.exclude_namespaces = subset.exclude_namespaces.clone();
+        selection.include_kinds = subset.include_kinds.clone();
+        selection.exclude_kinds = subset.exclude_kinds.clone();
+        if let Some(s) = &subset.selector {
+            selection.selector = Some(
+                crate::model::select::LabelSelector::parse(s)
+                    .with_context(|| format!("label selector '{s}'"))?,
+            );
+        }
+        objects = subset.objects.clone();
+    }
+    // Restoring "everything" includes what --all-namespaces leaves out of
+    // backups: the snapshot only holds what was chosen at backup time.
+    selection.namespaces.extend(
+        crate::model::select::SYSTEM_NAMESPACES
+            .iter()
+            .map(|s| s.to_string())
+            .filter(|_| subset.is_none_or(|s| s.namespaces.is_empty())),
+    );
+    selection.validate()?;
+    Ok(crate::restore::RestoreOptions {
+        selection,
+        objects,
+        mapping: crate::restore::mapping::NamespaceMapping::parse(&write.namespace_mapping)?,
+        existing: write.existing,
+        concurrency: write.restore_concurrency.max(1),
+        dry_run: write.dry_run,
+    })
+}
+
+async fn restore_command(global: &GlobalArgs, args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let options = restore_options(Some(&args.options), &args.options.write)?;
+    let repository = repo::open(&args.repo).await?;
+    let conn = connect(global).await?;
+    run_restore(&conn, &repository, &args.snapshot, &options, args.output).await
+}
+
+async fn run_restore(
+    conn: &crate::cluster::Connection,
+    repository: &crate::repo::Repository,
+    snapshot: &str,
+    options: &crate::restore::RestoreOptions,
+    output: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let progress = Arc::new(crate::restore::Progress::default());
+    let bar = progress::RestoreBar::start(progress.clone());
+    let result = crate::restore::run(conn, repository, snapshot, options, progress).await;
+    bar.finish();
+    let (plan, report) =
+        result.with_context(|| format!("restore of {snapshot} into {}", conn.server))?;
+    emit(
+        output,
+        &serde_json::json!({"plan": plan, "report": report}),
+        |out| {
+            print_plan(out, &plan, options.dry_run)?;
+            print_restore_report(out, &report, options.dry_run)
+        },
+    )?;
+    if !report.failed.is_empty() {
+        anyhow::bail!(
+            "{} object(s) failed{}; the rest was {}. Fix the cause and run the same command again: it continues where this one stopped",
+            report.failed.len(),
+            if options.dry_run {
+                " the server-side dry run"
+            } else {
+                ""
+            },
+            if options.dry_run {
+                "validated"
+            } else {
+                "restored"
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_plan(
+    out: &mut dyn Write,
+    plan: &crate::restore::RestorePlan,
+    dry_run: bool,
+) -> std::io::Result<()> {
+    if !dry_run {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "Restore plan: snapshot {} into {}",
+        plan.snapshot, plan.target
+    )?;
+    for wave in &plan.waves {
+        writeln!(
+            out,
+            "\nWave {} ({} objects):",
+            wave.index + 1,
+            wave.items.len()
+        )?;
+        for item in &wave.items {
+            let action = format!("{:?}", item.action).to_ascii_lowercase();
+            writeln!(out, "  {action:<10} {}  ({})", item.object, item.reason)?;
+            for change in &item.changes {
+                writeln!(out, "               ~ {change}")?;
+            }
+        }
+    }
+    for warning in &plan.warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    Ok(())
+}
+
+fn print_restore_report(
+    out: &mut dyn Write,
+    report: &crate::restore::RestoreReport,
+    dry_run: bool,
+) -> std::io::Result<()> {
+    if dry_run {
+        writeln!(out, "\nDry run: nothing was written.")?;
+    } else {
+        writeln!(
+            out,
+            "Restore: {} created, {} updated, {} unchanged, {} skipped, {} failed",
+            report.created.len(),
+            report.updated.len(),
+            report.unchanged.len(),
+            report.skipped.len(),
+            report.failed.len()
+        )?;
+    }
+    for failure in &report.failed {
+        writeln!(out, "FAILED {}: {}", failure.object, failure.message)?;
+    }
+    for warning in &report.warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    Ok(())
+}
+
+async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let selection = selection(&args.selection)?;
+    let restore = restore_options(None, &args.write)?;
+    let source = ConnectOptions {
+        kubeconfig: global.kubeconfig.clone(),
+        context: Some(args.from.clone()),
+        timeout: Some(global.request_timeout),
+    }
+    .connect()
+    .await
+    .with_context(|| format!("source context {}", args.from))?;
+    let target = ConnectOptions {
+        kubeconfig: args
+            .to_kubeconfig
+            .clone()
+            .or_else(|| global.kubeconfig.clone()),
+        context: Some(args.to.clone()),
+        timeout: Some(global.request_timeout),
+    }
+    .connect()
+    .await
+    .with_context(|| format!("target context {}", args.to))?;
+
+    // Without --repo the snapshot lives in a temporary repository for the
+    // duration of the migration.
+    let temporary = tempfile::tempdir().context("creating a temporary repository")?;
+    let repository = match &args.repo.repo {
+        Some(_) => repo::open(&args.repo).await?,
+        None => {
+            if args.snapshot.is_some() {
+                anyhow::bail!("--snapshot keeps the snapshot, so it needs a --repo to keep it in");
+            }
+            let backend: Arc<dyn crate::repo::Backend> = Arc::new(crate::repo::LocalBackend::new(
+                temporary.path().join("repo"),
+            ));
+            let key = crate::repo::KeySource::Password(zeroize::Zeroizing::new(hex::encode(
+                rand::random::<[u8; 32]>(),
+            )));
+            crate::repo::Repository::init(backend, &key).await?
+        }
+    };
+    let name = args.snapshot.clone().unwrap_or_else(|| {
+        format!(
+            "migrate-{}",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        )
+    });
+    let mut options = BackupOptions::new(&name, selection);
+    options.label_selector = args.selection.selector.clone();
+    options.labels.insert(
+        "ferry.dev/migration".into(),
+        format!("{} -> {}", args.from, args.to),
+    );
+    let progress = Arc::new(Progress::default());
+    let bar = progress::BackupBar::start(progress.clone());
+    let result = backup::run(&source, &repository, &options, progress).await;
+    bar.finish();
+    let outcome = result.with_context(|| {
+        format!(
+            "backup of the source ({}) failed; nothing was restored",
+            args.from
+        )
+    })?;
+    eprintln!(
+        "backed up {} objects from {}",
+        outcome.content.report.stats.objects, args.from
+    );
+    if outcome.content.report.is_partial() {
+        eprintln!(
+            "warning: the source backup is partial; not restored: {}",
+            outcome.content.report.forbidden.join(", ")
+        );
+    }
+    let code = run_restore(&target, &repository, &name, &restore, args.output).await?;
+    if outcome.content.report.is_partial() {
+        return Ok(ExitCode::from(EXIT_PARTIAL));
+    }
+    Ok(code)
 }

@@ -46,3 +46,36 @@ impl BackupBar {
         self.bar.finish_and_clear();
     }
 }
+
+/// Renders a restore's progress until finished.
+pub struct RestoreBar {
+    bar: ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl RestoreBar {
+    pub fn start(progress: Arc<crate::restore::Progress>) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} objects",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        let shown = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                shown.set_length(progress.total.load(Ordering::Relaxed) as u64);
+                shown.set_position(progress.done.load(Ordering::Relaxed) as u64);
+                tokio::time::sleep(Duration::from_millis(120)).await;
+            }
+        });
+        RestoreBar { bar, ticker }
+    }
+
+    pub fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}

@@ -59,8 +59,13 @@ impl ServedResource {
 /// What the API server serves.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Discovery {
-    /// Resources at their group's preferred version, sorted by group and plural.
+    /// One entry per kind: at its group's preferred version, or (for kinds
+    /// the preferred version does not serve, such as PodSecurityPolicy in
+    /// policy/v1beta1) at the first version that serves it. Sorted by group
+    /// and plural.
     pub resources: Vec<ServedResource>,
+    /// Every served `groupVersion/Kind`, all versions included.
+    pub served_kinds: std::collections::BTreeSet<String>,
     /// Every served groupVersion (not just the preferred ones), sorted.
     pub group_versions: Vec<String>,
     /// Groups whose discovery failed, with the reason.
@@ -74,7 +79,15 @@ impl Discovery {
             .iter()
             .find(|r| r.group == group && r.kind == kind)
     }
+
+    /// Whether `api_version` serves `kind`.
+    pub fn serves(&self, api_version: &str, kind: &str) -> bool {
+        self.served_kinds.contains(&format!("{api_version}/{kind}"))
+    }
 }
+
+type ListResult =
+    Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList, kube::Error>;
 
 /// Bounded: discovery is many small requests and the API server has
 /// priority-and-fairness limits for them too.
@@ -98,51 +111,64 @@ pub async fn discover(client: &kube::Client) -> Result<Discovery, ClusterError> 
         })?;
 
     let mut group_versions: Vec<String> = core_versions.versions.clone();
-    // (groupVersion to read, group name); the preferred version of each group.
-    let mut to_read: Vec<(String, String)> = Vec::new();
-    if let Some(v) = core_versions.versions.first() {
-        to_read.push((v.clone(), String::new()));
+    // (groupVersion to read, group name, rank): every version of every
+    // group, rank 0 for the preferred one, then in the server's order.
+    let mut to_read: Vec<(String, String, usize)> = Vec::new();
+    for (rank, v) in core_versions.versions.iter().enumerate() {
+        to_read.push((v.clone(), String::new(), rank));
     }
     for group in &groups.groups {
+        let preferred = group
+            .preferred_version
+            .as_ref()
+            .or(group.versions.first())
+            .map(|p| p.group_version.clone());
+        let mut rank = 1;
         for v in &group.versions {
             group_versions.push(v.group_version.clone());
-        }
-        let preferred = group.preferred_version.as_ref().or(group.versions.first());
-        if let Some(p) = preferred {
-            to_read.push((p.group_version.clone(), group.name.clone()));
+            let r = if Some(&v.group_version) == preferred.as_ref() {
+                0
+            } else {
+                rank += 1;
+                rank
+            };
+            to_read.push((v.group_version.clone(), group.name.clone(), r));
         }
     }
     group_versions.sort();
     group_versions.dedup();
 
-    let results: Vec<(
-        String,
-        String,
-        Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList, kube::Error>,
-    )> = futures::stream::iter(to_read)
-        .map(|(gv, group)| async move {
+    let mut results: Vec<(String, String, usize, ListResult)> = futures::stream::iter(to_read)
+        .map(|(gv, group, rank)| async move {
             let list = if group.is_empty() {
                 client.list_core_api_resources(&gv).await
             } else {
                 client.list_api_group_resources(&gv).await
             };
-            Ok::<_, ClusterError>((gv, group, list))
+            Ok::<_, ClusterError>((gv, group, rank, list))
         })
         .buffer_unordered(DISCOVERY_CONCURRENCY)
         .try_collect()
         .await?;
+    // Preferred versions first, so each kind is taken at the best version.
+    results.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
 
     let mut discovery = Discovery {
         group_versions,
         ..Default::default()
     };
-    for (gv, group, list) in results {
+    let mut seen: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
+    for (gv, group, _, list) in results {
         match list {
             Ok(list) => {
                 let version = gv.rsplit('/').next().unwrap_or(&gv).to_string();
                 for r in list.resources {
                     // Subresources (deployments/scale, pods/log) are not objects.
                     if r.name.contains('/') {
+                        continue;
+                    }
+                    discovery.served_kinds.insert(format!("{gv}/{}", r.kind));
+                    if !seen.insert((group.clone(), r.kind.clone())) {
                         continue;
                     }
                     discovery.resources.push(ServedResource {

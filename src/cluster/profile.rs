@@ -39,11 +39,7 @@ pub async fn read_profile(
             .unwrap_or(1),
         minor: parse_minor(&conn.version.minor, &conn.version.git_version),
         served_group_versions: discovery.group_versions.iter().cloned().collect(),
-        served_kinds: discovery
-            .resources
-            .iter()
-            .map(|r| format!("{}/{}", r.api_version(), r.kind))
-            .collect(),
+        served_kinds: discovery.served_kinds.clone(),
         ..Default::default()
     };
     for (gv, why) in &discovery.failures {

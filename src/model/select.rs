@@ -260,7 +260,30 @@ fn glob(pattern: &str) -> Result<GlobMatcher, ModelError> {
         })
 }
 
+/// The plural resource name of a kind, as the API server derives it for
+/// most kinds; used where no discovery data is at hand (restoring offline).
+pub fn guess_plural(kind: &str) -> String {
+    let k = kind.to_ascii_lowercase();
+    if k.ends_with('s') || k.ends_with('x') || k.ends_with("ch") || k.ends_with("sh") {
+        format!("{k}es")
+    } else if let Some(stem) = k
+        .strip_suffix('y')
+        .filter(|s| !s.ends_with(['a', 'e', 'i', 'o', 'u']))
+    {
+        format!("{stem}ies")
+    } else {
+        format!("{k}s")
+    }
+}
+
 fn kind_matches(pattern: &str, group: &str, kind: &str, plural: &str) -> bool {
+    let guessed;
+    let plural = if plural.is_empty() {
+        guessed = guess_plural(kind);
+        guessed.as_str()
+    } else {
+        plural
+    };
     let p = pattern.to_ascii_lowercase();
     let (name, pattern_group) = match p.split_once('.') {
         Some((n, g)) => (n.to_string(), Some(g.to_string())),
@@ -457,6 +480,20 @@ mod tests {
         };
         assert!(!ex.kind_selected("", "Secret", "secrets"));
         assert!(ex.kind_selected("", "ConfigMap", "configmaps"));
+    }
+
+    #[test]
+    fn plurals_are_guessed_like_the_api_server_does() {
+        assert_eq!(guess_plural("StorageClass"), "storageclasses");
+        assert_eq!(guess_plural("NetworkPolicy"), "networkpolicies");
+        assert_eq!(guess_plural("Ingress"), "ingresses");
+        assert_eq!(guess_plural("Deployment"), "deployments");
+        assert_eq!(guess_plural("Gateway"), "gateways");
+        let s = Selection {
+            exclude_kinds: vec!["storageclasses".into()],
+            ..Default::default()
+        };
+        assert!(!s.kind_selected("storage.k8s.io", "StorageClass", ""));
     }
 
     #[test]

@@ -312,13 +312,7 @@ fn resource_for(discovery: &Discovery, object: &ObjectRef) -> Option<ServedResou
 }
 
 fn served_exactly(discovery: &Discovery, object: &ObjectRef) -> bool {
-    discovery
-        .group_versions
-        .iter()
-        .any(|gv| *gv == object.api_version())
-        && discovery
-            .by_group_kind(&object.group, &object.kind)
-            .is_some()
+    discovery.serves(&object.api_version(), &object.kind)
 }
 
 /// Cluster-scoped classes objects refer to by name, checked in preflight.

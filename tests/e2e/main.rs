@@ -3,5 +3,6 @@
 //! and bucket, so the whole binary runs in parallel.
 
 mod backup;
+mod restore;
 mod support;
 mod testenv;

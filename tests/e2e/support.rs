@@ -179,6 +179,14 @@ impl TestNamespace {
         Self::create_named(client, &unique_name(prefix)).await
     }
 
+    /// Takes ownership of a namespace something else created, so the test cleans it up.
+    pub fn adopt(client: &kube::Client, name: &str) -> Self {
+        TestNamespace {
+            name: name.to_string(),
+            client: client.clone(),
+        }
+    }
+
     pub async fn create_named(client: &kube::Client, name: &str) -> Self {
         let api: Api<Namespace> = Api::all(client.clone());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
