@@ -3,8 +3,9 @@
 //!
 //! The pipeline (see README): `cluster` discovers and captures, `model`
 //! normalizes objects and builds the application graph, `repo` stores
-//! snapshots in an encrypted content-addressed repository, and `backup`
-//! orchestrates the whole.
+//! snapshots in an encrypted content-addressed repository, `transform`
+//! adapts objects to the target with rule sets, and `backup` and
+//! `restore` orchestrate the whole.
 
 // Errors carry the Kubernetes client's error as their source so that the
 // whole cause chain reaches the user; it is large, and these results are
@@ -18,3 +19,4 @@ pub mod model;
 pub mod profile;
 pub mod repo;
 pub mod restore;
+pub mod transform;

@@ -1,0 +1,400 @@
+//! Compiling a transform plan: every rule set is read, compiled once and
+//! asked for its kinds once; every selector and patch is checked. All
+//! problems are collected before the plan is refused.
+
+use std::path::{Path, PathBuf};
+
+use json_patch::PatchOperation;
+use rhai::{AST, Dynamic, Scope};
+use serde_json::Value;
+
+use super::builtin::{builtin, builtin_rule_sets, builtin_source_name};
+use super::config::{OnError, StepConfig, TransformPlanConfig, step_location};
+use super::convert::to_dynamic;
+use super::engine::{self, SCRIPT_STACK_SIZE, engine};
+use super::select::{KindMatcher, Selector, kind_matches};
+use super::{Diagnostic, TransformError, patch};
+
+/// A compiled transform plan, ready to run on any number of snapshots.
+pub struct TransformPlan {
+    pub(crate) name: Option<String>,
+    pub(crate) on_error: OnError,
+    pub(crate) steps: Vec<Step>,
+}
+
+impl std::fmt::Debug for TransformPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransformPlan")
+            .field("name", &self.name)
+            .field("on_error", &self.on_error)
+            .field("steps", &self.rule_set_names())
+            .finish()
+    }
+}
+
+/// One compiled step.
+pub(crate) struct Step {
+    /// How traces, warnings and errors name the step: the built-in's name,
+    /// the rule set path, or the step's `name`.
+    pub name: String,
+    /// Where the step's code is, for error locations: a rule set file
+    /// (`transforms/registry.rhai`) or the step in the plan (`plan.yaml#steps[2]`).
+    pub source: String,
+    pub action: Action,
+}
+
+pub(crate) enum Action {
+    Script {
+        ast: AST,
+        /// `None`: the rule set sees every object.
+        kinds: Option<Vec<KindMatcher>>,
+        params: Dynamic,
+    },
+    Patch {
+        selector: Selector,
+        operations: Vec<PatchOperation>,
+    },
+}
+
+impl Step {
+    /// Whether the step looks at `object` at all; the kinds dispatch
+    /// happens here, in Rust, before any conversion.
+    pub fn selects(&self, object: &Value) -> bool {
+        match &self.action {
+            Action::Script { kinds: None, .. } => true,
+            Action::Script {
+                kinds: Some(kinds), ..
+            } => kind_matches(kinds, object),
+            Action::Patch { selector, .. } => selector.matches(object),
+        }
+    }
+}
+
+/// Runs `f` on a thread with a stack deep enough for the sandbox's limits.
+pub(crate) fn on_script_stack<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("ferry-transform".to_string())
+            .stack_size(SCRIPT_STACK_SIZE)
+            .spawn_scoped(s, f)
+            .expect("the system refused to start a transform thread")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+impl TransformPlan {
+    /// Parses and compiles a plan. `source_name` names the plan in
+    /// diagnostics; `base_dir` resolves relative rule set paths (the
+    /// current directory when `None`).
+    pub fn from_yaml(
+        text: &str,
+        source_name: &str,
+        base_dir: Option<&Path>,
+    ) -> Result<Self, TransformError> {
+        on_script_stack(|| compile(text, source_name, base_dir))
+    }
+
+    /// Reads and compiles a plan file; rule set paths are relative to it.
+    pub fn load(path: &Path) -> Result<Self, TransformError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TransformError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string(), path.parent())
+    }
+
+    /// The plan's `metadata.name`, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// How each step is named in traces, in order.
+    pub fn rule_set_names(&self) -> Vec<String> {
+        self.steps.iter().map(|s| s.name.clone()).collect()
+    }
+}
+
+fn compile(
+    text: &str,
+    source_name: &str,
+    base_dir: Option<&Path>,
+) -> Result<TransformPlan, TransformError> {
+    let partial = TransformPlanConfig::parse_partial(text, source_name);
+    let mut diagnostics = partial.diagnostics;
+    let Some(config) = partial.config else {
+        return Err(TransformError::Plan(diagnostics));
+    };
+    let mut steps = Vec::with_capacity(config.spec.steps.len());
+    for (i, step) in config.spec.steps.iter().enumerate() {
+        if partial.unreadable_steps.contains(&i) {
+            continue;
+        }
+        match compile_step(step, &step_location(source_name, i), base_dir) {
+            Ok(s) => steps.push(s),
+            Err(mut d) => diagnostics.append(&mut d),
+        }
+    }
+    if !diagnostics.is_empty() {
+        return Err(TransformError::Plan(diagnostics));
+    }
+    Ok(TransformPlan {
+        name: config.metadata.name,
+        on_error: config.spec.on_error,
+        steps,
+    })
+}
+
+fn compile_step(
+    step: &StepConfig,
+    at: &str,
+    base_dir: Option<&Path>,
+) -> Result<Step, Vec<Diagnostic>> {
+    let problem = |message: String| Diagnostic::new(at.to_string(), message);
+    let mut diagnostics = Vec::new();
+    let given: Vec<&str> = [
+        ("ruleSet", step.rule_set.is_some()),
+        ("script", step.script.is_some()),
+        ("patch", step.patch.is_some()),
+    ]
+    .iter()
+    .filter(|(_, present)| *present)
+    .map(|(field, _)| *field)
+    .collect();
+    match given.len() {
+        0 => diagnostics.push(problem(
+            "a step needs one of ruleSet, script or patch".to_string(),
+        )),
+        1 => {}
+        _ => diagnostics.push(problem(format!(
+            "a step has exactly one of ruleSet, script or patch; this one has {}",
+            given.join(" and ")
+        ))),
+    }
+    if step.select.is_some() && step.patch.is_none() {
+        diagnostics.push(problem(
+            "select applies to patch steps; rule sets choose their kinds with fn kinds()"
+                .to_string(),
+        ));
+    }
+    if step.params.is_some() && step.patch.is_some() {
+        diagnostics.push(problem(
+            "params apply to rule sets and scripts; a patch takes none".to_string(),
+        ));
+    }
+    let params = match &step.params {
+        None | Some(Value::Null) => Dynamic::from_map(rhai::Map::new()),
+        Some(p @ Value::Object(_)) => to_dynamic(p),
+        Some(other) => {
+            diagnostics.push(problem(format!(
+                "params is {other}; expected a mapping of parameter names to values"
+            )));
+            Dynamic::UNIT
+        }
+    };
+    if given.len() != 1 {
+        return Err(diagnostics);
+    }
+    let step_name = |default: &str| step.name.clone().unwrap_or_else(|| default.to_string());
+
+    let compiled = if let Some(rule_set) = &step.rule_set {
+        let (text, source) = match rule_set_source(rule_set, base_dir) {
+            Ok(found) => found,
+            Err(message) => {
+                diagnostics.push(problem(message));
+                return Err(diagnostics);
+            }
+        };
+        compile_script(&text, &source).map(|(ast, kinds)| Step {
+            name: step_name(rule_set),
+            source,
+            action: Action::Script { ast, kinds, params },
+        })
+    } else if let Some(script) = &step.script {
+        let default_name = at.rsplit_once('#').map_or(at, |(_, s)| s);
+        compile_script(script, at).map(|(ast, kinds)| Step {
+            name: step_name(default_name),
+            source: at.to_string(),
+            action: Action::Script { ast, kinds, params },
+        })
+    } else {
+        let default_name = at.rsplit_once('#').map_or(at, |(_, s)| s);
+        let operations = step.patch.as_deref().unwrap_or_default();
+        let selector = Selector::compile(&step.select.clone().unwrap_or_default());
+        let operations = patch::compile(operations);
+        match (selector, operations) {
+            (Ok(selector), Ok(operations)) => Ok(Step {
+                name: step_name(default_name),
+                source: at.to_string(),
+                action: Action::Patch {
+                    selector,
+                    operations,
+                },
+            }),
+            (selector, operations) => Err(selector
+                .err()
+                .into_iter()
+                .flatten()
+                .chain(operations.err().into_iter().flatten())
+                .map(|m| Diagnostic::new(at.to_string(), m))
+                .collect()),
+        }
+    };
+    match compiled {
+        Ok(step) if diagnostics.is_empty() => Ok(step),
+        Ok(_) => Err(diagnostics),
+        Err(mut more) => {
+            diagnostics.append(&mut more);
+            Err(diagnostics)
+        }
+    }
+}
+
+/// The text of a rule set and the name errors give its source.
+fn rule_set_source(rule_set: &str, base_dir: Option<&Path>) -> Result<(String, String), String> {
+    if let Some(text) = builtin(rule_set) {
+        return Ok((text.to_string(), builtin_source_name(rule_set)));
+    }
+    let is_path = rule_set.ends_with(".rhai") || rule_set.contains(['/', '\\']);
+    if !is_path {
+        let names: Vec<&str> = builtin_rule_sets().iter().map(|(n, _)| *n).collect();
+        let close = names
+            .iter()
+            .map(|n| (edit_distance(n, rule_set), *n))
+            .filter(|(d, _)| *d <= 2)
+            .min();
+        return Err(match close {
+            Some((_, name)) => {
+                format!("unknown built-in rule set '{rule_set}'; did you mean {name}?")
+            }
+            None => format!(
+                "unknown built-in rule set '{rule_set}'; the built-ins are {}, and a rule set file is a path ending in .rhai",
+                names.join(", ")
+            ),
+        });
+    }
+    let path: PathBuf = match base_dir {
+        Some(dir) if Path::new(rule_set).is_relative() => dir.join(rule_set),
+        _ => PathBuf::from(rule_set),
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read rule set {}: {e}", path.display()))?;
+    Ok((text, path.display().to_string()))
+}
+
+/// Levenshtein distance, for suggesting the built-in a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// Compiles a rule set and evaluates its `kinds()` once.
+pub(crate) fn compile_script(
+    text: &str,
+    source: &str,
+) -> Result<(AST, Option<Vec<KindMatcher>>), Vec<Diagnostic>> {
+    let engine = engine();
+    let mut ast = engine.compile(text).map_err(|e| {
+        let e = engine::parse_error(&e);
+        vec![Diagnostic::new(e.location(source), e.message)]
+    })?;
+    ast.set_source(source);
+    let mut diagnostics = Vec::new();
+    let transforms: Vec<usize> = ast
+        .iter_functions()
+        .filter(|f| f.name == "transform")
+        .map(|f| f.params.len())
+        .collect();
+    if !transforms.contains(&3) {
+        let found = if transforms.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (it has transform with {} parameters)",
+                transforms
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        diagnostics.push(Diagnostic::new(
+            source.to_string(),
+            format!("a rule set defines fn transform(obj, params, target){found}"),
+        ));
+    }
+    let has_kinds = ast
+        .iter_functions()
+        .any(|f| f.name == "kinds" && f.params.is_empty());
+    let kinds = if has_kinds {
+        engine::begin_object();
+        let result = engine.call_fn::<Dynamic>(&mut Scope::new(), &ast, "kinds", ());
+        engine::end_object();
+        match result {
+            Err(e) => {
+                let e = engine::eval_error(&e);
+                diagnostics.push(Diagnostic::new(
+                    e.location(source),
+                    format!("kinds() failed: {}", e.message),
+                ));
+                None
+            }
+            Ok(value) => match parse_kinds(value) {
+                Ok(kinds) => Some(kinds),
+                Err(messages) => {
+                    diagnostics.extend(
+                        messages
+                            .into_iter()
+                            .map(|m| Diagnostic::new(source.to_string(), m)),
+                    );
+                    None
+                }
+            },
+        }
+    } else {
+        None
+    };
+    if diagnostics.is_empty() {
+        Ok((ast, kinds))
+    } else {
+        Err(diagnostics)
+    }
+}
+
+fn parse_kinds(value: Dynamic) -> Result<Vec<KindMatcher>, Vec<String>> {
+    let Some(items) = value.clone().try_cast::<rhai::Array>() else {
+        return Err(vec![format!(
+            "kinds() returned {} ({}); expected an array of kinds such as [\"Deployment\", \"/Service\"]",
+            value,
+            value.type_name()
+        )]);
+    };
+    let mut errors = Vec::new();
+    let mut kinds = Vec::new();
+    for item in items {
+        match item.clone().into_immutable_string() {
+            Ok(text) => match KindMatcher::parse(&text) {
+                Ok(k) => kinds.push(k),
+                Err(e) => errors.push(format!("kinds(): {e}")),
+            },
+            Err(_) => errors.push(format!("kinds(): {item} is not a string")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(kinds)
+    } else {
+        Err(errors)
+    }
+}
