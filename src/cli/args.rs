@@ -79,6 +79,23 @@ Examples:\n  \
   ferry migrate --from prod-eu --to prod-us -n shop\n  \
   ferry migrate --from old --to new -A --repo s3://migrations/2026 --snapshot cutover")]
     Migrate(MigrateArgs),
+    /// Rewrite a snapshot's objects for another cluster with a transform
+    /// plan, offline: print the manifests, write them to a directory or a
+    /// kustomization, or show every change per object.
+    #[command(
+        after_help = "A transform plan (apiVersion ferry.dev/v1alpha1, kind TransformPlan) lists \
+rule sets in order: built-in ones (storage-class, registry, namespace, zones, api-versions, \
+clone-for-test; see `ferry transform --list`), Rhai scripts by path, inline scripts and RFC 6902 \
+JSON patches with selectors. Rules see the target's cluster profile: save one with \
+`ferry --context TARGET cluster profile > target.json` and pass it with --target-profile, or \
+give --context to read it from the live cluster. Without either, rules see an empty profile \
+(api-versions then converts to the newest stable versions).\n\n\
+Examples:\n  \
+  ferry transform shop-nightly --plan eks-to-gke.yaml --target-profile gke.json --diff\n  \
+  ferry transform shop-nightly --plan eks-to-gke.yaml --target-profile gke.json -o kustomize --output-dir gitops/shop\n  \
+  ferry transform --list"
+    )]
+    Transform(TransformArgs),
     /// Inspect clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -303,8 +320,6 @@ pub struct RestoreOptionsArgs {
     /// Only this object, as Kind/namespace/name or Kind/name; repeatable.
     #[arg(long = "object", value_name = "KIND/NS/NAME")]
     pub objects: Vec<String>,
-    #[command(flatten)]
-    pub write: RestoreWriteArgs,
 }
 
 /// How a restore writes into the target.
@@ -323,6 +338,10 @@ pub struct RestoreWriteArgs {
     /// Writes running at once within a wave.
     #[arg(long, default_value_t = 16)]
     pub restore_concurrency: usize,
+    /// Rewrite the objects with this transform plan on the way in (see
+    /// `ferry transform --help`); the rules see the target's live profile.
+    #[arg(long, value_name = "PLAN")]
+    pub transform: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -333,8 +352,56 @@ pub struct RestoreArgs {
     pub repo: RepoArgs,
     #[command(flatten)]
     pub options: RestoreOptionsArgs,
+    #[command(flatten)]
+    pub write: RestoreWriteArgs,
     #[arg(short, long, value_enum, default_value_t)]
     pub output: OutputFormat,
+}
+
+/// How `ferry transform` writes its result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum ManifestFormat {
+    /// Multi-document YAML on stdout.
+    #[default]
+    Yaml,
+    /// A JSON List on stdout.
+    Json,
+    /// One YAML file per object under --output-dir (NAMESPACE/KIND-NAME.yaml).
+    Dir,
+    /// Like dir, plus a kustomization.yaml listing every file.
+    Kustomize,
+}
+
+#[derive(Debug, Args)]
+pub struct TransformArgs {
+    /// Snapshot name (the newest of that name) or id prefix.
+    #[arg(required_unless_present = "list")]
+    pub snapshot: Option<String>,
+    /// The transform plan (YAML).
+    #[arg(short, long, value_name = "PLAN", required_unless_present = "list")]
+    pub plan: Option<PathBuf>,
+    /// The target's cluster profile, saved with `ferry cluster profile`.
+    #[arg(long, value_name = "FILE", conflicts_with = "context")]
+    pub target_profile: Option<PathBuf>,
+    /// Print every change (rule set, object, path, old -> new) instead of manifests.
+    #[arg(long)]
+    pub diff: bool,
+    /// List the built-in rule sets and their documentation.
+    #[arg(long)]
+    pub list: bool,
+    /// Output: yaml, json, dir or kustomize.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: ManifestFormat,
+    /// Directory for -o dir and -o kustomize.
+    #[arg(long, value_name = "DIR", required_if_eq_any([("output", "dir"), ("output", "kustomize")]))]
+    pub output_dir: Option<PathBuf>,
+    /// Move namespace OLD to NEW before the plan runs; repeatable.
+    #[arg(long = "namespace-mapping", value_name = "OLD=NEW")]
+    pub namespace_mapping: Vec<String>,
+    #[command(flatten)]
+    pub options: RestoreOptionsArgs,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ pub mod args;
 pub mod output;
 pub mod progress;
 pub mod repo;
+mod transform;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -31,6 +32,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Repo(cmd) => repo_command(cmd).await,
         Command::Restore(args) => restore_command(&cli.global, args).await,
         Command::Migrate(args) => migrate_command(&cli.global, args).await,
+        Command::Transform(args) => transform::run(&cli.global, args).await,
         Command::Cluster(ClusterCommand::Profile { output }) => {
             let conn = connect(&cli.global).await?;
             let discovery = crate::cluster::discovery::discover(&conn.client).await?;
@@ -443,11 +445,18 @@ fn restore_options(
         existing: write.existing,
         concurrency: write.restore_concurrency.max(1),
         dry_run: write.dry_run,
+        transform: match &write.transform {
+            Some(path) => Some(Arc::new(
+                crate::transform::TransformPlan::load(path)
+                    .with_context(|| format!("transform plan {}", path.display()))?,
+            )),
+            None => None,
+        },
     })
 }
 
 async fn restore_command(global: &GlobalArgs, args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let options = restore_options(Some(&args.options), &args.options.write)?;
+    let options = restore_options(Some(&args.options), &args.write)?;
     let repository = repo::open(&args.repo).await?;
     let conn = connect(global).await?;
     run_restore(&conn, &repository, &args.snapshot, &options, args.output).await
@@ -471,6 +480,12 @@ async fn run_restore(
         &serde_json::json!({"plan": plan, "report": report}),
         |out| {
             print_plan(out, &plan, options.dry_run)?;
+            if !options.dry_run && !plan.transforms.is_empty() {
+                writeln!(out, "Transformed ({} changes):", plan.transforms.len())?;
+                for change in &plan.transforms {
+                    writeln!(out, "  {change}")?;
+                }
+            }
             print_restore_report(out, &report, options.dry_run)
         },
     )?;
@@ -519,6 +534,12 @@ fn print_plan(
             for change in &item.changes {
                 writeln!(out, "               ~ {change}")?;
             }
+        }
+    }
+    if !plan.transforms.is_empty() {
+        writeln!(out, "\nTransforms ({} changes):", plan.transforms.len())?;
+        for change in &plan.transforms {
+            writeln!(out, "  {change}")?;
         }
     }
     for warning in &plan.warnings {

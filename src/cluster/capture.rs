@@ -136,12 +136,7 @@ impl<'a> Pager<'a> {
                 if self.seen.as_ref().is_some_and(|seen| seen.contains(&key)) {
                     continue;
                 }
-                if let Some(map) = item.as_object_mut() {
-                    map.entry("apiVersion")
-                        .or_insert_with(|| Value::String(api_version.clone()));
-                    map.entry("kind")
-                        .or_insert_with(|| Value::String(self.resource.kind.clone()));
-                }
+                set_type_meta(&mut item, &api_version, &self.resource.kind);
                 if self.seen.is_some() || !self.done {
                     self.returned.push(key);
                 }
@@ -212,12 +207,7 @@ pub async fn get_object(
         .await;
     match result {
         Ok(mut obj) => {
-            if let Some(map) = obj.as_object_mut() {
-                map.entry("apiVersion")
-                    .or_insert_with(|| Value::String(resource.api_version()));
-                map.entry("kind")
-                    .or_insert_with(|| Value::String(resource.kind.clone()));
-            }
+            set_type_meta(&mut obj, &resource.api_version(), &resource.kind);
             Ok(Some(obj))
         }
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
@@ -229,6 +219,31 @@ pub async fn get_object(
             source,
         }),
     }
+}
+
+/// Gives an object its `apiVersion` and `kind` (items of a LIST come
+/// without them), first in the map so stored and printed objects read like
+/// manifests.
+fn set_type_meta(obj: &mut Value, api_version: &str, kind: &str) {
+    let Some(map) = obj.as_object_mut() else {
+        return;
+    };
+    if map.contains_key("apiVersion") && map.contains_key("kind") {
+        return;
+    }
+    let mut ordered = serde_json::Map::with_capacity(map.len() + 2);
+    ordered.insert(
+        "apiVersion".into(),
+        map.remove("apiVersion")
+            .unwrap_or_else(|| Value::String(api_version.to_string())),
+    );
+    ordered.insert(
+        "kind".into(),
+        map.remove("kind")
+            .unwrap_or_else(|| Value::String(kind.to_string())),
+    );
+    ordered.append(map);
+    *map = ordered;
 }
 
 #[cfg(test)]
@@ -264,5 +279,21 @@ mod tests {
             ..deployments
         };
         assert_eq!(nodes.url_path(Some("ignored")), "/api/v1/nodes");
+    }
+
+    #[test]
+    fn list_items_get_type_meta_first() {
+        let mut item = serde_json::json!({"metadata": {"name": "a"}, "data": {"k": "v"}});
+        set_type_meta(&mut item, "v1", "ConfigMap");
+        let keys: Vec<&str> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["apiVersion", "kind", "metadata", "data"]);
+        let mut full = serde_json::json!({"kind": "Secret", "apiVersion": "v1", "metadata": {}});
+        set_type_meta(&mut full, "v1", "ConfigMap");
+        assert_eq!(full["kind"], "Secret", "what the server said is kept");
     }
 }

@@ -5,6 +5,7 @@
 //! Everything here talks to an API server; the decisions about what the
 //! objects mean live in [`crate::model`].
 
+pub mod apply;
 pub mod capture;
 pub mod connect;
 pub mod discovery;

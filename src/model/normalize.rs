@@ -158,6 +158,12 @@ pub static RULES: &[Rule] = &[
         apply: aggregated_rules,
     },
     Rule {
+        name: "protection-finalizers",
+        matches: "PersistentVolumeClaims and PersistentVolumes",
+        description: "drop the kubernetes.io/pvc-protection and pv-protection finalizers: the target's protection controllers add them",
+        apply: protection_finalizers,
+    },
+    Rule {
         name: "empty-metadata",
         matches: "every object",
         description: "drop labels, annotations and ownerReferences left empty",
@@ -644,6 +650,27 @@ fn aggregated_rules(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     )
 }
 
+/// Finalizers the cluster's protection controllers add by themselves.
+const PROTECTION_FINALIZERS: [&str; 2] = [
+    "kubernetes.io/pvc-protection",
+    "kubernetes.io/pv-protection",
+];
+
+fn protection_finalizers(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
+    let Some(finalizers) = obj
+        .pointer_mut("/metadata/finalizers")
+        .and_then(Value::as_array_mut)
+    else {
+        return Outcome::Unchanged;
+    };
+    let before = finalizers.len();
+    finalizers.retain(|f| {
+        !f.as_str()
+            .is_some_and(|f| PROTECTION_FINALIZERS.contains(&f))
+    });
+    changed(finalizers.len() != before)
+}
+
 fn empty_metadata(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     let Some(meta) = map_at(obj, "/metadata") else {
         return Outcome::Unchanged;
@@ -982,6 +1009,21 @@ mod tests {
             "spec": {"manualSelector": true, "selector": {"matchLabels": {"app": "x"}}}}),
         );
         assert!(manual["spec"].get("selector").is_some());
+    }
+
+    #[test]
+    fn protection_finalizers_are_left_to_the_target() {
+        let (pvc, applied) = keep(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": "a", "finalizers": ["kubernetes.io/pvc-protection"]},
+            "spec": {"accessModes": ["ReadWriteOnce"]}}));
+        assert!(pvc["metadata"].get("finalizers").is_none());
+        assert!(applied.contains(&"protection-finalizers"));
+        let (custom, _) = keep(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": "a", "finalizers": ["kubernetes.io/pvc-protection", "example.com/backup"]}}));
+        assert_eq!(
+            custom["metadata"]["finalizers"],
+            json!(["example.com/backup"])
+        );
     }
 
     #[test]

@@ -2,6 +2,15 @@
 //! every namespaced reference follow (RoleBinding and ClusterRoleBinding
 //! subjects, PersistentVolume claimRefs, webhook and APIService service
 //! references, NetworkPolicy selectors on `kubernetes.io/metadata.name`).
+//!
+//! A cluster-scoped object that follows a mapped namespace (a
+//! ClusterRoleBinding granting to its service accounts, a webhook
+//! configuration calling its Service) is restored as a copy named for the
+//! new namespace: on a shared cluster the original namespace keeps its
+//! binding or webhook, and a clone never takes them over. The copy's name is
+//! the original's with the old namespace replaced by the new one, or with
+//! `-<new namespace>` appended when the name does not contain it.
+//!
 //! Pure: values in, values out.
 
 use std::collections::BTreeMap;
@@ -59,11 +68,59 @@ impl NamespaceMapping {
         }
     }
 
+    /// The name of the copy of cluster-scoped object `name` that follows
+    /// namespace `old` to `new`.
+    fn copy_name(name: &str, old: &str, new: &str) -> String {
+        if name.contains(old) {
+            name.replacen(old, new, 1)
+        } else {
+            format!("{name}-{new}")
+        }
+    }
+
     /// Rewrites one object in place.
     pub fn apply(&self, obj: &mut Value) {
         if self.is_empty() {
             return;
         }
+        let before = obj.clone();
+        self.apply_references(obj);
+        let follows = |o: &Value| {
+            let kind = o.get("kind").and_then(Value::as_str).unwrap_or_default();
+            matches!(
+                kind,
+                "ClusterRoleBinding"
+                    | "ValidatingWebhookConfiguration"
+                    | "MutatingWebhookConfiguration"
+            )
+        };
+        if follows(obj) && *obj != before {
+            // The first namespace reference that moved names the copy.
+            let referenced = before
+                .get("subjects")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.get("namespace"))
+                .chain(
+                    before
+                        .get("webhooks")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|h| h.pointer("/clientConfig/service/namespace")),
+                )
+                .filter_map(Value::as_str);
+            let moved = referenced.filter_map(|ns| self.0.get_key_value(ns)).next();
+            if let (Some((old, new)), Some(name)) = (moved, obj.pointer_mut("/metadata/name"))
+                && let Some(current) = name.as_str()
+            {
+                *name = Value::String(Self::copy_name(current, old, new));
+            }
+        }
+    }
+
+    fn apply_references(&self, obj: &mut Value) {
         let kind = obj
             .get("kind")
             .and_then(Value::as_str)
@@ -224,6 +281,10 @@ mod tests {
                          {"kind": "ServiceAccount", "name": "ci", "namespace": "tools"},
                          {"kind": "User", "name": "alice"}]});
         prod_to_staging().apply(&mut rb);
+        assert_eq!(
+            rb["metadata"]["name"], "x-staging",
+            "a copy, the original stays"
+        );
         assert_eq!(rb["subjects"][0]["namespace"], "staging");
         assert_eq!(rb["subjects"][1]["namespace"], "tools");
         assert!(rb["subjects"][2].get("namespace").is_none());
@@ -235,6 +296,7 @@ mod tests {
         let mut hook = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
             "metadata": {"name": "v"}, "webhooks": [{"name": "a", "clientConfig": {"service": {"name": "hook", "namespace": "prod"}}}]});
         m.apply(&mut hook);
+        assert_eq!(hook["metadata"]["name"], "v-staging");
         assert_eq!(
             hook["webhooks"][0]["clientConfig"]["service"]["namespace"],
             "staging"
@@ -258,5 +320,23 @@ mod tests {
             np["spec"]["ingress"][0]["from"][1]["namespaceSelector"]["matchExpressions"][0]["values"],
             json!(["staging", "ops"])
         );
+    }
+
+    #[test]
+    fn cluster_scoped_copies_are_named_for_the_new_namespace() {
+        let mut crb = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "prod-node-reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "prod-node-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "web", "namespace": "prod"}]});
+        prod_to_staging().apply(&mut crb);
+        assert_eq!(crb["metadata"]["name"], "staging-node-reader");
+        assert_eq!(
+            crb["roleRef"]["name"], "prod-node-reader",
+            "the role is shared"
+        );
+        let mut untouched = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "ops"}, "subjects": [{"kind": "Group", "name": "ops"}]});
+        prod_to_staging().apply(&mut untouched);
+        assert_eq!(untouched["metadata"]["name"], "ops");
     }
 }

@@ -63,6 +63,8 @@ pub struct RestoreOptions {
     pub concurrency: usize,
     /// Stop after the plan (and a server-side dry run).
     pub dry_run: bool,
+    /// Rewrites the objects on the way in, with the target's profile.
+    pub transform: Option<std::sync::Arc<crate::transform::TransformPlan>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +104,9 @@ pub struct RestorePlan {
     pub cycles: Vec<Vec<String>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Every change the transform plan made (rule set, object, path, old → new).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transforms: Vec<crate::transform::Change>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -139,6 +144,10 @@ pub enum RestoreError {
     NothingSelected(String),
     #[error("preflight found {} problem(s); nothing was written:\n  - {}", .0.len(), .0.join("\n  - "))]
     Preflight(Vec<String>),
+    #[error("the transform plan failed; nothing was written: {0}")]
+    Transform(#[from] crate::transform::TransformError),
+    #[error("an object the transform plan returned is not a Kubernetes object: {0}")]
+    TransformedObject(String),
 }
 
 /// One object on its way into the target.
@@ -224,6 +233,38 @@ async fn load_objects(
     // of what is restored or when nothing narrows the selection.
     out.sort_by(|a, b| a.object.cmp(&b.object));
     Ok(out)
+}
+
+/// Runs a transform plan on the CPU pool, off the async runtime.
+async fn run_transform(
+    plan: std::sync::Arc<crate::transform::TransformPlan>,
+    objects: Vec<Desired>,
+    profile: crate::profile::ClusterProfile,
+) -> Result<crate::transform::TransformOutput, RestoreError> {
+    let values: Vec<Value> = objects.into_iter().map(|d| d.value).collect();
+    let output =
+        tokio::task::spawn_blocking(move || crate::transform::run(&plan, values, &profile))
+            .await
+            .map_err(|e| {
+                RestoreError::TransformedObject(format!("the transform stopped: {e}"))
+            })??;
+    Ok(output)
+}
+
+/// The selected objects of a snapshot as a restore would see them (namespace
+/// mapping applied, no transform), for offline transforms.
+pub async fn load_selected(
+    repo: &Repository,
+    snapshot: &str,
+    opts: &RestoreOptions,
+) -> Result<Vec<Value>, RestoreError> {
+    let (_, snap) = repo.find_snapshot(snapshot).await?;
+    let content = load_content(repo, &snap).await?;
+    let objects = load_objects(repo, &content, opts).await?;
+    if objects.is_empty() {
+        return Err(RestoreError::NothingSelected(snap.name.clone()));
+    }
+    Ok(objects.into_iter().map(|d| d.value).collect())
 }
 
 /// What each object needs first, within the restore set.
@@ -347,14 +388,35 @@ async fn check(
 ) -> Result<Checked, RestoreError> {
     let (_, snap) = repo.find_snapshot(snapshot).await?;
     let content = load_content(repo, &snap).await?;
-    let objects = load_objects(repo, &content, opts).await?;
+    let mut objects = load_objects(repo, &content, opts).await?;
     if objects.is_empty() {
         return Err(RestoreError::NothingSelected(snap.name.clone()));
     }
-    let ordering = plan::order(&dependencies(&objects));
     let discovery = discover(&conn.client).await?;
     let mut problems: Vec<String> = Vec::new();
     let mut warnings: Vec<String> = Vec::new();
+    let mut transforms = Vec::new();
+    if let Some(transform) = &opts.transform {
+        let profile = crate::cluster::profile::read_profile(conn, &discovery).await?;
+        let output = run_transform(transform.clone(), objects, profile).await?;
+        warnings.extend(output.warnings.iter().map(ToString::to_string));
+        warnings.extend(output.skipped.iter().map(|s| format!("not restored: {s}")));
+        transforms = output.trace;
+        objects = output
+            .objects
+            .into_iter()
+            .map(|value| {
+                let object = ObjectRef::from_object(&value)
+                    .map_err(|e| RestoreError::TransformedObject(e.to_string()))?;
+                Ok(Desired { object, value })
+            })
+            .collect::<Result<_, RestoreError>>()?;
+        objects.sort_by(|a, b| a.object.cmp(&b.object));
+        if objects.is_empty() {
+            return Err(RestoreError::NothingSelected(snap.name.clone()));
+        }
+    }
+    let ordering = plan::order(&dependencies(&objects));
     for cycle in &ordering.cycles {
         warnings.push(format!(
             "dependency cycle {} broken",
@@ -638,6 +700,7 @@ async fn check(
             .map(|c| c.iter().map(ToString::to_string).collect())
             .collect(),
         warnings,
+        transforms,
     };
     Ok(Checked {
         plan,

@@ -6,3 +6,4 @@ mod backup;
 mod restore;
 mod support;
 mod testenv;
+mod transform;

@@ -210,29 +210,42 @@ async fn same_cluster_restore_after_namespace_deletion_and_namespace_mapping() {
     .await
     .expect("the RoleBinding is in the mapped namespace");
     assert_eq!(rb["subjects"][0]["namespace"], staging.as_str());
-    let crb: Value = live(
-        &client,
-        &ferry::model::ObjectRef {
-            group: "rbac.authorization.k8s.io".into(),
-            version: "v1".into(),
-            kind: "ClusterRoleBinding".into(),
-            namespace: None,
-            name: format!("{}-node-reader", ns.name),
-        },
-    )
-    .await
-    .unwrap();
-    let subjects: Vec<&str> = crb["subjects"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["namespace"].as_str().unwrap())
-        .collect();
+    let crb_named = |name: String| ferry::model::ObjectRef {
+        group: "rbac.authorization.k8s.io".into(),
+        version: "v1".into(),
+        kind: "ClusterRoleBinding".into(),
+        namespace: None,
+        name,
+    };
+    let subjects_of = |crb: &Value| -> Vec<String> {
+        crb["subjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["namespace"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let copy = live(&client, &crb_named(format!("{staging}-node-reader")))
+        .await
+        .expect("a copy of the cluster role binding, named for the new namespace");
     assert_eq!(
-        subjects,
-        vec![staging.as_str()],
-        "the cluster role binding now grants to the mapped namespace"
+        subjects_of(&copy),
+        vec![staging.clone()],
+        "the copy grants to the mapped namespace"
     );
+    let original = live(&client, &crb_named(format!("{}-node-reader", ns.name)))
+        .await
+        .unwrap();
+    assert_eq!(
+        subjects_of(&original),
+        vec![ns.name.clone()],
+        "the original namespace keeps its binding"
+    );
+    // The copy is cluster-scoped: remove it with the test.
+    let crbs: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
+    crbs.delete(&format!("{staging}-node-reader"), &DeleteParams::default())
+        .await
+        .unwrap();
     assert!(
         live(
             &client,

@@ -271,69 +271,16 @@ pub async fn fresh_bucket(prefix: &str) -> String {
     name
 }
 
-/// Applies a multi-document YAML manifest with server-side apply, CRDs first
-/// (waiting until they are established so their custom resources apply).
+/// Applies a multi-document YAML manifest with server-side apply.
 pub async fn apply_manifests(client: &kube::Client, yaml: &str) {
-    use kube::api::{DynamicObject, Patch, PatchParams};
-    use kube::core::GroupVersionKind;
-    use kube::discovery::pinned_kind;
-
-    let mut docs: Vec<serde_json::Value> = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let value = serde_json::Value::deserialize(doc).expect("fixture is valid YAML");
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    let is_crd = |v: &serde_json::Value| v["kind"] == "CustomResourceDefinition";
-    docs.sort_by_key(|v| !is_crd(v));
-    let params = PatchParams::apply("ferry-test").force();
-    for doc in docs {
-        let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
-            Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (
-                String::new(),
-                doc["apiVersion"].as_str().unwrap().to_string(),
-            ),
-        };
-        let gvk = GroupVersionKind::gvk(&group, &version, doc["kind"].as_str().unwrap());
-        let (resource, caps) = eventually(
-            &format!("{gvk:?} to be served"),
-            Duration::from_secs(30),
-            || async { pinned_kind(client, &gvk).await.ok() },
-        )
-        .await;
-        let name = doc["metadata"]["name"].as_str().unwrap().to_string();
-        let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
-            Some(ns) if caps.scope == kube::discovery::Scope::Namespaced => {
-                Api::namespaced_with(client.clone(), ns, &resource)
-            }
-            _ => Api::all_with(client.clone(), &resource),
-        };
-        api.patch(&name, &params, &Patch::Apply(&doc))
-            .await
-            .unwrap_or_else(|e| panic!("apply {} {name}: {e}", gvk.kind));
-        if is_crd(&doc) {
-            eventually(
-                &format!("CRD {name} to be established"),
-                Duration::from_secs(30),
-                || async {
-                    let crd = api.get(&name).await.ok()?;
-                    let established = crd.data["status"]["conditions"]
-                        .as_array()?
-                        .iter()
-                        .any(|c| c["type"] == "Established" && c["status"] == "True");
-                    established.then_some(())
-                },
-            )
-            .await;
-        }
-    }
+    ferry::cluster::apply::apply_manifests(client, yaml, "ferry-test")
+        .await
+        .unwrap_or_else(|e| panic!("applying the fixture: {e}"));
 }
 
 /// The multi-tier fixture application for namespace `ns`.
 pub fn multitier_app(ns: &str) -> String {
-    include_str!("../fixtures/multitier.yaml").replace("${NS}", ns)
+    include_str!("../../examples/shop/app.yaml").replace("${NS}", ns)
 }
 
 /// The `ferry` binary, pointed at a cluster's kubeconfig and a repository password.
