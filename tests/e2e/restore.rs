@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
-use kube::discovery::pinned_kind;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::Value;
 
 use crate::support::{
-    TestNamespace, apply_manifests, env, eventually, ferry, multitier_app, unique_name,
+    TestNamespace, apply_manifests, env, eventually, ferry, live, multitier_app, unique_name,
 };
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -33,19 +32,6 @@ async fn snapshot_objects(dir: &Path, snapshot: &str) -> Vec<(ferry::model::Obje
         out.push((entry.object, value));
     }
     out
-}
-
-async fn live(client: &kube::Client, object: &ferry::model::ObjectRef) -> Option<Value> {
-    let gvk = kube::core::GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
-    let (resource, _) = pinned_kind(client, &gvk).await.ok()?;
-    let api: Api<DynamicObject> = match &object.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
-    api.get_opt(&object.name)
-        .await
-        .ok()?
-        .map(|o| serde_json::to_value(o).unwrap())
 }
 
 /// Deploys the app in A, with one object owned by the Deployment, and backs it up.

@@ -306,3 +306,20 @@ pub fn with_s3(cmd: &mut assert_cmd::Command) -> &mut assert_cmd::Command {
         .env("AWS_REGION", &s3.region)
         .env("FERRY_S3_ENDPOINT", &s3.endpoint)
 }
+
+/// The object as the cluster holds it now, or None.
+pub async fn live(
+    client: &kube::Client,
+    object: &ferry::model::ObjectRef,
+) -> Option<serde_json::Value> {
+    let gvk = kube::core::GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
+    let (resource, _) = kube::discovery::pinned_kind(client, &gvk).await.ok()?;
+    let api: Api<kube::api::DynamicObject> = match &object.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    api.get_opt(&object.name)
+        .await
+        .ok()?
+        .map(|o| serde_json::to_value(o).unwrap())
+}

@@ -8,7 +8,7 @@ use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::discovery::pinned_kind;
 use serde_json::Value;
 
-use crate::support::{TestNamespace, apply_manifests, env, ferry, multitier_app};
+use crate::support::{TestNamespace, apply_manifests, env, ferry, live, multitier_app};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -26,19 +26,6 @@ fn object_ref(
         namespace: namespace.map(String::from),
         name: name.into(),
     }
-}
-
-async fn live(client: &kube::Client, object: &ferry::model::ObjectRef) -> Option<Value> {
-    let gvk = kube::core::GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
-    let (resource, _) = pinned_kind(client, &gvk).await.ok()?;
-    let api: Api<DynamicObject> = match &object.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
-    api.get_opt(&object.name)
-        .await
-        .ok()?
-        .map(|o| serde_json::to_value(o).unwrap())
 }
 
 async fn delete_cluster_scoped(client: &kube::Client, api_version: &str, kind: &str, name: &str) {
