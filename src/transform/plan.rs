@@ -205,14 +205,14 @@ fn compile_step(
                 return Err(diagnostics);
             }
         };
-        compile_script(&text, &source).map(|(ast, kinds)| Step {
+        compile_script_with(&text, &source, &params).map(|(ast, kinds)| Step {
             name: step_name(rule_set),
             source,
             action: Action::Script { ast, kinds, params },
         })
     } else if let Some(script) = &step.script {
         let default_name = at.rsplit_once('#').map_or(at, |(_, s)| s);
-        compile_script(script, at).map(|(ast, kinds)| Step {
+        compile_script_with(script, at, &params).map(|(ast, kinds)| Step {
             name: step_name(default_name),
             source: at.to_string(),
             action: Action::Script { ast, kinds, params },
@@ -300,10 +300,22 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// Compiles a rule set and evaluates its `kinds()` once.
+/// Compiles a rule set without parameters and evaluates its `kinds()` once.
+#[cfg(test)]
 pub(crate) fn compile_script(
     text: &str,
     source: &str,
+) -> Result<(AST, Option<Vec<KindMatcher>>), Vec<Diagnostic>> {
+    compile_script_with(text, source, &Dynamic::from_map(rhai::Map::new()))
+}
+
+/// Compiles a rule set and evaluates its `kinds()` or `kinds(params)` once:
+/// a rule set whose reach depends on its parameters (the kinds of custom
+/// resources to look into, say) still gets only the objects it can change.
+pub(crate) fn compile_script_with(
+    text: &str,
+    source: &str,
+    params: &Dynamic,
 ) -> Result<(AST, Option<Vec<KindMatcher>>), Vec<Diagnostic>> {
     let engine = engine();
     let mut ast = engine.compile(text).map_err(|e| {
@@ -335,12 +347,17 @@ pub(crate) fn compile_script(
             format!("a rule set defines fn transform(obj, params, target){found}"),
         ));
     }
-    let has_kinds = ast
+    let kinds_arity = ast
         .iter_functions()
-        .any(|f| f.name == "kinds" && f.params.is_empty());
-    let kinds = if has_kinds {
+        .find(|f| f.name == "kinds" && f.params.len() <= 1)
+        .map(|f| f.params.len());
+    let kinds = if let Some(arity) = kinds_arity {
         engine::begin_object();
-        let result = engine.call_fn::<Dynamic>(&mut Scope::new(), &ast, "kinds", ());
+        let result = if arity == 0 {
+            engine.call_fn::<Dynamic>(&mut Scope::new(), &ast, "kinds", ())
+        } else {
+            engine.call_fn::<Dynamic>(&mut Scope::new(), &ast, "kinds", (params.clone(),))
+        };
         engine::end_object();
         match result {
             Err(e) => {
@@ -351,6 +368,8 @@ pub(crate) fn compile_script(
                 ));
                 None
             }
+            // `()`: every kind (the parameters reach every object).
+            Ok(value) if value.is_unit() => None,
             Ok(value) => match parse_kinds(value) {
                 Ok(kinds) => Some(kinds),
                 Err(messages) => {

@@ -920,3 +920,45 @@ fn output_serializes_in_camel_case() {
     assert_eq!(json["warnings"][0]["ruleSet"], "ser");
     assert_eq!(json["skipped"], json!([]));
 }
+
+#[test]
+fn kinds_may_depend_on_the_parameters_and_unit_means_every_kind() {
+    let by_params = plan(
+        r#"
+  - name: label-what-params-say
+    params: {kinds: [ConfigMap]}
+    script: |
+      fn kinds(params) { params.kinds }
+      fn transform(obj, params, target) { obj.metadata.labels = #{seen: "yes"}; obj }
+"#,
+    );
+    let out = run_empty(
+        &by_params,
+        vec![config_map("a", "c"), deployment("a", "d", "c")],
+    )
+    .unwrap();
+    assert_eq!(out.objects[0]["metadata"]["labels"]["seen"], "yes");
+    assert!(
+        out.objects[1]["metadata"].get("labels").is_none(),
+        "the Deployment is not dispatched"
+    );
+
+    let every = plan(
+        r#"
+  - name: label-everything
+    script: |
+      fn kinds(params) { () }
+      fn transform(obj, params, target) { obj.metadata.labels = #{seen: "yes"}; obj }
+"#,
+    );
+    let out = run_empty(
+        &every,
+        vec![config_map("a", "c"), deployment("a", "d", "c")],
+    )
+    .unwrap();
+    assert!(
+        out.objects
+            .iter()
+            .all(|o| o["metadata"]["labels"]["seen"] == "yes")
+    );
+}
