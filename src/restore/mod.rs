@@ -258,13 +258,23 @@ pub async fn load_selected(
     snapshot: &str,
     opts: &RestoreOptions,
 ) -> Result<Vec<Value>, RestoreError> {
+    let (_, objects) = load_snapshot(repo, snapshot, opts).await?;
+    Ok(objects.into_iter().map(|d| d.value).collect())
+}
+
+/// The snapshot's name and its selected, mapped objects; never empty.
+async fn load_snapshot(
+    repo: &Repository,
+    snapshot: &str,
+    opts: &RestoreOptions,
+) -> Result<(String, Vec<Desired>), RestoreError> {
     let (_, snap) = repo.find_snapshot(snapshot).await?;
     let content = load_content(repo, &snap).await?;
     let objects = load_objects(repo, &content, opts).await?;
     if objects.is_empty() {
-        return Err(RestoreError::NothingSelected(snap.name.clone()));
+        return Err(RestoreError::NothingSelected(snap.name));
     }
-    Ok(objects.into_iter().map(|d| d.value).collect())
+    Ok((snap.name, objects))
 }
 
 /// What each object needs first, within the restore set.
@@ -386,12 +396,7 @@ async fn check(
     snapshot: &str,
     opts: &RestoreOptions,
 ) -> Result<Checked, RestoreError> {
-    let (_, snap) = repo.find_snapshot(snapshot).await?;
-    let content = load_content(repo, &snap).await?;
-    let mut objects = load_objects(repo, &content, opts).await?;
-    if objects.is_empty() {
-        return Err(RestoreError::NothingSelected(snap.name.clone()));
-    }
+    let (snapshot_name, mut objects) = load_snapshot(repo, snapshot, opts).await?;
     let discovery = discover(&conn.client).await?;
     let mut problems: Vec<String> = Vec::new();
     let mut warnings: Vec<String> = Vec::new();
@@ -413,7 +418,7 @@ async fn check(
             .collect::<Result<_, RestoreError>>()?;
         objects.sort_by(|a, b| a.object.cmp(&b.object));
         if objects.is_empty() {
-            return Err(RestoreError::NothingSelected(snap.name.clone()));
+            return Err(RestoreError::NothingSelected(snapshot_name));
         }
     }
     let ordering = plan::order(&dependencies(&objects));
@@ -691,7 +696,7 @@ async fn check(
         return Err(RestoreError::Preflight(problems));
     }
     let plan = RestorePlan {
-        snapshot: snap.name.clone(),
+        snapshot: snapshot_name,
         target: conn.server.clone(),
         waves,
         cycles: ordering
