@@ -3,7 +3,8 @@
 //! lists them, over the objects of a snapshot before they are restored.
 //!
 //! A plan is compiled once ([`TransformPlan::from_yaml`]): every rule set
-//! is compiled, asked for its kinds, and every problem of the plan is
+//! is compiled, asked for its kinds and the names it looks for (`kinds()`,
+//! `mentions()`; see the `plan` module), and every problem of the plan is
 //! reported together. [`run`] then applies the steps; each step sees the
 //! output of the previous one, and every change is traced.
 //!

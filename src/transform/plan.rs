@@ -1,6 +1,29 @@
 //! Compiling a transform plan: every rule set is read, compiled once and
-//! asked for its kinds once; every selector and patch is checked. All
-//! problems are collected before the plan is refused.
+//! asked once for its kinds and for the names it looks for; every selector
+//! and patch is checked. All problems are collected before the plan is
+//! refused.
+//!
+//! What a rule set may declare, besides `fn transform(obj, params, target)`,
+//! so that Ferry hands it only the objects it can change (all are
+//! optional, and an object must pass every one declared):
+//! - `fn kinds()` or `fn kinds(params)`, evaluated once: an array of kinds
+//!   (`Kind`, `group/Kind`, `/Kind` for the core group), or `()` for every
+//!   kind.
+//! - `fn mentions()` or `fn mentions(params)`, evaluated once: an array of
+//!   names, or `()` for no such condition. The rule set then sees only
+//!   objects with a string value (at any depth; map keys do not count) that
+//!   contains one of the names as a whole name, not directly preceded or
+//!   followed by an ASCII letter, digit, `-` or `_` (see [`Mentions`]). It
+//!   suits a rule set that changes only what refers to given names, such
+//!   as `namespace`: everything it rewrites holds the old name.
+//! - `fn applies_to(api_version, kind, params, target)`, evaluated once per
+//!   apiVersion and kind in each step (by each of the step's threads): `false`
+//!   when `transform` neither changes nor warns about any object of that
+//!   apiVersion and kind on this target. It may call `serves`,
+//!   `serves_kind` and the graph functions (which see the step's input);
+//!   its warnings are discarded, and when it fails or returns anything but
+//!   `false` the objects go to `transform` as usual. It suits a rule set
+//!   whose work depends on an object's version, such as `api-versions`.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +35,7 @@ use super::builtin::{builtin, builtin_rule_sets, builtin_source_name};
 use super::config::{OnError, StepConfig, TransformPlanConfig, step_location};
 use super::convert::to_dynamic;
 use super::engine::{self, SCRIPT_STACK_SIZE, engine};
-use super::select::{KindMatcher, Selector, kind_matches};
+use super::select::{KindMatcher, Mentions, Selector, kind_matches};
 use super::{Diagnostic, TransformError, patch};
 
 /// A compiled transform plan, ready to run on any number of snapshots.
@@ -46,8 +69,12 @@ pub(crate) struct Step {
 pub(crate) enum Action {
     Script {
         ast: AST,
-        /// `None`: the rule set sees every object.
+        /// `None`: the rule set sees every kind.
         kinds: Option<Vec<KindMatcher>>,
+        /// `None`: the rule set sees objects whatever they mention.
+        mentions: Option<Mentions>,
+        /// Whether the rule set has `fn applies_to(api_version, kind, params, target)`.
+        applies_to: bool,
         params: Dynamic,
     },
     Patch {
@@ -57,14 +84,17 @@ pub(crate) enum Action {
 }
 
 impl Step {
-    /// Whether the step looks at `object` at all; the kinds dispatch
-    /// happens here, in Rust, before any conversion.
+    /// Whether the step looks at `object` at all; the kinds dispatch and
+    /// the search for mentioned names happen here, in Rust, before any
+    /// conversion. (A rule set's `applies_to` is asked when the step runs.)
     pub fn selects(&self, object: &Value) -> bool {
         match &self.action {
-            Action::Script { kinds: None, .. } => true,
             Action::Script {
-                kinds: Some(kinds), ..
-            } => kind_matches(kinds, object),
+                kinds, mentions, ..
+            } => {
+                kinds.as_ref().is_none_or(|k| kind_matches(k, object))
+                    && mentions.as_ref().is_none_or(|m| m.found_in(object))
+            }
             Action::Patch { selector, .. } => selector.matches(object),
         }
     }
@@ -205,17 +235,17 @@ fn compile_step(
                 return Err(diagnostics);
             }
         };
-        compile_script_with(&text, &source, &params).map(|(ast, kinds)| Step {
+        compile_script_with(&text, &source, &params).map(|c| Step {
             name: step_name(rule_set),
             source,
-            action: Action::Script { ast, kinds, params },
+            action: c.into_action(params),
         })
     } else if let Some(script) = &step.script {
         let default_name = at.rsplit_once('#').map_or(at, |(_, s)| s);
-        compile_script_with(script, at, &params).map(|(ast, kinds)| Step {
+        compile_script_with(script, at, &params).map(|c| Step {
             name: step_name(default_name),
             source: at.to_string(),
-            action: Action::Script { ast, kinds, params },
+            action: c.into_action(params),
         })
     } else {
         let default_name = at.rsplit_once('#').map_or(at, |(_, s)| s);
@@ -300,23 +330,42 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// Compiles a rule set without parameters and evaluates its `kinds()` once.
+/// A compiled rule set and what it declared about the objects it sees.
+pub(crate) struct CompiledScript {
+    pub ast: AST,
+    pub kinds: Option<Vec<KindMatcher>>,
+    pub mentions: Option<Mentions>,
+    pub applies_to: bool,
+}
+
+impl CompiledScript {
+    fn into_action(self, params: Dynamic) -> Action {
+        Action::Script {
+            ast: self.ast,
+            kinds: self.kinds,
+            mentions: self.mentions,
+            applies_to: self.applies_to,
+            params,
+        }
+    }
+}
+
+/// Compiles a rule set without parameters and evaluates its `kinds()` and
+/// `mentions()` once.
 #[cfg(test)]
-pub(crate) fn compile_script(
-    text: &str,
-    source: &str,
-) -> Result<(AST, Option<Vec<KindMatcher>>), Vec<Diagnostic>> {
+pub(crate) fn compile_script(text: &str, source: &str) -> Result<CompiledScript, Vec<Diagnostic>> {
     compile_script_with(text, source, &Dynamic::from_map(rhai::Map::new()))
 }
 
-/// Compiles a rule set and evaluates its `kinds()` or `kinds(params)` once:
-/// a rule set whose reach depends on its parameters (the kinds of custom
-/// resources to look into, say) still gets only the objects it can change.
+/// Compiles a rule set and evaluates its `kinds()` or `kinds(params)`, and
+/// its `mentions()` or `mentions(params)`, once: a rule set whose reach
+/// depends on its parameters (the kinds of custom resources to look into,
+/// the namespaces to move) still gets only the objects it can change.
 pub(crate) fn compile_script_with(
     text: &str,
     source: &str,
     params: &Dynamic,
-) -> Result<(AST, Option<Vec<KindMatcher>>), Vec<Diagnostic>> {
+) -> Result<CompiledScript, Vec<Diagnostic>> {
     let engine = engine();
     let mut ast = engine.compile(text).map_err(|e| {
         let e = engine::parse_error(&e);
@@ -347,48 +396,107 @@ pub(crate) fn compile_script_with(
             format!("a rule set defines fn transform(obj, params, target){found}"),
         ));
     }
-    let kinds_arity = ast
-        .iter_functions()
-        .find(|f| f.name == "kinds" && f.params.len() <= 1)
-        .map(|f| f.params.len());
-    let kinds = if let Some(arity) = kinds_arity {
-        engine::begin_object();
-        let result = if arity == 0 {
-            engine.call_fn::<Dynamic>(&mut Scope::new(), &ast, "kinds", ())
-        } else {
-            engine.call_fn::<Dynamic>(&mut Scope::new(), &ast, "kinds", (params.clone(),))
-        };
-        engine::end_object();
-        match result {
-            Err(e) => {
-                let e = engine::eval_error(&e);
-                diagnostics.push(Diagnostic::new(
-                    e.location(source),
-                    format!("kinds() failed: {}", e.message),
-                ));
+    let kinds = declaration(&ast, "kinds", params, source, &mut diagnostics);
+    let mentions = declaration(&ast, "mentions", params, source, &mut diagnostics);
+    let kinds = match kinds {
+        // `()`: every kind (the parameters reach every object).
+        Some(value) if !value.is_unit() => match parse_kinds(value) {
+            Ok(kinds) => Some(kinds),
+            Err(messages) => {
+                diagnostics.extend(
+                    messages
+                        .into_iter()
+                        .map(|m| Diagnostic::new(source.to_string(), m)),
+                );
                 None
             }
-            // `()`: every kind (the parameters reach every object).
-            Ok(value) if value.is_unit() => None,
-            Ok(value) => match parse_kinds(value) {
-                Ok(kinds) => Some(kinds),
-                Err(messages) => {
-                    diagnostics.extend(
-                        messages
-                            .into_iter()
-                            .map(|m| Diagnostic::new(source.to_string(), m)),
-                    );
-                    None
-                }
-            },
-        }
-    } else {
-        None
+        },
+        _ => None,
     };
+    let mentions = match mentions {
+        // `()`: objects are not chosen by what they mention.
+        Some(value) if !value.is_unit() => match parse_mentions(value) {
+            Ok(names) => Some(Mentions::new(names)),
+            Err(messages) => {
+                diagnostics.extend(
+                    messages
+                        .into_iter()
+                        .map(|m| Diagnostic::new(source.to_string(), m)),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let applies_to = ast
+        .iter_functions()
+        .any(|f| f.name == "applies_to" && f.params.len() == 4);
     if diagnostics.is_empty() {
-        Ok((ast, kinds))
+        Ok(CompiledScript {
+            ast,
+            kinds,
+            mentions,
+            applies_to,
+        })
     } else {
         Err(diagnostics)
+    }
+}
+
+/// The value of the rule set's `name()` or `name(params)`, called once;
+/// `None` when it has neither or the call failed (a diagnostic says so).
+fn declaration(
+    ast: &AST,
+    name: &str,
+    params: &Dynamic,
+    source: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Dynamic> {
+    let arity = ast
+        .iter_functions()
+        .find(|f| f.name == name && f.params.len() <= 1)
+        .map(|f| f.params.len())?;
+    let engine = engine();
+    engine::begin_object();
+    let result = if arity == 0 {
+        engine.call_fn::<Dynamic>(&mut Scope::new(), ast, name, ())
+    } else {
+        engine.call_fn::<Dynamic>(&mut Scope::new(), ast, name, (params.clone(),))
+    };
+    engine::end_object();
+    match result {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let e = engine::eval_error(&e);
+            diagnostics.push(Diagnostic::new(
+                e.location(source),
+                format!("{name}() failed: {}", e.message),
+            ));
+            None
+        }
+    }
+}
+
+fn parse_mentions(value: Dynamic) -> Result<Vec<String>, Vec<String>> {
+    let Some(items) = value.clone().try_cast::<rhai::Array>() else {
+        return Err(vec![format!(
+            "mentions() returned {} ({}); expected an array of names such as [\"prod\"], or ()",
+            value,
+            value.type_name()
+        )]);
+    };
+    let mut errors = Vec::new();
+    let mut names = Vec::new();
+    for item in items {
+        match item.clone().into_immutable_string() {
+            Ok(text) => names.push(text.to_string()),
+            Err(_) => errors.push(format!("mentions(): {item} is not a string")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(names)
+    } else {
+        Err(errors)
     }
 }
 

@@ -7,10 +7,11 @@
 //! warned. The step's output is assembled in input order afterwards, so
 //! results do not depend on scheduling.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rhai::{Array, CallFnOptions, Dynamic, Scope};
+use rhai::{AST, Array, CallFnOptions, Dynamic, ImmutableString, Scope};
 use serde_json::Value;
 
 use crate::model::ObjectRef;
@@ -243,6 +244,7 @@ fn work(step: &Step, input: &Arc<StepInput>, target: &Value, next: &AtomicUsize)
     let objects = &input.objects;
     // One scope for all calls: each call rewinds it, and its storage is reused.
     let mut scope = Scope::new();
+    let mut applies_to = AppliesTo::default();
     let mut out = Vec::new();
     loop {
         let start = next.fetch_add(BLOCK, Ordering::Relaxed);
@@ -251,6 +253,21 @@ fn work(step: &Step, input: &Arc<StepInput>, target: &Value, next: &AtomicUsize)
         }
         for (i, object) in objects.iter().enumerate().skip(start).take(BLOCK) {
             if !step.selects(object) {
+                continue;
+            }
+            if let Action::Script {
+                ast,
+                params,
+                applies_to: true,
+                ..
+            } = &step.action
+                && !applies_to.ask(
+                    ast,
+                    params,
+                    target.as_ref().expect("converted for script steps"),
+                    object,
+                )
+            {
                 continue;
             }
             let processed = match &step.action {
@@ -272,6 +289,51 @@ fn work(step: &Step, input: &Arc<StepInput>, target: &Value, next: &AtomicUsize)
         }
     }
     out
+}
+
+/// The answers of a rule set's `applies_to(api_version, kind, params,
+/// target)` in one thread's part of one step, by kind, then apiVersion
+/// (a snapshot has few of each, so a short list per kind is enough).
+#[derive(Default)]
+struct AppliesTo(HashMap<String, Vec<(String, bool)>>);
+
+impl AppliesTo {
+    /// Whether the rule set wants objects of `object`'s apiVersion and
+    /// kind; asks the rule set the first time only.
+    fn ask(&mut self, ast: &AST, params: &Dynamic, target: &Dynamic, object: &Value) -> bool {
+        let api_version = text(object, &["apiVersion"]);
+        let kind = text(object, &["kind"]);
+        if let Some(answer) = self.0.get(kind).and_then(|versions| {
+            versions
+                .iter()
+                .find(|(v, _)| v == api_version)
+                .map(|(_, answer)| *answer)
+        }) {
+            return answer;
+        }
+        engine::begin_object();
+        let result = engine().call_fn::<Dynamic>(
+            &mut Scope::new(),
+            ast,
+            "applies_to",
+            (
+                ImmutableString::from(api_version),
+                ImmutableString::from(kind),
+                params.clone(),
+                target.clone(),
+            ),
+        );
+        // Its warnings are not about any object: they are dropped.
+        engine::end_object();
+        // Only a plain `false` keeps objects from `transform`: when the
+        // question fails, `transform` decides about each object as usual.
+        let answer = !matches!(result.map(|v| v.as_bool()), Ok(Ok(false)));
+        self.0
+            .entry(kind.to_string())
+            .or_default()
+            .push((api_version.to_string(), answer));
+        answer
+    }
 }
 
 /// The target profile as scripts see it: one read-only value shared by

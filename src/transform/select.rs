@@ -1,7 +1,7 @@
 //! Which objects a step sees: kinds (`Kind` or `group/Kind`, from a rule
-//! set's `kinds()` or a patch's selector) and the declarative selectors of
-//! patch steps (namespace and name globs, a kubectl label selector, a
-//! JSONPath query).
+//! set's `kinds()` or a patch's selector), the names a rule set's
+//! `mentions()` looks for, and the declarative selectors of patch steps
+//! (namespace and name globs, a kubectl label selector, a JSONPath query).
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use jsonpath_rust::parser::model::{JpQuery, Segment, Selector as JpSelector};
@@ -59,6 +59,74 @@ impl KindMatcher {
 pub(crate) fn kind_matches(kinds: &[KindMatcher], object: &Value) -> bool {
     let (group, kind) = group_kind(object);
     kinds.iter().any(|k| k.matches(group, kind))
+}
+
+/// The names of a rule set's `mentions()`: the rule set sees an object only
+/// when one of the object's string values (at any depth; map keys are not
+/// looked at) contains one of the names as a whole name, that is not
+/// directly preceded or followed by an ASCII letter, digit, `-` or `_`.
+/// `prod` is mentioned by `prod`, `db.prod`, `db.prod.svc:5432` and
+/// `(prod)`, but not by `production`, `prod-db` or `db.preprod`. Matching is
+/// case-sensitive. An empty name is mentioned by every object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mentions {
+    names: Vec<String>,
+    /// The shortest name's length: shorter strings mention none.
+    shortest: usize,
+}
+
+impl Mentions {
+    pub fn new(names: Vec<String>) -> Self {
+        let shortest = names.iter().map(String::len).min().unwrap_or(0);
+        Mentions { names, shortest }
+    }
+
+    /// Whether `object` mentions one of the names; walks the object
+    /// without allocating.
+    pub fn found_in(&self, object: &Value) -> bool {
+        if self.names.is_empty() {
+            return false;
+        }
+        if self.shortest == 0 {
+            return true;
+        }
+        any_string(object, &|text| {
+            text.len() >= self.shortest && self.names.iter().any(|name| mentions_name(text, name))
+        })
+    }
+}
+
+/// Whether some string value at any depth of `value` satisfies `f`.
+fn any_string(value: &Value, f: &impl Fn(&str) -> bool) -> bool {
+    match value {
+        Value::String(text) => f(text),
+        Value::Array(items) => items.iter().any(|v| any_string(v, f)),
+        Value::Object(map) => map.values().any(|v| any_string(v, f)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+fn continues_name(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'
+}
+
+/// Whether `name` (not empty) occurs in `text` as a whole name; every
+/// occurrence is tried, overlapping ones included.
+fn mentions_name(text: &str, name: &str) -> bool {
+    let bytes = text.as_bytes();
+    let step = name.chars().next().map_or(1, char::len_utf8);
+    let mut from = 0;
+    while let Some(found) = text[from..].find(name) {
+        let at = from + found;
+        let end = at + name.len();
+        if (at == 0 || !continues_name(bytes[at - 1]))
+            && (end == bytes.len() || !continues_name(bytes[end]))
+        {
+            return true;
+        }
+        from = at + step;
+    }
+    false
 }
 
 /// A compiled `select:` of a patch step; every given condition must hold.
@@ -291,6 +359,54 @@ mod tests {
         .unwrap();
         let errors = Selector::compile(&config).unwrap_err();
         assert_eq!(errors.len(), 4, "{errors:#?}");
+    }
+
+    #[test]
+    fn mentions_are_whole_names_in_string_values_at_any_depth() {
+        let m = Mentions::new(vec!["prod".to_string()]);
+        let deep = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cfg", "namespace": "shop"},
+            "data": {"settings": "a: 1\nurl: http://db.prod.svc:5432/x\n"}});
+        assert!(
+            m.found_in(&deep),
+            "a Service name deep inside a ConfigMap value"
+        );
+        for text in [
+            "prod",
+            "db.prod",
+            "x.prod.svc.cluster.local.",
+            "(prod)",
+            "a prod",
+        ] {
+            assert!(m.found_in(&json!({"a": [{"b": text}]})), "{text}");
+        }
+        for text in [
+            "production",
+            "prod-db",
+            "db.preprod",
+            "prod_x",
+            "PROD",
+            "pro",
+        ] {
+            assert!(!m.found_in(&json!({"a": [{"b": text}]})), "{text}");
+        }
+        let unrelated = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "production", "labels": {"prod": "yes"}},
+            "spec": {"replicas": 3, "template": {"spec": {"containers": [
+                {"name": "web", "env": [{"name": "DB", "value": "db.production.svc"}]}]}}}});
+        assert!(
+            !m.found_in(&unrelated),
+            "map keys and longer names do not count"
+        );
+        let overlapping = Mentions::new(vec!["a.a".to_string()]);
+        assert!(
+            overlapping.found_in(&json!("xa.a.a")),
+            "the second occurrence is whole"
+        );
+        assert!(!Mentions::new(vec![]).found_in(&deep));
+        assert!(Mentions::new(vec![String::new()]).found_in(&json!({})));
+        let two = Mentions::new(vec!["blue".to_string(), "ü".to_string()]);
+        assert!(two.found_in(&json!({"x": "é ü"})) && !two.found_in(&json!({"x": "üx"})));
     }
 
     #[test]

@@ -844,9 +844,10 @@ fn the_time_budget_stops_a_slow_script() {
     // The operations limit normally ends a loop first; a budget already
     // spent shows what happens when the clock runs out instead.
     let error = plan::on_script_stack(|| {
-        let (ast, _) =
+        let ast =
             plan::compile_script("fn transform(obj, params, target) { loop {} }", "slow.rhai")
-                .unwrap();
+                .unwrap()
+                .ast;
         engine::begin_object();
         engine::expire_budget();
         let result = engine::engine().call_fn::<rhai::Dynamic>(
@@ -961,4 +962,224 @@ fn kinds_may_depend_on_the_parameters_and_unit_means_every_kind() {
             .iter()
             .all(|o| o["metadata"]["labels"]["seen"] == "yes")
     );
+}
+
+// --- mentions() and applies_to() -------------------------------------------
+
+#[test]
+fn a_rule_set_with_mentions_sees_only_objects_that_mention_a_name() {
+    let p = plan(
+        r#"
+  - name: label-what-mentions-prod
+    params: {names: [prod]}
+    script: |
+      fn mentions(params) { params.names }
+      fn transform(obj, params, target) { obj.metadata.labels = #{seen: "yes"}; obj }
+"#,
+    );
+    let mut deep = config_map("shop", "settings");
+    deep["data"]["app.yaml"] = json!("cache:\n  nodes:\n  - redis-0.redis.prod.svc:6379\n");
+    let mut near_misses = config_map("shop", "near-misses");
+    near_misses["data"] = json!({"a": "db.production.svc", "b": "prod-db", "prod": "x"});
+    let moved = deployment("prod", "web", "cfg");
+    let elsewhere = deployment("production", "web", "cfg");
+    let out = run_empty(
+        &p,
+        vec![
+            deep,
+            near_misses.clone(),
+            moved,
+            elsewhere.clone(),
+            object("v1", "Namespace", "", "prod"),
+        ],
+    )
+    .unwrap();
+    let seen: Vec<bool> = out
+        .objects
+        .iter()
+        .map(|o| o["metadata"]["labels"]["seen"] == "yes")
+        .collect();
+    assert_eq!(seen, vec![true, false, true, false, true]);
+    assert_eq!(out.objects[1], near_misses);
+    assert_eq!(out.objects[3], elsewhere);
+}
+
+#[test]
+fn kinds_and_mentions_must_both_hold() {
+    let p = plan(&script(
+        "both",
+        r#"
+fn kinds() { ["ConfigMap"] }
+fn mentions() { ["prod"] }
+fn transform(obj, params, target) { obj.metadata.labels = #{seen: "yes"}; obj }
+"#,
+    ));
+    let out = run_empty(
+        &p,
+        vec![
+            config_map("prod", "in-prod"),
+            config_map("shop", "elsewhere"),
+            deployment("prod", "web", "cfg"),
+        ],
+    )
+    .unwrap();
+    let seen: Vec<bool> = out
+        .objects
+        .iter()
+        .map(|o| o["metadata"]["labels"]["seen"] == "yes")
+        .collect();
+    // config_map's data holds "prod" too: both ConfigMaps mention it.
+    assert_eq!(seen, vec![true, true, false]);
+    let mut other = config_map("shop", "other");
+    other["data"]["env"] = json!("staging");
+    assert!(!p.steps[0].selects(&other));
+}
+
+#[test]
+fn mentions_unit_means_every_object_and_bad_values_are_plan_errors() {
+    let p = plan(&script(
+        "every",
+        r#"
+fn mentions(params) { () }
+fn transform(obj, params, target) { obj.metadata.labels = #{seen: "yes"}; obj }
+"#,
+    ));
+    let out = run_empty(&p, vec![object("v1", "Secret", "a", "s")]).unwrap();
+    assert_eq!(out.objects[0]["metadata"]["labels"]["seen"], "yes");
+
+    let d = diagnostics(&with_header(
+        &[
+            script(
+                "not-an-array",
+                "fn mentions() { \"prod\" }\nfn transform(obj, params, target) { obj }",
+            ),
+            script(
+                "not-strings",
+                "fn mentions() { [\"prod\", 3] }\nfn transform(obj, params, target) { obj }",
+            ),
+            script(
+                "failing",
+                "fn mentions(params) { fail(\"no\") }\nfn transform(obj, params, target) { obj }",
+            ),
+        ]
+        .concat(),
+        "fail",
+    ));
+    let text = lines(&d).join("\n");
+    assert!(
+        text.contains("steps[0]: mentions() returned prod (string)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("steps[1]: mentions(): 3 is not a string"),
+        "{text}"
+    );
+    assert!(text.contains("mentions() failed: no"), "{text}");
+}
+
+#[test]
+fn the_namespace_rule_set_sees_only_objects_that_mention_a_mapped_namespace() {
+    let p = plan("  - ruleSet: namespace\n    params: {map: {prod: staging}}\n");
+    let mut deep = config_map("shop", "settings");
+    deep["data"] = json!({"app.yaml": "db:\n  url: postgres://db.prod.svc.cluster.local:5432/x\n"});
+    assert!(p.steps[0].selects(&deep));
+    let mut unrelated = config_map("production", "settings");
+    unrelated["data"] = json!({"url": "db.production.svc", "env": "preprod"});
+    assert!(!p.steps[0].selects(&unrelated));
+    assert!(p.steps[0].selects(&object("v1", "Namespace", "", "prod")));
+
+    let out = run_empty(&p, vec![deep, unrelated.clone()]).unwrap();
+    assert_eq!(
+        out.objects[0]["data"]["app.yaml"],
+        "db:\n  url: postgres://db.staging.svc.cluster.local:5432/x\n"
+    );
+    assert_eq!(out.objects[1], unrelated);
+
+    // An invalid map is reported on every object, as before.
+    let p = plan("  - ruleSet: namespace\n    params: {map: {a: c, b: c}}\n");
+    assert!(p.steps[0].selects(&unrelated));
+    assert!(rule_error(run_empty(&p, vec![unrelated])).contains("both mapped to c"));
+    // Nothing to move: no object is handed to the rule set.
+    let p = plan("  - ruleSet: namespace\n");
+    assert!(!p.steps[0].selects(&object("v1", "Namespace", "", "prod")));
+}
+
+#[test]
+fn applies_to_is_asked_per_api_version_and_kind_and_false_skips_them() {
+    let p = plan(&script(
+        "v1-configmaps",
+        r#"
+fn applies_to(api_version, kind, params, target) {
+    warn("dropped");
+    api_version == "v1" && kind == "ConfigMap"
+}
+fn transform(obj, params, target) {
+    if obj.kind != "ConfigMap" { fail("saw " + object_id(obj)); }
+    obj.metadata.labels = #{seen: "yes"};
+    obj
+}
+"#,
+    ));
+    let secret = object("v1", "Secret", "a", "s");
+    let old = object("extensions/v1beta1", "Deployment", "a", "d");
+    let out = run_empty(
+        &p,
+        vec![
+            secret.clone(),
+            config_map("a", "c"),
+            old.clone(),
+            config_map("a", "d"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(out.objects[0], secret);
+    assert_eq!(out.objects[1]["metadata"]["labels"]["seen"], "yes");
+    assert_eq!(out.objects[2], old);
+    assert_eq!(out.objects[3]["metadata"]["labels"]["seen"], "yes");
+    assert_eq!(out.warnings, vec![], "applies_to's warnings are dropped");
+
+    // It sees the target; when it fails or answers anything but false,
+    // transform gets the objects.
+    let p = plan(&script(
+        "unserved-only",
+        r#"
+fn applies_to(api_version, kind, params, target) {
+    if kind == "Secret" { fail("cannot tell"); }
+    if kind == "Service" { return "maybe"; }
+    !serves_kind(api_version, kind)
+}
+fn transform(obj, params, target) { warn("saw it"); obj }
+"#,
+    ));
+    let target = ClusterProfile {
+        served_group_versions: BTreeSet::from(["v1".to_string(), "apps/v1".to_string()]),
+        ..ClusterProfile::default()
+    };
+    let out = run(
+        &p,
+        vec![
+            config_map("a", "c"),
+            object("v1", "Secret", "a", "s"),
+            object("v1", "Service", "a", "svc"),
+            object("batch/v1beta1", "CronJob", "a", "j"),
+            deployment("a", "d", "c"),
+        ],
+        &target,
+    )
+    .unwrap();
+    let warned: Vec<&str> = out.warnings.iter().map(|w| w.object.as_str()).collect();
+    assert_eq!(warned, vec!["Secret/a/s", "Service/a/svc", "CronJob/a/j"]);
+}
+
+#[test]
+fn the_api_versions_rule_set_leaves_current_and_unknown_kinds_alone() {
+    // A current object and a kind it does not know, on an unknown target:
+    // nothing to convert or say.
+    let p = plan("  - ruleSet: api-versions\n");
+    let widget = object("example.com/v1", "Widget", "a", "w");
+    let out = run_empty(&p, vec![deployment("a", "d", "c"), widget.clone()]).unwrap();
+    assert_eq!(out.objects[1], widget);
+    assert!(out.trace.is_empty() && out.warnings.is_empty());
+    let out = run_empty(&p, vec![object("batch/v1beta1", "CronJob", "a", "j")]).unwrap();
+    assert_eq!(out.objects[0]["apiVersion"], "batch/v1");
 }
