@@ -53,20 +53,34 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
         print_changes(&mut std::io::stdout().lock(), &output)?;
         return Ok(ExitCode::SUCCESS);
     }
+    // Standard output flushes at every line; manifests are written in
+    // large blocks instead.
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
     match args.output {
         ManifestFormat::Yaml => {
-            let mut out = std::io::stdout().lock();
             for object in &output.objects {
                 writeln!(out, "---")?;
                 serde_yaml_ng::to_writer(&mut out, object)?;
             }
+            out.flush()?;
         }
         ManifestFormat::Json => {
-            let list =
-                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": output.objects});
-            let mut out = std::io::stdout().lock();
+            /// A `v1` List that borrows its items: no copy of the objects.
+            #[derive(serde::Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct List<'a> {
+                api_version: &'static str,
+                kind: &'static str,
+                items: &'a [Value],
+            }
+            let list = List {
+                api_version: "v1",
+                kind: "List",
+                items: &output.objects,
+            };
             serde_json::to_writer_pretty(&mut out, &list)?;
             writeln!(out)?;
+            out.flush()?;
         }
         ManifestFormat::Dir | ManifestFormat::Kustomize => {
             let dir = args

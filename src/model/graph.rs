@@ -3,7 +3,7 @@
 //! every object is known; references to objects that are not in the graph
 //! are reported as dangling, unless the cluster provides them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -170,27 +170,24 @@ impl AppGraph {
         }
     }
 
-    fn crd_for(&self, group: &str, kind: &str) -> Option<NodeIndex> {
-        self.graph.node_indices().find(|i| {
-            self.graph[*i]
-                .defines
-                .as_ref()
-                .is_some_and(|(g, k)| g == group && k == kind)
-        })
-    }
-
     /// Pending references whose target is neither in the graph nor known
     /// to the cluster: what a backup still has to fetch.
     pub fn unresolved(&self) -> Vec<Reference> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
+        let crds: HashSet<(&str, &str)> = self
+            .graph
+            .node_weights()
+            .filter_map(|n| n.defines.as_ref())
+            .map(|(g, k)| (g.as_str(), k.as_str()))
+            .collect();
         for (_, r) in &self.pending {
             let missing = match &r.target {
                 Target::Object { .. } => {
                     let k = Self::target_key(&r.target).expect("object target");
                     !self.index.contains_key(&k) && !self.external.contains(&k)
                 }
-                Target::Crd { group, kind } => self.crd_for(group, kind).is_none(),
+                Target::Crd { group, kind } => !crds.contains(&(group.as_str(), kind.as_str())),
                 Target::Selector { .. } => false,
             };
             if missing && seen.insert(r.target.to_string()) {
@@ -207,9 +204,17 @@ impl AppGraph {
         let pending = std::mem::take(&mut self.pending);
         let mut dangling = Vec::new();
         let mut crds: HashMap<(String, String), NodeIndex> = HashMap::new();
+        // Selectors match pods of their own namespace only: index the nodes
+        // that carry pod labels by namespace, so that each selector looks at
+        // its namespace's workloads rather than at every node.
+        let mut labelled: HashMap<String, Vec<NodeIndex>> = HashMap::new();
         for i in self.graph.node_indices() {
-            if let Some((g, k)) = &self.graph[i].defines {
+            let node = &self.graph[i];
+            if let Some((g, k)) = &node.defines {
                 crds.insert((g.clone(), k.clone()), i);
+            }
+            if let (Some(ns), Some(_)) = (&node.object.namespace, &node.pod_labels) {
+                labelled.entry(ns.clone()).or_default().push(i);
             }
         }
         for (from, reference) in pending {
@@ -242,15 +247,16 @@ impl AppGraph {
                 Target::Selector {
                     namespace,
                     selector,
-                } => self
-                    .graph
-                    .node_indices()
+                } => labelled
+                    .get(namespace)
+                    .into_iter()
+                    .flatten()
+                    .copied()
                     .filter(|i| {
-                        let n = &self.graph[*i];
-                        n.object.namespace.as_deref() == Some(namespace.as_str())
-                            && n.pod_labels
-                                .as_ref()
-                                .is_some_and(|l| selector.matches(Some(l)))
+                        self.graph[*i]
+                            .pod_labels
+                            .as_ref()
+                            .is_some_and(|l| selector.matches(Some(l)))
                     })
                     .collect(),
             };

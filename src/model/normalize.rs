@@ -75,7 +75,7 @@ pub static RULES: &[Rule] = &[
     },
     Rule {
         name: "skip-cluster-defaults",
-        matches: "bootstrap RBAC (kubernetes.io/bootstrapping=rbac-defaults), system- PriorityClasses, local APIServices, auto-updated flow-control objects",
+        matches: "bootstrap RBAC (kubernetes.io/bootstrapping=rbac-defaults), system- PriorityClasses, local APIServices, auto-updated flow-control objects, Service default/kubernetes",
         description: "skip: every cluster provides its own; restore checks they exist",
         apply: skip_cluster_defaults,
     },
@@ -373,6 +373,12 @@ fn skip_cluster_defaults(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
         && annotation(obj, "apf.kubernetes.io/autoupdate-spec") == Some("true")
     {
         return Outcome::Skip("flow-control default maintained by the API server".into());
+    }
+    if is(obj, "", "Service")
+        && name(obj) == "kubernetes"
+        && obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some("default")
+    {
+        return Outcome::Skip("the API server's own Service, which it maintains".into());
     }
     Outcome::Unchanged
 }
@@ -895,6 +901,15 @@ mod tests {
         );
         keep(
             json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "high"}, "value": 1000}),
+        );
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kubernetes", "namespace": "default"}, "spec": {"ports": [{"port": 443}]}})
+            ),
+            "skip-cluster-defaults"
+        );
+        keep(
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kubernetes", "namespace": "shop"}, "spec": {"ports": [{"port": 443}]}}),
         );
     }
 

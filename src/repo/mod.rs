@@ -278,10 +278,47 @@ impl fmt::Debug for Repository {
     }
 }
 
+/// zstd level of stored blobs: most are single objects of a few KB, where
+/// higher levels gain little.
+const ZSTD_LEVEL: i32 = 3;
+
+thread_local! {
+    // A zstd context costs more to set up than to compress one object with
+    // (level 3 allocates its tables anew each time): one per thread, reused.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd of `plaintext`, with this thread's compression context.
+pub(crate) fn compress(plaintext: &[u8]) -> Vec<u8> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor = cell.get_or_insert_with(|| {
+            zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("a zstd context can be created")
+        });
+        compressor
+            .compress(plaintext)
+            .expect("compressing in memory cannot fail")
+    })
+}
+
+/// The plaintext of a zstd frame of `raw_length` bytes, with this thread's context.
+fn decompress(compressed: &[u8], raw_length: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompressor = match cell.as_mut() {
+            Some(d) => d,
+            None => cell.insert(zstd::bulk::Decompressor::new()?),
+        };
+        decompressor.decompress(compressed, raw_length)
+    })
+}
+
 /// Encodes plaintext as stored: zstd, then sealed.
 pub(crate) fn encode_blob(key: &MasterKey, plaintext: &[u8]) -> Vec<u8> {
-    let compressed = zstd::bulk::compress(plaintext, 3).expect("compressing in memory cannot fail");
-    key.seal(&compressed)
+    key.seal(&compress(plaintext))
 }
 
 fn decode_blob(
@@ -293,7 +330,7 @@ fn decode_blob(
     let compressed = key
         .open(stored)
         .map_err(|Tampered| "authentication failed (the data was altered)".to_string())?;
-    let plaintext = zstd::bulk::decompress(&compressed, raw_length as usize)
+    let plaintext = decompress(&compressed, raw_length as usize)
         .map_err(|e| format!("decompression failed: {e}"))?;
     if key.blob_hash(&plaintext) != id.0 {
         return Err("content does not match its id".into());
@@ -471,8 +508,7 @@ impl Repository {
 
     pub(crate) fn encode_json<T: Serialize>(&self, value: &T) -> Bytes {
         let plain = serde_json::to_vec(value).expect("repository records serialize");
-        let compressed =
-            zstd::bulk::compress(&plain, 3).expect("compressing in memory cannot fail");
+        let compressed = compress(&plain);
         Bytes::from(self.inner.key.seal(&compressed))
     }
 

@@ -155,6 +155,10 @@ pub enum RestoreError {
 struct Desired {
     object: ObjectRef,
     value: Value,
+    /// For an object Ferry created earlier and now updates: its managed
+    /// fields with Ferry's create entry turned into an apply entry (see
+    /// [`adopted_managed_fields`]), and the resourceVersion they belong to.
+    adopt: Option<(Value, String)>,
 }
 
 fn gk_key(group: &str, kind: &str, namespace: Option<&str>, name: &str) -> String {
@@ -207,6 +211,7 @@ async fn load_objects(
             Ok(Desired {
                 object: entry.object.clone(),
                 value,
+                adopt: None,
             })
         })
         .buffer_unordered(16)
@@ -275,6 +280,155 @@ async fn load_snapshot(
         return Err(RestoreError::NothingSelected(snap.name));
     }
     Ok((snap.name, objects))
+}
+
+/// Whether the caller may `verb` the resource in `namespace` (`None`: in
+/// every namespace, or cluster-wide for cluster-scoped resources).
+async fn allowed(
+    client: &kube::Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> Result<bool, kube::Error> {
+    let review: SelfSubjectAccessReview = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource, "namespace": namespace}}
+    }))
+    .expect("static review");
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let review = api.create(&PostParams::default(), &review).await?;
+    Ok(review.status.is_some_and(|s| s.allowed))
+}
+
+/// The permissions in `needed` (verb, group, resource, namespace) that the
+/// caller lacks, as problems. A grant in every namespace covers each one:
+/// each verb and resource is asked once without a namespace, and per
+/// namespace only where that is denied, so that restoring thousands of
+/// namespaces costs a few reviews, not thousands.
+async fn denied(
+    conn: &Connection,
+    needed: BTreeSet<(String, String, String, Option<String>)>,
+) -> Vec<String> {
+    const AT_ONCE: usize = 16;
+    let mut by_resource: BTreeMap<(String, String, String), Vec<Option<String>>> = BTreeMap::new();
+    for (verb, group, resource, namespace) in needed {
+        by_resource
+            .entry((verb, group, resource))
+            .or_default()
+            .push(namespace);
+    }
+    let describe = |group: &str, resource: &str, namespace: Option<&str>| {
+        let what = if group.is_empty() {
+            resource.to_string()
+        } else {
+            format!("{resource}.{group}")
+        };
+        let scope = namespace.map_or_else(
+            || " (cluster-wide)".to_string(),
+            |n| format!(" in namespace {n}"),
+        );
+        (what, scope)
+    };
+    let everywhere: Vec<_> = futures::stream::iter(by_resource)
+        .map(|((verb, group, resource), namespaces)| async move {
+            let result = allowed(&conn.client, &verb, &group, &resource, None).await;
+            (verb, group, resource, namespaces, result)
+        })
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await;
+    let mut problems = Vec::new();
+    let mut per_namespace = Vec::new();
+    for (verb, group, resource, namespaces, result) in everywhere {
+        match result {
+            Ok(true) => {}
+            Ok(false) => {
+                for namespace in namespaces {
+                    match namespace {
+                        Some(ns) => {
+                            per_namespace.push((verb.clone(), group.clone(), resource.clone(), ns))
+                        }
+                        None => {
+                            let (what, scope) = describe(&group, &resource, None);
+                            problems.push(format!("not allowed to {verb} {what}{scope}"));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let (what, _) = describe(&group, &resource, None);
+                problems.push(format!("cannot check permission to {verb} {what}: {e}"));
+            }
+        }
+    }
+    let answers: Vec<Option<String>> = futures::stream::iter(per_namespace)
+        .map(|(verb, group, resource, ns)| async move {
+            let (what, scope) = describe(&group, &resource, Some(&ns));
+            match allowed(&conn.client, &verb, &group, &resource, Some(&ns)).await {
+                Ok(true) => None,
+                Ok(false) => Some(format!("not allowed to {verb} {what}{scope}")),
+                Err(e) => Some(format!(
+                    "cannot check permission to {verb} {what}{scope}: {e}"
+                )),
+            }
+        })
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await;
+    problems.extend(answers.into_iter().flatten());
+    problems.sort();
+    problems
+}
+
+/// Namespaces of the restore that the target does not have. A namespace
+/// that does not exist holds no objects (it is removed only once it is
+/// empty), so restoring into new namespaces needs one GET per namespace
+/// instead of one per object. Namespaces that cannot be read count as
+/// present, so that their objects are still looked up one by one.
+async fn absent_namespaces(
+    conn: &Connection,
+    discovery: &Discovery,
+    objects: &[Desired],
+) -> Result<BTreeSet<String>, RestoreError> {
+    let Some(resource) = discovery.by_group_kind("", "Namespace") else {
+        return Ok(BTreeSet::new());
+    };
+    let namespaces: BTreeSet<&str> = objects
+        .iter()
+        .filter_map(|d| d.object.namespace.as_deref())
+        .collect();
+    let found: Vec<(&str, Result<Option<Value>, ClusterError>)> = futures::stream::iter(namespaces)
+        .map(|ns| async move { (ns, get_object(&conn.client, resource, None, ns).await) })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut absent = BTreeSet::new();
+    for (ns, result) in found {
+        match result {
+            Ok(None) => {
+                absent.insert(ns.to_string());
+            }
+            Ok(Some(_)) => {}
+            Err(ClusterError::Get { source, .. }) if status_code(&source) == Some(403) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(absent)
+}
+
+/// The first few of `items` and how many more there are: a preflight
+/// message about thousands of objects must stay readable.
+fn some_of(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    if items.len() <= SHOWN {
+        return items.join(", ");
+    }
+    format!(
+        "{} and {} more",
+        items[..SHOWN].join(", "),
+        items.len() - SHOWN
+    )
 }
 
 /// What each object needs first, within the restore set.
@@ -413,7 +567,11 @@ async fn check(
             .map(|value| {
                 let object = ObjectRef::from_object(&value)
                     .map_err(|e| RestoreError::TransformedObject(e.to_string()))?;
-                Ok(Desired { object, value })
+                Ok(Desired {
+                    object,
+                    value,
+                    adopt: None,
+                })
             })
             .collect::<Result<_, RestoreError>>()?;
         objects.sort_by(|a, b| a.object.cmp(&b.object));
@@ -524,15 +682,16 @@ async fn check(
         let Some(resource) = discovery.by_group_kind(&group, &kind) else {
             problems.push(format!(
                 "{label} {name} (used by {}) cannot exist: the target does not serve {kind}",
-                users.join(", ")
+                some_of(&users)
             ));
             continue;
         };
         match get_object(&conn.client, resource, None, &name).await {
             Ok(Some(_)) => {}
             Ok(None) => problems.push(format!(
-                "{label} {name} is missing on the target (used by {}); create it, include it in the restore, or map it with a transform (storage-class)",
-                users.join(", ")
+                "{label} {name} is missing on the target (used by {}); create it, include it in the restore, or map it with a transform{}",
+                some_of(&users),
+                if kind == "StorageClass" { " (storage-class)" } else { "" }
             )),
             Err(ClusterError::Get { source, .. }) if status_code(&source) == Some(403) => {
                 warnings.push(format!("cannot check that {label} {name} exists: forbidden"))
@@ -543,25 +702,25 @@ async fn check(
 
     // Permissions for every verb and resource the plan uses.
     let mut needed: BTreeSet<(String, String, String, Option<String>)> = BTreeSet::new();
+    // Resources of the CRDs in this restore, which the target serves only later.
+    let crd_plurals: HashMap<(&str, &str), &str> = objects
+        .iter()
+        .filter(|c| c.object.kind == "CustomResourceDefinition")
+        .filter_map(|c| {
+            let text = |p: &str| c.value.pointer(p).and_then(Value::as_str);
+            Some((
+                (text("/spec/group")?, text("/spec/names/kind")?),
+                text("/spec/names/plural")?,
+            ))
+        })
+        .collect();
     for d in &objects {
         let plural = resource_for(&discovery, &d.object)
             .map(|r| r.plural)
             .or_else(|| {
-                objects
-                    .iter()
-                    .find(|c| {
-                        c.object.kind == "CustomResourceDefinition"
-                            && c.value.pointer("/spec/group").and_then(Value::as_str)
-                                == Some(&d.object.group)
-                            && c.value.pointer("/spec/names/kind").and_then(Value::as_str)
-                                == Some(&d.object.kind)
-                    })
-                    .and_then(|c| {
-                        c.value
-                            .pointer("/spec/names/plural")
-                            .and_then(Value::as_str)
-                            .map(String::from)
-                    })
+                crd_plurals
+                    .get(&(d.object.group.as_str(), d.object.kind.as_str()))
+                    .map(|p| p.to_string())
             });
         let Some(plural) = plural else { continue };
         let mut verbs = vec!["get", "create", "patch"];
@@ -577,36 +736,21 @@ async fn check(
             ));
         }
     }
-    let denials: Vec<Option<String>> = futures::stream::iter(needed)
-        .map(|(verb, group, resource, namespace)| {
-            let client = conn.client.clone();
-            async move {
-                let review: SelfSubjectAccessReview = serde_json::from_value(serde_json::json!({
-                    "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-                    "spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource, "namespace": namespace}}
-                }))
-                .expect("static review");
-                let api: Api<SelfSubjectAccessReview> = Api::all(client);
-                let scope = namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_else(|| " (cluster-wide)".into());
-                let what = if group.is_empty() { resource.clone() } else { format!("{resource}.{group}") };
-                match api.create(&PostParams::default(), &review).await {
-                    Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => None,
-                    Ok(_) => Some(format!("not allowed to {verb} {what}{scope}")),
-                    Err(e) => Some(format!("cannot check permission to {verb} {what}{scope}: {e}")),
-                }
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    problems.extend(denials.into_iter().flatten());
+    problems.extend(denied(conn, needed).await);
 
     // What the target already holds.
+    let absent = absent_namespaces(conn, &discovery, &objects).await?;
     let lives: Vec<Result<Option<Value>, ClusterError>> = futures::stream::iter(&objects)
         .map(|d| {
             let discovery = &discovery;
+            let absent = &absent;
             async move {
+                let in_absent_namespace = match &d.object.namespace {
+                    Some(ns) => absent.contains(ns),
+                    None => d.object.kind == "Namespace" && absent.contains(&d.object.name),
+                };
                 match resource_for(discovery, &d.object) {
+                    Some(_) if in_absent_namespace => Ok(None),
                     Some(r) => {
                         get_object(
                             &conn.client,
@@ -643,7 +787,7 @@ async fn check(
         let mut items = Vec::new();
         let mut desired = Vec::new();
         for object in wave {
-            let d = by_object
+            let mut d = by_object
                 .remove(object)
                 .expect("planned objects come from the set");
             let (action, reason, changes) = match (live_by_object.get(object), opts.existing) {
@@ -671,6 +815,7 @@ async fn check(
                             changes,
                         )
                     } else {
+                        d.adopt = adopted_managed_fields(live);
                         (
                             Action::Update,
                             format!("{} field(s) differ", changes.len()),
@@ -856,13 +1001,93 @@ async fn apply_one(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+    let retry = crate::cluster::retry::RetryPolicy::default();
+    if item.action == Action::Create {
+        // A plain create costs the API server about half of what an apply
+        // that creates does (measured: docs/benchmarks.md). The server
+        // records Ferry's fields as an update; a later restore that changes
+        // the object turns that entry into an apply entry first, so that
+        // fields dropped from a newer snapshot are still removed.
+        let object: DynamicObject = serde_json::from_value(value.clone())
+            .map_err(|e| format!("not a Kubernetes object: {e}"))?;
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        match retry.run(|| api.create(&params, &object)).await {
+            Ok(o) => return Ok(o.metadata.uid),
+            // Created since the plan was made: apply onto it as an update does.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(api_message(&e)),
+        }
+    }
+    if let Some((managed_fields, resource_version)) = &d.adopt {
+        let patch = serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+            {"op": "replace", "path": "/metadata/managedFields", "value": managed_fields},
+        ]);
+        let url = format!(
+            "{}/{}",
+            served.url_path(d.object.namespace.as_deref()),
+            d.object.name
+        );
+        let request = http::Request::patch(url)
+            .header(http::header::CONTENT_TYPE, "application/json-patch+json")
+            .body(patch.to_string().into_bytes())
+            .map_err(|e| e.to_string())?;
+        // Best effort: if the object changed meanwhile, the apply below
+        // still sets every field; only a dropped field may stay behind.
+        if let Err(e) = conn.client.request_text(request).await {
+            tracing::info!(object = %d.object, error = %api_message(&e), "managed fields not adopted");
+        }
+    }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let patch = Patch::Apply(&value);
-    crate::cluster::retry::RetryPolicy::default()
+    retry
         .run(|| api.patch(&d.object.name, &params, &patch))
         .await
         .map(|o| o.metadata.uid)
         .map_err(|e| api_message(&e))
+}
+
+/// The managed fields of `live` with the entry of Ferry's create
+/// (manager `ferry`, operation `Update`) turned into Ferry's apply entry,
+/// merged into an existing one; `None` when there is no such entry. As
+/// `kubectl` does when moving to server-side apply, this makes the fields
+/// Ferry created owned by its applies, so that an apply that no longer
+/// sets a field removes it.
+fn adopted_managed_fields(live: &Value) -> Option<(Value, String)> {
+    let entries = live.pointer("/metadata/managedFields")?.as_array()?;
+    let resource_version = live.pointer("/metadata/resourceVersion")?.as_str()?;
+    let is = |e: &Value, operation: &str| {
+        e["manager"] == FIELD_MANAGER && e["operation"] == operation && e["subresource"].is_null()
+    };
+    let created = entries.iter().position(|e| is(e, "Update"))?;
+    let mut adopted: Vec<Value> = entries.clone();
+    let mut entry = adopted.remove(created);
+    match adopted.iter_mut().find(|e| is(e, "Apply")) {
+        Some(applied) => merge_fields(&mut applied["fieldsV1"], &entry["fieldsV1"]),
+        None => {
+            entry["operation"] = Value::from("Apply");
+            adopted.push(entry);
+        }
+    }
+    Some((Value::Array(adopted), resource_version.to_string()))
+}
+
+/// Union of two `fieldsV1` trees (maps of `f:`/`k:`/`v:` keys).
+fn merge_fields(into: &mut Value, from: &Value) {
+    let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) else {
+        return;
+    };
+    for (key, value) in from {
+        match into.get_mut(key) {
+            Some(existing) => merge_fields(existing, value),
+            None => {
+                into.insert(key.clone(), value.clone());
+            }
+        }
+    }
 }
 
 fn api_message(error: &kube::Error) -> String {
@@ -1021,5 +1246,70 @@ async fn server_dry_run(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{adopted_managed_fields, some_of};
+    use serde_json::json;
+
+    #[test]
+    fn a_create_entry_becomes_the_apply_entry() {
+        let live = json!({"metadata": {"resourceVersion": "42", "managedFields": [
+            {"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {"f:status": {}}},
+            {"manager": "ferry", "operation": "Update", "fieldsV1": {"f:data": {"f:a": {}}}},
+        ]}});
+        let (fields, rv) = adopted_managed_fields(&live).expect("ferry created it");
+        assert_eq!(rv, "42");
+        assert_eq!(
+            fields,
+            json!([
+                {"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {"f:status": {}}},
+                {"manager": "ferry", "operation": "Apply", "fieldsV1": {"f:data": {"f:a": {}}}},
+            ])
+        );
+    }
+
+    #[test]
+    fn a_create_entry_merges_into_an_existing_apply_entry() {
+        let live = json!({"metadata": {"resourceVersion": "7", "managedFields": [
+            {"manager": "ferry", "operation": "Apply", "fieldsV1": {"f:data": {"f:b": {}}}},
+            {"manager": "ferry", "operation": "Update", "fieldsV1": {"f:data": {"f:a": {}}, "f:metadata": {"f:labels": {}}}},
+        ]}});
+        let (fields, _) = adopted_managed_fields(&live).expect("ferry created it");
+        assert_eq!(
+            fields,
+            json!([
+                {"manager": "ferry", "operation": "Apply", "fieldsV1": {"f:data": {"f:b": {}, "f:a": {}}, "f:metadata": {"f:labels": {}}}},
+            ])
+        );
+    }
+
+    #[test]
+    fn objects_ferry_did_not_create_are_left_alone() {
+        let applied = json!({"metadata": {"resourceVersion": "1", "managedFields": [
+            {"manager": "ferry", "operation": "Apply", "fieldsV1": {}},
+            {"manager": "kubectl", "operation": "Update", "fieldsV1": {}},
+        ]}});
+        assert_eq!(adopted_managed_fields(&applied), None);
+        assert_eq!(adopted_managed_fields(&json!({"metadata": {}})), None);
+    }
+
+    #[test]
+    fn long_lists_of_objects_are_cut_to_the_first_few() {
+        let items: Vec<String> = (0..8)
+            .map(|i| format!("PersistentVolumeClaim/ns/c{i}"))
+            .collect();
+        assert_eq!(
+            some_of(&items[..2]),
+            "PersistentVolumeClaim/ns/c0, PersistentVolumeClaim/ns/c1"
+        );
+        let text = some_of(&items);
+        assert!(
+            text.ends_with("PersistentVolumeClaim/ns/c4 and 3 more"),
+            "{text}"
+        );
+        assert!(!text.contains("c5"));
     }
 }

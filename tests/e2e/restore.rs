@@ -625,3 +625,108 @@ async fn migrate_moves_an_application_between_clusters_in_one_command() {
         .await
         .ok();
 }
+
+/// Ferry creates objects with plain creates; a later restore of a newer
+/// snapshot still owns every field it set, so a field the newer snapshot
+/// no longer has is removed, as with server-side apply throughout.
+#[tokio::test]
+async fn a_field_dropped_from_a_newer_backup_is_removed_by_the_next_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = env().primary();
+    let source_client = source.client().await;
+    let ns = TestNamespace::create(&source_client, "t-rsdrop").await;
+    let settings = |data: Value, labels: Value| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "settings", "labels": labels}, "data": data
+        }))
+        .unwrap()
+    };
+    let configmaps = Api::<ConfigMap>::namespaced(source_client.clone(), &ns.name);
+    configmaps
+        .create(
+            &PostParams::default(),
+            &settings(
+                serde_json::json!({"a": "1", "b": "2"}),
+                serde_json::json!({"tier": "gold"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let repo = dir.path().join("repo");
+    let repo = repo.to_str().unwrap().to_string();
+    ferry(&source.kubeconfig)
+        .args(["repo", "init", "--repo", &repo])
+        .assert()
+        .success();
+    let backup = |name: &str| {
+        ferry(&source.kubeconfig)
+            .args(["backup", "create", name, "-n", &ns.name, "--repo", &repo])
+            .assert()
+            .success();
+    };
+    backup("v1");
+    let target = env().secondary();
+    let (ok, first, stderr) = restore_json(&target.kubeconfig, &["v1", "--repo", &repo]);
+    assert!(ok, "{stderr}\n{first}");
+    assert!(
+        names(&first["report"], "created").contains(&format!("ConfigMap/{}/settings", ns.name))
+    );
+
+    // The application changes a key and drops a key and a label; the next
+    // backup has neither of those two.
+    configmaps
+        .delete("settings", &DeleteParams::default())
+        .await
+        .unwrap();
+    configmaps
+        .create(
+            &PostParams::default(),
+            &settings(serde_json::json!({"a": "3"}), serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    backup("v2");
+    let (ok, second, stderr) = restore_json(&target.kubeconfig, &["v2", "--repo", &repo]);
+    assert!(ok, "{stderr}\n{second}");
+    assert!(
+        names(&second["report"], "updated").contains(&format!("ConfigMap/{}/settings", ns.name))
+    );
+
+    let target_client = target.client().await;
+    let restored = Api::<ConfigMap>::namespaced(target_client.clone(), &ns.name)
+        .get("settings")
+        .await
+        .unwrap();
+    let data = restored.data.clone().unwrap_or_default();
+    assert_eq!(data.get("a").map(String::as_str), Some("3"));
+    assert!(
+        !data.contains_key("b"),
+        "the dropped key is removed: {data:?}"
+    );
+    let labels = restored.metadata.labels.clone().unwrap_or_default();
+    assert!(
+        !labels.contains_key("tier"),
+        "the dropped label is removed: {labels:?}"
+    );
+    let managers: Vec<(String, String)> = restored
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            (
+                m.manager.unwrap_or_default(),
+                m.operation.unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        managers.contains(&("ferry".to_string(), "Apply".to_string()))
+            && !managers.contains(&("ferry".to_string(), "Update".to_string())),
+        "ferry's create entry became its apply entry: {managers:?}"
+    );
+    Api::<Namespace>::all(target_client)
+        .delete(&ns.name, &DeleteParams::background())
+        .await
+        .ok();
+}
