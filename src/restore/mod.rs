@@ -1162,34 +1162,46 @@ async fn wait_ready(conn: &Connection, objects: &[ObjectRef], report: &mut Resto
             return;
         }
     };
-    for o in objects {
-        let Some(r) = discovery.by_group_kind(&o.group, &o.kind) else {
-            continue;
+    // Thousands of namespaces are checked a few at a time, not one by one.
+    let not_ready: Vec<Option<String>> = futures::stream::iter(objects)
+        .map(|o| {
+            let discovery = &discovery;
+            async move {
+                let r = discovery.by_group_kind(&o.group, &o.kind)?;
+                wait_until_ready(conn, r, o).await
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    report.warnings.extend(not_ready.into_iter().flatten());
+}
+
+/// Waits until a Namespace is Active or a CRD Established; a warning when
+/// it is not after a minute.
+async fn wait_until_ready(conn: &Connection, r: &ServedResource, o: &ObjectRef) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = match get_object(&conn.client, r, None, &o.name).await {
+            Ok(Some(v)) if o.kind == "Namespace" => {
+                v.pointer("/status/phase").and_then(Value::as_str) == Some("Active")
+            }
+            Ok(Some(v)) => v
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Established" && c["status"] == "True")
+                }),
+            _ => false,
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = match get_object(&conn.client, r, None, &o.name).await {
-                Ok(Some(v)) if o.kind == "Namespace" => {
-                    v.pointer("/status/phase").and_then(Value::as_str) == Some("Active")
-                }
-                Ok(Some(v)) => v
-                    .pointer("/status/conditions")
-                    .and_then(Value::as_array)
-                    .is_some_and(|cs| {
-                        cs.iter()
-                            .any(|c| c["type"] == "Established" && c["status"] == "True")
-                    }),
-                _ => false,
-            };
-            if ready {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                report.warnings.push(format!("{o} was not ready after 60s"));
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if ready {
+            return None;
         }
+        if tokio::time::Instant::now() > deadline {
+            return Some(format!("{o} was not ready after 60s"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -24,6 +24,13 @@
 //!   its warnings are discarded, and when it fails or returns anything but
 //!   `false` the objects go to `transform` as usual. It suits a rule set
 //!   whose work depends on an object's version, such as `api-versions`.
+//!
+//! And, to do per-plan work once instead of per object:
+//! - `fn prepare(params)`, evaluated once: its value is what `transform`
+//!   receives as `params` (the other functions still get the plan's
+//!   parameters). When it fails, `transform` gets the plan's parameters
+//!   instead, so that a rule set that checks them in `transform` reports
+//!   the problem on each object as before.
 
 use std::path::{Path, PathBuf};
 
@@ -76,6 +83,9 @@ pub(crate) enum Action {
         /// Whether the rule set has `fn applies_to(api_version, kind, params, target)`.
         applies_to: bool,
         params: Dynamic,
+        /// What `transform` gets as `params`: the value of `prepare(params)`,
+        /// or `params` itself.
+        transform_params: Dynamic,
     },
     Patch {
         selector: Selector,
@@ -336,6 +346,8 @@ pub(crate) struct CompiledScript {
     pub kinds: Option<Vec<KindMatcher>>,
     pub mentions: Option<Mentions>,
     pub applies_to: bool,
+    /// The value of `prepare(params)`, when the rule set has it and it succeeded.
+    pub prepared: Option<Dynamic>,
 }
 
 impl CompiledScript {
@@ -345,6 +357,7 @@ impl CompiledScript {
             kinds: self.kinds,
             mentions: self.mentions,
             applies_to: self.applies_to,
+            transform_params: self.prepared.unwrap_or_else(|| params.clone()),
             params,
         }
     }
@@ -431,16 +444,34 @@ pub(crate) fn compile_script_with(
     let applies_to = ast
         .iter_functions()
         .any(|f| f.name == "applies_to" && f.params.len() == 4);
+    let prepared = prepare(&ast, params);
     if diagnostics.is_empty() {
         Ok(CompiledScript {
             ast,
             kinds,
             mentions,
             applies_to,
+            prepared,
         })
     } else {
         Err(diagnostics)
     }
+}
+
+/// The value of the rule set's `prepare(params)`, called once; `None` when
+/// it has none or the call failed (then `transform` meets the same problem
+/// with the plan's parameters and reports it per object).
+fn prepare(ast: &AST, params: &Dynamic) -> Option<Dynamic> {
+    if !ast
+        .iter_functions()
+        .any(|f| f.name == "prepare" && f.params.len() == 1)
+    {
+        return None;
+    }
+    engine::begin_object();
+    let result = engine().call_fn::<Dynamic>(&mut Scope::new(), ast, "prepare", (params.clone(),));
+    engine::end_object();
+    result.ok()
 }
 
 /// The value of the rule set's `name()` or `name(params)`, called once;

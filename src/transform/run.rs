@@ -271,10 +271,17 @@ fn work(step: &Step, input: &Arc<StepInput>, target: &Value, next: &AtomicUsize)
                 continue;
             }
             let processed = match &step.action {
-                Action::Script { ast, params, .. } => run_script(
+                Action::Script {
+                    ast,
+                    transform_params,
+                    ..
+                } => run_script(
                     step,
                     ast,
-                    (params, target.as_ref().expect("converted for script steps")),
+                    (
+                        transform_params,
+                        target.as_ref().expect("converted for script steps"),
+                    ),
                     &mut scope,
                     i,
                     object,

@@ -464,6 +464,66 @@ fn params_reach_the_script() {
     assert_eq!(out.objects[0]["data"]["missing"], "default");
 }
 
+#[test]
+fn prepare_runs_once_and_its_value_reaches_transform() {
+    let p = plan(
+        r#"
+  - name: prepared
+    params: {suffix: "-test"}
+    script: |
+      fn prepare(params) {
+        let prepared = params;
+        prepared.upper = params.suffix.to_upper();
+        prepared
+      }
+      fn kinds(params) { if params.upper == () { ["ConfigMap"] } else { [] } }
+      fn transform(obj, params, target) {
+        obj.metadata.name += params.upper;
+        obj
+      }
+"#,
+    );
+    let out = run_empty(&p, vec![config_map("a", "c"), config_map("a", "d")]).unwrap();
+    assert_eq!(
+        ids(&out.objects),
+        ["ConfigMap/a/c-TEST", "ConfigMap/a/d-TEST"]
+    );
+}
+
+#[test]
+fn a_failing_prepare_leaves_transform_the_plan_parameters() {
+    let p = plan_on_error(
+        r#"
+  - name: checked
+    params: {suffix: 7}
+    script: |
+      fn prepare(params) {
+        if type_of(params.suffix) != "string" { fail("params.suffix must be a string"); }
+        params
+      }
+      fn transform(obj, params, target) {
+        if type_of(params.suffix) != "string" { fail("params.suffix must be a string"); }
+        obj
+      }
+"#,
+        "skip",
+    );
+    let out = run_empty(&p, vec![config_map("a", "c")]).unwrap();
+    assert_eq!(
+        out.skipped.len(),
+        1,
+        "the object reports the problem: {:?}",
+        out.skipped
+    );
+    assert!(
+        out.skipped[0]
+            .error
+            .contains("params.suffix must be a string"),
+        "{:?}",
+        out.skipped
+    );
+}
+
 // --- patches ---------------------------------------------------------------
 
 #[test]
