@@ -569,18 +569,10 @@ async fn load_objects(repo: &Path, key: &Path) -> Result<Vec<Value>> {
 /// Deployments and StatefulSets have made their ReplicaSets, Pods and
 /// claims: the source holds what a real cluster would before the backup.
 async fn wait_for_controllers(client: &kube::Client, namespaces: usize) -> Result<()> {
-    let count = |path: &'static str| async move {
-        let text = client
-            .request_text(http::Request::get(format!("{path}?limit=1")).body(Vec::new())?)
-            .await?;
-        let list: Value = serde_json::from_str(&text)?;
-        let rest = list["metadata"]["remainingItemCount"].as_u64().unwrap_or(0) as usize;
-        Ok::<usize, anyhow::Error>(list["items"].as_array().map_or(0, Vec::len) + rest)
-    };
     let started = Instant::now();
     loop {
-        let pods = count("/api/v1/pods").await?;
-        let claims = count("/api/v1/persistentvolumeclaims").await?;
+        let pods = count_items(client, "/api/v1/pods").await?;
+        let claims = count_items(client, "/api/v1/persistentvolumeclaims").await?;
         // Each namespace: two Deployments and a StatefulSet (one pod each)
         // and the StatefulSet's claim beside the two the estate has.
         if pods >= 3 * namespaces && claims >= 3 * namespaces {
@@ -597,16 +589,16 @@ async fn wait_for_controllers(client: &kube::Client, namespaces: usize) -> Resul
     }
 }
 
+/// How many items a collection holds, from a one-item page.
+async fn count_items(client: &kube::Client, path: &str) -> Result<usize> {
+    let request = http::Request::get(format!("{path}?limit=1")).body(Vec::new())?;
+    let list: Value = serde_json::from_str(&client.request_text(request).await?)?;
+    let rest = list["metadata"]["remainingItemCount"].as_u64().unwrap_or(0) as usize;
+    Ok(list["items"].as_array().map_or(0, Vec::len) + rest)
+}
+
 /// The restore did restore: every object is in the target.
 async fn verify_restored(client: &kube::Client, objects: &[Value]) -> Result<()> {
-    let count = |path: String| async move {
-        let text = client
-            .request_text(http::Request::get(format!("{path}?limit=1")).body(Vec::new())?)
-            .await?;
-        let list: Value = serde_json::from_str(&text)?;
-        let rest = list["metadata"]["remainingItemCount"].as_u64().unwrap_or(0) as usize;
-        Ok::<usize, anyhow::Error>(list["items"].as_array().map_or(0, Vec::len) + rest)
-    };
     let expected = |kind: &str| objects.iter().filter(|o| o["kind"] == kind).count();
     for (kind, path) in [
         ("Secret", "/api/v1/secrets"),
@@ -614,7 +606,7 @@ async fn verify_restored(client: &kube::Client, objects: &[Value]) -> Result<()>
         ("Deployment", "/apis/apps/v1/deployments"),
         ("Widget", "/apis/bench.ferry.dev/v1/widgets"),
     ] {
-        let have = count(path.to_string()).await?;
+        let have = count_items(client, path).await?;
         ensure!(
             have >= expected(kind),
             "the target holds {have} {kind}s after the restore; the snapshot has {}",

@@ -508,46 +508,49 @@ fn declaration(
     }
 }
 
-fn parse_mentions(value: Dynamic) -> Result<Vec<String>, Vec<String>> {
+/// The strings of the array a declaration (`kinds()`, `mentions()`)
+/// returned, and a message for each element that is not one.
+fn declared_strings(
+    value: Dynamic,
+    name: &str,
+    example: &str,
+) -> Result<(Vec<String>, Vec<String>), Vec<String>> {
     let Some(items) = value.clone().try_cast::<rhai::Array>() else {
         return Err(vec![format!(
-            "mentions() returned {} ({}); expected an array of names such as [\"prod\"], or ()",
+            "{name}() returned {} ({}); expected an array {example}",
             value,
             value.type_name()
         )]);
     };
     let mut errors = Vec::new();
-    let mut names = Vec::new();
+    let mut strings = Vec::new();
     for item in items {
         match item.clone().into_immutable_string() {
-            Ok(text) => names.push(text.to_string()),
-            Err(_) => errors.push(format!("mentions(): {item} is not a string")),
+            Ok(text) => strings.push(text.to_string()),
+            Err(_) => errors.push(format!("{name}(): {item} is not a string")),
         }
     }
-    if errors.is_empty() {
-        Ok(names)
-    } else {
-        Err(errors)
+    Ok((strings, errors))
+}
+
+fn parse_mentions(value: Dynamic) -> Result<Vec<String>, Vec<String>> {
+    match declared_strings(value, "mentions", "of names such as [\"prod\"], or ()")? {
+        (names, errors) if errors.is_empty() => Ok(names),
+        (_, errors) => Err(errors),
     }
 }
 
 fn parse_kinds(value: Dynamic) -> Result<Vec<KindMatcher>, Vec<String>> {
-    let Some(items) = value.clone().try_cast::<rhai::Array>() else {
-        return Err(vec![format!(
-            "kinds() returned {} ({}); expected an array of kinds such as [\"Deployment\", \"/Service\"]",
-            value,
-            value.type_name()
-        )]);
-    };
-    let mut errors = Vec::new();
     let mut kinds = Vec::new();
-    for item in items {
-        match item.clone().into_immutable_string() {
-            Ok(text) => match KindMatcher::parse(&text) {
-                Ok(k) => kinds.push(k),
-                Err(e) => errors.push(format!("kinds(): {e}")),
-            },
-            Err(_) => errors.push(format!("kinds(): {item} is not a string")),
+    let (texts, mut errors) = declared_strings(
+        value,
+        "kinds",
+        "of kinds such as [\"Deployment\", \"/Service\"]",
+    )?;
+    for text in texts {
+        match KindMatcher::parse(&text) {
+            Ok(k) => kinds.push(k),
+            Err(e) => errors.push(format!("kinds(): {e}")),
         }
     }
     if errors.is_empty() {
