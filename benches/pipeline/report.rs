@@ -217,6 +217,21 @@ pub fn write(results: &Results, dir: &Path) -> Result<()> {
     plot(results, &dir.join("time-vs-n.svg"))
 }
 
+/// Labels of a log axis at 1, 2 and 5 times a power of ten only, so that
+/// they do not run into each other.
+fn log_label(v: f64) -> String {
+    let decade = 10f64.powf(v.log10().floor());
+    let lead = (v / decade).round();
+    if ![1.0, 2.0, 5.0].contains(&lead) || (v / decade - lead).abs() > 1e-6 {
+        return String::new();
+    }
+    match v {
+        v if v >= 1000.0 => format!("{}k", v / 1000.0),
+        v if v >= 1.0 => format!("{v:.0}"),
+        v => format!("{v}"),
+    }
+}
+
 type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
 
 /// Four panels (backup, unchanged backup, transform, restore), each with
@@ -290,6 +305,11 @@ fn plot(results: &Results, path: &Path) -> Result<()> {
                     xs(&|r| r.transform_command.cost.peak_rss_mib),
                 ),
                 ("restore", baseline, xs(&|r| r.restore.cost.peak_rss_mib)),
+                (
+                    "target at 50,000: 512 MiB",
+                    RGBColor(0x88, 0x88, 0x88),
+                    xs(&|_| 512.0),
+                ),
             ],
         ),
     ];
@@ -334,12 +354,8 @@ fn plot(results: &Results, path: &Path) -> Result<()> {
                 .x_desc("objects (N)")
                 .y_desc(y_desc)
                 .light_line_style(WHITE)
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| match *y {
-                    y if y >= 10.0 => format!("{y:.0}"),
-                    y if y >= 1.0 => format!("{y:.1}"),
-                    y => format!("{y:.2}"),
-                })
+                .x_label_formatter(&|x| log_label(*x))
+                .y_label_formatter(&|y| log_label(*y))
                 .draw()?;
             for (label, color, data) in series {
                 chart

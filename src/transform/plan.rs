@@ -411,36 +411,10 @@ pub(crate) fn compile_script_with(
     }
     let kinds = declaration(&ast, "kinds", params, source, &mut diagnostics);
     let mentions = declaration(&ast, "mentions", params, source, &mut diagnostics);
-    let kinds = match kinds {
-        // `()`: every kind (the parameters reach every object).
-        Some(value) if !value.is_unit() => match parse_kinds(value) {
-            Ok(kinds) => Some(kinds),
-            Err(messages) => {
-                diagnostics.extend(
-                    messages
-                        .into_iter()
-                        .map(|m| Diagnostic::new(source.to_string(), m)),
-                );
-                None
-            }
-        },
-        _ => None,
-    };
-    let mentions = match mentions {
-        // `()`: objects are not chosen by what they mention.
-        Some(value) if !value.is_unit() => match parse_mentions(value) {
-            Ok(names) => Some(Mentions::new(names)),
-            Err(messages) => {
-                diagnostics.extend(
-                    messages
-                        .into_iter()
-                        .map(|m| Diagnostic::new(source.to_string(), m)),
-                );
-                None
-            }
-        },
-        _ => None,
-    };
+    // `()` from kinds(): every kind (the parameters reach every object);
+    // from mentions(): objects are not chosen by what they mention.
+    let kinds = declared(kinds, parse_kinds, source, &mut diagnostics);
+    let mentions = declared(mentions, parse_mentions, source, &mut diagnostics).map(Mentions::new);
     let applies_to = ast
         .iter_functions()
         .any(|f| f.name == "applies_to" && f.params.len() == 4);
@@ -503,6 +477,28 @@ fn declaration(
                 e.location(source),
                 format!("{name}() failed: {}", e.message),
             ));
+            None
+        }
+    }
+}
+
+/// What a declaration's value says, or `None` for `()`, for no
+/// declaration, and for a value that is not valid (a diagnostic says why).
+fn declared<T>(
+    value: Option<Dynamic>,
+    parse: impl FnOnce(Dynamic) -> Result<T, Vec<String>>,
+    source: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let value = value.filter(|v| !v.is_unit())?;
+    match parse(value) {
+        Ok(parsed) => Some(parsed),
+        Err(messages) => {
+            diagnostics.extend(
+                messages
+                    .into_iter()
+                    .map(|m| Diagnostic::new(source.to_string(), m)),
+            );
             None
         }
     }
