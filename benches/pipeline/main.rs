@@ -187,13 +187,7 @@ struct Environment {
 
 impl Environment {
     fn start(dir: &Path, keep: bool) -> Result<Self> {
-        let testenv = Path::new(ROOT).join("scripts/testenv");
-        // Whatever an interrupted run left there goes first.
-        let _ = Command::new(&testenv)
-            .arg("down")
-            .env("FERRY_TESTENV_DIR", dir)
-            .output();
-        let status = Command::new(&testenv)
+        let status = Command::new(Path::new(ROOT).join("scripts/testenv"))
             .args(["up", "--clusters", "source=new,target=new,baseline=new"])
             .env("FERRY_TESTENV_DIR", dir)
             .stdout(std::process::Stdio::null())
@@ -241,11 +235,16 @@ impl Drop for Environment {
             );
             return;
         }
-        let _ = Command::new(Path::new(ROOT).join("scripts/testenv"))
-            .arg("down")
-            .env("FERRY_TESTENV_DIR", &self.dir)
-            .output();
+        testenv_down(&self.dir);
     }
+}
+
+/// Stops the test environment in `dir`, if one runs there.
+fn testenv_down(dir: &Path) {
+    let _ = Command::new(Path::new(ROOT).join("scripts/testenv"))
+        .arg("down")
+        .env("FERRY_TESTENV_DIR", dir)
+        .output();
 }
 
 fn say(n: usize, what: &str) {
@@ -281,10 +280,8 @@ fn dir_bytes(dir: &Path) -> u64 {
 async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
     let work = args.work_dir.join(format!("n{n}"));
     if work.exists() {
-        let _ = Command::new(Path::new(ROOT).join("scripts/testenv"))
-            .arg("down")
-            .env("FERRY_TESTENV_DIR", work.join("env"))
-            .output();
+        // Whatever an interrupted run left there goes first.
+        testenv_down(&work.join("env"));
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
