@@ -27,6 +27,25 @@ pub struct ClusterInfo {
     pub kubeconfig: PathBuf,
     pub admin_token: String,
     pub users: BTreeMap<String, UserInfo>,
+    /// The cluster's real node (`NAME=new+node`), if it has one.
+    #[serde(default)]
+    pub node: Option<NodeInfo>,
+}
+
+/// The one node of a `new+node` cluster: a kubelet with containerd on this
+/// machine, a CSI driver with snapshots, and locally built images.
+#[derive(Debug, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub ip: String,
+    /// Manifests here become static Pods of the node.
+    pub static_pod_dir: PathBuf,
+    pub storage_class: String,
+    pub snapshot_class: String,
+    pub csi_driver: String,
+    /// Image references by role: `pause`, `busybox` and, when the
+    /// environment was started with a ferry binary, `ferry`.
+    pub images: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +140,20 @@ impl Env {
     /// The v1.24 cluster, for version-upgrade tests.
     pub fn old(&self) -> &ClusterInfo {
         self.cluster("old")
+    }
+
+    /// The first cluster with a real node, for tests of Pods and volume data.
+    pub fn with_node(&self) -> (&ClusterInfo, &NodeInfo) {
+        self.clusters
+            .values()
+            .find_map(|c| c.node.as_ref().map(|n| (c, n)))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the test environment has no cluster with a node (it has {:?}); start one with \
+                     `scripts/testenv up --clusters a=new,b=new,old=old,node=new+node`",
+                    self.clusters.keys().collect::<Vec<_>>()
+                )
+            })
     }
 }
 

@@ -1,0 +1,433 @@
+# shellcheck shell=bash
+# Sourced by scripts/testenv: one real node for a 'new+node' cluster.
+#
+# The node is this machine: a containerd and a kubelet of its own (own
+# sockets, state, cgroup root and CNI bridge, so several clusters and test
+# runs can each have one), kube-scheduler, the test CSI driver (ferry-csi)
+# with the upstream external-provisioner, csi-snapshotter and
+# snapshot-controller, a StorageClass and a VolumeSnapshotClass for it, and
+# three images built here and imported, never pulled: the pause image, a
+# busybox image and a Ferry image.
+#
+# Security as in production: the kubelet authenticates to the API server
+# with a client certificate (system:node:NAME, authorized by the Node
+# authorizer and NodeRestriction), serves a certificate of the cluster CA,
+# and authorizes the API server's own client certificate through the API
+# server (webhook); anonymous requests are refused.
+#
+# Network: Pods get addresses on a bridge that only this node is on, with no
+# default route and no forwarding or masquerading out of it; the node's IP
+# is the bridge's. Pods resolve no names (their resolv.conf points at their
+# own loopback), and containerd is given an unreachable loopback proxy, so
+# an image missing by mistake fails at once instead of being looked up
+# outside.
+
+NODE_IMAGE_PAUSE=ferry.test/pause:3.10
+NODE_IMAGE_BUSYBOX=ferry.test/busybox:1.35
+NODE_IMAGE_FERRY=ferry.test/ferry:dev
+CSI_DRIVER=csi.ferry.dev
+CSI_STORAGE_CLASS=ferry-csi
+CSI_SNAPSHOT_CLASS=ferry-csi
+# The CSI sidecars and the snapshot controller run as this token user.
+CSI_USER=ferry-testenv:csi
+
+# Kubernetes refuses these sockets past 107 bytes; say so before anything
+# starts instead of failing deep inside containerd.
+node_check_paths() {
+  local d=$1
+  local longest="$d/kubelet/plugins_registry/$CSI_DRIVER-reg.sock"
+  ((${#longest} < 100)) || die "state directory $STATE is too deep for Unix sockets (${#longest} bytes in $longest): set FERRY_TESTENV_DIR to a shorter path"
+}
+
+# node_allocate DIR: a /24 and a bridge that no other running test node
+# uses, under a machine-wide lock so parallel 'up's get different ones.
+node_allocate() {
+  local d=$1 n
+  mkdir -p /run/lock
+  exec {lockfd}>/run/lock/ferry-testenv-node.lock
+  flock "$lockfd"
+  for n in $(seq 10 250); do
+    ip link show "ferry$n" >/dev/null 2>&1 && continue
+    ip -4 addr show | grep -q "inet 10\.244\.$n\." && continue
+    ip link add "ferry$n" type bridge
+    ip addr add "10.244.$n.1/24" dev "ferry$n"
+    ip link set "ferry$n" up
+    echo "$n" > "$d/node/subnet"
+    flock -u "$lockfd"; exec {lockfd}>&-
+    return
+  done
+  flock -u "$lockfd"; exec {lockfd}>&-
+  die "no free 10.244.N.0/24 for a test node bridge (10..250 are taken)"
+}
+
+# sign_cert DIR NAME SUBJECT EXTENSIONS: an EC key and a certificate of the
+# cluster CA in DIR/NAME.{key,crt}.
+sign_cert() {
+  local d=$1 name=$2 subject=$3 ext=$4
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "$subject" \
+    -keyout "$d/$name.key" -out "$d/$name.csr" 2>/dev/null
+  printf '%b' "$ext" > "$d/$name.ext"
+  openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$d/$name.ext" -out "$d/$name.crt" 2>/dev/null
+}
+
+# node_prepare DIR NAME: subnet, certificates and the API server's extra
+# flags (printed one per line) for a cluster with a node.
+node_prepare() {
+  local d=$1 name=$2
+  mkdir -p "$d/node"
+  node_check_paths "$d"
+  node_allocate "$d"
+  local n ip node
+  n=$(cat "$d/node/subnet"); ip="10.244.$n.1"; node="$name-node"
+  echo "$node" > "$d/node/name"; echo "$ip" > "$d/node/ip"
+  local client='basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n'
+  sign_cert "$d/pki" kubelet-client "/O=system:nodes/CN=system:node:$node" "$client"
+  sign_cert "$d/pki" kubelet-serving "/CN=$node" \
+    "subjectAltName=IP:$ip,DNS:$node\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+  sign_cert "$d/pki" apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client" "$client"
+}
+
+node_apiserver_flags() {
+  local d=$1
+  printf '%s\n' --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+    --kubelet-client-certificate "$d/pki/apiserver-kubelet-client.crt" --kubelet-client-key "$d/pki/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority "$d/pki/ca.crt" --kubelet-preferred-address-types InternalIP
+}
+
+# The controllers a node needs on top of the node-less set: volume binding
+# and expansion, attach/detach, node lifecycle (which lifts the not-ready
+# taint a new node registers with), endpoints and Pod garbage collection.
+NODE_CONTROLLERS=persistentvolume-binder,persistentvolume-expander,attachdetach,nodelifecycle,endpoint,endpointslice,podgc,ttl-after-finished,ephemeral-volume
+
+api_yaml() { # api_yaml CLUSTER_DIR PATH FILE: POST a YAML document
+  local d=$1 path=$2 file=$3
+  curl -sS --fail-with-body --cacert "$d/pki/ca.crt" -H "Authorization: Bearer $(cat "$d/$ADMIN_TOKEN_FILE")" \
+    -H 'Content-Type: application/yaml' -X POST --data-binary "@$file" "$(cat "$d/server")$path"
+}
+
+# node_cluster_objects DIR: what the API needs before the node starts: the
+# API server's access to kubelets, the CSI user's role, the snapshot CRDs,
+# the CSIDriver and the two classes.
+node_cluster_objects() {
+  local d=$1 crds=$2
+  api "$d" POST /apis/rbac.authorization.k8s.io/v1/clusterrolebindings \
+    '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"ferry-testenv:apiserver-kubelet"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:kubelet-api-admin"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"kube-apiserver-kubelet-client"}]}' >/dev/null
+  local crd
+  for crd in "$crds"/*.yaml; do
+    api_yaml "$d" /apis/apiextensions.k8s.io/v1/customresourcedefinitions "$crd" >/dev/null
+  done
+  local tmp="$d/node/objects.yaml"
+  cat > "$tmp" <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "$CSI_USER"}
+rules:
+- apiGroups: [""]
+  resources: [persistentvolumes]
+  verbs: [get, list, watch, create, delete, patch, update]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims, persistentvolumeclaims/status]
+  verbs: [get, list, watch, update, patch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [get, list, watch, create, update, patch]
+- apiGroups: [""]
+  resources: [nodes, secrets]
+  verbs: [get, list, watch]
+- apiGroups: [storage.k8s.io]
+  resources: [storageclasses, csinodes, volumeattachments, volumeattributesclasses]
+  verbs: [get, list, watch]
+- apiGroups: [snapshot.storage.k8s.io, groupsnapshot.storage.k8s.io]
+  resources: ["*"]
+  verbs: ["*"]
+YAML
+  api_yaml "$d" /apis/rbac.authorization.k8s.io/v1/clusterroles "$tmp" >/dev/null
+  api "$d" POST /apis/rbac.authorization.k8s.io/v1/clusterrolebindings \
+    '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"'"$CSI_USER"'"},"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"'"$CSI_USER"'"},"subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"'"$CSI_USER"'"}]}' >/dev/null
+  api "$d" POST /apis/storage.k8s.io/v1/csidrivers \
+    '{"apiVersion":"storage.k8s.io/v1","kind":"CSIDriver","metadata":{"name":"'"$CSI_DRIVER"'"},"spec":{"attachRequired":false,"podInfoOnMount":false,"fsGroupPolicy":"File","volumeLifecycleModes":["Persistent"]}}' >/dev/null
+  api "$d" POST /apis/storage.k8s.io/v1/storageclasses \
+    '{"apiVersion":"storage.k8s.io/v1","kind":"StorageClass","metadata":{"name":"'"$CSI_STORAGE_CLASS"'","annotations":{"storageclass.kubernetes.io/is-default-class":"true"}},"provisioner":"'"$CSI_DRIVER"'","reclaimPolicy":"Delete","volumeBindingMode":"Immediate","allowVolumeExpansion":false}' >/dev/null
+  # The CRD must be established before its first object.
+  wait_until 30 "VolumeSnapshotClass CRD of $(basename "$d")" "$d/apiserver.log" "$d/apiserver.pid" \
+    api "$d" POST /apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses \
+    '{"apiVersion":"snapshot.storage.k8s.io/v1","kind":"VolumeSnapshotClass","metadata":{"name":"'"$CSI_SNAPSHOT_CLASS"'","annotations":{"snapshot.storage.kubernetes.io/is-default-class":"true"}},"driver":"'"$CSI_DRIVER"'","deletionPolicy":"Delete"}'
+}
+
+# node_images DIR BIN FERRY_BINARY: the pause, busybox and Ferry images as
+# OCI archives, imported into the node's containerd.
+node_images() {
+  local d=$1 bin=$2 ferry=$3 images="$d/node/images"
+  mkdir -p "$images"
+  python3 "$here/testenv.d/image.py" "$NODE_IMAGE_PAUSE" "$images/pause.tar" --file "$bin/pause:/pause" --entrypoint '["/pause"]'
+  local busybox=/bin/busybox applets=() a
+  [[ -x $busybox ]] || die "$busybox is missing: apt-get install busybox-static"
+  for a in sh ash cat cp dd echo env false grep head hostname id ls md5sum mkdir mv printf ps rm sed seq sha256sum sleep stat sync tail tee test touch true wc; do
+    applets+=(--link "/bin/busybox:/bin/$a")
+  done
+  python3 "$here/testenv.d/image.py" "$NODE_IMAGE_BUSYBOX" "$images/busybox.tar" --file "$busybox:/bin/busybox" "${applets[@]}" --cmd '["sh"]'
+  local imports=(pause busybox)
+  if [[ -n $ferry ]]; then
+    # The binary without its debug sections, and the libraries it links.
+    local stripped="$images/ferry" libs=() lib
+    objcopy --strip-debug "$ferry" "$stripped" 2>/dev/null || cp "$ferry" "$stripped"
+    while read -r lib; do
+      [[ -n $lib ]] && libs+=(--file "$(readlink -f "$lib"):$lib:0755")
+    done < <(ldd "$ferry" | grep -o '/[^ ]*' | sort -u)
+    python3 "$here/testenv.d/image.py" "$NODE_IMAGE_FERRY" "$images/ferry.tar" --file "$stripped:/usr/local/bin/ferry" "${libs[@]}" \
+      --entrypoint '["/usr/local/bin/ferry"]'
+    imports+=(ferry)
+  fi
+  local image
+  for image in "${imports[@]}"; do
+    ctr --address "$d/containerd/containerd.sock" --namespace k8s.io images import "$images/$image.tar" >/dev/null
+  done
+}
+
+node_containerd() {
+  local d=$1 n=$2 c="$d/containerd"
+  mkdir -p "$c" "$d/cni/net.d"
+  cat > "$d/cni/net.d/10-ferry.conflist" <<JSON
+{"cniVersion": "1.0.0", "name": "ferry$n", "plugins": [
+  {"type": "bridge", "bridge": "ferry$n", "isGateway": false, "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.$n.0/24", "rangeStart": "10.244.$n.10"}]],
+            "dataDir": "$d/cni/ipam"}}
+]}
+JSON
+  cat > "$c/config.toml" <<TOML
+version = 2
+root = "$c/root"
+state = "$c/state"
+[grpc]
+  address = "$c/containerd.sock"
+[ttrpc]
+  address = "$c/containerd.sock.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$c/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$NODE_IMAGE_PAUSE"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  enable_tls_streaming = false
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "$c/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$d/cni/net.d"
+TOML
+  # A loopback port nothing listens on: a pull that should never happen
+  # fails at once, and no registry name is ever resolved.
+  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+    start_bg "$d/containerd.pid" "$d/containerd.log" containerd --config "$c/config.toml"
+  wait_until 30 "containerd of $(basename "$d")" "$d/containerd.log" "$d/containerd.pid" \
+    ctr --address "$c/containerd.sock" version
+}
+
+node_kubelet() {
+  local d=$1 n=$2 server=$3
+  local node ip port healthz
+  node=$(cat "$d/node/name"); ip=$(cat "$d/node/ip")
+  port=$(free_port); healthz=$(free_port)
+  mkdir -p "$d/node/manifests" "$d/node/logs" "$d/kubelet"
+  printf '# Pods of the test node resolve no names.\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$d/node/resolv.conf"
+  cat > "$d/node/kubelet.kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: cluster
+  cluster: {server: "$server", certificate-authority: "$d/pki/ca.crt"}
+users:
+- name: node
+  user: {client-certificate: "$d/pki/kubelet-client.crt", client-key: "$d/pki/kubelet-client.key"}
+contexts:
+- name: node
+  context: {cluster: cluster, user: node}
+current-context: node
+KC
+  cat > "$d/node/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: "$ip"
+port: $port
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: $healthz
+tlsCertFile: "$d/pki/kubelet-serving.crt"
+tlsPrivateKeyFile: "$d/pki/kubelet-serving.key"
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: "$d/pki/ca.crt"}
+authorization:
+  mode: Webhook
+containerRuntimeEndpoint: "unix://$d/containerd/containerd.sock"
+cgroupDriver: cgroupfs
+cgroupRoot: /ferry$n
+failCgroupV1: false
+failSwapOn: false
+staticPodPath: "$d/node/manifests"
+podLogsDirectory: "$d/node/logs"
+volumePluginDir: "$d/node/volume-plugins"
+resolvConf: "$d/node/resolv.conf"
+clusterDomain: cluster.local
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "1Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}
+serializeImagePulls: false
+maxPods: 110
+YAML
+  echo "$healthz" > "$d/node/healthz-port"
+  # The kubelet puts every Pod under /ferryN but wants that root to exist,
+  # in every hierarchy; a new cpuset cgroup starts with no CPUs or memory
+  # nodes, so it gets its parent's.
+  local hierarchy
+  for hierarchy in /sys/fs/cgroup/*/; do
+    [[ -f $hierarchy/cgroup.procs ]] || continue
+    mkdir -p "$hierarchy/ferry$n"
+    if [[ -f $hierarchy/cpuset.cpus ]]; then
+      cat "$hierarchy/cpuset.cpus" > "$hierarchy/ferry$n/cpuset.cpus"
+      cat "$hierarchy/cpuset.mems" > "$hierarchy/ferry$n/cpuset.mems"
+    fi
+  done
+  start_bg "$d/kubelet.pid" "$d/kubelet.log" "$bin/kubelet" --config "$d/node/kubelet.yaml" \
+    --kubeconfig "$d/node/kubelet.kubeconfig" --root-dir "$d/kubelet" \
+    --hostname-override "$node" --node-ip "$ip" --v 1
+}
+
+node_csi() {
+  local d=$1 token=$2 server=$3
+  local node socket
+  node=$(cat "$d/node/name")
+  socket="$d/kubelet/plugins/$CSI_DRIVER/csi.sock"
+  write_kubeconfig "$d/csi.kubeconfig" "$(basename "$d")" "$server" "$d/pki/ca.crt" csi "$token"
+  start_bg "$d/ferry-csi.pid" "$d/ferry-csi.log" "$bin/ferry-csi" --endpoint "$socket" \
+    --registration-dir "$d/kubelet/plugins_registry" --state-dir "$d/csi-state" --node-id "$node"
+  wait_until 20 "ferry-csi of $(basename "$d")" "$d/ferry-csi.log" "$d/ferry-csi.pid" test -S "$socket"
+  start_bg "$d/csi-provisioner.pid" "$d/csi-provisioner.log" "$bin/csi-provisioner" --csi-address "$socket" \
+    --kubeconfig "$d/csi.kubeconfig" --leader-election=false --timeout 60s
+  start_bg "$d/csi-snapshotter.pid" "$d/csi-snapshotter.log" "$bin/csi-snapshotter" --csi-address "$socket" \
+    --kubeconfig "$d/csi.kubeconfig" --leader-election=false --timeout 60s
+  start_bg "$d/snapshot-controller.pid" "$d/snapshot-controller.log" "$bin/snapshot-controller" \
+    --kubeconfig "$d/csi.kubeconfig" --leader-election=false
+}
+
+node_scheduler() {
+  local d=$1 token=$2 server=$3 port
+  port=$(free_port)
+  write_kubeconfig "$d/scheduler.kubeconfig" "$(basename "$d")" "$server" "$d/pki/ca.crt" scheduler "$token"
+  start_bg "$d/scheduler.pid" "$d/scheduler.log" "$bin/kube-scheduler" --kubeconfig "$d/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$d/scheduler.kubeconfig" --authorization-kubeconfig "$d/scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$port" --leader-elect=false
+}
+
+# The node is settled when it is Ready without the not-ready taint and the
+# kubelet has registered the CSI driver on it.
+node_settled() {
+  local d=$1 node
+  node=$(cat "$d/node/name")
+  api "$d" GET "/api/v1/nodes/$node" | python3 -c '
+import json, sys
+node = json.load(sys.stdin)
+ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
+tainted = any(t["key"] == "node.kubernetes.io/not-ready" for t in node.get("spec", {}).get("taints", []) or [])
+sys.exit(0 if ready and not tainted else 1)' &&
+    api "$d" GET "/apis/storage.k8s.io/v1/csinodes/$node" | grep -q "\"$CSI_DRIVER\""
+}
+
+# node_start DIR BIN SCHEDULER_TOKEN CSI_TOKEN FERRY_BINARY
+node_start() {
+  local d=$1 bin=$2 sched_token=$3 csi_token=$4 ferry=$5
+  local n server
+  n=$(cat "$d/node/subnet"); server=$(cat "$d/server")
+  node_cluster_objects "$d" "$bin/../crds"
+  node_containerd "$d" "$n"
+  node_images "$d" "$bin" "$ferry"
+  node_scheduler "$d" "$sched_token" "$server"
+  node_kubelet "$d" "$n" "$server"
+  node_csi "$d" "$csi_token" "$server"
+}
+
+# node_stop DIR: stop the node and leave nothing of it behind: its
+# processes (found by PID files and by their cgroups, not by name), the
+# containers' network namespaces, every mount under DIR, the loop devices
+# of its block volumes, its cgroups and its bridge.
+node_stop() {
+  local d=$1
+  [[ -f $d/node/subnet ]] || return 0
+  local n; n=$(cat "$d/node/subnet")
+  # The Pods' network namespaces, named by the veths on the node's bridge
+  # (this finds them even when their processes are already gone).
+  local netns_names=()
+  mapfile -t netns_names < <(ip -o link show master "ferry$n" 2>/dev/null | grep -o 'link-netns [^ ]*' | cut -d' ' -f2)
+  local p
+  for p in kubelet scheduler csi-provisioner csi-snapshotter snapshot-controller ferry-csi; do
+    stop_pidfile "$d/$p.pid"
+  done
+  # Every process of every Pod lives in a cgroup under /ferryN; note their
+  # network namespaces, then kill them.
+  local netns_inodes=() pid cg
+  local cgroups=()
+  mapfile -t cgroups < <(find /sys/fs/cgroup/*/"ferry$n" -depth -type d 2>/dev/null)
+  local procs
+  for cg in "${cgroups[@]}"; do
+    # A cgroup can vanish while this runs (runc removes a killed
+    # container's): read what is there, ignore what is gone.
+    procs=$(cat "$cg/cgroup.procs" 2>/dev/null || true)
+    for pid in $procs; do
+      netns_inodes+=("$(stat -L -c %i "/proc/$pid/ns/net" 2>/dev/null || true)")
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+  done
+  # A killed process leaves its cgroup once the kernel has reaped it
+  # (cgroup.procs always reports size 0, so read it).
+  local deadline=$((SECONDS + 10))
+  for cg in "${cgroups[@]}"; do
+    while [[ -n $(cat "$cg/cgroup.procs" 2>/dev/null || true) ]] && ((SECONDS < deadline)); do sleep 0.1; done
+  done
+  # The runc shims of this node's containerd, then containerd.
+  local shims
+  shims=$(pgrep -f "containerd-shim-runc-v2 .*-address $d/containerd/containerd.sock" || true)
+  [[ -n $shims ]] && kill -KILL $shims 2>/dev/null || true
+  stop_pidfile "$d/containerd.pid"
+  local ns
+  for ns in /run/netns/*; do
+    [[ -e $ns ]] || continue
+    local inode; inode=$(stat -L -c %i "$ns" 2>/dev/null || true)
+    if { [[ -n $inode ]] && printf '%s\n' "${netns_inodes[@]}" | grep -qx "$inode"; } ||
+      printf '%s\n' "${netns_names[@]}" | grep -qx "$(basename "$ns")"; then
+      umount "$ns" 2>/dev/null || umount -l "$ns" 2>/dev/null || true
+      rm -f "$ns"
+    fi
+  done
+  # Mounts below the cluster's directory, deepest first.
+  local mounts=()
+  mapfile -t mounts < <(awk -v prefix="$d/" 'index($5, prefix) == 1 { print $5 }' /proc/self/mountinfo | awk '{ print length, $0 }' | sort -rn | cut -d' ' -f2-)
+  local m
+  for m in "${mounts[@]}"; do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+  local loop
+  for loop in $(losetup --noheadings --output NAME,BACK-FILE 2>/dev/null | awk -v prefix="$d/" 'index($2, prefix) == 1 { print $1 }'); do
+    losetup --detach "$loop" 2>/dev/null || true
+  done
+  # Empty cgroups, deepest first (the kernel refuses one with processes).
+  for cg in "${cgroups[@]}"; do
+    rmdir "$cg" 2>/dev/null || true
+  done
+  ip link delete "ferry$n" 2>/dev/null || true
+  # The host ends of the Pods' veth pairs go with their namespaces.
+  rm -f "$d/node/subnet"
+}
