@@ -17,7 +17,9 @@
 #
 # Network: Pods get addresses on a bridge that only this node is on, with no
 # default route and no forwarding or masquerading out of it; the node's IP
-# is the bridge's. Pods resolve no names (their resolv.conf points at their
+# is the bridge's, and the API server of the cluster listens there. Pods
+# reach it in-cluster at the 'kubernetes' Service address, which the node
+# translates (one DNAT rule) to the API server. Pods resolve no names (their resolv.conf points at their
 # own loopback), and containerd is given an unreachable loopback proxy, so
 # an image missing by mistake fails at once instead of being looked up
 # outside.
@@ -71,16 +73,22 @@ sign_cert() {
     -days 3650 -extfile "$d/$name.ext" -out "$d/$name.crt" 2>/dev/null
 }
 
-# node_prepare DIR NAME: subnet, certificates and the API server's extra
-# flags (printed one per line) for a cluster with a node.
+# node_prepare DIR NAME: the node's name, subnet and bridge.
 node_prepare() {
   local d=$1 name=$2
   mkdir -p "$d/node"
   node_check_paths "$d"
   node_allocate "$d"
-  local n ip node
-  n=$(cat "$d/node/subnet"); ip="10.244.$n.1"; node="$name-node"
-  echo "$node" > "$d/node/name"; echo "$ip" > "$d/node/ip"
+  local n
+  n=$(cat "$d/node/subnet")
+  echo "$name-node" > "$d/node/name"; echo "10.244.$n.1" > "$d/node/ip"
+}
+
+# node_certificates DIR: the kubelet's client and serving certificates and
+# the API server's client certificate for kubelets, from the cluster CA.
+node_certificates() {
+  local d=$1 ip node
+  node=$(cat "$d/node/name"); ip=$(cat "$d/node/ip")
   local client='basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n'
   sign_cert "$d/pki" kubelet-client "/O=system:nodes/CN=system:node:$node" "$client"
   sign_cert "$d/pki" kubelet-serving "/CN=$node" \
@@ -192,7 +200,7 @@ node_containerd() {
 {"cniVersion": "1.0.0", "name": "ferry$n", "plugins": [
   {"type": "bridge", "bridge": "ferry$n", "isGateway": false, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.$n.0/24", "rangeStart": "10.244.$n.10"}]],
-            "dataDir": "$d/cni/ipam"}}
+            "routes": [{"dst": "$SERVICE_CIDR"}], "dataDir": "$d/cni/ipam"}}
 ]}
 JSON
   cat > "$c/config.toml" <<TOML
@@ -347,12 +355,29 @@ sys.exit(0 if ready and not tainted else 1)' &&
     api "$d" GET "/apis/storage.k8s.io/v1/csinodes/$node" | grep -q "\"$CSI_DRIVER\""
 }
 
+# node_service_route DIR N add|delete: what kube-proxy would do for the one
+# Service that matters here: Pods reach the API server at the 'kubernetes'
+# Service's address (in-cluster configuration), translated on the node to
+# the API server's address on the bridge. Nothing is forwarded.
+node_service_route() {
+  local d=$1 n=$2 action=$3 server
+  server=$(cat "$d/server"); server=${server#https://}
+  local rule=(PREROUTING -i "ferry$n" -d "$KUBERNETES_SERVICE_IP/32" -p tcp --dport 443
+    -j DNAT --to-destination "$server" -m comment --comment "ferry-testenv $(basename "$d")")
+  if [[ $action == add ]]; then
+    iptables -w -t nat -A "${rule[@]}"
+  else
+    iptables -w -t nat -D "${rule[@]}" 2>/dev/null || true
+  fi
+}
+
 # node_start DIR BIN SCHEDULER_TOKEN CSI_TOKEN FERRY_BINARY
 node_start() {
   local d=$1 bin=$2 sched_token=$3 csi_token=$4 ferry=$5
   local n server
   n=$(cat "$d/node/subnet"); server=$(cat "$d/server")
   node_cluster_objects "$d" "$bin/../crds"
+  node_service_route "$d" "$n" add
   node_containerd "$d" "$n"
   node_images "$d" "$bin" "$ferry"
   node_scheduler "$d" "$sched_token" "$server"
@@ -427,6 +452,7 @@ node_stop() {
   for cg in "${cgroups[@]}"; do
     rmdir "$cg" 2>/dev/null || true
   done
+  [[ -f $d/server ]] && node_service_route "$d" "$n" delete
   ip link delete "ferry$n" 2>/dev/null || true
   # The host ends of the Pods' veth pairs go with their namespaces.
   rm -f "$d/node/subnet"

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, ApiResource, AttachParams, DynamicObject, LogParams, PostParams};
 use kube::core::GroupVersionKind;
@@ -16,6 +16,18 @@ use tokio::io::AsyncReadExt;
 use crate::support::{NodeInfo, TestNamespace, env, eventually, unique_name};
 
 const POD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A test namespace whose `default` ServiceAccount exists: until the
+/// controller-manager has made it, admission refuses every Pod.
+async fn namespace_for_pods(client: &kube::Client, prefix: &str) -> TestNamespace {
+    let ns = TestNamespace::create(client, prefix).await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the default ServiceAccount", POD_TIMEOUT, || async {
+        accounts.get_opt("default").await.ok().flatten()
+    })
+    .await;
+    ns
+}
 
 fn volume_snapshots(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
@@ -94,7 +106,7 @@ async fn pod_ready(pods: &Api<Pod>, name: &str) {
 async fn node_csi_volume_survives_snapshot_and_restore_and_pods_answer_logs_and_exec() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
-    let ns = TestNamespace::create(&client, "node-csi").await;
+    let ns = namespace_for_pods(&client, "node-csi").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
     let token = unique_name("written-by-the-first-pod");
@@ -223,7 +235,7 @@ async fn node_csi_volume_survives_snapshot_and_restore_and_pods_answer_logs_and_
 async fn node_block_volume_survives_snapshot_and_restore() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
-    let ns = TestNamespace::create(&client, "node-block").await;
+    let ns = namespace_for_pods(&client, "node-block").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
     let token = unique_name("block");
@@ -295,7 +307,7 @@ async fn node_block_volume_survives_snapshot_and_restore() {
 async fn node_runs_a_static_pod_and_a_deployment_to_ready() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
-    let ns = TestNamespace::create(&client, "node-ready").await;
+    let ns = namespace_for_pods(&client, "node-ready").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
 
     // A static Pod: the kubelet runs it from a file and mirrors it in the API.
@@ -384,7 +396,7 @@ async fn node_runs_a_static_pod_and_a_deployment_to_ready() {
 async fn node_binds_a_statefulset_claim_template_to_a_provisioned_volume() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
-    let ns = TestNamespace::create(&client, "node-sts").await;
+    let ns = namespace_for_pods(&client, "node-sts").await;
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
     // No storageClassName: the node's class is the cluster default.
     create(
@@ -438,7 +450,7 @@ async fn node_runs_the_ferry_image() {
         panic!("the test node has no Ferry image: start the environment after `cargo build` (or with --ferry-binary)")
     });
     let client = cluster.client().await;
-    let ns = TestNamespace::create(&client, "node-ferry").await;
+    let ns = namespace_for_pods(&client, "node-ferry").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     create(
         &pods,
@@ -518,5 +530,39 @@ async fn node_kubelet_refuses_anonymous_and_unauthorized_callers() {
         kubelet_status(cluster, &address, Some(&cluster.admin_token)).await,
         200,
         "the cluster admin, authorized by the API server"
+    );
+}
+
+#[tokio::test]
+async fn node_pods_reach_the_api_server_with_in_cluster_configuration() {
+    let (cluster, node) = env().with_node();
+    let image = node
+        .images
+        .get("ferry")
+        .expect("the test node's Ferry image");
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "node-in-cluster").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // No kubeconfig in the image: ferry uses the Pod's ServiceAccount token
+    // and the 'kubernetes' Service address the kubelet puts in its
+    // environment, as a controller running in the cluster would.
+    create(
+        &pods,
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "profile"},
+            "spec": {"restartPolicy": "Never", "containers": [{
+                "name": "ferry", "image": image, "imagePullPolicy": "Never",
+                "args": ["cluster", "profile", "-o", "json"]
+            }]}
+        }),
+    )
+    .await;
+    let (phase, logs) = finished(&pods, "profile").await;
+    assert_eq!(phase, "Succeeded", "ferry cluster profile in a Pod: {logs}");
+    assert!(
+        logs.contains(&cluster.version),
+        "the profile read in the cluster names its version {}: {logs}",
+        cluster.version
     );
 }
