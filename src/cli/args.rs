@@ -146,7 +146,8 @@ pub enum RepoCommand {
     },
     /// Rebuild the index from the packs and remove damaged manifests; list
     /// what cannot be recovered.
-    #[command(after_help = "Every pack ends with an encrypted copy of its own index entries, so \
+    #[command(
+        after_help = "Every pack ends with an encrypted copy of its own index entries, so \
 the index can be rebuilt from the packs alone. `repo repair` takes the exclusive lock, reads \
 every pack header (and every readable index file, for packs whose header is damaged), writes \
 one new index and removes the old index files, deletion marks that cannot be read, and \
@@ -158,7 +159,8 @@ and says which file; run it again later. Prune refuses to run while an index fil
 mark or snapshot manifest is unreadable, and points here.\n\n\
 Examples:\n  \
   ferry repo repair --dry-run\n  \
-  ferry repo repair && ferry backup verify --read-data")]
+  ferry repo repair && ferry backup verify --read-data"
+    )]
     Repair {
         #[command(flatten)]
         repo: RepoArgs,
@@ -308,13 +310,15 @@ pub enum BackupCommand {
     },
     /// Apply retention: delete expired snapshots (and beyond --keep-last),
     /// then free the data no remaining snapshot references.
-    #[command(after_help = "Data is freed in two phases, so that a backup or restore running \
+    #[command(
+        after_help = "Data is freed in two phases, so that a backup or restore running \
 at the same time never loses data: a prune marks the packs no snapshot needs, and a later \
 prune deletes them once every command that was running when they were marked has finished \
 (its lock is gone), unless a snapshot needs them again. Running prune twice in a row with \
 nothing else running therefore frees everything unreferenced, including the data of \
 snapshots removed with `ferry backup delete`. Prune deletes nothing while an index file or \
-snapshot manifest cannot be read; `ferry repo repair` fixes that.")]
+snapshot manifest cannot be read; `ferry repo repair` fixes that."
+    )]
     Prune {
         #[command(flatten)]
         repo: RepoArgs,

@@ -142,7 +142,10 @@ async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
                     writeln!(out, "NOT RECOVERABLE  {item}")?;
                 }
                 if report.unrecoverable.is_empty() {
-                    writeln!(out, "everything the snapshots reference is in the repository")?;
+                    writeln!(
+                        out,
+                        "everything the snapshots reference is in the repository"
+                    )?;
                 }
                 Ok(())
             })?;

@@ -47,9 +47,7 @@ impl NameRule {
                 }
                 name.split('.')
                     .try_for_each(|part| dns_label(part, false))
-                    .map_err(|e| {
-                        format!("{e} (it must be lowercase letters, digits, '-' and '.')")
-                    })
+                    .map_err(|e| format!("{e} (it must be lowercase letters, digits, '-' and '.')"))
             }
             NameRule::PathSegment => {
                 if name == "." || name == ".." {
@@ -99,7 +97,9 @@ pub fn problems(object: &Value) -> Vec<String> {
         .and_then(|v| v.rsplit_once('/').map(|(g, _)| g))
         .unwrap_or_default();
     let name = object.pointer("/metadata/name").and_then(Value::as_str);
-    let namespace = object.pointer("/metadata/namespace").and_then(Value::as_str);
+    let namespace = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str);
     let shown = format!(
         "{kind}/{}{}",
         namespace.map(|n| format!("{n}/")).unwrap_or_default(),
@@ -110,14 +110,18 @@ pub fn problems(object: &Value) -> Vec<String> {
         None => out.push(format!("{shown}: it has no name")),
         Some(name) => {
             if let Err(why) = NameRule::for_kind(group, kind).check(name) {
-                out.push(format!("{shown}: '{name}' is not a valid {kind} name: {why}"));
+                out.push(format!(
+                    "{shown}: '{name}' is not a valid {kind} name: {why}"
+                ));
             }
         }
     }
     if let Some(ns) = namespace
         && let Err(why) = NameRule::Dns1123Label.check(ns)
     {
-        out.push(format!("{shown}: '{ns}' is not a valid namespace name: {why}"));
+        out.push(format!(
+            "{shown}: '{ns}' is not a valid namespace name: {why}"
+        ));
     }
     out
 }
@@ -153,7 +157,10 @@ mod tests {
     fn each_kind_has_its_rule() {
         let service = NameRule::for_kind("", "Service");
         assert!(service.check("web").is_ok());
-        assert!(service.check("1web").is_err(), "services start with a letter");
+        assert!(
+            service.check("1web").is_err(),
+            "services start with a letter"
+        );
         let configmap = NameRule::for_kind("", "ConfigMap");
         assert!(configmap.check("app.config-1").is_ok());
         assert!(configmap.check("App").is_err());

@@ -273,7 +273,14 @@ mod tests {
     fn damaged_key_files_are_told_apart_from_wrong_secrets() {
         let file = KeyFile::wrap(&MasterKey::random(), "keyfile", b"secret");
         let mut flipped = file.clone();
-        flipped.salt.replace_range(0..1, if flipped.salt.starts_with('0') { "1" } else { "0" });
+        flipped.salt.replace_range(
+            0..1,
+            if flipped.salt.starts_with('0') {
+                "1"
+            } else {
+                "0"
+            },
+        );
         assert!(flipped.damage().unwrap().contains("checksum"));
         let mut truncated = file.clone();
         truncated.wrapped.truncate(20);

@@ -107,8 +107,7 @@ pub(crate) async fn remove_dead(backend: &Arc<dyn Backend>) -> Result<Vec<String
         let Ok(lock) = serde_json::from_slice::<LockFile>(&bytes) else {
             continue;
         };
-        if lock.hostname == here && !std::path::Path::new(&format!("/proc/{}", lock.pid)).exists()
-        {
+        if lock.hostname == here && !std::path::Path::new(&format!("/proc/{}", lock.pid)).exists() {
             backend.delete(&info.path).await?;
             removed.push(info.path);
         }

@@ -489,10 +489,7 @@ impl Repository {
                     }
                 },
             };
-            rebuilt.packs.push(PackEntries {
-                id,
-                blobs: entries,
-            });
+            rebuilt.packs.push(PackEntries { id, blobs: entries });
         }
         report.packs_indexed = rebuilt.packs.len();
         report.blobs_indexed = rebuilt.packs.iter().map(|p| p.blobs.len()).sum();

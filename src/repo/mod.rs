@@ -347,8 +347,7 @@ impl Index {
                 raw_length: b.raw_length,
             };
             match self.blobs.get(&b.id) {
-                Some(existing)
-                    if condemned || !self.pack_condemned[existing.pack as usize] => {}
+                Some(existing) if condemned || !self.pack_condemned[existing.pack as usize] => {}
                 _ => {
                     self.blobs.insert(b.id, entry);
                 }
@@ -921,10 +920,7 @@ impl Repository {
                     .find(|d| d.id == id)
                     .map(|d| d.message)
                     .unwrap_or_else(|| "unreadable".into());
-                Err(RepoError::SnapshotDamaged {
-                    id: id.0,
-                    message,
-                })
+                Err(RepoError::SnapshotDamaged { id: id.0, message })
             }
         }
     }
@@ -949,8 +945,7 @@ impl Repository {
     }
 
     async fn lock_and_load(&self, exclusive: bool) -> Result<RepoLock, RepoError> {
-        let lock =
-            lock::acquire(self.inner.backend.clone(), exclusive, &self.inner.pauses).await?;
+        let lock = lock::acquire(self.inner.backend.clone(), exclusive, &self.inner.pauses).await?;
         if let Err(e) = self.reload_index().await {
             let _ = lock.release().await;
             return Err(e);

@@ -218,7 +218,10 @@ async fn an_interrupted_session_leaves_a_valid_repository() {
     assert_eq!(stats.blobs_added, 3, "object, root and reference list");
     assert_eq!(repo.read_blob(&ids[0]).await.unwrap(), b"object 0 again");
     let marked = repo.prune(false).await.unwrap();
-    assert!(marked.packs_marked >= 1, "orphan packs are marked: {marked:?}");
+    assert!(
+        marked.packs_marked >= 1,
+        "orphan packs are marked: {marked:?}"
+    );
     let report = repo.prune(false).await.unwrap();
     assert_eq!(
         report.packs_removed, marked.packs_marked,
@@ -413,7 +416,8 @@ async fn a_damaged_snapshot_is_reported_and_skipped_and_can_be_removed() {
     assert!(!listing.damaged[0].read_error);
     let err = repo.find_snapshot(&bad.0[..12]).await.unwrap_err();
     assert!(
-        matches!(err, RepoError::SnapshotDamaged { .. }) && err.to_string().contains("backup delete"),
+        matches!(err, RepoError::SnapshotDamaged { .. })
+            && err.to_string().contains("backup delete"),
         "{err}"
     );
     // Other snapshots keep working, also for writing.
@@ -464,7 +468,8 @@ async fn a_damaged_key_file_is_named_as_damaged_not_as_a_wrong_password() {
         serde_json::from_slice(&backend.get(&key).await.unwrap()).unwrap();
     let wrapped = file["wrapped"].as_str().unwrap().to_string();
     let flipped = if wrapped.ends_with('0') { "1" } else { "0" };
-    file["wrapped"] = serde_json::Value::from(format!("{}{flipped}", &wrapped[..wrapped.len() - 1]));
+    file["wrapped"] =
+        serde_json::Value::from(format!("{}{flipped}", &wrapped[..wrapped.len() - 1]));
     backend
         .put(&key, Bytes::from(serde_json::to_vec(&file).unwrap()))
         .await
@@ -660,11 +665,17 @@ async fn repair_lists_what_cannot_be_recovered() {
         .await
         .unwrap();
     for f in files(&backend, "index/").await {
-        backend.put(&f, Bytes::from_static(b"garbage")).await.unwrap();
+        backend
+            .put(&f, Bytes::from_static(b"garbage"))
+            .await
+            .unwrap();
     }
     let report = repo.repair(false).await.unwrap();
     let text = report.unrecoverable.join("\n");
-    assert!(text.contains(&fine_pack) && text.contains("header"), "{text}");
+    assert!(
+        text.contains(&fine_pack) && text.contains("header"),
+        "{text}"
+    );
     assert!(text.contains("snapshot partly"), "{text}");
     assert_eq!(report.unrecoverable.len(), 2, "{text}");
 }
@@ -728,7 +739,10 @@ async fn prune_allowing_locked(repo: &Repository) {
 }
 
 /// The repository after a scenario: every snapshot readable and intact.
-async fn assert_intact(backend: &Arc<dyn Backend>, expect: &[(&str, &[Vec<u8>], &[BlobId])]) {
+/// A snapshot a scenario expects: its name, plaintexts and their ids.
+type Expected<'a> = (&'a str, &'a [Vec<u8>], &'a [BlobId]);
+
+async fn assert_intact(backend: &Arc<dyn Backend>, expect: &[Expected<'_>]) {
     let fresh = Repository::open(backend.clone(), &password("pw"))
         .await
         .unwrap();
@@ -744,7 +758,10 @@ async fn assert_intact(backend: &Arc<dyn Backend>, expect: &[(&str, &[Vec<u8>], 
         assert!(names.contains(&name.to_string()), "{name} in {names:?}");
         for (id, plain) in ids.iter().zip(data.iter()) {
             assert_eq!(
-                &fresh.read_blob(id).await.unwrap_or_else(|e| panic!("{name}: {e}")),
+                &fresh
+                    .read_blob(id)
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: {e}")),
                 plain
             );
         }
@@ -755,8 +772,18 @@ async fn assert_intact(backend: &Arc<dyn Backend>, expect: &[(&str, &[Vec<u8>], 
 }
 
 /// A repository with a kept snapshot and the data of a deleted one, which
-/// the backup stores again; with `premarked`, a prune already marked it.
-async fn scenario(premarked: bool) -> (tempfile::TempDir, Repository, Arc<dyn Backend>, Vec<Vec<u8>>, Vec<BlobId>, Vec<Vec<u8>>) {
+/// the backup stores again (`new`); with `premarked`, a prune already
+/// marked that data.
+struct Scenario {
+    _dir: tempfile::TempDir,
+    repo: Repository,
+    backend: Arc<dyn Backend>,
+    kept: Vec<Vec<u8>>,
+    kept_ids: Vec<BlobId>,
+    new: Vec<Vec<u8>>,
+}
+
+async fn scenario(premarked: bool) -> Scenario {
     let (dir, repo, backend) = new_repo().await;
     let kept = objects("kept", 5);
     let kept_refs: Vec<&[u8]> = kept.iter().map(Vec::as_slice).collect();
@@ -772,7 +799,14 @@ async fn scenario(premarked: bool) -> (tempfile::TempDir, Repository, Arc<dyn Ba
     }
     let mut new = old.clone();
     new.extend(objects("new", 5));
-    (dir, repo, backend, kept, kept_ids, new)
+    Scenario {
+        _dir: dir,
+        repo,
+        backend,
+        kept,
+        kept_ids,
+        new,
+    }
 }
 
 #[tokio::test]
@@ -790,7 +824,14 @@ async fn prunes_at_every_step_of_a_backup_lose_nothing() {
         for stale in [false, true] {
             for premarked in [false, true] {
                 let case = format!("{point}, stale lock {stale}, premarked {premarked}");
-                let (_dir, repo, backend, kept, kept_ids, new) = scenario(premarked).await;
+                let Scenario {
+                    _dir,
+                    repo,
+                    backend,
+                    kept,
+                    kept_ids,
+                    new,
+                } = scenario(premarked).await;
                 let backup = Repository::open(backend.clone(), &password("pw"))
                     .await
                     .unwrap();
@@ -810,11 +851,7 @@ async fn prunes_at_every_step_of_a_backup_lose_nothing() {
                         .await
                         .unwrap_or_else(|e| panic!("{case}: {e}"));
                 }
-                assert_intact(
-                    &backend,
-                    &[("kept", &kept, &kept_ids), ("new", &new, &ids)],
-                )
-                .await;
+                assert_intact(&backend, &[("kept", &kept, &kept_ids), ("new", &new, &ids)]).await;
                 // Everything unreferenced is gone in the end.
                 let report = repo.prune(true).await.unwrap();
                 assert_eq!(report.packs_marked, 0, "{case}: {report:?}");
@@ -835,7 +872,14 @@ async fn backups_at_every_step_of_a_prune_lose_nothing() {
     for point in points {
         for premarked in [false, true] {
             let case = format!("{point}, premarked {premarked}");
-            let (_dir, repo, backend, kept, kept_ids, new) = scenario(premarked).await;
+            let Scenario {
+                _dir,
+                repo,
+                backend,
+                kept,
+                kept_ids,
+                new,
+            } = scenario(premarked).await;
             let backup = Repository::open(backend.clone(), &password("pw"))
                 .await
                 .unwrap();
@@ -861,11 +905,7 @@ async fn backups_at_every_step_of_a_prune_lose_nothing() {
             }
             match &stored {
                 Some(ids) => {
-                    assert_intact(
-                        &backend,
-                        &[("kept", &kept, &kept_ids), ("new", &new, ids)],
-                    )
-                    .await
+                    assert_intact(&backend, &[("kept", &kept, &kept_ids), ("new", &new, ids)]).await
                 }
                 None => assert_intact(&backend, &[("kept", &kept, &kept_ids)]).await,
             }
@@ -875,7 +915,9 @@ async fn backups_at_every_step_of_a_prune_lose_nothing() {
 
 #[tokio::test]
 async fn a_backup_does_not_reuse_blobs_marked_for_deletion() {
-    let (_dir, repo, backend, _, _, new) = scenario(true).await;
+    let Scenario {
+        _dir, repo, new, ..
+    } = scenario(true).await;
     let lock = repo.lock_shared().await.unwrap();
     let mut w = repo.writer(&lock);
     w.add(&new[0]).await.unwrap();
@@ -883,14 +925,18 @@ async fn a_backup_does_not_reuse_blobs_marked_for_deletion() {
     drop(w);
     lock.release().await.unwrap();
     // Whereas an unmarked blob is reused.
-    let (_dir2, repo2, _, _, _, new2) = scenario(false).await;
+    let Scenario {
+        _dir: _dir2,
+        repo: repo2,
+        new: new2,
+        ..
+    } = scenario(false).await;
     let lock = repo2.lock_shared().await.unwrap();
     let mut w = repo2.writer(&lock);
     w.add(&new2[0]).await.unwrap();
     assert_eq!(w.stats().blobs_deduplicated, 1);
     drop(w);
     lock.release().await.unwrap();
-    let _ = backend;
 }
 
 #[tokio::test]

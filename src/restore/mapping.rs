@@ -265,7 +265,10 @@ mod tests {
     fn parse_rejects_targets_that_are_not_namespace_names() {
         for bad in ["shop=Bad_2", "shop=../x", "shop=a.b", "shop=-x"] {
             let err = NamespaceMapping::parse(&[bad]).unwrap_err();
-            assert!(matches!(err, MappingError::InvalidName { .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, MappingError::InvalidName { .. }),
+                "{bad}: {err}"
+            );
         }
         assert!(NamespaceMapping::parse(&["shop=shop-test"]).is_ok());
     }

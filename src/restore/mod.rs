@@ -849,7 +849,9 @@ async fn check(
                             warnings.push(format!(
                                 "{object} will be deleted and recreated (--recreate-cascading): this deletes {what}, also what is not in the snapshot"
                             ));
-                            format!("exists; --existing recreate --recreate-cascading: deletes {what}")
+                            format!(
+                                "exists; --existing recreate --recreate-cascading: deletes {what}"
+                            )
                         }
                         None => "exists; --existing recreate (objects it owns are kept)".into(),
                     };

@@ -826,7 +826,11 @@ async fn a_backup_that_selects_nothing_fails_unless_allowed() {
             .unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    assert_eq!(list(&repo), serde_json::json!([]), "no snapshot was written");
+    assert_eq!(
+        list(&repo),
+        serde_json::json!([]),
+        "no snapshot was written"
+    );
 
     ferry(&cluster.kubeconfig)
         .args([

@@ -747,9 +747,12 @@ async fn recreate_replaces_the_snapshots_objects_and_deletes_nothing_else() {
     let client = cluster.client().await;
     let ns = TestNamespace::create(&client, "t-rsrec").await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
-    cms.create(&PostParams::default(), &config_map("in-snapshot", "1", None))
-        .await
-        .unwrap();
+    cms.create(
+        &PostParams::default(),
+        &config_map("in-snapshot", "1", None),
+    )
+    .await
+    .unwrap();
     let owner = cms
         .create(&PostParams::default(), &config_map("owner", "1", None))
         .await
@@ -767,9 +770,12 @@ async fn recreate_replaces_the_snapshots_objects_and_deletes_nothing_else() {
 
     // After the backup: an object the snapshot does not have, one owned by
     // an object of the snapshot, and a change to an object of the snapshot.
-    cms.create(&PostParams::default(), &config_map("added-later", "x", None))
-        .await
-        .unwrap();
+    cms.create(
+        &PostParams::default(),
+        &config_map("added-later", "x", None),
+    )
+    .await
+    .unwrap();
     let owner_uid = owner.metadata.uid.clone().unwrap();
     cms.create(
         &PostParams::default(),
@@ -789,7 +795,14 @@ async fn recreate_replaces_the_snapshots_objects_and_deletes_nothing_else() {
     // The plan says the namespace is kept, and why.
     let (ok, planned, stderr) = restore_json(
         &cluster.kubeconfig,
-        &["app", "--repo", &repo, "--existing", "recreate", "--dry-run"],
+        &[
+            "app",
+            "--repo",
+            &repo,
+            "--existing",
+            "recreate",
+            "--dry-run",
+        ],
     );
     assert!(ok, "{stderr}");
     let items: Vec<&Value> = planned["plan"]["waves"]
@@ -912,7 +925,13 @@ data: {{a: b}}
     .unwrap();
     let (ok, _, stderr) = restore_json(
         &target.kubeconfig,
-        &["app", "--repo", &repo, "--transform", plan.to_str().unwrap()],
+        &[
+            "app",
+            "--repo",
+            &repo,
+            "--transform",
+            plan.to_str().unwrap(),
+        ],
     );
     assert!(!ok);
     assert!(
