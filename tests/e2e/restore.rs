@@ -893,26 +893,28 @@ data: {{a: b}}
     let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
         Api::all(target_client.clone());
     let namespaces: Api<Namespace> = Api::all(target_client.clone());
+    // Not a namespace name (uppercase, '_'), and unique to this run.
+    let invalid = format!("Bad_{}", &ns.name[ns.name.len() - 8..]);
     let written = || async {
         let bindings = bindings.list(&ListParams::default()).await.unwrap();
         let touched: Vec<String> = bindings
             .items
             .into_iter()
             .filter_map(|b| b.metadata.name)
-            .filter(|n| n.contains("Bad_2") || n.contains(&ns.name))
+            .filter(|n| n.contains(&invalid) || n.contains(&ns.name))
             .collect();
         let namespace = namespaces.get_opt(&ns.name).await.unwrap();
         (touched, namespace.is_some())
     };
 
-    let bad = format!("{}=Bad_2", ns.name);
+    let bad = format!("{}={invalid}", ns.name);
     let (ok, _, stderr) = restore_json(
         &target.kubeconfig,
         &["app", "--repo", &repo, "--namespace-mapping", &bad],
     );
     assert!(!ok);
     assert!(
-        stderr.contains("'Bad_2' is not a valid namespace name"),
+        stderr.contains(&format!("'{invalid}' is not a valid namespace name")),
         "{stderr}"
     );
     assert_eq!(written().await, (Vec::new(), false), "nothing was written");
