@@ -143,7 +143,7 @@ pub enum RepoError {
     )]
     SnapshotDamaged { id: String, message: String },
     #[error(
-        "refusing to delete anything: {} file(s) of the repository cannot be read, and the data they name would look unreferenced:\n  - {}\nRun `ferry repo repair` to rebuild the index from the packs (or retry if the store had a transient error)",
+        "refusing to delete anything: {} file(s) of the repository cannot be read, and the data they name would look unreferenced:\n  - {}\nRun `ferry repo repair`: it rebuilds the index from the packs and removes damaged manifests (or retry if the store had a transient error)",
         .0.len(),
         .0.join("\n  - ")
     )]

@@ -456,6 +456,12 @@ async fn short_id_prefixes_do_not_identify_snapshots() {
         let err = repo.find_snapshot(short).await.unwrap_err();
         assert!(err.to_string().contains("at least 8"), "{err}");
     }
+    let err = repo.resolve_snapshot(&id.0[..1]).await.unwrap_err();
+    assert!(
+        matches!(err, RepoError::IdPrefixTooShort(_)),
+        "delete too: {err}"
+    );
+    assert_eq!(repo.resolve_snapshot(&id.0[..8]).await.unwrap().0, id);
     assert_eq!(repo.find_snapshot(&id.0[..8]).await.unwrap().0, id);
     assert_eq!(repo.find_snapshot(&id.0).await.unwrap().0, id);
 }
