@@ -144,6 +144,20 @@ pub enum RepoCommand {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Remove stale locks: those of processes of this host that no longer
+    /// run, and those not refreshed for 30 minutes.
+    #[command(
+        after_help = "A running command refreshes its lock every 5 minutes, so a lock \
+not refreshed for 30 minutes belongs to a process that is gone or cut off from the \
+repository. Stale locks block nothing, but data that prune marked for deletion while they \
+existed is deleted only once they are gone: prune lists such locks. Remove them once you know \
+their processes have ended (a process that resumes after its lock was removed may store a \
+snapshot that needs deleted data). Live locks are never removed."
+    )]
+    Unlock {
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Rebuild the index from the packs and remove damaged manifests; list
     /// what cannot be recovered.
     #[command(

@@ -112,6 +112,14 @@ async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
             eprintln!("created repository {} ", repository.id());
             eprintln!("keep the password safe: without it the backups cannot be read");
         }
+        RepoCommand::Unlock { repo } => {
+            let repository = repo::open(&repo).await?;
+            let removed = repository.remove_stale_locks().await?;
+            for path in &removed {
+                eprintln!("removed stale lock {path}");
+            }
+            eprintln!("{} stale lock(s) removed", removed.len());
+        }
         RepoCommand::Repair {
             repo,
             dry_run,

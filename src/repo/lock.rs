@@ -95,6 +95,25 @@ pub(crate) async fn describe(backend: &Arc<dyn Backend>, path: &str) -> String {
     }
 }
 
+/// Removes stale lock files (see [`LockFile::is_stale`]) and lock files
+/// that are not valid; live locks stay. Returns the paths removed.
+pub(crate) async fn remove_stale(backend: &Arc<dyn Backend>) -> Result<Vec<String>, RepoError> {
+    let mut removed = Vec::new();
+    for info in backend.list("locks/").await? {
+        let bytes = match backend.get(&info.path).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let stale = serde_json::from_slice::<LockFile>(&bytes).map_or(true, |l| l.is_stale());
+        if stale {
+            backend.delete(&info.path).await?;
+            removed.push(info.path);
+        }
+    }
+    Ok(removed)
+}
+
 /// Removes the lock files of processes on this host that no longer run:
 /// their sessions are over for certain. Returns the paths removed.
 pub(crate) async fn remove_dead(backend: &Arc<dyn Backend>) -> Result<Vec<String>, RepoError> {

@@ -36,8 +36,8 @@
 //!    written has ended, and only the packs that are still unneeded: a pack
 //!    holding a blob that a snapshot references, with no copy in a pack that
 //!    stays, is kept and unmarked. Lock files of dead processes of this host
-//!    are removed by prune; a lock that is merely stale delays deletion
-//!    until it is removed.
+//!    are removed by prune; a lock that is merely stale (not refreshed for 30
+//!    minutes) delays deletion until `ferry repo unlock` removes it.
 //! 3. **Writers never reuse condemned blobs.** A backup does not deduplicate
 //!    against a blob whose only copies are in marked packs (nor against
 //!    anything while a deletion mark cannot be read): it stores a new copy.
@@ -942,6 +942,13 @@ impl Repository {
     /// Takes the exclusive lock (no other session runs), then loads the index.
     pub async fn lock_exclusive(&self) -> Result<RepoLock, RepoError> {
         self.lock_and_load(true).await
+    }
+
+    /// Removes stale locks: those of processes of this host that no longer
+    /// run, and those not refreshed for 30 minutes. Returns their paths.
+    /// Live locks are never removed.
+    pub async fn remove_stale_locks(&self) -> Result<Vec<String>, RepoError> {
+        lock::remove_stale(&self.inner.backend).await
     }
 
     async fn lock_and_load(&self, exclusive: bool) -> Result<RepoLock, RepoError> {

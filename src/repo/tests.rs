@@ -964,3 +964,39 @@ async fn restores_and_other_readers_keep_prune_away() {
         Err(RepoError::NotLocked)
     ));
 }
+
+#[tokio::test]
+async fn marked_packs_wait_for_a_stale_lock_until_it_is_removed() {
+    let Scenario {
+        _dir,
+        repo,
+        backend,
+        ..
+    } = scenario(false).await;
+    let other = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    let live = other.lock_shared().await.unwrap();
+    let mut stale = other.lock_shared().await.unwrap();
+    stale.make_stale().await;
+    live.release().await.unwrap();
+    let marked = repo.prune(false).await.unwrap();
+    assert!(marked.packs_marked > 0);
+    let waiting = repo.prune(false).await.unwrap();
+    assert_eq!(waiting.packs_removed, 0);
+    assert_eq!(waiting.packs_waiting, marked.packs_marked);
+    assert!(
+        waiting.waiting_for.iter().any(|w| w.contains(stale.path())),
+        "{waiting:?}"
+    );
+    // Live locks stay; the stale one goes, and the packs with it.
+    let held = other.lock_shared().await.unwrap();
+    assert_eq!(
+        repo.remove_stale_locks().await.unwrap(),
+        vec![stale.path().to_string()]
+    );
+    held.release().await.unwrap();
+    let swept = repo.prune(false).await.unwrap();
+    assert_eq!(swept.packs_removed, marked.packs_marked, "{swept:?}");
+    stale.release().await.unwrap();
+}
