@@ -217,9 +217,9 @@ pub(crate) async fn acquire(
 
 fn hint(exclusive: bool) -> String {
     if exclusive {
-        "prune needs the repository to itself: wait for running backups to finish".into()
+        "prune and repair need the repository to themselves: wait for running backups, restores, transforms and verifications to finish (the lock of a process that is gone stops counting 30 minutes after its last refresh)".into()
     } else {
-        "prune is running: wait for it to finish".into()
+        "a prune or repair is running: wait for it to finish".into()
     }
 }
 
