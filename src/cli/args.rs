@@ -416,7 +416,7 @@ pub struct RestoreWriteArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Snapshot name (the newest of that name) or id prefix.
+    /// Snapshot name (the newest of that name), full id, or at least 8 characters of its id.
     pub snapshot: String,
     #[command(flatten)]
     pub repo: RepoArgs,
@@ -444,7 +444,7 @@ pub enum ManifestFormat {
 
 #[derive(Debug, Args)]
 pub struct TransformArgs {
-    /// Snapshot name (the newest of that name) or id prefix.
+    /// Snapshot name (the newest of that name), full id, or at least 8 characters of its id.
     #[arg(required_unless_present = "list")]
     pub snapshot: Option<String>,
     /// The transform plan (YAML).

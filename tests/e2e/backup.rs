@@ -847,3 +847,22 @@ async fn a_backup_that_selects_nothing_fails_unless_allowed() {
         .success();
     assert_eq!(list(&repo)[0]["summary"]["objects"], 0);
 }
+
+#[tokio::test]
+async fn an_empty_password_creates_no_repository() {
+    let cluster = env().primary();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let out = ferry(&cluster.kubeconfig)
+        .env("FERRY_PASSWORD", "")
+        .args(["repo", "init", "--repo", repo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("FERRY_PASSWORD is set but empty"),
+        "{stderr}"
+    );
+    assert!(!repo.exists(), "nothing was created");
+}
