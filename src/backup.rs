@@ -48,6 +48,8 @@ pub struct BackupOptions {
     pub page_size: u32,
     pub ttl: Option<Duration>,
     pub labels: BTreeMap<String, String>,
+    /// Store a snapshot even when the selection matches no object.
+    pub allow_empty: bool,
 }
 
 impl BackupOptions {
@@ -61,6 +63,7 @@ impl BackupOptions {
             page_size: DEFAULT_PAGE_SIZE,
             ttl: None,
             labels: BTreeMap::new(),
+            allow_empty: false,
         }
     }
 }
@@ -177,6 +180,11 @@ pub enum BackupError {
     },
     #[error("nothing selected: no namespace matches {0:?}")]
     NothingSelected(Vec<String>),
+    #[error(
+        "the selection matches no object{}; no snapshot was written. Check the namespace names and selectors (`kubectl get namespaces`), or pass --allow-empty to store an empty snapshot",
+        if .0.is_empty() { String::new() } else { format!(" (namespaces that do not exist: {})", .0.join(", ")) }
+    )]
+    EmptySelection(Vec<String>),
     #[error("object {object} could not be encoded: {source}")]
     Encode {
         object: String,
@@ -245,15 +253,18 @@ pub async fn run(
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome, BackupError> {
     let started = Instant::now();
+    // Lock first, then read: the index the writer deduplicates against is
+    // loaded by taking the lock (see the module docs of `repo`).
+    let lock = repo.lock_shared().await?;
     if repo
         .list_snapshots()
         .await?
         .iter()
         .any(|(_, s)| s.name == opts.name)
     {
+        lock.release().await?;
         return Err(BackupError::NameTaken(opts.name.clone()));
     }
-    let lock = repo.lock_shared().await?;
 
     let discovery = discover(&conn.client).await?;
     let profile = read_profile(conn, &discovery).await?;
@@ -265,6 +276,7 @@ pub async fn run(
     }
 
     let namespaces = resolve_namespaces(conn, &discovery, &opts.selection).await?;
+    let mut missing_namespaces: Vec<String> = Vec::new();
     let collections = collections_to_capture(&discovery, &opts.selection);
     // One cluster-wide LIST per type beats one per namespace when many
     // namespaces are selected, if the credentials allow it.
@@ -286,13 +298,13 @@ pub async fn run(
         .collections_total
         .store(jobs.len(), Ordering::Relaxed);
 
-    let writer_repo = repo.clone();
+    let pack_writer = repo.writer(&lock);
     let writer_progress = progress.clone();
     // The writer owns the pack writer and the graph: each object is encoded
     // into a pack and reduced to its graph node right away, so memory holds
     // identities and references, not objects.
     let writer = tokio::spawn(async move {
-        let mut writer = writer_repo.writer();
+        let mut writer = pack_writer;
         let mut graph = AppGraph::new();
         let mut catalog: Vec<CatalogEntry> = Vec::new();
         let mut others = Vec::new();
@@ -368,9 +380,12 @@ pub async fn run(
                 Ok(Some(obj)) => {
                     let _ = tx.send(normalize_item(obj, &opts.normalize)?).await;
                 }
-                Ok(None) => report
-                    .warnings
-                    .push(format!("namespace {ns} disappeared during the backup")),
+                Ok(None) => {
+                    missing_namespaces.push(ns.clone());
+                    report.warnings.push(format!(
+                        "namespace {ns} does not exist (or disappeared during the backup)"
+                    ))
+                }
                 Err(ClusterError::Get { source, .. }) if status_code(&source) == Some(403) => {
                     report.forbidden.push(format!("Namespace/{ns}"))
                 }
@@ -408,6 +423,10 @@ pub async fn run(
             .push(format!("dangling reference: {dangling}"));
     }
 
+    if catalog.is_empty() && !opts.allow_empty {
+        // The pack writer is dropped unfinished: nothing becomes visible.
+        return Err(BackupError::EmptySelection(missing_namespaces));
+    }
     for entry in &catalog {
         *report.counts.entry(count_key(&entry.object)).or_default() += 1;
     }
@@ -866,7 +885,25 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Finds a snapshot and loads its content under a shared lock (prune waits
+/// meanwhile): what `describe` and `graph` show.
+pub async fn open_snapshot(
+    repo: &Repository,
+    name_or_id: &str,
+) -> Result<(SnapshotId, Snapshot, SnapshotContent), RepoError> {
+    let lock = repo.lock_shared().await?;
+    let result = async {
+        let (id, snapshot) = repo.find_snapshot(name_or_id).await?;
+        let content = load_content(repo, &snapshot).await?;
+        Ok((id, snapshot, content))
+    }
+    .await;
+    lock.release().await?;
+    result
+}
+
 /// Loads a snapshot's content, refusing formats this version cannot read.
+/// The caller holds a lock.
 pub async fn load_content(
     repo: &Repository,
     snapshot: &Snapshot,
@@ -921,14 +958,32 @@ pub async fn verify(
     name: Option<&str>,
     read_data: bool,
 ) -> Result<VerifyOutcome, RepoError> {
+    let lock = repo.lock_shared().await?;
+    let result = verify_locked(repo, name, read_data).await;
+    lock.release().await?;
+    result
+}
+
+async fn verify_locked(
+    repo: &Repository,
+    name: Option<&str>,
+    read_data: bool,
+) -> Result<VerifyOutcome, RepoError> {
+    let mut outcome = VerifyOutcome::default();
     let snapshots = match name {
         Some(name) => vec![repo.find_snapshot(name).await?],
-        None => repo.list_snapshots().await?,
+        None => {
+            let listing = repo.snapshot_listing().await?;
+            for damaged in &listing.damaged {
+                outcome.problems.push(format!(
+                    "snapshots/{}: {}; remove it with `ferry backup delete {}` or `ferry repo repair`",
+                    damaged.id, damaged.message, damaged.id
+                ));
+            }
+            listing.snapshots
+        }
     };
-    let mut outcome = VerifyOutcome {
-        snapshots: snapshots.len(),
-        ..Default::default()
-    };
+    outcome.snapshots = snapshots.len();
     // blob → objects using it, to name objects when a pack is damaged.
     let mut users: std::collections::HashMap<BlobId, Vec<String>> =
         std::collections::HashMap::new();
@@ -979,10 +1034,13 @@ pub async fn verify(
 pub struct RetentionOutcome {
     pub deleted: Vec<String>,
     pub bytes_freed: u64,
+    /// What prune did with the data: deleted now, marked for a later prune.
+    pub prune: crate::repo::PruneReport,
 }
 
-/// Deletes expired snapshots and all but the newest `keep_last`, then frees
-/// the data no remaining snapshot references.
+/// Deletes expired snapshots and all but the newest `keep_last`, then
+/// prunes: frees the data no remaining snapshot references (also that of
+/// snapshots deleted earlier), in two phases.
 pub async fn apply_retention(
     repo: &Repository,
     keep_last: Option<usize>,
@@ -1005,9 +1063,8 @@ pub async fn apply_retention(
             kept += 1;
         }
     }
-    if !outcome.deleted.is_empty() {
-        let report = repo.prune(dry_run).await?;
-        outcome.bytes_freed = report.bytes_removed;
-    }
+    let report = repo.prune(dry_run).await?;
+    outcome.bytes_freed = report.bytes_removed;
+    outcome.prune = report;
     Ok(outcome)
 }

@@ -556,6 +556,7 @@ async fn load_objects(repo: &Path, key: &Path) -> Result<Vec<Value>> {
         objects: Vec::new(),
         mapping: Default::default(),
         existing: Default::default(),
+        recreate_cascading: false,
         concurrency: 16,
         dry_run: false,
         transform: None,

@@ -144,6 +144,46 @@ pub enum RepoCommand {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Remove stale locks: those of processes of this host that no longer
+    /// run, and those not refreshed for 30 minutes.
+    #[command(
+        after_help = "A running command refreshes its lock every 5 minutes, so a lock \
+not refreshed for 30 minutes belongs to a process that is gone or cut off from the \
+repository. Stale locks block nothing, but data that prune marked for deletion while they \
+existed is deleted only once they are gone: prune lists such locks. Remove them once you know \
+their processes have ended (a process that resumes after its lock was removed may store a \
+snapshot that needs deleted data). Live locks are never removed."
+    )]
+    Unlock {
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Rebuild the index from the packs and remove damaged manifests; list
+    /// what cannot be recovered.
+    #[command(
+        after_help = "Every pack ends with an encrypted copy of its own index entries, so \
+the index can be rebuilt from the packs alone. `repo repair` takes the exclusive lock, reads \
+every pack header (and every readable index file, for packs whose header is damaged), writes \
+one new index and removes the old index files, deletion marks that cannot be read, and \
+snapshot manifests that were read but are not valid. It then lists what cannot be recovered: \
+packs whose header is unreadable and that no index describes, and snapshots that need blobs \
+no pack holds (restore what is left of them, or delete them with `ferry backup delete`).\n\n\
+If the store fails to read a file (which may be a transient error), repair changes nothing \
+and says which file; run it again later. Prune refuses to run while an index file, deletion \
+mark or snapshot manifest is unreadable, and points here.\n\n\
+Examples:\n  \
+  ferry repo repair --dry-run\n  \
+  ferry repo repair && ferry backup verify --read-data"
+    )]
+    Repair {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Report what would be rebuilt and removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,6 +261,11 @@ pub enum BackupCommand {
         /// Keep kubectl.kubernetes.io/last-applied-configuration annotations.
         #[arg(long)]
         keep_last_applied: bool,
+        /// Store a snapshot even if the selection matches no object. Without
+        /// it, a selection that matches nothing (e.g. a misspelt namespace)
+        /// is an error and nothing is written.
+        #[arg(long)]
+        allow_empty: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -233,6 +278,8 @@ pub enum BackupCommand {
         output: OutputFormat,
     },
     /// Show a snapshot: source, selection, objects per kind, skipped objects and warnings.
+    ///
+    /// SNAPSHOT is a name, a full id, or at least 8 characters of an id.
     Describe {
         name: String,
         #[command(flatten)]
@@ -263,6 +310,10 @@ pub enum BackupCommand {
         output: OutputFormat,
     },
     /// Delete a snapshot (its data is freed by `ferry backup prune`).
+    ///
+    /// NAME is a snapshot name, its full id, or an unambiguous prefix of at
+    /// least 8 characters of its id. A damaged manifest (listed as DAMAGED)
+    /// is deleted by its id.
     Delete {
         name: String,
         #[command(flatten)]
@@ -273,6 +324,15 @@ pub enum BackupCommand {
     },
     /// Apply retention: delete expired snapshots (and beyond --keep-last),
     /// then free the data no remaining snapshot references.
+    #[command(
+        after_help = "Data is freed in two phases, so that a backup or restore running \
+at the same time never loses data: a prune marks the packs no snapshot needs, and a later \
+prune deletes them once every command that was running when they were marked has finished \
+(its lock is gone), unless a snapshot needs them again. Running prune twice in a row with \
+nothing else running therefore frees everything unreferenced, including the data of \
+snapshots removed with `ferry backup delete`. Prune deletes nothing while an index file or \
+snapshot manifest cannot be read; `ferry repo repair` fixes that."
+    )]
     Prune {
         #[command(flatten)]
         repo: RepoArgs,
@@ -328,9 +388,19 @@ pub struct RestoreWriteArgs {
     /// Restore namespace OLD as NEW, with every reference following; repeatable.
     #[arg(long = "namespace-mapping", value_name = "OLD=NEW")]
     pub namespace_mapping: Vec<String>,
-    /// What to do with objects that already exist in the target.
+    /// What to do with objects that already exist in the target: skip,
+    /// update (server-side apply), fail (in preflight), or recreate (delete
+    /// and create the snapshot's objects; objects they own are kept).
     #[arg(long, value_enum, default_value_t = crate::restore::ExistingPolicy::Update)]
     pub existing: crate::restore::ExistingPolicy,
+    /// With --existing recreate, also delete and recreate existing
+    /// Namespaces, CustomResourceDefinitions, PersistentVolumeClaims and
+    /// PersistentVolumes. Deleting one deletes everything in it (every
+    /// object of the namespace, every custom resource of the CRD, the
+    /// volume's data), including what is not in the snapshot; the plan
+    /// lists each. Without it, they are updated instead.
+    #[arg(long)]
+    pub recreate_cascading: bool,
     /// Print the restore plan and a diff against the target; write nothing
     /// (writes are validated with a server-side dry run).
     #[arg(long)]
@@ -346,7 +416,7 @@ pub struct RestoreWriteArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Snapshot name (the newest of that name) or id prefix.
+    /// Snapshot name (the newest of that name), full id, or at least 8 characters of its id.
     pub snapshot: String,
     #[command(flatten)]
     pub repo: RepoArgs,
@@ -374,7 +444,7 @@ pub enum ManifestFormat {
 
 #[derive(Debug, Args)]
 pub struct TransformArgs {
-    /// Snapshot name (the newest of that name) or id prefix.
+    /// Snapshot name (the newest of that name), full id, or at least 8 characters of its id.
     #[arg(required_unless_present = "list")]
     pub snapshot: Option<String>,
     /// The transform plan (YAML).

@@ -112,6 +112,58 @@ async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
             eprintln!("created repository {} ", repository.id());
             eprintln!("keep the password safe: without it the backups cannot be read");
         }
+        RepoCommand::Unlock { repo } => {
+            let repository = repo::open(&repo).await?;
+            let removed = repository.remove_stale_locks().await?;
+            for path in &removed {
+                eprintln!("removed stale lock {path}");
+            }
+            eprintln!("{} stale lock(s) removed", removed.len());
+        }
+        RepoCommand::Repair {
+            repo,
+            dry_run,
+            output,
+        } => {
+            let repository = repo::open(&repo).await?;
+            let report = repository
+                .repair(dry_run)
+                .await
+                .with_context(|| format!("repairing {}", repository.location()))?;
+            emit(output, &report, |out| {
+                let would = if dry_run { "would be " } else { "" };
+                writeln!(
+                    out,
+                    "index rebuilt from {} pack(s), {} blob(s); {} index file(s) {would}replaced",
+                    report.packs_indexed, report.blobs_indexed, report.index_files_replaced
+                )?;
+                for file in &report.damaged_index_files {
+                    writeln!(out, "damaged index file {would}replaced: {file}")?;
+                }
+                for mark in &report.damaged_marks_removed {
+                    writeln!(out, "unreadable deletion mark {would}removed: {mark}")?;
+                }
+                for snapshot in &report.damaged_snapshots_removed {
+                    writeln!(out, "damaged snapshot manifest {would}removed: {snapshot}")?;
+                }
+                for item in &report.unrecoverable {
+                    writeln!(out, "NOT RECOVERABLE  {item}")?;
+                }
+                if report.unrecoverable.is_empty() {
+                    writeln!(
+                        out,
+                        "everything the snapshots reference is in the repository"
+                    )?;
+                }
+                Ok(())
+            })?;
+            if !report.unrecoverable.is_empty() {
+                anyhow::bail!(
+                    "{} item(s) cannot be recovered, listed above; the rest of the repository is usable",
+                    report.unrecoverable.len()
+                );
+            }
+        }
         RepoCommand::Stats { repo, output } => {
             let repository = repo::open(&repo).await?;
             let stats = repository.stats().await?;
@@ -145,6 +197,7 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
             concurrency,
             page_size,
             keep_last_applied,
+            allow_empty,
             output,
         } => {
             let selection = selection(&selection_args)?;
@@ -157,6 +210,7 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
             options.page_size = page_size.max(1);
             options.ttl = ttl;
             options.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
+            options.allow_empty = allow_empty;
             let progress = Arc::new(Progress::default());
             let bar = progress::BackupBar::start(progress.clone());
             let result = backup::run(&conn, &repository, &options, progress).await;
@@ -189,7 +243,14 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
         }
         BackupCommand::List { repo, output } => {
             let repository = repo::open(&repo).await?;
-            let mut snapshots = repository.list_snapshots().await?;
+            let listing = repository.snapshot_listing().await?;
+            for damaged in &listing.damaged {
+                eprintln!(
+                    "DAMAGED  snapshots/{}: {}; remove it with `ferry backup delete {}` or `ferry repo repair`",
+                    damaged.id, damaged.message, damaged.id
+                );
+            }
+            let mut snapshots = listing.snapshots;
             snapshots.sort_by(|a, b| a.1.created.cmp(&b.1.created));
             let value: Vec<_> = snapshots
                 .iter()
@@ -236,8 +297,7 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
             output,
         } => {
             let repository = repo::open(&repo).await?;
-            let (id, snapshot) = repository.find_snapshot(&name).await?;
-            let mut content = backup::load_content(&repository, &snapshot).await?;
+            let (id, snapshot, mut content) = backup::open_snapshot(&repository, &name).await?;
             if !objects && output == OutputFormat::Text {
                 content.objects.clear();
             }
@@ -267,8 +327,7 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
         }
         BackupCommand::Graph { name, repo, format } => {
             let repository = repo::open(&repo).await?;
-            let (_, snapshot) = repository.find_snapshot(&name).await?;
-            let content = backup::load_content(&repository, &snapshot).await?;
+            let (_, _, content) = backup::open_snapshot(&repository, &name).await?;
             let graph = crate::model::graph::AppGraph::from_json(&content.graph)
                 .with_context(|| format!("the graph of snapshot {name} is unreadable"))?;
             match format {
@@ -309,12 +368,15 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
         }
         BackupCommand::Delete { name, repo, prune } => {
             let repository = repo::open(&repo).await?;
-            let (id, snapshot) = repository.find_snapshot(&name).await?;
+            let (id, snapshot) = repository.resolve_snapshot(&name).await?;
             repository.delete_snapshot(&id).await?;
-            eprintln!("deleted snapshot {} ({id})", snapshot.name);
+            match snapshot {
+                Some(snapshot) => eprintln!("deleted snapshot {} ({id})", snapshot.name),
+                None => eprintln!("deleted damaged snapshot manifest {id}"),
+            }
             if prune {
                 let report = repository.prune(false).await?;
-                eprintln!("freed {}", human_bytes(report.bytes_removed));
+                print_prune(&mut std::io::stderr(), &report, false)?;
             }
         }
         BackupCommand::Prune {
@@ -333,16 +395,53 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                         if dry_run { "would delete" } else { "deleted" }
                     )?;
                 }
-                writeln!(
-                    out,
-                    "{} {}",
-                    if dry_run { "would free" } else { "freed" },
-                    human_bytes(outcome.bytes_freed)
-                )
+                print_prune(out, &outcome.prune, dry_run)
             })?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_prune(
+    out: &mut dyn Write,
+    report: &crate::repo::PruneReport,
+    dry_run: bool,
+) -> std::io::Result<()> {
+    let (free, mark) = if dry_run {
+        ("would free", "would mark")
+    } else {
+        ("freed", "marked")
+    };
+    writeln!(
+        out,
+        "{free} {} ({} pack(s) marked by an earlier prune)",
+        human_bytes(report.bytes_removed),
+        report.packs_removed
+    )?;
+    if report.packs_marked > 0 {
+        writeln!(
+            out,
+            "{mark} {} in {} pack(s) for deletion: the next prune deletes them once every command running now has finished",
+            human_bytes(report.bytes_marked),
+            report.packs_marked
+        )?;
+    }
+    if report.packs_kept > 0 {
+        writeln!(
+            out,
+            "kept {} marked pack(s) that a snapshot needs again",
+            report.packs_kept
+        )?;
+    }
+    if report.packs_waiting > 0 {
+        writeln!(
+            out,
+            "{} marked pack(s) wait for: {}",
+            report.packs_waiting,
+            report.waiting_for.join(", ")
+        )?;
+    }
+    Ok(())
 }
 
 fn print_report(
@@ -438,11 +537,15 @@ fn restore_options(
             .filter(|_| subset.is_none_or(|s| s.namespaces.is_empty())),
     );
     selection.validate()?;
+    if write.recreate_cascading && write.existing != crate::restore::ExistingPolicy::Recreate {
+        anyhow::bail!("--recreate-cascading only applies with --existing recreate");
+    }
     Ok(crate::restore::RestoreOptions {
         selection,
         objects,
         mapping: crate::restore::mapping::NamespaceMapping::parse(&write.namespace_mapping)?,
         existing: write.existing,
+        recreate_cascading: write.recreate_cascading,
         concurrency: write.restore_concurrency.max(1),
         dry_run: write.dry_run,
         transform: match &write.transform {

@@ -91,10 +91,18 @@ pub fn key_source(args: &RepoArgs, confirm: bool) -> anyhow::Result<KeySource> {
         return Ok(KeySource::Password(Zeroizing::new(password)));
     }
     if let Ok(password) = std::env::var("FERRY_PASSWORD") {
+        if password.is_empty() {
+            bail!(
+                "FERRY_PASSWORD is set but empty: set it to the repository password, or unset it and use --password-file, --key-file or the prompt"
+            );
+        }
         return Ok(KeySource::Password(Zeroizing::new(password)));
     }
     if std::io::stdin().is_terminal() {
         let password = Zeroizing::new(rpassword::prompt_password("repository password: ")?);
+        if password.is_empty() {
+            bail!("the password is empty; a repository needs a password (or a key file)");
+        }
         if confirm {
             let again = Zeroizing::new(rpassword::prompt_password("repeat password: ")?);
             if *again != *password {

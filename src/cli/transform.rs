@@ -29,6 +29,7 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
     let write = super::args::RestoreWriteArgs {
         namespace_mapping: args.namespace_mapping.clone(),
         existing: Default::default(),
+        recreate_cascading: false,
         dry_run: true,
         restore_concurrency: 1,
         transform: None,
@@ -162,8 +163,10 @@ fn list_rule_sets(out: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
-/// File name of an object in a manifest directory.
-fn file_name(object: &Value) -> String {
+/// File name of an object in a manifest directory; an error for names that
+/// would leave the directory.
+fn file_name(object: &Value) -> Result<String, String> {
+    use crate::model::names::file_component;
     let kind = object["kind"]
         .as_str()
         .unwrap_or("Object")
@@ -172,13 +175,37 @@ fn file_name(object: &Value) -> String {
     let namespace = object["metadata"]["namespace"]
         .as_str()
         .unwrap_or("_cluster");
-    format!("{namespace}/{kind}-{name}.yaml")
+    Ok(format!(
+        "{}/{}-{}.yaml",
+        file_component(namespace)?,
+        file_component(&kind)?,
+        file_component(name)?
+    ))
 }
 
 fn write_dir(dir: &Path, objects: &[Value], kustomize: bool) -> anyhow::Result<usize> {
-    let mut files = Vec::new();
+    // Every name is checked before the first file is written.
+    let mut problems: Vec<String> = Vec::new();
+    let mut names = Vec::with_capacity(objects.len());
     for object in objects {
-        let relative = file_name(object);
+        problems.extend(crate::model::names::problems(object));
+        match file_name(object) {
+            Ok(name) => names.push(name),
+            Err(why) => problems.push(why),
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        problems.dedup();
+        anyhow::bail!(
+            "{} object name(s) are not valid; nothing was written to {}:\n  - {}",
+            problems.len(),
+            dir.display(),
+            problems.join("\n  - ")
+        );
+    }
+    let mut files = Vec::new();
+    for (object, relative) in objects.iter().zip(names) {
         let path = dir.join(&relative);
         std::fs::create_dir_all(path.parent().expect("a file under dir"))
             .with_context(|| format!("creating {}", dir.display()))?;
@@ -208,13 +235,35 @@ mod tests {
     fn manifest_files_are_grouped_by_namespace() {
         let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "shop"}});
         let sc = serde_json::json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"}});
-        assert_eq!(file_name(&cm), "shop/configmap-a.yaml");
-        assert_eq!(file_name(&sc), "_cluster/storageclass-fast.yaml");
+        assert_eq!(file_name(&cm).unwrap(), "shop/configmap-a.yaml");
+        assert_eq!(file_name(&sc).unwrap(), "_cluster/storageclass-fast.yaml");
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(write_dir(dir.path(), &[cm, sc], true).unwrap(), 3);
         let k = std::fs::read_to_string(dir.path().join("kustomization.yaml")).unwrap();
         assert!(
             k.contains("shop/configmap-a.yaml") && k.contains("_cluster/storageclass-fast.yaml")
         );
+    }
+
+    #[test]
+    fn names_that_would_leave_the_output_directory_write_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        let good = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "shop"}});
+        let escapes = [
+            serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "../../escaped"}}),
+            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": ".."}}),
+            serde_json::json!({"apiVersion": "v1", "kind": "../ConfigMap", "metadata": {"name": "y", "namespace": "shop"}}),
+        ];
+        for bad in escapes {
+            let err = write_dir(&dir, &[good.clone(), bad.clone()], true).unwrap_err();
+            assert!(err.to_string().contains("nothing was written"), "{err}");
+            assert!(!dir.exists(), "{bad}: nothing written");
+            assert_eq!(
+                std::fs::read_dir(root.path()).unwrap().count(),
+                0,
+                "nothing outside the output directory either"
+            );
+        }
     }
 }

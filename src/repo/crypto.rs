@@ -108,7 +108,14 @@ pub struct KeyFile {
     pub salt: String,
     pub wrapped: String,
     pub created: String,
+    /// BLAKE3 of the fields above (not secret): tells a damaged key file
+    /// from a wrong password. Key files written before it existed lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
+
+/// Length of a wrapped master key: nonce, 64 key bytes, tag.
+const WRAPPED_LEN: usize = NONCE_LEN + 64 + TAG_LEN;
 
 /// Argon2id parameters: 64 MiB and 3 passes take a fraction of a second
 /// here and make offline guessing expensive.
@@ -153,7 +160,7 @@ impl KeyFile {
         };
         let kek = derive(kdf, secret, &salt, m, t, p).expect("built-in parameters are valid");
         let wrapped = seal_with(&kek, &master.to_bytes());
-        KeyFile {
+        let mut file = KeyFile {
             kdf: kdf.to_string(),
             memory_kib: m,
             iterations: t,
@@ -161,7 +168,49 @@ impl KeyFile {
             salt: hex::encode(salt),
             wrapped: hex::encode(wrapped),
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            check: None,
+        };
+        file.check = Some(file.checksum());
+        file
+    }
+
+    fn checksum(&self) -> String {
+        let text = format!(
+            "ferry key file v1\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            self.kdf,
+            self.memory_kib,
+            self.iterations,
+            self.parallelism,
+            self.salt,
+            self.wrapped,
+            self.created
+        );
+        blake3::hash(text.as_bytes()).to_hex().to_string()
+    }
+
+    /// Why the file cannot be a key file as written, if it cannot: checked
+    /// before any password is tried, so damage is not taken for a wrong
+    /// password.
+    pub fn damage(&self) -> Option<String> {
+        if let Some(check) = &self.check
+            && *check != self.checksum()
+        {
+            return Some("its checksum does not match its contents".into());
         }
+        match hex::decode(&self.wrapped) {
+            Ok(w) if w.len() == WRAPPED_LEN => {}
+            Ok(w) => {
+                return Some(format!(
+                    "its wrapped key is {} bytes instead of {WRAPPED_LEN}",
+                    w.len()
+                ));
+            }
+            Err(e) => return Some(format!("its wrapped key is not hex: {e}")),
+        }
+        if hex::decode(&self.salt).is_err() {
+            return Some("its salt is not hex".into());
+        }
+        None
     }
 
     /// The master key, if `secret` is the right one for this file.
@@ -216,6 +265,30 @@ mod tests {
             let unwrapped = file.unwrap(b"correct horse").expect("right secret");
             assert_eq!(unwrapped.blob_hash(b"x"), master.blob_hash(b"x"));
             assert!(file.unwrap(b"wrong").is_none());
+            assert_eq!(file.damage(), None);
         }
+    }
+
+    #[test]
+    fn damaged_key_files_are_told_apart_from_wrong_secrets() {
+        let file = KeyFile::wrap(&MasterKey::random(), "keyfile", b"secret");
+        let mut flipped = file.clone();
+        flipped.salt.replace_range(
+            0..1,
+            if flipped.salt.starts_with('0') {
+                "1"
+            } else {
+                "0"
+            },
+        );
+        assert!(flipped.damage().unwrap().contains("checksum"));
+        let mut truncated = file.clone();
+        truncated.wrapped.truncate(20);
+        truncated.check = None;
+        assert!(truncated.damage().unwrap().contains("bytes instead of"));
+        let mut legacy = file.clone();
+        legacy.check = None;
+        assert_eq!(legacy.damage(), None, "files without a checksum still open");
+        assert!(legacy.unwrap(b"secret").is_some());
     }
 }

@@ -7,26 +7,63 @@
 //!   header; the pack id is the BLAKE3 hash of its bytes;
 //! - `index/<id>`: encrypted lists of which blob is where;
 //! - `snapshots/<id>`: encrypted snapshot manifests, written last;
+//! - `deletions/<id>`: deletion marks, packs that prune will delete;
 //! - `locks/<id>`: who is using the repository.
 //!
 //! Blobs are zstd-compressed, encrypted (XChaCha20-Poly1305) and named by a
 //! keyed BLAKE3 hash of their plaintext, so identical content is stored once
 //! across all backups. Every read verifies the tag and the hash.
 //!
-//! Concurrency is lock-free for writers: packs and index files get names
-//! nobody else can produce and are never rewritten, so two backups may run
-//! at once. Each takes a *shared* lock only to keep `prune` away; `prune`
-//! takes an *exclusive* lock and refuses to start while a live shared lock
-//! exists. Locks of dead processes (same host) or not refreshed for 30
-//! minutes are stale and ignored.
+//! # Concurrency and deletion
+//!
+//! No sequence of commands, run one after another or at the same time, may
+//! lose data a snapshot references. Four rules make sure of it:
+//!
+//! 1. **Lock first, then read.** Every session that reads or writes data
+//!    (backup, restore, transform, verify, describe) takes a *shared* lock
+//!    and only then loads the index ([`Repository::lock_shared`] loads it;
+//!    [`Repository::open`] only checks the key). Prune and repair take an
+//!    *exclusive* lock. Taking a lock writes the lock file and then checks
+//!    again for conflicting ones, so of two sessions that start at once at
+//!    least one sees the other and backs off. A lock is refreshed every 5
+//!    minutes; one not refreshed for 30 minutes, or held by a process of
+//!    this host that no longer runs, no longer blocks others.
+//! 2. **Prune deletes in two phases.** A prune *marks* the packs no snapshot
+//!    needs: it writes a deletion mark naming the packs and every lock file
+//!    that exists at that moment, its own included. A later prune *deletes*
+//!    the packs of a mark only once every lock the mark names is gone, so
+//!    every session that could have read the index before the mark was
+//!    written has ended, and only the packs that are still unneeded: a pack
+//!    holding a blob that a snapshot references, with no copy in a pack that
+//!    stays, is kept and unmarked. Lock files of dead processes of this host
+//!    are removed by prune; a lock that is merely stale (not refreshed for 30
+//!    minutes) delays deletion until `ferry repo unlock` removes it.
+//! 3. **Writers never reuse condemned blobs.** A backup does not deduplicate
+//!    against a blob whose only copies are in marked packs (nor against
+//!    anything while a deletion mark cannot be read): it stores a new copy.
+//!    So a snapshot written after a mark never needs a marked pack, and one
+//!    written by a session that read the index before the mark (whose lock
+//!    the mark names) is seen when the mark is swept.
+//! 4. **Nothing is deleted on a guess.** Prune refuses to mark or delete
+//!    anything while an index file, a deletion mark or a snapshot manifest
+//!    cannot be read (damaged, or a read error of the store), and names
+//!    each: an unreadable index would make its packs look unreferenced.
+//!    `ferry repo repair` rebuilds the index from the pack headers (every
+//!    pack repeats its own index entries) and lists what it cannot recover.
+//!
+//! Packs and index files get names nobody else can produce and are never
+//! rewritten, so backups run in parallel without coordination; a backup
+//! that dies leaves packs no index names, which prune marks and deletes
+//! like any other unreferenced pack.
 
 pub mod backend;
 pub mod crypto;
 mod lock;
 mod maintenance;
+mod pause;
 mod writer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
@@ -41,12 +78,15 @@ pub use backend::{
     parse_location,
 };
 pub use lock::RepoLock;
-pub use maintenance::{Damage, PruneReport, RepoStats, VerifyReport};
+pub use maintenance::{Damage, PruneReport, RepairReport, RepoStats, VerifyReport};
 pub use writer::{PackWriter, WriteStats};
 
 use crypto::{KeyFile, MasterKey, Tampered};
 
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The fewest characters of a snapshot id that identify it.
+pub const MIN_ID_PREFIX: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -60,6 +100,18 @@ pub enum RepoError {
         "wrong password or key for the repository at {location}: none of its {keys} key file(s) could be unlocked"
     )]
     WrongKey { location: String, keys: usize },
+    #[error(
+        "key file {path} of the repository at {location} failed authentication: it is damaged ({message}), so no password can unlock it; restore it from a copy of the repository (the password itself was not the problem)"
+    )]
+    DamagedKeyFile {
+        location: String,
+        path: String,
+        message: String,
+    },
+    #[error(
+        "an empty password protects nothing: give a password (FERRY_PASSWORD, --password-file or the prompt) or a key file"
+    )]
+    EmptyPassword,
     #[error("repository location '{location}' is not valid: {message}")]
     BadLocation { location: String, message: String },
     #[error("cannot read key file {path}: {message}")]
@@ -82,6 +134,24 @@ pub enum RepoError {
     SnapshotNotFound(String),
     #[error("'{0}' matches several snapshot ids; give more characters")]
     AmbiguousSnapshot(String),
+    #[error(
+        "'{0}' is too short to identify a snapshot: give its name, or at least {MIN_ID_PREFIX} characters of its id (see `ferry backup list`)"
+    )]
+    IdPrefixTooShort(String),
+    #[error(
+        "snapshot {id} is damaged ({message}); remove it with `ferry backup delete {id}` or `ferry repo repair`"
+    )]
+    SnapshotDamaged { id: String, message: String },
+    #[error(
+        "refusing to delete anything: {} file(s) of the repository cannot be read, and the data they name would look unreferenced:\n  - {}\nRun `ferry repo repair`: it rebuilds the index from the packs and removes damaged manifests (or retry if the store had a transient error)",
+        .0.len(),
+        .0.join("\n  - ")
+    )]
+    Unreadable(Vec<String>),
+    #[error(
+        "the repository's index is read only under a lock: take one (Repository::lock_shared) before reading data"
+    )]
+    NotLocked,
     #[error("the repository is locked by {holder}; {hint}")]
     Locked { holder: String, hint: String },
 }
@@ -222,34 +292,98 @@ pub(crate) struct IndexFile {
     pub packs: Vec<PackEntries>,
 }
 
+/// Packs a prune found unreferenced, to be deleted by a later prune once
+/// every lock named here is gone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DeletionMark {
+    pub created: String,
+    pub packs: Vec<String>,
+    /// Lock files that existed when the mark was written.
+    pub locks: Vec<String>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Index {
     packs: Vec<String>,
     pack_numbers: HashMap<String, u32>,
+    /// Each pack's entries, as first read.
+    pack_entries: Vec<Vec<BlobEntry>>,
+    /// Whether the pack is marked for deletion.
+    pack_condemned: Vec<bool>,
+    /// Where each blob is read from: a copy in a pack that is not marked
+    /// for deletion when there is one.
     blobs: HashMap<BlobId, IndexEntry>,
-    /// Index files read, and those that could not be.
+    /// Packs named by deletion marks.
+    condemned: HashSet<String>,
+    /// Deletion marks read: path and content.
+    marks: Vec<(String, DeletionMark)>,
+    /// Index files read.
     files: Vec<String>,
+    /// Index files and deletion marks that could not be read, and why.
     damaged_files: Vec<(String, String)>,
+    /// Whether this is an index read from the store (by taking a lock).
+    loaded: bool,
 }
 
 impl Index {
     fn add_pack(&mut self, pack: &PackEntries) {
-        let number = *self.pack_numbers.entry(pack.id.clone()).or_insert_with(|| {
-            self.packs.push(pack.id.clone());
-            (self.packs.len() - 1) as u32
-        });
+        let condemned = self.condemned.contains(&pack.id);
+        let number = match self.pack_numbers.get(&pack.id) {
+            Some(n) => *n,
+            None => {
+                self.packs.push(pack.id.clone());
+                self.pack_entries.push(pack.blobs.clone());
+                self.pack_condemned.push(condemned);
+                let n = (self.packs.len() - 1) as u32;
+                self.pack_numbers.insert(pack.id.clone(), n);
+                n
+            }
+        };
         for b in &pack.blobs {
-            self.blobs.insert(
-                b.id,
-                IndexEntry {
-                    pack: number,
-                    offset: b.offset,
-                    length: b.length,
-                    raw_length: b.raw_length,
-                },
-            );
+            let entry = IndexEntry {
+                pack: number,
+                offset: b.offset,
+                length: b.length,
+                raw_length: b.raw_length,
+            };
+            match self.blobs.get(&b.id) {
+                Some(existing) if condemned || !self.pack_condemned[existing.pack as usize] => {}
+                _ => {
+                    self.blobs.insert(b.id, entry);
+                }
+            }
         }
     }
+
+    /// Whether a writer may reuse the stored blob instead of storing it again.
+    fn reusable(&self, id: &BlobId) -> bool {
+        let marks_unknown = self
+            .damaged_files
+            .iter()
+            .any(|(path, _)| path.starts_with("deletions/"));
+        !marks_unknown
+            && self
+                .blobs
+                .get(id)
+                .is_some_and(|e| !self.pack_condemned[e.pack as usize])
+    }
+}
+
+/// Snapshot manifests as listed: readable ones, and the others with why.
+#[derive(Debug, Default)]
+pub struct SnapshotListing {
+    pub snapshots: Vec<(SnapshotId, Snapshot)>,
+    pub damaged: Vec<DamagedSnapshot>,
+}
+
+/// A file under `snapshots/` that is not a readable manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedSnapshot {
+    pub id: SnapshotId,
+    pub message: String,
+    /// The store could not read it (perhaps a transient error), as opposed
+    /// to a file that was read and is not a valid manifest.
+    pub read_error: bool,
 }
 
 pub(crate) fn pack_path(id: &str) -> String {
@@ -261,6 +395,7 @@ pub(crate) struct Inner {
     key: MasterKey,
     id: String,
     index: RwLock<Index>,
+    pauses: pause::PausePoints,
 }
 
 /// An open repository. Cheap to clone; safe to share between tasks.
@@ -371,6 +506,9 @@ impl Repository {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
+        if matches!(key, KeySource::Password(p) if p.is_empty()) {
+            return Err(RepoError::EmptyPassword);
+        }
         let (kdf, secret) = key.secret()?;
         let master = MasterKey::random();
         let key_file = KeyFile::wrap(&master, kdf, &secret);
@@ -398,11 +536,13 @@ impl Repository {
                 key: master,
                 id: config.id,
                 index: RwLock::new(Index::default()),
+                pauses: Default::default(),
             }),
         })
     }
 
-    /// Opens a repository: checks the key, then loads the index.
+    /// Opens a repository: checks the key. The index is loaded by taking a
+    /// lock ([`Repository::lock_shared`]), never before.
     pub async fn open(backend: Arc<dyn Backend>, key: &KeySource) -> Result<Self, RepoError> {
         let config_bytes = match backend.get("config").await {
             Ok(b) => b,
@@ -426,11 +566,20 @@ impl Repository {
         let (kdf, secret) = key.secret()?;
         let key_files = backend.list("keys/").await?;
         let mut master = None;
+        let mut damaged = Vec::new();
         for info in &key_files {
             let bytes = backend.get(&info.path).await?;
-            let Ok(file) = serde_json::from_slice::<KeyFile>(&bytes) else {
-                continue;
+            let file = match serde_json::from_slice::<KeyFile>(&bytes) {
+                Ok(file) => file,
+                Err(e) => {
+                    damaged.push((info.path.clone(), format!("not a valid key file: {e}")));
+                    continue;
+                }
             };
+            if let Some(message) = file.damage() {
+                damaged.push((info.path.clone(), message));
+                continue;
+            }
             if file.kdf != kdf {
                 continue;
             }
@@ -445,24 +594,56 @@ impl Repository {
             }
         }
         let Some(master) = master else {
+            if let Some((path, message)) = damaged.into_iter().next() {
+                return Err(RepoError::DamagedKeyFile {
+                    location: backend.location(),
+                    path,
+                    message,
+                });
+            }
             return Err(RepoError::WrongKey {
                 location: backend.location(),
                 keys: key_files.len(),
             });
         };
-        let repo = Repository {
+        Ok(Repository {
             inner: Arc::new(Inner {
                 backend,
                 key: master,
                 id: config.id,
                 index: RwLock::new(Index::default()),
+                pauses: Default::default(),
             }),
-        };
-        repo.reload_index().await?;
-        Ok(repo)
+        })
     }
 
+    #[cfg(test)]
+    pub(crate) fn pauses(&self) -> &pause::PausePoints {
+        &self.inner.pauses
+    }
+
+    /// Reads every deletion mark; unreadable ones are returned apart.
+    async fn read_marks(
+        &self,
+    ) -> Result<(Vec<(String, DeletionMark)>, Vec<(String, String)>), RepoError> {
+        let mut marks = Vec::new();
+        let mut damaged = Vec::new();
+        for info in self.inner.backend.list("deletions/").await? {
+            let result = match self.inner.backend.get(&info.path).await {
+                Ok(bytes) => self.decode_json::<DeletionMark>(&bytes),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(mark) => marks.push((info.path, mark)),
+                Err(message) => damaged.push((info.path, message)),
+            }
+        }
+        Ok((marks, damaged))
+    }
+
+    /// Reads the deletion marks, then every index file.
     pub(crate) async fn read_index_files(&self) -> Result<Index, RepoError> {
+        let (marks, damaged_marks) = self.read_marks().await?;
         let files = self.inner.backend.list("index/").await?;
         let loaded: Vec<(String, Result<IndexFile, String>)> = futures::stream::iter(files)
             .map(|f| async move {
@@ -475,7 +656,16 @@ impl Repository {
             .buffer_unordered(8)
             .collect()
             .await;
-        let mut index = Index::default();
+        let mut index = Index {
+            loaded: true,
+            condemned: marks
+                .iter()
+                .flat_map(|(_, m)| m.packs.iter().cloned())
+                .collect(),
+            marks,
+            damaged_files: damaged_marks,
+            ..Index::default()
+        };
         for (path, file) in loaded {
             match file {
                 Ok(file) => {
@@ -488,10 +678,11 @@ impl Repository {
             }
         }
         index.files.sort();
+        index.damaged_files.sort();
         Ok(index)
     }
 
-    async fn reload_index(&self) -> Result<(), RepoError> {
+    pub(crate) async fn reload_index(&self) -> Result<(), RepoError> {
         let index = self.read_index_files().await?;
         *self.inner.index.write().expect("index lock") = index;
         Ok(())
@@ -532,13 +723,10 @@ impl Repository {
         BlobId(self.inner.key.blob_hash(plaintext))
     }
 
+    /// Whether a writer may reuse the stored copy of a blob (see rule 3 of
+    /// the module docs).
     pub(crate) fn has_blob(&self, id: &BlobId) -> bool {
-        self.inner
-            .index
-            .read()
-            .expect("index lock")
-            .blobs
-            .contains_key(id)
+        self.inner.index.read().expect("index lock").reusable(id)
     }
 
     pub(crate) fn add_to_index(&self, packs: &[PackEntries]) {
@@ -548,8 +736,10 @@ impl Repository {
         }
     }
 
-    /// Starts a backup session's writer.
-    pub fn writer(&self) -> PackWriter {
+    /// Starts a backup session's writer. It deduplicates against the index
+    /// loaded when `lock` was taken.
+    pub fn writer(&self, lock: &RepoLock) -> PackWriter {
+        let _ = lock;
         PackWriter::new(self.clone())
     }
 
@@ -557,6 +747,9 @@ impl Repository {
     pub async fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>, RepoError> {
         let (pack, entry) = {
             let index = self.inner.index.read().expect("index lock");
+            if !index.loaded {
+                return Err(RepoError::NotLocked);
+            }
             let entry = *index
                 .blobs
                 .get(id)
@@ -595,45 +788,140 @@ impl Repository {
         Ok(SnapshotId(id))
     }
 
-    pub async fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
+    /// Every snapshot manifest, readable or not. One damaged or stray file
+    /// does not hide the others.
+    pub async fn snapshot_listing(&self) -> Result<SnapshotListing, RepoError> {
         let files = self.inner.backend.list("snapshots/").await?;
-        let loaded: Vec<Result<(SnapshotId, Snapshot), RepoError>> = futures::stream::iter(files)
-            .map(|f| async move {
-                let id = f.path.trim_start_matches("snapshots/").to_string();
-                let bytes = self.inner.backend.get(&f.path).await?;
-                let snap =
-                    self.decode_json::<Snapshot>(&bytes)
-                        .map_err(|message| RepoError::Corrupt {
-                            what: format!("snapshot manifest {id}"),
+        let loaded: Vec<Result<(SnapshotId, Snapshot), DamagedSnapshot>> =
+            futures::stream::iter(files)
+                .map(|f| async move {
+                    let id = SnapshotId(f.path.trim_start_matches("snapshots/").to_string());
+                    let bytes = match self.inner.backend.get(&f.path).await {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            return Err(DamagedSnapshot {
+                                id,
+                                message: format!("cannot be read: {e}"),
+                                read_error: true,
+                            });
+                        }
+                    };
+                    match self.decode_json::<Snapshot>(&bytes) {
+                        Ok(snap) => Ok((id, snap)),
+                        Err(message) => Err(DamagedSnapshot {
+                            id,
                             message,
-                        })?;
-                Ok((SnapshotId(id), snap))
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
-        let mut out = loaded.into_iter().collect::<Result<Vec<_>, _>>()?;
-        out.sort_by(|a, b| (&a.1.created, &a.0).cmp(&(&b.1.created, &b.0)));
-        Ok(out)
+                            read_error: false,
+                        }),
+                    }
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+        let mut listing = SnapshotListing::default();
+        for item in loaded {
+            match item {
+                Ok(found) => listing.snapshots.push(found),
+                Err(damaged) => listing.damaged.push(damaged),
+            }
+        }
+        listing
+            .snapshots
+            .sort_by(|a, b| (&a.1.created, &a.0).cmp(&(&b.1.created, &b.0)));
+        listing.damaged.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(listing)
     }
 
-    /// By name (the newest with that name) or by a unique id prefix.
+    /// The readable snapshots, oldest first; damaged manifests are skipped
+    /// with a warning (`snapshot_listing` returns them).
+    pub async fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
+        let listing = self.snapshot_listing().await?;
+        for damaged in &listing.damaged {
+            tracing::warn!(
+                "snapshot {} is damaged and skipped ({}); remove it with `ferry backup delete {}` or `ferry repo repair`",
+                damaged.id,
+                damaged.message,
+                damaged.id
+            );
+        }
+        Ok(listing.snapshots)
+    }
+
+    /// The snapshot file `name_or_id` names: a snapshot name (the newest of
+    /// that name), a full id, or an unambiguous id prefix of at least
+    /// [`MIN_ID_PREFIX`] characters. Damaged manifests are found by id too
+    /// (`None` as the snapshot), so that they can be deleted.
+    pub async fn resolve_snapshot(
+        &self,
+        name_or_id: &str,
+    ) -> Result<(SnapshotId, Option<Snapshot>), RepoError> {
+        let listing = self.snapshot_listing().await?;
+        if let Some((id, snap)) = listing
+            .snapshots
+            .iter()
+            .rev()
+            .find(|(_, s)| s.name == name_or_id)
+        {
+            return Ok((id.clone(), Some(snap.clone())));
+        }
+        let exact = |id: &SnapshotId| id.0 == name_or_id;
+        if let Some((id, snap)) = listing.snapshots.iter().find(|(id, _)| exact(id)) {
+            return Ok((id.clone(), Some(snap.clone())));
+        }
+        if let Some(d) = listing.damaged.iter().find(|d| exact(&d.id)) {
+            return Ok((d.id.clone(), None));
+        }
+        if name_or_id.chars().count() < MIN_ID_PREFIX {
+            let is_prefix = listing
+                .snapshots
+                .iter()
+                .map(|(id, _)| id)
+                .chain(listing.damaged.iter().map(|d| &d.id))
+                .any(|id| !name_or_id.is_empty() && id.0.starts_with(name_or_id));
+            return Err(if is_prefix {
+                RepoError::IdPrefixTooShort(name_or_id.to_string())
+            } else {
+                RepoError::SnapshotNotFound(name_or_id.to_string())
+            });
+        }
+        let mut found: Vec<(SnapshotId, Option<Snapshot>)> = listing
+            .snapshots
+            .iter()
+            .filter(|(id, _)| id.0.starts_with(name_or_id))
+            .map(|(id, s)| (id.clone(), Some(s.clone())))
+            .collect();
+        found.extend(
+            listing
+                .damaged
+                .iter()
+                .filter(|d| d.id.0.starts_with(name_or_id))
+                .map(|d| (d.id.clone(), None)),
+        );
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(RepoError::SnapshotNotFound(name_or_id.to_string())),
+            _ => Err(RepoError::AmbiguousSnapshot(name_or_id.to_string())),
+        }
+    }
+
+    /// A readable snapshot by name or id (see [`Repository::resolve_snapshot`]).
     pub async fn find_snapshot(
         &self,
         name_or_id: &str,
     ) -> Result<(SnapshotId, Snapshot), RepoError> {
-        let all = self.list_snapshots().await?;
-        if let Some(found) = all.iter().rev().find(|(_, s)| s.name == name_or_id) {
-            return Ok(found.clone());
-        }
-        let by_id: Vec<_> = all
-            .iter()
-            .filter(|(id, _)| !name_or_id.is_empty() && id.0.starts_with(name_or_id))
-            .collect();
-        match by_id.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(RepoError::SnapshotNotFound(name_or_id.to_string())),
-            _ => Err(RepoError::AmbiguousSnapshot(name_or_id.to_string())),
+        let (id, snapshot) = self.resolve_snapshot(name_or_id).await?;
+        match snapshot {
+            Some(snapshot) => Ok((id, snapshot)),
+            None => {
+                let listing = self.snapshot_listing().await?;
+                let message = listing
+                    .damaged
+                    .into_iter()
+                    .find(|d| d.id == id)
+                    .map(|d| d.message)
+                    .unwrap_or_else(|| "unreadable".into());
+                Err(RepoError::SnapshotDamaged { id: id.0, message })
+            }
         }
     }
 
@@ -645,25 +933,55 @@ impl Repository {
             .await?)
     }
 
+    /// Takes a shared lock, then loads the index: what every session that
+    /// reads or writes data does first. Prune cannot run while it is held.
     pub async fn lock_shared(&self) -> Result<RepoLock, RepoError> {
-        lock::acquire(self.inner.backend.clone(), false).await
+        self.lock_and_load(false).await
     }
 
+    /// Takes the exclusive lock (no other session runs), then loads the index.
     pub async fn lock_exclusive(&self) -> Result<RepoLock, RepoError> {
-        lock::acquire(self.inner.backend.clone(), true).await
+        self.lock_and_load(true).await
     }
 
-    /// Every blob id the snapshots reference.
-    pub(crate) async fn live_blobs(&self) -> Result<std::collections::HashSet<BlobId>, RepoError> {
-        let mut live = std::collections::HashSet::new();
-        for (id, snap) in self.list_snapshots().await? {
+    /// Removes stale locks: those of processes of this host that no longer
+    /// run, and those not refreshed for 30 minutes. Returns their paths.
+    /// Live locks are never removed.
+    pub async fn remove_stale_locks(&self) -> Result<Vec<String>, RepoError> {
+        lock::remove_stale(&self.inner.backend).await
+    }
+
+    async fn lock_and_load(&self, exclusive: bool) -> Result<RepoLock, RepoError> {
+        let lock = lock::acquire(self.inner.backend.clone(), exclusive, &self.inner.pauses).await?;
+        if let Err(e) = self.reload_index().await {
+            let _ = lock.release().await;
+            return Err(e);
+        }
+        self.inner.pauses.at("lock:loaded").await;
+        Ok(lock)
+    }
+
+    /// Every blob id the snapshots reference; an unreadable reference list
+    /// is an error naming the snapshot.
+    pub(crate) async fn live_blobs(
+        &self,
+        snapshots: &[(SnapshotId, Snapshot)],
+    ) -> Result<HashSet<BlobId>, RepoError> {
+        let mut live = HashSet::new();
+        for (id, snap) in snapshots {
             live.insert(snap.content);
             live.insert(snap.refs);
-            let refs = self.read_blob(&snap.refs).await?;
-            let ids = decode_refs(&refs).map_err(|message| RepoError::Corrupt {
-                what: format!("reference list of snapshot {} ({id})", snap.name),
-                message,
-            })?;
+            let unreadable = |message: String| {
+                RepoError::Unreadable(vec![format!(
+                    "reference list of snapshot {} ({id}): {message}",
+                    snap.name
+                )])
+            };
+            let refs = self
+                .read_blob(&snap.refs)
+                .await
+                .map_err(|e| unreadable(e.to_string()))?;
+            let ids = decode_refs(&refs).map_err(unreadable)?;
             live.extend(ids);
         }
         Ok(live)

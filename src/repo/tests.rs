@@ -30,7 +30,8 @@ async fn snapshot(
     name: &str,
     blobs: &[&[u8]],
 ) -> (SnapshotId, Vec<BlobId>, WriteStats) {
-    let mut w = repo.writer();
+    let lock = repo.lock_shared().await.unwrap();
+    let mut w = repo.writer(&lock);
     let mut ids = Vec::new();
     for b in blobs {
         ids.push(w.add(b).await.unwrap());
@@ -49,7 +50,9 @@ async fn snapshot(
         refs,
         summary: serde_json::json!({}),
     };
-    (repo.save_snapshot(&snap).await.unwrap(), ids, stats)
+    let id = repo.save_snapshot(&snap).await.unwrap();
+    lock.release().await.unwrap();
+    (id, ids, stats)
 }
 
 #[tokio::test]
@@ -196,13 +199,15 @@ async fn damage_is_detected_and_named() {
 #[tokio::test]
 async fn an_interrupted_session_leaves_a_valid_repository() {
     let (_dir, repo, backend) = new_repo().await;
-    let mut w = repo.writer().with_pack_target(64);
+    let lock = repo.lock_shared().await.unwrap();
+    let mut w = repo.writer(&lock).with_pack_target(64);
     for i in 0..20 {
         w.add(format!("object {i} {}", "y".repeat(100)).as_bytes())
             .await
             .unwrap();
     }
     drop(w); // killed: packs may exist, no index names them
+    lock.release().await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let repo = Repository::open(backend.clone(), &password("pw"))
         .await
@@ -212,10 +217,15 @@ async fn an_interrupted_session_leaves_a_valid_repository() {
     let (_, ids, stats) = snapshot(&repo, "after", &[b"object 0 again"]).await;
     assert_eq!(stats.blobs_added, 3, "object, root and reference list");
     assert_eq!(repo.read_blob(&ids[0]).await.unwrap(), b"object 0 again");
-    let report = repo.prune(false).await.unwrap();
+    let marked = repo.prune(false).await.unwrap();
     assert!(
-        report.packs_removed >= 1,
-        "orphan packs are reclaimed: {report:?}"
+        marked.packs_marked >= 1,
+        "orphan packs are marked: {marked:?}"
+    );
+    let report = repo.prune(false).await.unwrap();
+    assert_eq!(
+        report.packs_removed, marked.packs_marked,
+        "and reclaimed by the next prune: {report:?}"
     );
     assert!(repo.verify(true).await.unwrap().is_ok());
     assert_eq!(repo.read_blob(&ids[0]).await.unwrap(), b"object 0 again");
@@ -234,6 +244,7 @@ async fn concurrent_writers_both_succeed() {
     );
     let fresh = Repository::open(backend, &password("pw")).await.unwrap();
     assert_eq!(fresh.list_snapshots().await.unwrap().len(), 2);
+    let _lock = fresh.lock_shared().await.unwrap();
     for id in ra.1.iter().chain(&rb.1) {
         fresh.read_blob(id).await.unwrap();
     }
@@ -257,12 +268,20 @@ async fn prune_frees_unreferenced_data_and_keeps_the_rest() {
         before.bytes,
         "a dry run deletes nothing"
     );
+    let marked = repo.prune(false).await.unwrap();
+    assert_eq!(marked.bytes_marked, dry.bytes_marked);
+    assert!(marked.bytes_marked > 0);
+    assert_eq!(
+        repo.stats().await.unwrap().bytes,
+        before.bytes,
+        "the first prune only marks"
+    );
     let report = repo.prune(false).await.unwrap();
-    assert_eq!(report.bytes_removed, dry.bytes_removed);
-    assert!(report.bytes_removed > 0);
+    assert_eq!(report.bytes_removed, marked.bytes_marked);
     assert!(repo.stats().await.unwrap().bytes < before.bytes);
     assert_eq!(repo.read_blob(&kept[0]).await.unwrap(), b"keep me");
     let fresh = Repository::open(backend, &password("pw")).await.unwrap();
+    let _lock = fresh.lock_shared().await.unwrap();
     assert!(fresh.verify(true).await.unwrap().is_ok());
     assert_eq!(fresh.read_blob(&kept[0]).await.unwrap(), b"keep me");
 }
@@ -300,4 +319,684 @@ fn reference_lists_round_trip() {
     assert!(decode_refs(&[0; 33]).is_err());
     let id: BlobId = BlobId([0xab; 32]).to_string().parse().unwrap();
     assert_eq!(id, BlobId([0xab; 32]));
+}
+
+/// Stores `blobs` as snapshot `name` the way a backup does: lock first,
+/// then write, then the manifest.
+async fn locked_snapshot(repo: &Repository, name: &str, blobs: &[&[u8]]) -> Vec<BlobId> {
+    snapshot(repo, name, blobs).await.1
+}
+
+fn objects(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{prefix} {i} {}", "q".repeat(300)).into_bytes())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_backup_opened_before_a_prune_stores_what_the_prune_deleted() {
+    let (_dir, repo, backend) = new_repo().await;
+    let data = objects("object", 50);
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    locked_snapshot(&repo, "old", &refs).await;
+    let (old, _) = repo.find_snapshot("old").await.unwrap();
+    repo.delete_snapshot(&old).await.unwrap();
+    // The backup opens the repository; prune runs to the end meanwhile.
+    let backup = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        repo.prune(false).await.unwrap();
+    }
+    let ids = locked_snapshot(&backup, "new", &refs).await;
+    let fresh = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    let lock = fresh.lock_shared().await.unwrap();
+    for (id, plain) in ids.iter().zip(&data) {
+        assert_eq!(&fresh.read_blob(id).await.unwrap(), plain);
+    }
+    assert!(fresh.verify(true).await.unwrap().is_ok());
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn prune_deletes_nothing_while_an_index_file_is_unreadable() {
+    let (_dir, repo, backend) = new_repo().await;
+    let data = objects("kept", 20);
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    locked_snapshot(&repo, "kept", &refs).await;
+    locked_snapshot(&repo, "gone", &[b"garbage one", b"garbage two"]).await;
+    let (gone, _) = repo.find_snapshot("gone").await.unwrap();
+    repo.delete_snapshot(&gone).await.unwrap();
+    let index_file = files(&backend, "index/").await.remove(0);
+    let mut bytes = backend.get(&index_file).await.unwrap().to_vec();
+    bytes[40] ^= 0x01;
+    backend.put(&index_file, Bytes::from(bytes)).await.unwrap();
+    let packs = files(&backend, "data/").await;
+    let err = repo.prune(false).await.unwrap_err();
+    assert!(err.to_string().contains(&index_file), "{err}");
+    assert!(err.to_string().contains("repo repair"), "{err}");
+    assert_eq!(files(&backend, "data/").await, packs, "nothing deleted");
+}
+
+#[tokio::test]
+async fn a_stray_file_among_the_snapshots_breaks_nothing_else() {
+    let (_dir, repo, backend) = new_repo().await;
+    locked_snapshot(&repo, "good", &[b"good object"]).await;
+    backend
+        .put("snapshots/notes.txt", Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    let listed = repo.list_snapshots().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].1.name, "good");
+    assert_eq!(repo.find_snapshot("good").await.unwrap().1.name, "good");
+    let (id, snapshot) = repo.resolve_snapshot("notes.txt").await.unwrap();
+    assert!(snapshot.is_none(), "found as a damaged manifest");
+    repo.delete_snapshot(&id).await.unwrap();
+    assert!(files(&backend, "snapshots/notes.txt").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_damaged_snapshot_is_reported_and_skipped_and_can_be_removed() {
+    let (_dir, repo, backend) = new_repo().await;
+    locked_snapshot(&repo, "good", &[b"good object"]).await;
+    let bad_ids = locked_snapshot(&repo, "bad", &[b"bad object"]).await;
+    let (bad, _) = repo.find_snapshot("bad").await.unwrap();
+    let path = format!("snapshots/{}", bad.0);
+    let mut bytes = backend.get(&path).await.unwrap().to_vec();
+    bytes[30] ^= 0x01;
+    backend.put(&path, Bytes::from(bytes)).await.unwrap();
+
+    let listing = repo.snapshot_listing().await.unwrap();
+    assert_eq!(listing.snapshots.len(), 1);
+    assert_eq!(listing.damaged.len(), 1);
+    assert_eq!(listing.damaged[0].id, bad);
+    assert!(!listing.damaged[0].read_error);
+    let err = repo.find_snapshot(&bad.0[..12]).await.unwrap_err();
+    assert!(
+        matches!(err, RepoError::SnapshotDamaged { .. })
+            && err.to_string().contains("backup delete"),
+        "{err}"
+    );
+    // Other snapshots keep working, also for writing.
+    locked_snapshot(&repo, "after", &[b"another object"]).await;
+    assert_eq!(repo.find_snapshot("good").await.unwrap().1.name, "good");
+    let lock = repo.lock_shared().await.unwrap();
+    repo.read_blob(&bad_ids[0]).await.unwrap();
+    lock.release().await.unwrap();
+    // Prune refuses while it is there; repair removes it.
+    let err = repo.prune(false).await.unwrap_err();
+    assert!(err.to_string().contains(&path), "{err}");
+    let report = repo.repair(false).await.unwrap();
+    assert_eq!(report.damaged_snapshots_removed.len(), 1, "{report:?}");
+    assert!(report.unrecoverable.is_empty(), "{report:?}");
+    assert!(repo.snapshot_listing().await.unwrap().damaged.is_empty());
+    repo.prune(false).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_password_is_refused_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
+    let err = Repository::init(backend.clone(), &password(""))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    assert!(files(&backend, "").await.is_empty());
+}
+
+#[tokio::test]
+async fn short_id_prefixes_do_not_identify_snapshots() {
+    let (_dir, repo, _) = new_repo().await;
+    locked_snapshot(&repo, "one", &[b"x"]).await;
+    let (id, _) = repo.find_snapshot("one").await.unwrap();
+    for short in [&id.0[..1], &id.0[..7]] {
+        let err = repo.find_snapshot(short).await.unwrap_err();
+        assert!(err.to_string().contains("at least 8"), "{err}");
+    }
+    let err = repo.resolve_snapshot(&id.0[..1]).await.unwrap_err();
+    assert!(
+        matches!(err, RepoError::IdPrefixTooShort(_)),
+        "delete too: {err}"
+    );
+    assert_eq!(repo.resolve_snapshot(&id.0[..8]).await.unwrap().0, id);
+    assert_eq!(repo.find_snapshot(&id.0[..8]).await.unwrap().0, id);
+    assert_eq!(repo.find_snapshot(&id.0).await.unwrap().0, id);
+}
+
+#[tokio::test]
+async fn a_damaged_key_file_is_named_as_damaged_not_as_a_wrong_password() {
+    let (_dir, _repo, backend) = new_repo().await;
+    let key = files(&backend, "keys/").await.remove(0);
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&backend.get(&key).await.unwrap()).unwrap();
+    let wrapped = file["wrapped"].as_str().unwrap().to_string();
+    let flipped = if wrapped.ends_with('0') { "1" } else { "0" };
+    file["wrapped"] =
+        serde_json::Value::from(format!("{}{flipped}", &wrapped[..wrapped.len() - 1]));
+    backend
+        .put(&key, Bytes::from(serde_json::to_vec(&file).unwrap()))
+        .await
+        .unwrap();
+    let err = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&key), "{text}");
+    assert!(text.contains("failed authentication"), "{text}");
+    assert!(!text.contains("wrong password"), "{text}");
+}
+
+#[tokio::test]
+async fn retention_without_keep_last_frees_deleted_snapshots() {
+    let (_dir, repo, backend) = new_repo().await;
+    let data = objects("deleted later", 30);
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    locked_snapshot(&repo, "old", &refs).await;
+    let kept = locked_snapshot(&repo, "kept", &[b"kept object"]).await;
+    let (old, _) = repo.find_snapshot("old").await.unwrap();
+    repo.delete_snapshot(&old).await.unwrap();
+    let before = repo.stats().await.unwrap().bytes;
+    for _ in 0..2 {
+        crate::backup::apply_retention(&repo, None, false)
+            .await
+            .unwrap();
+    }
+    assert!(repo.stats().await.unwrap().bytes < before);
+    let fresh = Repository::open(backend, &password("pw")).await.unwrap();
+    let lock = fresh.lock_shared().await.unwrap();
+    assert_eq!(fresh.read_blob(&kept[0]).await.unwrap(), b"kept object");
+    lock.release().await.unwrap();
+}
+
+/// A backend whose reads of chosen paths fail, as a store with a transient
+/// error does.
+#[derive(Debug)]
+struct FlakyBackend {
+    inner: Arc<dyn Backend>,
+    failing: std::sync::Mutex<Vec<String>>,
+}
+
+impl FlakyBackend {
+    fn check(&self, path: &str) -> Result<(), BackendError> {
+        if self.failing.lock().unwrap().iter().any(|p| p == path) {
+            return Err(BackendError::Io {
+                location: self.inner.location(),
+                op: "read",
+                path: path.to_string(),
+                message: "503 Slow Down".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for FlakyBackend {
+    async fn put(&self, path: &str, data: Bytes) -> Result<(), BackendError> {
+        self.inner.put(path, data).await
+    }
+    async fn get(&self, path: &str) -> Result<Bytes, BackendError> {
+        self.check(path)?;
+        self.inner.get(path).await
+    }
+    async fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        self.check(path)?;
+        self.inner.get_range(path, offset, len).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        self.inner.delete(path).await
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+#[tokio::test]
+async fn repair_rebuilds_a_damaged_index_from_the_pack_headers_and_loses_nothing() {
+    let (_dir, repo, backend) = new_repo().await;
+    let data = objects("precious", 40);
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    let kept = locked_snapshot(&repo, "kept", &refs).await;
+    locked_snapshot(&repo, "gone", &[b"garbage"]).await;
+    let (gone, _) = repo.find_snapshot("gone").await.unwrap();
+    repo.delete_snapshot(&gone).await.unwrap();
+    for index_file in files(&backend, "index/").await {
+        let mut bytes = backend.get(&index_file).await.unwrap().to_vec();
+        bytes[40] ^= 0x01;
+        backend.put(&index_file, Bytes::from(bytes)).await.unwrap();
+    }
+    let packs = files(&backend, "data/").await;
+    for _ in 0..2 {
+        assert!(matches!(
+            repo.prune(false).await,
+            Err(RepoError::Unreadable(_))
+        ));
+    }
+    assert_eq!(files(&backend, "data/").await, packs);
+
+    let report = repo.repair(false).await.unwrap();
+    assert_eq!(report.damaged_index_files.len(), 2, "{report:?}");
+    assert_eq!(report.packs_indexed, packs.len());
+    assert!(report.unrecoverable.is_empty(), "{report:?}");
+    for _ in 0..2 {
+        repo.prune(false).await.unwrap();
+    }
+    let fresh = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    let lock = fresh.lock_shared().await.unwrap();
+    for (id, plain) in kept.iter().zip(&data) {
+        assert_eq!(&fresh.read_blob(id).await.unwrap(), plain);
+    }
+    assert!(fresh.verify(true).await.unwrap().is_ok());
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_read_error_stops_prune_and_repair_before_they_change_anything() {
+    let (dir, repo, _) = new_repo().await;
+    let data = objects("precious", 10);
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    locked_snapshot(&repo, "kept", &refs).await;
+    locked_snapshot(&repo, "gone", &[b"garbage"]).await;
+    let (gone, _) = repo.find_snapshot("gone").await.unwrap();
+    repo.delete_snapshot(&gone).await.unwrap();
+    let local: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
+    let index_file = files(&local, "index/").await.remove(0);
+    let flaky: Arc<dyn Backend> = Arc::new(FlakyBackend {
+        inner: local.clone(),
+        failing: std::sync::Mutex::new(vec![index_file.clone()]),
+    });
+    let repo = Repository::open(flaky, &password("pw")).await.unwrap();
+    let before: Vec<String> = files(&local, "").await;
+    let err = repo.prune(false).await.unwrap_err();
+    assert!(err.to_string().contains(&index_file), "{err}");
+    let err = repo.repair(false).await.unwrap_err();
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+    let after: Vec<String> = files(&local, "")
+        .await
+        .into_iter()
+        .filter(|p| !p.starts_with("locks/"))
+        .collect();
+    let before: Vec<String> = before
+        .into_iter()
+        .filter(|p| !p.starts_with("locks/"))
+        .collect();
+    assert_eq!(after, before);
+}
+
+#[tokio::test]
+async fn repair_lists_what_cannot_be_recovered() {
+    let (_dir, repo, backend) = new_repo().await;
+    let lock = repo.lock_shared().await.unwrap();
+    let mut w = repo.writer(&lock).with_pack_target(1);
+    let lost = w.add(b"lost object").await.unwrap();
+    let fine = w.add(b"fine object").await.unwrap();
+    let content = w.add(b"root").await.unwrap();
+    let refs = w.add(&encode_refs(&[lost, fine])).await.unwrap();
+    w.finish().await.unwrap();
+    let snap = Snapshot {
+        name: "partly".into(),
+        created: "2026-11-25T00:00:00Z".into(),
+        expires: None,
+        labels: Default::default(),
+        content,
+        refs,
+        summary: serde_json::json!({}),
+    };
+    repo.save_snapshot(&snap).await.unwrap();
+    lock.release().await.unwrap();
+    // The pack of the lost object disappears; another pack's header and
+    // every index file are damaged.
+    let lost_pack = {
+        let index = repo.inner.index.read().unwrap();
+        index.packs[index.blobs[&lost].pack as usize].clone()
+    };
+    let fine_pack = {
+        let index = repo.inner.index.read().unwrap();
+        index.packs[index.blobs[&fine].pack as usize].clone()
+    };
+    backend.delete(&pack_path(&lost_pack)).await.unwrap();
+    let mut bytes = backend.get(&pack_path(&fine_pack)).await.unwrap().to_vec();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0x01;
+    backend
+        .put(&pack_path(&fine_pack), Bytes::from(bytes))
+        .await
+        .unwrap();
+    for f in files(&backend, "index/").await {
+        backend
+            .put(&f, Bytes::from_static(b"garbage"))
+            .await
+            .unwrap();
+    }
+    let report = repo.repair(false).await.unwrap();
+    let text = report.unrecoverable.join("\n");
+    assert!(
+        text.contains(&fine_pack) && text.contains("header"),
+        "{text}"
+    );
+    assert!(text.contains("snapshot partly"), "{text}");
+    assert_eq!(report.unrecoverable.len(), 2, "{text}");
+}
+
+/// One backup, step by step, with a pause point between its steps. With
+/// `stale`, its lock looks abandoned once taken, as that of a process
+/// stopped for hours does: prune then runs while the backup is not over.
+async fn backup_steps(
+    repo: Repository,
+    blobs: Vec<Vec<u8>>,
+    stale: bool,
+) -> Result<Vec<BlobId>, RepoError> {
+    repo.pauses().at("backup:opened").await;
+    let mut lock = repo.lock_shared().await?;
+    if stale {
+        lock.make_stale().await;
+    }
+    let mut w = repo.writer(&lock);
+    let mut ids = Vec::new();
+    for b in &blobs {
+        ids.push(w.add(b).await?);
+    }
+    repo.pauses().at("backup:added").await;
+    let content = w.add(b"root of new").await?;
+    let refs = w.add(&encode_refs(&ids)).await?;
+    w.finish().await?;
+    repo.pauses().at("backup:indexed").await;
+    let snap = Snapshot {
+        name: "new".into(),
+        created: "2026-11-26T00:00:00Z".into(),
+        expires: None,
+        labels: Default::default(),
+        content,
+        refs,
+        summary: serde_json::json!({}),
+    };
+    repo.save_snapshot(&snap).await?;
+    repo.pauses().at("backup:saved").await;
+    lock.release().await?;
+    Ok(ids)
+}
+
+/// Waits until `task` stops at its armed pause point.
+async fn until_paused<T: std::fmt::Debug>(
+    reached: tokio::sync::oneshot::Receiver<()>,
+    task: &mut tokio::task::JoinHandle<T>,
+    point: &str,
+) {
+    tokio::select! {
+        r = reached => r.unwrap(),
+        done = task => panic!("finished without reaching {point}: {done:?}"),
+    }
+}
+
+/// A prune that may find the repository locked: anything else is a failure.
+async fn prune_allowing_locked(repo: &Repository) {
+    match repo.prune(false).await {
+        Ok(_) | Err(RepoError::Locked { .. }) => {}
+        Err(e) => panic!("prune failed: {e}"),
+    }
+}
+
+/// The repository after a scenario: every snapshot readable and intact.
+/// A snapshot a scenario expects: its name, plaintexts and their ids.
+type Expected<'a> = (&'a str, &'a [Vec<u8>], &'a [BlobId]);
+
+async fn assert_intact(backend: &Arc<dyn Backend>, expect: &[Expected<'_>]) {
+    let fresh = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    let lock = fresh.lock_shared().await.unwrap();
+    let names: Vec<String> = fresh
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, s)| s.name)
+        .collect();
+    for (name, data, ids) in expect {
+        assert!(names.contains(&name.to_string()), "{name} in {names:?}");
+        for (id, plain) in ids.iter().zip(data.iter()) {
+            assert_eq!(
+                &fresh
+                    .read_blob(id)
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: {e}")),
+                plain
+            );
+        }
+    }
+    let report = fresh.verify(true).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    lock.release().await.unwrap();
+}
+
+/// A repository with a kept snapshot and the data of a deleted one, which
+/// the backup stores again (`new`); with `premarked`, a prune already
+/// marked that data.
+struct Scenario {
+    _dir: tempfile::TempDir,
+    repo: Repository,
+    backend: Arc<dyn Backend>,
+    kept: Vec<Vec<u8>>,
+    kept_ids: Vec<BlobId>,
+    new: Vec<Vec<u8>>,
+}
+
+async fn scenario(premarked: bool) -> Scenario {
+    let (dir, repo, backend) = new_repo().await;
+    let kept = objects("kept", 5);
+    let kept_refs: Vec<&[u8]> = kept.iter().map(Vec::as_slice).collect();
+    let kept_ids = locked_snapshot(&repo, "kept", &kept_refs).await;
+    let old = objects("shared", 20);
+    let old_refs: Vec<&[u8]> = old.iter().map(Vec::as_slice).collect();
+    locked_snapshot(&repo, "old", &old_refs).await;
+    let (id, _) = repo.find_snapshot("old").await.unwrap();
+    repo.delete_snapshot(&id).await.unwrap();
+    if premarked {
+        let report = repo.prune(false).await.unwrap();
+        assert!(report.packs_marked > 0);
+    }
+    let mut new = old.clone();
+    new.extend(objects("new", 5));
+    Scenario {
+        _dir: dir,
+        repo,
+        backend,
+        kept,
+        kept_ids,
+        new,
+    }
+}
+
+#[tokio::test]
+async fn prunes_at_every_step_of_a_backup_lose_nothing() {
+    let points = [
+        "backup:opened",
+        "lock:checked",
+        "lock:loaded",
+        "backup:added",
+        "writer:uploaded",
+        "backup:indexed",
+        "backup:saved",
+    ];
+    for point in points {
+        for stale in [false, true] {
+            for premarked in [false, true] {
+                let case = format!("{point}, stale lock {stale}, premarked {premarked}");
+                let Scenario {
+                    _dir,
+                    repo,
+                    backend,
+                    kept,
+                    kept_ids,
+                    new,
+                } = scenario(premarked).await;
+                let backup = Repository::open(backend.clone(), &password("pw"))
+                    .await
+                    .unwrap();
+                let armed = backup.pauses().arm(point);
+                let mut task = tokio::spawn(backup_steps(backup.clone(), new.clone(), stale));
+                until_paused(armed.reached, &mut task, point).await;
+                // Two prunes: one marks, the next may delete.
+                prune_allowing_locked(&repo).await;
+                prune_allowing_locked(&repo).await;
+                armed.resume.send(()).unwrap();
+                let ids = task
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{case}: the backup failed: {e}"));
+                for _ in 0..3 {
+                    repo.prune(false)
+                        .await
+                        .unwrap_or_else(|e| panic!("{case}: {e}"));
+                }
+                assert_intact(&backend, &[("kept", &kept, &kept_ids), ("new", &new, &ids)]).await;
+                // Everything unreferenced is gone in the end.
+                let report = repo.prune(true).await.unwrap();
+                assert_eq!(report.packs_marked, 0, "{case}: {report:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn backups_at_every_step_of_a_prune_lose_nothing() {
+    let points = [
+        "lock:checked",
+        "lock:loaded",
+        "prune:rewritten",
+        "prune:swept",
+        "prune:marked",
+    ];
+    for point in points {
+        for premarked in [false, true] {
+            let case = format!("{point}, premarked {premarked}");
+            let Scenario {
+                _dir,
+                repo,
+                backend,
+                kept,
+                kept_ids,
+                new,
+            } = scenario(premarked).await;
+            let backup = Repository::open(backend.clone(), &password("pw"))
+                .await
+                .unwrap();
+            let armed = repo.pauses().arm(point);
+            let pruner = repo.clone();
+            let mut task = tokio::spawn(async move { pruner.prune(false).await });
+            until_paused(armed.reached, &mut task, point).await;
+            // A whole backup meanwhile: refused while prune holds its lock.
+            let stored = match backup_steps(backup, new.clone(), false).await {
+                Ok(ids) => Some(ids),
+                Err(RepoError::Locked { .. }) => None,
+                Err(e) => panic!("{case}: {e}"),
+            };
+            armed.resume.send(()).unwrap();
+            match task.await.unwrap() {
+                Ok(_) | Err(RepoError::Locked { .. }) => {}
+                Err(e) => panic!("{case}: prune failed: {e}"),
+            }
+            for _ in 0..3 {
+                repo.prune(false)
+                    .await
+                    .unwrap_or_else(|e| panic!("{case}: {e}"));
+            }
+            match &stored {
+                Some(ids) => {
+                    assert_intact(&backend, &[("kept", &kept, &kept_ids), ("new", &new, ids)]).await
+                }
+                None => assert_intact(&backend, &[("kept", &kept, &kept_ids)]).await,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_backup_does_not_reuse_blobs_marked_for_deletion() {
+    let Scenario {
+        _dir, repo, new, ..
+    } = scenario(true).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let mut w = repo.writer(&lock);
+    w.add(&new[0]).await.unwrap();
+    assert_eq!(w.stats().blobs_added, 1, "stored again, not deduplicated");
+    drop(w);
+    lock.release().await.unwrap();
+    // Whereas an unmarked blob is reused.
+    let Scenario {
+        _dir: _dir2,
+        repo: repo2,
+        new: new2,
+        ..
+    } = scenario(false).await;
+    let lock = repo2.lock_shared().await.unwrap();
+    let mut w = repo2.writer(&lock);
+    w.add(&new2[0]).await.unwrap();
+    assert_eq!(w.stats().blobs_deduplicated, 1);
+    drop(w);
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn restores_and_other_readers_keep_prune_away() {
+    let (_dir, repo, backend) = new_repo().await;
+    let reader = Repository::open(backend, &password("pw")).await.unwrap();
+    let lock = reader.lock_shared().await.unwrap();
+    assert!(matches!(
+        repo.prune(false).await,
+        Err(RepoError::Locked { .. })
+    ));
+    lock.release().await.unwrap();
+    repo.prune(false).await.unwrap();
+    let unlocked = Repository::open(repo.inner.backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        unlocked.read_blob(&BlobId([1; 32])).await,
+        Err(RepoError::NotLocked)
+    ));
+}
+
+#[tokio::test]
+async fn marked_packs_wait_for_a_stale_lock_until_it_is_removed() {
+    let Scenario {
+        _dir,
+        repo,
+        backend,
+        ..
+    } = scenario(false).await;
+    let other = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    let live = other.lock_shared().await.unwrap();
+    let mut stale = other.lock_shared().await.unwrap();
+    stale.make_stale().await;
+    live.release().await.unwrap();
+    let marked = repo.prune(false).await.unwrap();
+    assert!(marked.packs_marked > 0);
+    let waiting = repo.prune(false).await.unwrap();
+    assert_eq!(waiting.packs_removed, 0);
+    assert_eq!(waiting.packs_waiting, marked.packs_marked);
+    assert!(
+        waiting.waiting_for.iter().any(|w| w.contains(stale.path())),
+        "{waiting:?}"
+    );
+    // Live locks stay; the stale one goes, and the packs with it.
+    let held = other.lock_shared().await.unwrap();
+    assert_eq!(
+        repo.remove_stale_locks().await.unwrap(),
+        vec![stale.path().to_string()]
+    );
+    held.release().await.unwrap();
+    let swept = repo.prune(false).await.unwrap();
+    assert_eq!(swept.packs_removed, marked.packs_marked, "{swept:?}");
+    stale.release().await.unwrap();
 }

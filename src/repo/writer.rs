@@ -1,8 +1,9 @@
-//! A backup session's writer: deduplicates blobs against the index, packs
-//! new ones into ~8 MiB packs uploaded in the background (a bounded number
-//! at a time), and writes the session's index file when finished. A writer
-//! dropped without `finish` leaves only packs no index names: invisible to
-//! readers, reclaimed by prune.
+//! A backup session's writer: deduplicates blobs against the index loaded
+//! when the session took its lock (never against blobs marked for
+//! deletion), packs new ones into ~8 MiB packs uploaded in the background (a
+//! bounded number at a time), and writes the session's index file when
+//! finished. A writer dropped without `finish` leaves only packs no index
+//! names: invisible to readers, reclaimed by prune.
 
 use std::collections::HashSet;
 
@@ -137,13 +138,6 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Uploads what is left and returns the packs written, without an index
-    /// file (prune writes one index for everything).
-    pub(crate) async fn finish_packs(mut self) -> Result<Vec<PackEntries>, RepoError> {
-        self.drain().await?;
-        Ok(std::mem::take(&mut self.written))
-    }
-
     async fn drain(&mut self) -> Result<(), RepoError> {
         self.flush().await?;
         while let Some(done) = self.uploads.join_next().await {
@@ -156,6 +150,7 @@ impl PackWriter {
     /// session's blobs are visible to readers.
     pub async fn finish(mut self) -> Result<WriteStats, RepoError> {
         self.drain().await?;
+        self.repo.inner.pauses.at("writer:uploaded").await;
         if !self.written.is_empty() {
             let file = IndexFile {
                 packs: std::mem::take(&mut self.written),

@@ -29,6 +29,12 @@ pub enum MappingError {
     Duplicate(String),
     #[error("namespaces {0} and {1} are both mapped to {2}; a mapping must not merge namespaces")]
     Merge(String, String, String),
+    #[error("namespace mapping '{item}': '{name}' is not a valid namespace name: {why}")]
+    InvalidName {
+        item: String,
+        name: String,
+        why: String,
+    },
 }
 
 impl NamespaceMapping {
@@ -41,6 +47,13 @@ impl NamespaceMapping {
                 .split_once('=')
                 .filter(|(o, n)| !o.is_empty() && !n.is_empty())
                 .ok_or_else(|| MappingError::Syntax(item.to_string()))?;
+            crate::model::names::NameRule::Dns1123Label
+                .check(new)
+                .map_err(|why| MappingError::InvalidName {
+                    item: item.to_string(),
+                    name: new.to_string(),
+                    why,
+                })?;
             if map.insert(old.to_string(), new.to_string()).is_some() {
                 return Err(MappingError::Duplicate(old.to_string()));
             }
@@ -246,6 +259,18 @@ mod tests {
             NamespaceMapping::parse(&["a=c", "b=c"]),
             Err(MappingError::Merge(..))
         ));
+    }
+
+    #[test]
+    fn parse_rejects_targets_that_are_not_namespace_names() {
+        for bad in ["shop=Bad_2", "shop=../x", "shop=a.b", "shop=-x"] {
+            let err = NamespaceMapping::parse(&[bad]).unwrap_err();
+            assert!(
+                matches!(err, MappingError::InvalidName { .. }),
+                "{bad}: {err}"
+            );
+        }
+        assert!(NamespaceMapping::parse(&["shop=shop-test"]).is_ok());
     }
 
     #[test]

@@ -49,8 +49,33 @@ pub enum ExistingPolicy {
     Update,
     /// Refuse the restore in preflight.
     Fail,
-    /// Delete it and create it anew.
+    /// Delete it (orphaning what it owns) and create it anew. Objects whose
+    /// deletion cascades beyond the snapshot ([`CASCADING_KINDS`]) are
+    /// updated instead unless `recreate_cascading` is set.
     Recreate,
+}
+
+/// Kinds whose deletion deletes other things, whatever the propagation
+/// policy: a Namespace its objects, a CRD its custom resources, a claim or
+/// volume the data. `--existing recreate` leaves them alone unless
+/// `--recreate-cascading` asks for exactly that.
+pub const CASCADING_KINDS: &[(&str, &str, &str)] = &[
+    ("", "Namespace", "every object in the namespace"),
+    (
+        "apiextensions.k8s.io",
+        "CustomResourceDefinition",
+        "every custom resource of the definition",
+    ),
+    ("", "PersistentVolumeClaim", "the volume's data"),
+    ("", "PersistentVolume", "the volume's data"),
+];
+
+/// What deleting an object of this kind also deletes, for cascading kinds.
+fn cascades(object: &ObjectRef) -> Option<&'static str> {
+    CASCADING_KINDS
+        .iter()
+        .find(|(g, k, _)| *g == object.group && *k == object.kind)
+        .map(|(_, _, what)| *what)
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +85,8 @@ pub struct RestoreOptions {
     pub objects: Vec<String>,
     pub mapping: NamespaceMapping,
     pub existing: ExistingPolicy,
+    /// With `Recreate`: also delete and recreate objects of [`CASCADING_KINDS`].
+    pub recreate_cascading: bool,
     pub concurrency: usize,
     /// Stop after the plan (and a server-side dry run).
     pub dry_run: bool,
@@ -273,9 +300,17 @@ async fn load_snapshot(
     snapshot: &str,
     opts: &RestoreOptions,
 ) -> Result<(String, Vec<Desired>), RestoreError> {
-    let (_, snap) = repo.find_snapshot(snapshot).await?;
-    let content = load_content(repo, &snap).await?;
-    let objects = load_objects(repo, &content, opts).await?;
+    // Every body is read here, under a shared lock: prune waits meanwhile.
+    let lock = repo.lock_shared().await?;
+    let loaded = async {
+        let (_, snap) = repo.find_snapshot(snapshot).await?;
+        let content = load_content(repo, &snap).await?;
+        let objects = load_objects(repo, &content, opts).await?;
+        Ok::<_, RestoreError>((snap, objects))
+    }
+    .await;
+    lock.release().await?;
+    let (snap, objects) = loaded?;
     if objects.is_empty() {
         return Err(RestoreError::NothingSelected(snap.name));
     }
@@ -579,6 +614,11 @@ async fn check(
             return Err(RestoreError::NothingSelected(snapshot_name));
         }
     }
+    // Names a mapping or transform produced: the API server would refuse
+    // them one by one, after other objects were written.
+    for d in &objects {
+        problems.extend(crate::model::names::problems(&d.value));
+    }
     let ordering = plan::order(&dependencies(&objects));
     for cycle in &ordering.cycles {
         warnings.push(format!(
@@ -801,24 +841,42 @@ async fn check(
                     ));
                     (Action::Skip, "exists; --existing fail".into(), Vec::new())
                 }
-                (Some(_), ExistingPolicy::Recreate) => (
-                    Action::Recreate,
-                    "exists; --existing recreate".into(),
-                    Vec::new(),
-                ),
-                (Some(live), ExistingPolicy::Update) => {
+                (Some(_), ExistingPolicy::Recreate)
+                    if cascades(object).is_none() || opts.recreate_cascading =>
+                {
+                    let reason = match cascades(object) {
+                        Some(what) => {
+                            warnings.push(format!(
+                                "{object} will be deleted and recreated (--recreate-cascading): this deletes {what}, also what is not in the snapshot"
+                            ));
+                            format!(
+                                "exists; --existing recreate --recreate-cascading: deletes {what}"
+                            )
+                        }
+                        None => "exists; --existing recreate (objects it owns are kept)".into(),
+                    };
+                    (Action::Recreate, reason, Vec::new())
+                }
+                (Some(live), ExistingPolicy::Update | ExistingPolicy::Recreate) => {
                     let changes = diff::changes(&comparable(&d.value), live);
+                    // A cascading object under --existing recreate is kept.
+                    let kept = match cascades(object) {
+                        Some(what) if opts.existing == ExistingPolicy::Recreate => format!(
+                            "; kept, not recreated: deleting it would delete {what} (--recreate-cascading to delete it)"
+                        ),
+                        _ => String::new(),
+                    };
                     if changes.is_empty() {
                         (
                             Action::Unchanged,
-                            "the target already matches".into(),
+                            format!("the target already matches{kept}"),
                             changes,
                         )
                     } else {
                         d.adopt = adopted_managed_fields(live);
                         (
                             Action::Update,
-                            format!("{} field(s) differ", changes.len()),
+                            format!("{} field(s) differ{kept}", changes.len()),
                             changes,
                         )
                     }
@@ -985,10 +1043,15 @@ async fn apply_one(
     )
     .await;
     if item.action == Action::Recreate {
-        match api
-            .delete(&d.object.name, &DeleteParams::foreground())
-            .await
-        {
+        // Objects it owns are orphaned, not deleted: a recreate replaces the
+        // snapshot's objects only. (Cascading kinds get here only when the
+        // user asked for exactly that; their deletion cascades regardless.)
+        let params = if cascades(&d.object).is_some() {
+            DeleteParams::foreground()
+        } else {
+            DeleteParams::orphan()
+        };
+        match api.delete(&d.object.name, &params).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(format!("delete before recreate: {}", api_message(&e))),
@@ -1308,6 +1371,24 @@ mod tests {
         ]}});
         assert_eq!(adopted_managed_fields(&applied), None);
         assert_eq!(adopted_managed_fields(&json!({"metadata": {}})), None);
+    }
+
+    #[test]
+    fn deleting_namespaces_crds_and_volumes_cascades_and_other_kinds_do_not() {
+        let object = |group: &str, kind: &str| crate::model::ObjectRef {
+            group: group.into(),
+            version: "v1".into(),
+            kind: kind.into(),
+            namespace: None,
+            name: "x".into(),
+        };
+        assert!(super::cascades(&object("", "Namespace")).is_some());
+        assert!(
+            super::cascades(&object("apiextensions.k8s.io", "CustomResourceDefinition")).is_some()
+        );
+        assert!(super::cascades(&object("", "PersistentVolumeClaim")).is_some());
+        assert!(super::cascades(&object("", "ConfigMap")).is_none());
+        assert!(super::cascades(&object("apps", "Deployment")).is_none());
     }
 
     #[test]

@@ -161,6 +161,7 @@ async fn stored_object(repo_dir: &Path, snapshot: &str, object: &str) -> Value {
     let backend = std::sync::Arc::new(ferry::repo::LocalBackend::new(repo_dir.to_path_buf()));
     let key = ferry::repo::KeySource::Password("correct horse battery staple".to_string().into());
     let repo = ferry::repo::Repository::open(backend, &key).await.unwrap();
+    let _lock = repo.lock_shared().await.unwrap();
     let (_, snap) = repo.find_snapshot(snapshot).await.unwrap();
     let content = ferry::backup::load_content(&repo, &snap).await.unwrap();
     let entry = content
@@ -800,4 +801,68 @@ async fn unreachable_cluster_and_rejected_credentials_fail_cleanly_and_write_not
         before,
         "failed backups must write nothing"
     );
+}
+
+#[tokio::test]
+async fn a_backup_that_selects_nothing_fails_unless_allowed() {
+    let cluster = env().primary();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo").to_str().unwrap().to_string();
+    init_repo(&cluster.kubeconfig, &repo, false);
+    let missing = crate::support::unique_name("t-bkempty");
+    let out = ferry(&cluster.kubeconfig)
+        .args(["backup", "create", "typo", "-n", &missing, "--repo", &repo])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("matches no object"), "{stderr}");
+    assert!(stderr.contains(&missing), "names the namespace: {stderr}");
+    assert!(stderr.contains("--allow-empty"), "{stderr}");
+    let list = |repo: &str| -> Value {
+        let out = ferry(&cluster.kubeconfig)
+            .args(["backup", "list", "--repo", repo, "-o", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(
+        list(&repo),
+        serde_json::json!([]),
+        "no snapshot was written"
+    );
+
+    ferry(&cluster.kubeconfig)
+        .args([
+            "backup",
+            "create",
+            "empty",
+            "-n",
+            &missing,
+            "--repo",
+            &repo,
+            "--allow-empty",
+        ])
+        .assert()
+        .success();
+    assert_eq!(list(&repo)[0]["summary"]["objects"], 0);
+}
+
+#[tokio::test]
+async fn an_empty_password_creates_no_repository() {
+    let cluster = env().primary();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let out = ferry(&cluster.kubeconfig)
+        .env("FERRY_PASSWORD", "")
+        .args(["repo", "init", "--repo", repo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("FERRY_PASSWORD is set but empty"),
+        "{stderr}"
+    );
+    assert!(!repo.exists(), "nothing was created");
 }

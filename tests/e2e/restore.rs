@@ -24,6 +24,7 @@ async fn open_repo(dir: &Path) -> ferry::repo::Repository {
 /// Every stored object of a snapshot.
 async fn snapshot_objects(dir: &Path, snapshot: &str) -> Vec<(ferry::model::ObjectRef, Value)> {
     let repo = open_repo(dir).await;
+    let _lock = repo.lock_shared().await.unwrap();
     let (_, snap) = repo.find_snapshot(snapshot).await.unwrap();
     let content = ferry::backup::load_content(&repo, &snap).await.unwrap();
     let mut out = Vec::new();
@@ -729,4 +730,216 @@ async fn a_field_dropped_from_a_newer_backup_is_removed_by_the_next_restore() {
         .delete(&ns.name, &DeleteParams::background())
         .await
         .ok();
+}
+
+fn config_map(name: &str, data: &str, owner: Option<(&str, &str)>) -> ConfigMap {
+    let mut value = serde_json::json!({"metadata": {"name": name}, "data": {"v": data}});
+    if let Some((owner, uid)) = owner {
+        value["metadata"]["ownerReferences"] = serde_json::json!([{
+            "apiVersion": "v1", "kind": "ConfigMap", "name": owner, "uid": uid}]);
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+#[tokio::test]
+async fn recreate_replaces_the_snapshots_objects_and_deletes_nothing_else() {
+    let cluster = env().primary();
+    let client = cluster.client().await;
+    let ns = TestNamespace::create(&client, "t-rsrec").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    cms.create(
+        &PostParams::default(),
+        &config_map("in-snapshot", "1", None),
+    )
+    .await
+    .unwrap();
+    let owner = cms
+        .create(&PostParams::default(), &config_map("owner", "1", None))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo").to_str().unwrap().to_string();
+    ferry(&cluster.kubeconfig)
+        .args(["repo", "init", "--repo", &repo])
+        .assert()
+        .success();
+    ferry(&cluster.kubeconfig)
+        .args(["backup", "create", "app", "-n", &ns.name, "--repo", &repo])
+        .assert()
+        .success();
+
+    // After the backup: an object the snapshot does not have, one owned by
+    // an object of the snapshot, and a change to an object of the snapshot.
+    cms.create(
+        &PostParams::default(),
+        &config_map("added-later", "x", None),
+    )
+    .await
+    .unwrap();
+    let owner_uid = owner.metadata.uid.clone().unwrap();
+    cms.create(
+        &PostParams::default(),
+        &config_map("owned-later", "x", Some(("owner", &owner_uid))),
+    )
+    .await
+    .unwrap();
+    let mut changed = cms.get("in-snapshot").await.unwrap();
+    changed.data = Some([("v".to_string(), "2".to_string())].into());
+    let changed = cms
+        .replace("in-snapshot", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns_uid = namespaces.get(&ns.name).await.unwrap().metadata.uid;
+
+    // The plan says the namespace is kept, and why.
+    let (ok, planned, stderr) = restore_json(
+        &cluster.kubeconfig,
+        &[
+            "app",
+            "--repo",
+            &repo,
+            "--existing",
+            "recreate",
+            "--dry-run",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let items: Vec<&Value> = planned["plan"]["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w["items"].as_array().unwrap())
+        .collect();
+    let namespace_item = items
+        .iter()
+        .find(|i| i["object"]["kind"] == "Namespace")
+        .expect("the namespace is in the plan");
+    assert_ne!(namespace_item["action"], "recreate", "{namespace_item}");
+    assert!(
+        namespace_item["reason"]
+            .as_str()
+            .unwrap()
+            .contains("deleting it would delete every object in the namespace"),
+        "{namespace_item}"
+    );
+    let cm_item = items
+        .iter()
+        .find(|i| i["object"]["name"] == "in-snapshot")
+        .unwrap();
+    assert_eq!(cm_item["action"], "recreate", "{cm_item}");
+
+    let (ok, result, stderr) = restore_json(
+        &cluster.kubeconfig,
+        &["app", "--repo", &repo, "--existing", "recreate"],
+    );
+    assert!(ok, "{stderr}\n{result}");
+    assert_eq!(
+        namespaces.get(&ns.name).await.unwrap().metadata.uid,
+        ns_uid,
+        "the namespace was not deleted"
+    );
+    for kept in ["added-later", "owned-later"] {
+        assert!(
+            cms.get_opt(kept).await.unwrap().is_some(),
+            "{kept} is not in the snapshot and must survive"
+        );
+    }
+    let recreated = cms.get("in-snapshot").await.unwrap();
+    assert_ne!(recreated.metadata.uid, changed.metadata.uid, "recreated");
+    assert_eq!(recreated.data.unwrap()["v"], "1", "as in the snapshot");
+}
+
+#[tokio::test]
+async fn an_invalid_namespace_mapping_or_transformed_name_writes_nothing() {
+    let source = env().primary();
+    let client = source.client().await;
+    let ns = TestNamespace::create(&client, "t-rsbad").await;
+    apply_manifests(
+        &client,
+        &format!(
+            r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: reader, namespace: {ns}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {ns}-reader}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}
+subjects: [{{kind: ServiceAccount, name: reader, namespace: {ns}}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings, namespace: {ns}}}
+data: {{a: b}}
+"#,
+            ns = ns.name
+        ),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo").to_str().unwrap().to_string();
+    ferry(&source.kubeconfig)
+        .args(["repo", "init", "--repo", &repo])
+        .assert()
+        .success();
+    ferry(&source.kubeconfig)
+        .args(["backup", "create", "app", "-n", &ns.name, "--repo", &repo])
+        .assert()
+        .success();
+    let target = env().secondary();
+    let target_client = target.client().await;
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+        Api::all(target_client.clone());
+    let namespaces: Api<Namespace> = Api::all(target_client.clone());
+    // Not a namespace name (uppercase, '_'), and unique to this run.
+    let invalid = format!("Bad_{}", &ns.name[ns.name.len() - 8..]);
+    let written = || async {
+        let bindings = bindings.list(&ListParams::default()).await.unwrap();
+        let touched: Vec<String> = bindings
+            .items
+            .into_iter()
+            .filter_map(|b| b.metadata.name)
+            .filter(|n| n.contains(&invalid) || n.contains(&ns.name))
+            .collect();
+        let namespace = namespaces.get_opt(&ns.name).await.unwrap();
+        (touched, namespace.is_some())
+    };
+
+    let bad = format!("{}={invalid}", ns.name);
+    let (ok, _, stderr) = restore_json(
+        &target.kubeconfig,
+        &["app", "--repo", &repo, "--namespace-mapping", &bad],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("'{invalid}' is not a valid namespace name")),
+        "{stderr}"
+    );
+    assert_eq!(written().await, (Vec::new(), false), "nothing was written");
+
+    let plan = dir.path().join("plan.yaml");
+    std::fs::write(
+        &plan,
+        "apiVersion: ferry.dev/v1alpha1\nkind: TransformPlan\nmetadata: {name: bad-name}\nspec:\n  steps:\n  - name: rename\n    select: {kinds: [ConfigMap]}\n    patch:\n    - {op: replace, path: /metadata/name, value: Bad_Name}\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = restore_json(
+        &target.kubeconfig,
+        &[
+            "app",
+            "--repo",
+            &repo,
+            "--transform",
+            plan.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("'Bad_Name' is not a valid ConfigMap name"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert_eq!(written().await, (Vec::new(), false), "nothing was written");
 }

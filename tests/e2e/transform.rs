@@ -259,6 +259,7 @@ async fn live_state(
     let backend = std::sync::Arc::new(ferry::repo::LocalBackend::new(PathBuf::from(repo)));
     let key = ferry::repo::KeySource::Password(PASSWORD.to_string().into());
     let repository = ferry::repo::Repository::open(backend, &key).await.unwrap();
+    let _lock = repository.lock_shared().await.unwrap();
     let (_, snap) = repository.find_snapshot(snapshot).await.unwrap();
     let content = ferry::backup::load_content(&repository, &snap)
         .await
