@@ -3,6 +3,7 @@
 
 pub mod edges;
 pub mod graph;
+pub mod namespace_fields;
 pub mod normalize;
 pub mod object;
 pub mod select;
