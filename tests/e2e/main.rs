@@ -3,6 +3,7 @@
 //! and bucket, so the whole binary runs in parallel.
 
 mod backup;
+mod fidelity;
 mod restore;
 mod support;
 mod testenv;
