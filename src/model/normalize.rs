@@ -818,7 +818,8 @@ fn strip_pod_spec_defaults(spec: &mut Value) -> bool {
 }
 
 /// A template's metadata: `creationTimestamp: null` is how the API server
-/// writes a template timestamp nobody set; metadata left empty goes too.
+/// writes a template timestamp nobody set, and it returns an empty
+/// `metadata: {}` for templates without one.
 fn strip_template_metadata(obj: &mut Value, template: &str) -> bool {
     let Some(template) = map_at(obj, template) else {
         return false;
@@ -826,9 +827,10 @@ fn strip_template_metadata(obj: &mut Value, template: &str) -> bool {
     let Some(meta) = template.get_mut("metadata").and_then(Value::as_object_mut) else {
         return false;
     };
-    let c = strip_default(meta, "creationTimestamp", Value::Null);
-    if c && meta.is_empty() {
+    let mut c = strip_default(meta, "creationTimestamp", Value::Null);
+    if meta.is_empty() {
         template.shift_remove("metadata");
+        c = true;
     }
     c
 }
@@ -918,6 +920,11 @@ fn server_defaults(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
                         "updateStrategy",
                         rolling_update(serde_json::json!({"partition": 0})),
                     ),
+                    // Where the MaxUnavailableStatefulSet feature is on (newer releases).
+                    (
+                        "updateStrategy",
+                        rolling_update(serde_json::json!({"partition": 0, "maxUnavailable": 1})),
+                    ),
                     (
                         "persistentVolumeClaimRetentionPolicy",
                         serde_json::json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
@@ -943,6 +950,12 @@ fn server_defaults(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
             }
         }
         ("apps", "DaemonSet") => {
+            // Set by the API server on create, for old clients.
+            c |= remove_keys(
+                obj,
+                "/metadata/annotations",
+                &["deprecated.daemonset.template.generation"],
+            );
             c |= strip_defaults(
                 obj,
                 "/spec",
@@ -1482,6 +1495,47 @@ mod tests {
         assert_eq!(
             q["spec"],
             json!({"parallelism": 3, "completions": 1, "template": {"spec": {"restartPolicy": "Never", "containers": []}}})
+        );
+    }
+
+    #[test]
+    fn newer_server_defaults_and_empty_templates_are_stripped() {
+        let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "a"},
+            "spec": {"serviceName": "db", "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0, "maxUnavailable": 1}},
+                     "template": {"spec": {"containers": []}},
+                     "volumeClaimTemplates": [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "metadata": {"name": "data", "creationTimestamp": null}, "spec": {"volumeMode": "Filesystem"}}]}});
+        let (sts, _) = keep(sts);
+        assert_eq!(
+            sts["spec"],
+            json!({"serviceName": "db", "template": {"spec": {"containers": []}},
+                   "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {}}]})
+        );
+        let partitioned = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "a"},
+            "spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}}});
+        let (partitioned, _) = keep(partitioned);
+        assert_eq!(
+            partitioned["spec"]["updateStrategy"]["rollingUpdate"]["partition"],
+            2
+        );
+
+        let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "agent", "namespace": "a", "annotations": {"deprecated.daemonset.template.generation": "1"}},
+            "spec": {"template": {"metadata": {}, "spec": {"containers": []}}}});
+        let (ds, _) = keep(ds);
+        assert!(ds["metadata"].get("annotations").is_none(), "{ds}");
+        assert_eq!(
+            ds["spec"],
+            json!({"template": {"spec": {"containers": []}}})
+        );
+
+        let cj = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c", "namespace": "a"},
+            "spec": {"schedule": "@daily", "concurrencyPolicy": "Allow", "jobTemplate": {"metadata": {},
+                "spec": {"template": {"metadata": {"creationTimestamp": null}, "spec": {"restartPolicy": "OnFailure"}}}}}});
+        let (cj, _) = keep(cj);
+        assert_eq!(
+            cj["spec"],
+            json!({"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}})
         );
     }
 
