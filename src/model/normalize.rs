@@ -165,7 +165,7 @@ pub static RULES: &[Rule] = &[
     },
     Rule {
         name: "server-defaults",
-        matches: "Services, workloads and their pod templates, Jobs, CronJobs, PVCs, Secrets, NetworkPolicies",
+        matches: "Services, workloads and their pod templates, Jobs, CronJobs, PVCs, Secrets, NetworkPolicies, webhook configurations, CRDs",
         description: "drop fields equal to the value the API server fills in when they are left out (Service ipFamilies/ipFamilyPolicy/sessionAffinity/internalTrafficPolicy/type, container terminationMessagePath/terminationMessagePolicy/imagePullPolicy, probe timings, volume defaultMode, rollout strategies, history limits…): the target applies its own defaults, so snapshots diff cleanly and do not pin the source's",
         apply: server_defaults,
     },
@@ -988,6 +988,57 @@ fn server_defaults(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
         ("", "PersistentVolumeClaim") => {
             c |= strip_defaults(obj, "/spec", &[("volumeMode", Value::from("Filesystem"))]);
         }
+        (
+            "admissionregistration.k8s.io",
+            "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration",
+        ) => {
+            if let Some(hooks) = obj.get_mut("webhooks").and_then(Value::as_array_mut) {
+                for hook in hooks {
+                    c |= strip_defaults(
+                        hook,
+                        "",
+                        &[
+                            ("failurePolicy", Value::from("Fail")),
+                            ("matchPolicy", Value::from("Equivalent")),
+                            ("namespaceSelector", serde_json::json!({})),
+                            ("objectSelector", serde_json::json!({})),
+                            ("timeoutSeconds", Value::from(10)),
+                            ("reinvocationPolicy", Value::from("Never")),
+                        ],
+                    );
+                    c |= strip_defaults(
+                        hook,
+                        "/clientConfig/service",
+                        &[("port", Value::from(443))],
+                    );
+                    if let Some(rules) = hook.get_mut("rules").and_then(Value::as_array_mut) {
+                        for rule in rules {
+                            c |= strip_defaults(rule, "", &[("scope", Value::from("*"))]);
+                        }
+                    }
+                }
+            }
+        }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            let kind = obj
+                .pointer("/spec/names/kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            c |= strip_defaults(
+                obj,
+                "/spec",
+                &[("conversion", serde_json::json!({"strategy": "None"}))],
+            );
+            c |= strip_defaults(
+                obj,
+                "/spec/names",
+                &[
+                    ("listKind", Value::from(format!("{kind}List"))),
+                    ("singular", Value::from(kind.to_ascii_lowercase())),
+                ],
+            );
+        }
         ("", "Secret") => {
             c |= strip_defaults(obj, "", &[("type", Value::from("Opaque"))]);
         }
@@ -1536,6 +1587,27 @@ mod tests {
         assert_eq!(
             cj["spec"],
             json!({"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}})
+        );
+
+        let hook = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration", "metadata": {"name": "m"},
+            "webhooks": [{"name": "m.example.com", "clientConfig": {"service": {"name": "s", "namespace": "a", "port": 443}},
+                "rules": [{"apiGroups": ["example.com"], "resources": ["things"], "scope": "*"}],
+                "failurePolicy": "Ignore", "matchPolicy": "Equivalent", "namespaceSelector": {}, "objectSelector": {},
+                "timeoutSeconds": 10, "reinvocationPolicy": "Never", "sideEffects": "None"}]});
+        let (hook, _) = keep(hook);
+        assert_eq!(
+            hook["webhooks"],
+            json!([{"name": "m.example.com", "clientConfig": {"service": {"name": "s", "namespace": "a"}},
+                    "rules": [{"apiGroups": ["example.com"], "resources": ["things"]}],
+                    "failurePolicy": "Ignore", "sideEffects": "None"}])
+        );
+        let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "things.example.com"},
+            "spec": {"group": "example.com", "names": {"plural": "things", "singular": "thing", "kind": "Thing", "listKind": "ThingList"},
+                     "conversion": {"strategy": "None"}}});
+        let (crd, _) = keep(crd);
+        assert_eq!(
+            crd["spec"],
+            json!({"group": "example.com", "names": {"plural": "things", "kind": "Thing"}})
         );
     }
 

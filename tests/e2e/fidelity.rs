@@ -697,6 +697,19 @@ async fn server_defaulted_fields_are_stripped_back_to_the_minimal_object() {
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta("web"),
                "spec": {"podSelector": {"matchLabels": {"app": "web"}},
                         "ingress": [{"from": [{"podSelector": {}}]}]}}),
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+               "metadata": {"name": format!("things.{n}.ferry.dev")},
+               "spec": {"group": format!("{n}.ferry.dev"), "scope": "Namespaced",
+                        "names": {"plural": "things", "kind": "Thing"},
+                        "versions": [{"name": "v1", "served": true, "storage": true,
+                                      "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}}),
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+               "metadata": {"name": format!("{n}-things")},
+               "webhooks": [{"name": format!("things.{n}.ferry.dev"),
+                             "clientConfig": {"service": {"name": "web", "namespace": n}},
+                             "rules": [{"apiGroups": [format!("{n}.ferry.dev")], "apiVersions": ["v1"],
+                                        "operations": ["CREATE"], "resources": ["things"]}],
+                             "sideEffects": "None", "admissionReviewVersions": ["v1"]}]}),
     ];
     apply_manifests(&client, &manifest(&minimal)).await;
     let mut differences = Vec::new();
