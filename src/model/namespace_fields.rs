@@ -41,6 +41,14 @@ pub fn path_text(path: &[Step]) -> String {
     out
 }
 
+/// The value at `path` in `object`, to change it.
+pub fn value_at_mut<'a>(object: &'a mut Value, path: &[Step]) -> Option<&'a mut Value> {
+    path.iter().try_fold(object, |v, step| match step {
+        Step::Key(k) => v.get_mut(k.as_str()),
+        Step::Index(i) => v.get_mut(*i),
+    })
+}
+
 fn named_like_namespace(key: &str) -> bool {
     key == "namespace" || key.ends_with("Namespace")
 }
