@@ -4,7 +4,7 @@
 # missing, and checks for Go and Rust, which must be on the machine.
 #
 #   ensure_prerequisites         control planes and MinIO: openssl, curl,
-#                                python3, setsid
+#                                python3 (with PyYAML), setsid
 #   ensure_prerequisites node    also what a test node runs: containerd,
 #                                runc, the CNI plugins, iproute2, iptables,
 #                                conntrack, a static busybox for the test
@@ -32,6 +32,11 @@ ensure_prerequisites() {
     local sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
     $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # PyYAML is the YAML 1.1 reader the output round-trip tests read back with.
+  if ! python3 -c 'import yaml' >/dev/null 2>&1; then
+    printf 'installing PyYAML\n' >&2
+    python3 -m pip install --quiet pyyaml
   fi
   command -v go >/dev/null 2>&1 || { echo "Go is required to build the local clusters (https://go.dev/doc/install)" >&2; return 1; }
   command -v cargo >/dev/null 2>&1 || { echo "Rust is required (https://rustup.rs)" >&2; return 1; }

@@ -23,7 +23,7 @@ use crate::cluster::discovery::{Discovery, ServedResource, discover};
 use crate::cluster::profile::read_profile;
 use crate::cluster::{ClusterError, Connection, status_code};
 use crate::model::ObjectRef;
-use crate::model::edges::{Reference, Target, references};
+use crate::model::edges::{EdgeKind, Reference, Target, references};
 use crate::model::graph::AppGraph;
 use crate::model::normalize::{NormalizeOptions, Verdict, normalize};
 use crate::model::select::Selection;
@@ -114,6 +114,10 @@ pub struct BackupReport {
     /// Collections or objects the credentials were not allowed to read.
     pub forbidden: Vec<String>,
     pub warnings: Vec<String>,
+    /// Objects outside the selection stored because the application needs
+    /// them, each with the reasons (which object needs it, and how).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dependencies: BTreeMap<String, Vec<String>>,
     pub stats: BackupStats,
 }
 
@@ -404,6 +408,7 @@ pub async fn run(
     }
     absorb(&mut report, others);
 
+    let selected = catalog.len();
     if opts.selection.include_deps {
         close_dependencies(
             conn,
@@ -421,6 +426,11 @@ pub async fn run(
         report
             .warnings
             .push(format!("dangling reference: {dangling}"));
+    }
+    for entry in &catalog[selected..] {
+        report
+            .dependencies
+            .insert(entry.object.to_string(), graph.why_included(&entry.object));
     }
 
     if catalog.is_empty() && !opts.allow_empty {
@@ -690,7 +700,10 @@ async fn resolve_namespaces(
 /// storage classes, persistent volumes, CRDs, priority/runtime/ingress
 /// classes) and namespaced ones in the selected namespaces (a ConfigMap a
 /// labelled Deployment mounts without carrying the label). ClusterRoleBindings
-/// that grant something to a selected ServiceAccount are pulled in as well.
+/// that grant something to a selected ServiceAccount, and webhook
+/// configurations and APIServices served by a selected Service, are pulled
+/// in as well, and so are the CRDs the application needs without holding
+/// any of their resources (see [`fetch_matching_crds`]).
 #[allow(clippy::too_many_arguments)]
 async fn close_dependencies(
     conn: &Connection,
@@ -702,44 +715,147 @@ async fn close_dependencies(
     catalog: &mut Vec<CatalogEntry>,
     report: &mut BackupReport,
 ) -> Result<(), BackupError> {
-    let mut attempted: BTreeSet<String> = BTreeSet::new();
-
-    // ClusterRoleBindings whose subjects include a selected ServiceAccount.
-    if let Some(crb) = discovery.by_group_kind("rbac.authorization.k8s.io", "ClusterRoleBinding") {
-        match crate::cluster::capture::list_collection(
-            &conn.client,
-            crb,
-            None,
-            None,
-            DEFAULT_PAGE_SIZE,
-        )
-        .await
-        {
-            Ok(items) => {
-                for obj in items {
-                    let grants_selected = obj
-                        .get("subjects")
-                        .and_then(Value::as_array)
-                        .is_some_and(|subjects| {
-                            subjects.iter().any(|s| {
-                                s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
-                                    && s.get("namespace")
-                                        .and_then(Value::as_str)
-                                        .is_some_and(|n| namespaces.contains(n))
-                            })
-                        });
-                    if grants_selected {
+    // Cluster-scoped objects that point into the selected namespaces:
+    // ClusterRoleBindings granting something to a selected ServiceAccount,
+    // and webhook configurations and APIServices served by a selected
+    // Service.
+    let in_selection = |obj: &Value| {
+        references(obj).iter().any(|r| match &r.target {
+            Target::Object {
+                kind, namespace, ..
+            } => {
+                matches!(r.kind, EdgeKind::Binds | EdgeKind::Serves)
+                    && matches!(kind.as_str(), "ServiceAccount" | "Service")
+                    && namespace.as_ref().is_some_and(|n| namespaces.contains(n))
+            }
+            _ => false,
+        })
+    };
+    for (group, kind) in [
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding"),
+        (
+            "admissionregistration.k8s.io",
+            "ValidatingWebhookConfiguration",
+        ),
+        (
+            "admissionregistration.k8s.io",
+            "MutatingWebhookConfiguration",
+        ),
+        ("apiregistration.k8s.io", "APIService"),
+    ] {
+        let Some(resource) = discovery.by_group_kind(group, kind) else {
+            continue;
+        };
+        let mut pager = Pager::new(&conn.client, resource, None, None, DEFAULT_PAGE_SIZE);
+        loop {
+            match pager.next_page().await {
+                Ok(Some(items)) => {
+                    for obj in items.into_iter().filter(|o| in_selection(o)) {
                         store_dependency(obj, opts, graph, writer, catalog, report).await?;
                     }
                 }
+                Ok(None) => break,
+                Err(ClusterError::List { source, .. }) if status_code(&source) == Some(403) => {
+                    report
+                        .forbidden
+                        .push(format!("{} (cluster-wide)", resource.qualified_plural()));
+                    break;
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(ClusterError::List { source, .. }) if status_code(&source) == Some(403) => report
-                .forbidden
-                .push("clusterrolebindings.rbac.authorization.k8s.io (cluster-wide)".into()),
-            Err(e) => return Err(e.into()),
         }
     }
 
+    let mut attempted: BTreeSet<String> = BTreeSet::new();
+    loop {
+        fetch_references(
+            conn,
+            discovery,
+            namespaces,
+            opts,
+            graph,
+            writer,
+            catalog,
+            report,
+            &mut attempted,
+        )
+        .await?;
+        if !fetch_matching_crds(
+            conn, discovery, namespaces, opts, graph, writer, catalog, report,
+        )
+        .await?
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// CRDs the application needs without holding one of their resources: those
+/// its roles grant verbs on, its webhooks or APIServices serve, that carry
+/// its application labels, or whose conversion webhook a selected Service
+/// serves. One paginated LIST of CRDs; `true` when any was stored.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_matching_crds(
+    conn: &Connection,
+    discovery: &Discovery,
+    namespaces: &BTreeSet<String>,
+    opts: &BackupOptions,
+    graph: &mut AppGraph,
+    writer: &mut crate::repo::PackWriter,
+    catalog: &mut Vec<CatalogEntry>,
+    report: &mut BackupReport,
+) -> Result<bool, BackupError> {
+    let Some(resource) =
+        discovery.by_group_kind("apiextensions.k8s.io", "CustomResourceDefinition")
+    else {
+        return Ok(false);
+    };
+    let patterns = graph.crd_patterns();
+    let converted_here = |crd: &Value| {
+        references(crd).iter().any(|r| {
+            r.kind == EdgeKind::Serves
+                && matches!(&r.target, Target::Object { namespace: Some(n), .. } if namespaces.contains(n))
+        })
+    };
+    let mut stored = false;
+    let mut pager = Pager::new(&conn.client, resource, None, None, DEFAULT_PAGE_SIZE);
+    loop {
+        let page = match pager.next_page().await {
+            Ok(Some(page)) => page,
+            Ok(None) => return Ok(stored),
+            Err(ClusterError::List { source, .. }) if status_code(&source) == Some(403) => {
+                report.forbidden.push(format!(
+                    "{} (cluster-wide; CRDs of the application's roles, webhooks and labels)",
+                    resource.qualified_plural()
+                ));
+                return Ok(stored);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for crd in page {
+            let wanted = patterns.iter().any(|p| p.matches_crd(&crd)) || converted_here(&crd);
+            let known = ObjectRef::from_object(&crd).is_ok_and(|o| graph.contains(&o));
+            if wanted && !known {
+                stored |= store_dependency(crd, opts, graph, writer, catalog, report).await?;
+            }
+        }
+    }
+}
+
+/// Fetches every object the graph refers to by name and does not hold yet,
+/// until nothing new turns up.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_references(
+    conn: &Connection,
+    discovery: &Discovery,
+    namespaces: &BTreeSet<String>,
+    opts: &BackupOptions,
+    graph: &mut AppGraph,
+    writer: &mut crate::repo::PackWriter,
+    catalog: &mut Vec<CatalogEntry>,
+    report: &mut BackupReport,
+    attempted: &mut BTreeSet<String>,
+) -> Result<(), BackupError> {
     loop {
         let wanted: Vec<Reference> = graph.unresolved();
         let mut fetched_any = false;

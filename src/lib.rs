@@ -20,3 +20,4 @@ pub mod profile;
 pub mod repo;
 pub mod restore;
 pub mod transform;
+pub mod yaml;

@@ -64,6 +64,42 @@ impl ClusterProfile {
     pub fn storage_class(&self, name: &str) -> Option<&StorageClassInfo> {
         self.storage_classes.iter().find(|s| s.name == name)
     }
+
+    /// Whether the cluster had the class `kind`/`name` (StorageClass,
+    /// IngressClass, PriorityClass or RuntimeClass); `None` when the profile
+    /// does not know: another kind, or a list it could not read.
+    pub fn has_class(&self, kind: &str, name: &str) -> Option<bool> {
+        let (names, list): (Vec<&str>, &str) = match kind {
+            "StorageClass" => (
+                self.storage_classes
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect(),
+                "storage classes",
+            ),
+            "IngressClass" => (
+                self.ingress_classes
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect(),
+                "ingress classes",
+            ),
+            "PriorityClass" => (
+                self.priority_classes.iter().map(String::as_str).collect(),
+                "priority classes",
+            ),
+            "RuntimeClass" => (
+                self.runtime_classes.iter().map(String::as_str).collect(),
+                "runtime classes",
+            ),
+            _ => return None,
+        };
+        if names.contains(&name) {
+            return Some(true);
+        }
+        let unread = self.incomplete.iter().any(|i| i.starts_with(list)) || self.version.is_empty();
+        (!unread).then_some(false)
+    }
 }
 
 /// Parses the minor version out of `gitVersion`/`minor` strings such as
@@ -104,6 +140,32 @@ pub fn guess_distribution(git_version: &str, node_label_keys: &BTreeSet<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_lookups_know_when_the_profile_cannot_tell() {
+        let mut p = ClusterProfile {
+            version: "v1.37.2".into(),
+            ingress_classes: vec![IngressClassInfo {
+                name: "nginx".into(),
+                ..Default::default()
+            }],
+            priority_classes: vec!["high".into()],
+            ..Default::default()
+        };
+        assert_eq!(p.has_class("IngressClass", "nginx"), Some(true));
+        assert_eq!(p.has_class("IngressClass", "traefik"), Some(false));
+        assert_eq!(p.has_class("PriorityClass", "high"), Some(true));
+        assert_eq!(p.has_class("StorageClass", "fast"), Some(false));
+        assert_eq!(p.has_class("Deployment", "web"), None);
+        p.incomplete.push("ingress classes: forbidden".into());
+        assert_eq!(p.has_class("IngressClass", "traefik"), None, "unread list");
+        assert_eq!(p.has_class("IngressClass", "nginx"), Some(true));
+        assert_eq!(
+            ClusterProfile::default().has_class("StorageClass", "fast"),
+            None,
+            "an empty profile knows nothing"
+        );
+    }
 
     #[test]
     fn minor_versions_with_vendor_suffixes_parse() {

@@ -64,8 +64,8 @@ pub enum Command {
         after_help = "The restore is planned first: objects are ordered into waves by their \
 dependencies (CRDs and Namespaces, classes, configuration, RBAC, workloads, networking, \
 autoscaling), and a preflight checks the target before anything is written: served API \
-versions, referenced storage/ingress/priority/runtime classes, CRDs, and permissions for every \
-write (SelfSubjectAccessReview). A failed preflight lists every problem and writes nothing. \
+versions, referenced storage/ingress/priority/runtime classes (one the source cluster lacked \
+too is only a warning), CRDs, and permissions for every write (SelfSubjectAccessReview). A failed preflight lists every problem and writes nothing. \
 Objects are written with server-side apply (field manager 'ferry'): running a restore again \
 converges, and a restore interrupted half-way finishes when run again.\n\n\
 Examples:\n  \
@@ -495,6 +495,8 @@ pub struct MigrateArgs {
     pub repo: RepoArgs,
     #[command(flatten)]
     pub write: RestoreWriteArgs,
+    /// Output: the backup's report then the restore's (text), or one
+    /// document with `backup`, `plan` and `report` (yaml, json).
     #[arg(short, long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }

@@ -483,6 +483,19 @@ fn print_report(
             writeln!(out, "  {p}")?;
         }
     }
+    if !report.dependencies.is_empty() {
+        writeln!(
+            out,
+            "\nDependencies outside the selection ({}):",
+            report.dependencies.len()
+        )?;
+        for (object, reasons) in &report.dependencies {
+            writeln!(out, "  {object}")?;
+            for reason in reasons {
+                writeln!(out, "    because {reason}")?;
+            }
+        }
+    }
     if !report.forbidden.is_empty() {
         writeln!(
             out,
@@ -572,26 +585,49 @@ async fn run_restore(
     options: &crate::restore::RestoreOptions,
     output: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
+    let (plan, report) = restore_with_progress(conn, repository, snapshot, options).await?;
+    emit(
+        output,
+        &serde_json::json!({"plan": plan, "report": report}),
+        |out| print_restore(out, &plan, &report, options),
+    )?;
+    restore_outcome(&report, options)
+}
+
+async fn restore_with_progress(
+    conn: &crate::cluster::Connection,
+    repository: &crate::repo::Repository,
+    snapshot: &str,
+    options: &crate::restore::RestoreOptions,
+) -> anyhow::Result<(crate::restore::RestorePlan, crate::restore::RestoreReport)> {
     let progress = Arc::new(crate::restore::Progress::default());
     let bar = progress::RestoreBar::start(progress.clone());
     let result = crate::restore::run(conn, repository, snapshot, options, progress).await;
     bar.finish();
-    let (plan, report) =
-        result.with_context(|| format!("restore of {snapshot} into {}", conn.server))?;
-    emit(
-        output,
-        &serde_json::json!({"plan": plan, "report": report}),
-        |out| {
-            print_plan(out, &plan, options.dry_run)?;
-            if !options.dry_run && !plan.transforms.is_empty() {
-                writeln!(out, "Transformed ({} changes):", plan.transforms.len())?;
-                for change in &plan.transforms {
-                    writeln!(out, "  {change}")?;
-                }
-            }
-            print_restore_report(out, &report, options.dry_run)
-        },
-    )?;
+    result.with_context(|| format!("restore of {snapshot} into {}", conn.server))
+}
+
+fn print_restore(
+    out: &mut dyn Write,
+    plan: &crate::restore::RestorePlan,
+    report: &crate::restore::RestoreReport,
+    options: &crate::restore::RestoreOptions,
+) -> std::io::Result<()> {
+    print_plan(out, plan, options.dry_run)?;
+    if !options.dry_run && !plan.transforms.is_empty() {
+        writeln!(out, "Transformed ({} changes):", plan.transforms.len())?;
+        for change in &plan.transforms {
+            writeln!(out, "  {change}")?;
+        }
+    }
+    print_restore_report(out, report, options.dry_run)
+}
+
+/// Failed objects make the command fail, naming how to continue.
+fn restore_outcome(
+    report: &crate::restore::RestoreReport,
+    options: &crate::restore::RestoreOptions,
+) -> anyhow::Result<ExitCode> {
     if !report.failed.is_empty() {
         anyhow::bail!(
             "{} object(s) failed{}; the rest was {}. Fix the cause and run the same command again: it continues where this one stopped",
@@ -741,17 +777,43 @@ async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Resu
             args.from
         )
     })?;
-    eprintln!(
-        "backed up {} objects from {}",
-        outcome.content.report.stats.objects, args.from
-    );
+    // The backup's report is shown as `backup create` shows it: dangling
+    // references, skipped and forbidden objects and warnings.
+    let backup_value = serde_json::json!({
+        "snapshot": outcome.snapshot.to_string(),
+        "name": name,
+        "report": outcome.content.report,
+    });
+    if args.output == OutputFormat::Text {
+        print_report(&mut std::io::stdout().lock(), &name, &outcome.content)?;
+        println!();
+    }
     if outcome.content.report.is_partial() {
         eprintln!(
             "warning: the source backup is partial; not restored: {}",
             outcome.content.report.forbidden.join(", ")
         );
     }
-    let code = run_restore(&target, &repository, &name, &restore, args.output).await?;
+    let restored = restore_with_progress(&target, &repository, &name, &restore).await;
+    let (plan, report) = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            if args.output != OutputFormat::Text {
+                emit(
+                    args.output,
+                    &serde_json::json!({"backup": backup_value}),
+                    |_| Ok(()),
+                )?;
+            }
+            return Err(e);
+        }
+    };
+    emit(
+        args.output,
+        &serde_json::json!({"backup": backup_value, "plan": plan, "report": report}),
+        |out| print_restore(out, &plan, &report, &restore),
+    )?;
+    let code = restore_outcome(&report, &restore)?;
     if outcome.content.report.is_partial() {
         return Ok(ExitCode::from(EXIT_PARTIAL));
     }

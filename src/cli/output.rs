@@ -29,7 +29,7 @@ pub fn emit<T: Serialize>(
             writeln!(out)?;
         }
         OutputFormat::Yaml => {
-            serde_yaml_ng::to_writer(&mut out, value)?;
+            crate::yaml::to_writer(&mut out, &serde_json::to_value(value)?)?;
         }
         OutputFormat::Text => text(&mut out)?,
     }

@@ -61,7 +61,7 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
         ManifestFormat::Yaml => {
             for object in &output.objects {
                 writeln!(out, "---")?;
-                serde_yaml_ng::to_writer(&mut out, object)?;
+                crate::yaml::to_writer(&mut out, object)?;
             }
             out.flush()?;
         }
@@ -209,7 +209,7 @@ fn write_dir(dir: &Path, objects: &[Value], kustomize: bool) -> anyhow::Result<u
         let path = dir.join(&relative);
         std::fs::create_dir_all(path.parent().expect("a file under dir"))
             .with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::write(&path, serde_yaml_ng::to_string(object)?)
+        std::fs::write(&path, crate::yaml::to_string(object))
             .with_context(|| format!("writing {}", path.display()))?;
         files.push(relative);
     }
@@ -220,7 +220,7 @@ fn write_dir(dir: &Path, objects: &[Value], kustomize: bool) -> anyhow::Result<u
             "resources": files,
         });
         let path = dir.join("kustomization.yaml");
-        std::fs::write(&path, serde_yaml_ng::to_string(&kustomization)?)
+        std::fs::write(&path, crate::yaml::to_string(&kustomization))
             .with_context(|| format!("writing {}", path.display()))?;
         return Ok(files.len() + 1);
     }

@@ -31,8 +31,14 @@ pub enum EdgeKind {
     Routes,
     /// Custom resource → its CRD.
     InstanceOf,
-    /// Webhook configuration / APIService → Service.
+    /// Webhook configuration / APIService → the Service that serves it and
+    /// the CRDs whose resources it handles; a CRD → its conversion webhook's Service.
     Serves,
+    /// Role/ClusterRole → the CRDs whose resources its rules grant verbs on.
+    Grants,
+    /// A workload → the CRDs labelled as part of the same application
+    /// (`app.kubernetes.io/instance`, `part-of`, the Helm release).
+    PartOf,
     /// PriorityClass, RuntimeClass.
     ScheduledWith,
     /// A namespaced object → its Namespace.
@@ -59,6 +65,8 @@ impl EdgeKind {
             EdgeKind::Routes => "routes",
             EdgeKind::InstanceOf => "instance-of",
             EdgeKind::Serves => "serves",
+            EdgeKind::Grants => "grants",
+            EdgeKind::PartOf => "part-of",
             EdgeKind::ScheduledWith => "scheduled-with",
             EdgeKind::InNamespace => "in-namespace",
         }
@@ -82,6 +90,10 @@ pub enum Target {
     },
     /// The CRD that defines `group`/`kind`.
     Crd { group: String, kind: String },
+    /// The CRDs of `group` whose plural is `resource` (`*`: every CRD of the group).
+    CrdResources { group: String, resource: String },
+    /// The CRDs labelled (or, for the Helm release, annotated) `key`=`value`.
+    CrdsLabelled { key: String, value: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +127,10 @@ impl std::fmt::Display for Target {
                 selector,
             } => write!(f, "pods matching {selector} in {namespace}"),
             Target::Crd { group, kind } => write!(f, "the CRD of {kind}.{group}"),
+            Target::CrdResources { group, resource } => {
+                write!(f, "the CRDs of {resource}.{group}")
+            }
+            Target::CrdsLabelled { key, value } => write!(f, "the CRDs with {key}={value}"),
         }
     }
 }
@@ -126,6 +142,94 @@ pub fn is_builtin_group(group: &str) -> bool {
         || !group.contains('.')
         || group.ends_with(".k8s.io") && !group.ends_with(".x-k8s.io")
         || group == "apiextensions.k8s.io"
+}
+
+/// Labels (and the Helm annotation) that name the application an object
+/// belongs to; CRDs carrying the same value belong to it too.
+pub const APPLICATION_KEYS: &[&str] = &[
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/part-of",
+    "meta.helm.sh/release-name",
+];
+
+impl Target {
+    /// Whether `crd` (a CustomResourceDefinition) is one this target means.
+    pub fn matches_crd(&self, crd: &Value) -> bool {
+        let text = |p: &str| crd.pointer(p).and_then(Value::as_str);
+        match self {
+            Target::Crd { group, kind } => {
+                text("/spec/group") == Some(group) && text("/spec/names/kind") == Some(kind)
+            }
+            Target::CrdResources { group, resource } => {
+                text("/spec/group") == Some(group)
+                    && (resource == "*" || text("/spec/names/plural") == Some(resource))
+            }
+            Target::CrdsLabelled { key, value } => {
+                let place = if key.starts_with("meta.helm.sh/") {
+                    "annotations"
+                } else {
+                    "labels"
+                };
+                crd.pointer(&format!("/metadata/{place}"))
+                    .and_then(|m| m.get(key))
+                    .and_then(Value::as_str)
+                    == Some(value)
+            }
+            Target::Object { .. } | Target::Selector { .. } => false,
+        }
+    }
+
+    /// Targets that stand for any number of CRDs, found by listing them.
+    pub fn is_crd_pattern(&self) -> bool {
+        matches!(
+            self,
+            Target::CrdResources { .. } | Target::CrdsLabelled { .. }
+        )
+    }
+}
+
+/// The custom resources named by RBAC or admission `rules`: one
+/// (group, plural or `*`) per pair, without built-in groups, the `*` group
+/// or subresources.
+fn custom_resources_of_rules<'a>(
+    rules: impl Iterator<Item = (String, &'a Value)>,
+    kind: EdgeKind,
+    out: &mut Vec<Reference>,
+) {
+    let strings = |v: &'a Value, key: &str| -> Vec<&'a str> {
+        v.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (at, rule) in rules {
+        if kind == EdgeKind::Grants && strings(rule, "verbs").is_empty() {
+            continue;
+        }
+        for group in strings(rule, "apiGroups") {
+            if group == "*" || is_builtin_group(group) {
+                continue;
+            }
+            for resource in strings(rule, "resources") {
+                let resource = resource.split('/').next().unwrap_or_default();
+                if resource.is_empty() || !seen.insert((group, resource)) {
+                    continue;
+                }
+                out.push(Reference {
+                    kind,
+                    target: Target::CrdResources {
+                        group: group.into(),
+                        resource: resource.into(),
+                    },
+                    path: at.clone(),
+                    optional: true,
+                });
+            }
+        }
+    }
 }
 
 struct Collector<'a> {
@@ -411,6 +515,29 @@ pub fn references(obj: &Value) -> Vec<Reference> {
         && let Some(spec) = obj.pointer(pointer)
     {
         pod_spec_references(&mut c, spec, &pointer_to_path(pointer));
+        for key in APPLICATION_KEYS {
+            let place = if key.starts_with("meta.helm.sh/") {
+                "annotations"
+            } else {
+                "labels"
+            };
+            if let Some(value) = obj
+                .pointer(&format!("/metadata/{place}"))
+                .and_then(|m| m.get(*key))
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+            {
+                c.out.push(Reference {
+                    kind: EdgeKind::PartOf,
+                    target: Target::CrdsLabelled {
+                        key: key.to_string(),
+                        value: value.into(),
+                    },
+                    path: format!("metadata.{place}.{key}"),
+                    optional: true,
+                });
+            }
+        }
     }
 
     match (group, kind) {
@@ -506,6 +633,31 @@ pub fn references(obj: &Value) -> Vec<Reference> {
                     );
                     c.out.extend(sub.out);
                 }
+            }
+        }
+        ("rbac.authorization.k8s.io", "Role" | "ClusterRole") => {
+            custom_resources_of_rules(
+                array(obj, "/rules").map(|(i, r)| (format!("rules[{i}]"), r)),
+                EdgeKind::Grants,
+                &mut c.out,
+            );
+        }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            if let Some(service) = obj.pointer("/spec/conversion/webhook/clientConfig/service") {
+                let mut s = Collector {
+                    namespace: str_at(service, "namespace"),
+                    out: Vec::new(),
+                };
+                s.object(
+                    EdgeKind::Serves,
+                    "",
+                    "Service",
+                    true,
+                    str_at(service, "name"),
+                    "spec.conversion.webhook.clientConfig.service".into(),
+                    false,
+                );
+                c.out.extend(s.out);
             }
         }
         ("", "Service") => {
@@ -605,6 +757,10 @@ pub fn references(obj: &Value) -> Vec<Reference> {
                     );
                     c.out.extend(s.out);
                 }
+                let rules: Vec<(String, &Value)> = array(hook, "/rules")
+                    .map(|(j, r)| (format!("webhooks[{i}].rules[{j}]"), r))
+                    .collect();
+                custom_resources_of_rules(rules.into_iter(), EdgeKind::Serves, &mut c.out);
             }
         }
         ("apiregistration.k8s.io", "APIService") => {
@@ -623,6 +779,21 @@ pub fn references(obj: &Value) -> Vec<Reference> {
                     false,
                 );
                 c.out.extend(s.out);
+            }
+            if let Some(group) = obj
+                .pointer("/spec/group")
+                .and_then(Value::as_str)
+                .filter(|g| !is_builtin_group(g))
+            {
+                c.out.push(Reference {
+                    kind: EdgeKind::Serves,
+                    target: Target::CrdResources {
+                        group: group.into(),
+                        resource: "*".into(),
+                    },
+                    path: "spec.group".into(),
+                    optional: true,
+                });
             }
         }
         _ => {}
@@ -822,6 +993,81 @@ mod tests {
             !is_builtin_group("cert-manager.io")
                 && !is_builtin_group("gateway.networking.x-k8s.io")
         );
+    }
+
+    #[test]
+    fn roles_webhooks_and_labelled_workloads_point_at_the_crds_they_need() {
+        let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "op"},
+        "rules": [
+            {"apiGroups": ["demo.io"], "resources": ["widgets", "widgets/status", "*"], "verbs": ["get", "list"]},
+            {"apiGroups": ["", "apps", "*"], "resources": ["pods"], "verbs": ["get"]},
+            {"apiGroups": ["other.io"], "resources": ["gadgets"], "verbs": []},
+        ]});
+        let targets: Vec<String> = references(&role)
+            .iter()
+            .filter(|r| r.kind == EdgeKind::Grants)
+            .map(|r| format!("{} {}", r.target, r.path))
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                "the CRDs of widgets.demo.io rules[0]",
+                "the CRDs of *.demo.io rules[0]"
+            ],
+            "subresources fold into their resource; built-in groups, `*` groups and rules without verbs name no CRD"
+        );
+        assert!(references(&role).iter().all(|r| r.optional));
+
+        let hook = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "v"},
+            "webhooks": [{"name": "x", "clientConfig": {"service": {"name": "hook", "namespace": "op"}},
+                          "rules": [{"apiGroups": ["demo.io"], "resources": ["gizmos"], "operations": ["CREATE"]}]}]});
+        assert!(found(
+            &references(&hook),
+            EdgeKind::Serves,
+            "the CRDs of gizmos.demo.io"
+        ));
+
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "op", "namespace": "op", "labels": {"app.kubernetes.io/part-of": "demo"},
+                         "annotations": {"meta.helm.sh/release-name": "demo-release"}},
+            "spec": {"template": {"spec": {"containers": []}}}});
+        let refs = references(&deployment);
+        assert!(found(
+            &refs,
+            EdgeKind::PartOf,
+            "the CRDs with app.kubernetes.io/part-of=demo"
+        ));
+        assert!(found(
+            &refs,
+            EdgeKind::PartOf,
+            "the CRDs with meta.helm.sh/release-name=demo-release"
+        ));
+
+        let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "gizmos.demo.io", "labels": {"app.kubernetes.io/part-of": "demo"},
+                         "annotations": {"meta.helm.sh/release-name": "demo-release"}},
+            "spec": {"group": "demo.io", "names": {"kind": "Gizmo", "plural": "gizmos"},
+                     "conversion": {"strategy": "Webhook", "webhook": {"clientConfig": {"service": {"name": "hook", "namespace": "op"}}}}}});
+        let pattern = |group: &str, resource: &str| Target::CrdResources {
+            group: group.into(),
+            resource: resource.into(),
+        };
+        assert!(pattern("demo.io", "gizmos").matches_crd(&crd));
+        assert!(pattern("demo.io", "*").matches_crd(&crd));
+        assert!(!pattern("demo.io", "widgets").matches_crd(&crd));
+        assert!(!pattern("other.io", "gizmos").matches_crd(&crd));
+        let labelled = |key: &str, value: &str| Target::CrdsLabelled {
+            key: key.into(),
+            value: value.into(),
+        };
+        assert!(labelled("app.kubernetes.io/part-of", "demo").matches_crd(&crd));
+        assert!(labelled("meta.helm.sh/release-name", "demo-release").matches_crd(&crd));
+        assert!(!labelled("app.kubernetes.io/instance", "demo").matches_crd(&crd));
+        assert!(found(
+            &references(&crd),
+            EdgeKind::Serves,
+            "Service/op/hook"
+        ));
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct Node {
     /// For CRDs: the group and kind they define.
     #[serde(skip)]
     defines: Option<(String, String)>,
+    /// For CRDs: what pattern references match against (group, names,
+    /// labels and the Helm release annotation).
+    #[serde(skip)]
+    crd: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +138,12 @@ impl AppGraph {
                     .to_string(),
             )
         });
+        let crd = defines.is_some().then(|| {
+            serde_json::json!({
+                "spec": {"group": value.pointer("/spec/group"), "names": value.pointer("/spec/names")},
+                "metadata": {"labels": value.pointer("/metadata/labels"), "annotations": value.pointer("/metadata/annotations")},
+            })
+        });
         let key = key_of(&object);
         let i = self.graph.add_node(Node {
             object,
@@ -141,6 +151,7 @@ impl AppGraph {
             labels,
             pod_labels,
             defines,
+            crd,
         });
         self.index.insert(key, i);
         i
@@ -188,12 +199,75 @@ impl AppGraph {
                     !self.index.contains_key(&k) && !self.external.contains(&k)
                 }
                 Target::Crd { group, kind } => !crds.contains(&(group.as_str(), kind.as_str())),
-                Target::Selector { .. } => false,
+                // Found by listing CRDs: see `crd_patterns`.
+                Target::Selector { .. }
+                | Target::CrdResources { .. }
+                | Target::CrdsLabelled { .. } => false,
             };
             if missing && seen.insert(r.target.to_string()) {
                 out.push(r.clone());
             }
         }
+        out
+    }
+
+    /// Pending references that stand for any number of CRDs (the CRDs an
+    /// application's roles grant access to, its webhooks serve, or that
+    /// carry its labels), deduplicated; a backup lists CRDs to find them.
+    pub fn crd_patterns(&self) -> Vec<Target> {
+        let mut out: Vec<Target> = Vec::new();
+        for (_, r) in &self.pending {
+            if r.target.is_crd_pattern() && !out.contains(&r.target) {
+                out.push(r.target.clone());
+            }
+        }
+        out
+    }
+
+    /// Why an object is in the graph, from the objects that need it: one
+    /// line per edge, e.g. `Role/op/manager grants access to its resources (rules[0])`.
+    pub fn why_included(&self, object: &ObjectRef) -> Vec<String> {
+        let Some(&i) = self.index.get(&key_of(object)) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = self
+            .graph
+            .edges_directed(i, petgraph::Direction::Incoming)
+            .map(|e| {
+                let from = &self.graph[e.source()].object;
+                let path = &e.weight().path;
+                match e.weight().kind {
+                    EdgeKind::Grants => format!("{from} grants access to its resources ({path})"),
+                    EdgeKind::PartOf => {
+                        format!("{from} belongs to the same application ({path})")
+                    }
+                    EdgeKind::Serves => format!("{from} serves its resources ({path})"),
+                    EdgeKind::InstanceOf => format!("{from} is an instance of it"),
+                    kind => format!("{from} refers to it ({} at {path})", kind.as_str()),
+                }
+            })
+            .collect();
+        // A cluster-scoped object that points into the application (a
+        // binding of its ServiceAccount, a webhook served by its Service).
+        out.extend(
+            self.graph
+                .edges_directed(i, petgraph::Direction::Outgoing)
+                .filter(|e| {
+                    matches!(e.weight().kind, EdgeKind::Serves | EdgeKind::Binds)
+                        && object.namespace.is_none()
+                        && self.graph[e.target()].object.namespace.is_some()
+                })
+                .map(|e| {
+                    let to = &self.graph[e.target()].object;
+                    let path = &e.weight().path;
+                    match e.weight().kind {
+                        EdgeKind::Serves => format!("it is served by {to} ({path})"),
+                        _ => format!("it binds {to} ({path})"),
+                    }
+                }),
+        );
+        out.sort();
+        out.dedup();
         out
     }
 
@@ -204,6 +278,11 @@ impl AppGraph {
         let pending = std::mem::take(&mut self.pending);
         let mut dangling = Vec::new();
         let mut crds: HashMap<(String, String), NodeIndex> = HashMap::new();
+        let crd_nodes: Vec<NodeIndex> = self
+            .graph
+            .node_indices()
+            .filter(|i| self.graph[*i].crd.is_some())
+            .collect();
         // Selectors match pods of their own namespace only: index the nodes
         // that carry pod labels by namespace, so that each selector looks at
         // its namespace's workloads rather than at every node.
@@ -244,6 +323,16 @@ impl AppGraph {
                         vec![]
                     }
                 },
+                Target::CrdResources { .. } | Target::CrdsLabelled { .. } => crd_nodes
+                    .iter()
+                    .copied()
+                    .filter(|i| {
+                        self.graph[*i]
+                            .crd
+                            .as_ref()
+                            .is_some_and(|crd| reference.target.matches_crd(crd))
+                    })
+                    .collect(),
                 Target::Selector {
                     namespace,
                     selector,
@@ -531,6 +620,67 @@ mod tests {
             );
         }
         assert_eq!(g.referrers(&objs[1]), vec![(&objs[2], EdgeKind::Mounts)]);
+    }
+
+    #[test]
+    fn crds_without_instances_become_dependencies_with_reasons() {
+        let mut g = AppGraph::new();
+        add(
+            &mut g,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}),
+        );
+        let role = add(
+            &mut g,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "op", "namespace": "a"},
+                "rules": [{"apiGroups": ["demo.io"], "resources": ["widgets"], "verbs": ["*"]}]}),
+        );
+        let dep = add(
+            &mut g,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "op", "namespace": "a",
+                "labels": {"app.kubernetes.io/instance": "demo"}}, "spec": {"template": {"spec": {"containers": []}}}}),
+        );
+        assert_eq!(
+            g.crd_patterns()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec![
+                "the CRDs of widgets.demo.io",
+                "the CRDs with app.kubernetes.io/instance=demo"
+            ]
+        );
+        assert!(
+            g.unresolved().iter().all(|r| !r.target.is_crd_pattern()),
+            "patterns are found by listing CRDs, not fetched by name"
+        );
+        let widgets = add(
+            &mut g,
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.demo.io"},
+                "spec": {"group": "demo.io", "names": {"kind": "Widget", "plural": "widgets"}}}),
+        );
+        let gadgets = add(
+            &mut g,
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "gadgets.demo.io",
+                "labels": {"app.kubernetes.io/instance": "demo"}},
+                "spec": {"group": "demo.io", "names": {"kind": "Gadget", "plural": "gadgets"}}}),
+        );
+        let dangling = g.resolve();
+        assert!(
+            dangling.is_empty(),
+            "patterns are never dangling: {dangling:?}"
+        );
+        assert_eq!(
+            g.why_included(&widgets),
+            vec![format!("{role} grants access to its resources (rules[0])")]
+        );
+        assert_eq!(
+            g.why_included(&gadgets),
+            vec![format!(
+                "{dep} belongs to the same application (metadata.labels.app.kubernetes.io/instance)"
+            )]
+        );
+        let closure = g.dependencies_closure(&[dep]);
+        assert!(closure.contains(&gadgets) && !closure.contains(&widgets));
     }
 
     #[test]

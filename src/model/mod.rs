@@ -4,6 +4,7 @@
 pub mod edges;
 pub mod graph;
 pub mod names;
+pub mod namespace_fields;
 pub mod normalize;
 pub mod object;
 pub mod select;

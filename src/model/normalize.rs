@@ -164,6 +164,12 @@ pub static RULES: &[Rule] = &[
         apply: protection_finalizers,
     },
     Rule {
+        name: "server-defaults",
+        matches: "Services, workloads and their pod templates, Jobs, CronJobs, PVCs, Secrets, NetworkPolicies, webhook configurations, CRDs",
+        description: "drop fields equal to the value the API server fills in when they are left out (Service ipFamilies/ipFamilyPolicy/sessionAffinity/internalTrafficPolicy/type, container terminationMessagePath/terminationMessagePolicy/imagePullPolicy, probe timings, volume defaultMode, rollout strategies, history limits…): the target applies its own defaults, so snapshots diff cleanly and do not pin the source's",
+        apply: server_defaults,
+    },
+    Rule {
         name: "empty-metadata",
         matches: "every object",
         description: "drop labels, annotations and ownerReferences left empty",
@@ -677,6 +683,400 @@ fn protection_finalizers(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     changed(finalizers.len() != before)
 }
 
+/// Removes `key` from `map` when it holds exactly `default`.
+fn strip_default(map: &mut Map<String, Value>, key: &str, default: Value) -> bool {
+    if map.get(key) == Some(&default) {
+        // Keeps the order of the other fields.
+        map.shift_remove(key);
+        true
+    } else {
+        false
+    }
+}
+
+/// Strips each `(key, default)` of `defaults` from the map at `pointer`.
+fn strip_defaults(obj: &mut Value, pointer: &str, defaults: &[(&str, Value)]) -> bool {
+    let Some(map) = map_at(obj, pointer) else {
+        return false;
+    };
+    let mut c = false;
+    for (key, default) in defaults {
+        c |= strip_default(map, key, default.clone());
+    }
+    c
+}
+
+/// The pull policy the API server gives a container without one: `Always`
+/// for an image without tag or tagged `latest` (and no digest), else `IfNotPresent`.
+pub fn default_pull_policy(image: &str) -> &'static str {
+    if image.contains('@') {
+        return "IfNotPresent";
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.split_once(':') {
+        Some((_, tag)) if tag != "latest" => "IfNotPresent",
+        _ => "Always",
+    }
+}
+
+fn strip_probe_defaults(probe: &mut Value) -> bool {
+    let mut c = strip_defaults(
+        probe,
+        "",
+        &[
+            ("timeoutSeconds", Value::from(1)),
+            ("periodSeconds", Value::from(10)),
+            ("successThreshold", Value::from(1)),
+            ("failureThreshold", Value::from(3)),
+        ],
+    );
+    c |= strip_defaults(probe, "/httpGet", &[("scheme", Value::from("HTTP"))]);
+    c
+}
+
+fn strip_container_defaults(container: &mut Value) -> bool {
+    let image = container
+        .get("image")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let mut c = strip_defaults(
+        container,
+        "",
+        &[
+            (
+                "terminationMessagePath",
+                Value::from("/dev/termination-log"),
+            ),
+            ("terminationMessagePolicy", Value::from("File")),
+            ("imagePullPolicy", Value::from(default_pull_policy(&image))),
+            ("resources", serde_json::json!({})),
+        ],
+    );
+    if let Some(ports) = container.get_mut("ports").and_then(Value::as_array_mut) {
+        for port in ports {
+            c |= strip_defaults(port, "", &[("protocol", Value::from("TCP"))]);
+        }
+    }
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        if let Some(p) = container.get_mut(probe) {
+            c |= strip_probe_defaults(p);
+        }
+    }
+    if let Some(env) = container.get_mut("env").and_then(Value::as_array_mut) {
+        for e in env {
+            c |= strip_defaults(
+                e,
+                "/valueFrom/fieldRef",
+                &[("apiVersion", Value::from("v1"))],
+            );
+        }
+    }
+    c
+}
+
+fn strip_pod_spec_defaults(spec: &mut Value) -> bool {
+    let mut c = strip_defaults(
+        spec,
+        "",
+        &[
+            ("restartPolicy", Value::from("Always")),
+            ("dnsPolicy", Value::from("ClusterFirst")),
+            ("schedulerName", Value::from("default-scheduler")),
+            ("securityContext", serde_json::json!({})),
+            ("terminationGracePeriodSeconds", Value::from(30)),
+            ("enableServiceLinks", Value::from(true)),
+        ],
+    );
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
+        if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
+            for container in containers {
+                c |= strip_container_defaults(container);
+            }
+        }
+    }
+    if let Some(volumes) = spec.get_mut("volumes").and_then(Value::as_array_mut) {
+        for volume in volumes {
+            for source in ["configMap", "secret", "projected", "downwardAPI"] {
+                c |= strip_defaults(
+                    volume,
+                    &format!("/{source}"),
+                    &[("defaultMode", Value::from(420))],
+                );
+            }
+            if let Some(items) = volume
+                .pointer_mut("/downwardAPI/items")
+                .and_then(Value::as_array_mut)
+            {
+                for item in items {
+                    c |= strip_defaults(item, "/fieldRef", &[("apiVersion", Value::from("v1"))]);
+                }
+            }
+        }
+    }
+    c
+}
+
+/// A template's metadata: `creationTimestamp: null` is how the API server
+/// writes a template timestamp nobody set, and it returns an empty
+/// `metadata: {}` for templates without one.
+fn strip_template_metadata(obj: &mut Value, template: &str) -> bool {
+    let Some(template) = map_at(obj, template) else {
+        return false;
+    };
+    let Some(meta) = template.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return false;
+    };
+    let mut c = strip_default(meta, "creationTimestamp", Value::Null);
+    if meta.is_empty() {
+        template.shift_remove("metadata");
+        c = true;
+    }
+    c
+}
+
+fn rolling_update(extra: Value) -> Value {
+    serde_json::json!({"type": "RollingUpdate", "rollingUpdate": extra})
+}
+
+fn server_defaults(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
+    let (g, k) = (group(obj).to_string(), kind(obj).to_string());
+    let mut c = false;
+    if let Some(pointer) = super::edges::pod_spec_pointer(&g, &k)
+        && let Some(spec) = obj.pointer_mut(pointer)
+    {
+        c |= strip_pod_spec_defaults(spec);
+        if let Some(template) = pointer.strip_suffix("/spec") {
+            c |= strip_template_metadata(obj, template);
+        }
+    }
+    let history = ("revisionHistoryLimit", Value::from(10));
+    match (g.as_str(), k.as_str()) {
+        ("", "Service") => {
+            let single_family = obj
+                .pointer("/spec/ipFamilies")
+                .and_then(Value::as_array)
+                .is_some_and(|f| f.len() == 1);
+            let single_stack = obj
+                .pointer("/spec/ipFamilyPolicy")
+                .is_none_or(|p| p == "SingleStack");
+            if let Some(spec) = map_at(obj, "/spec") {
+                // A single family under SingleStack is the cluster's primary
+                // family: the target chooses its own.
+                if single_family && single_stack {
+                    c |= spec.shift_remove("ipFamilies").is_some();
+                }
+                if !spec.contains_key("ipFamilies") {
+                    c |= strip_default(spec, "ipFamilyPolicy", Value::from("SingleStack"));
+                }
+                for (key, default) in [
+                    ("sessionAffinity", Value::from("None")),
+                    ("type", Value::from("ClusterIP")),
+                    ("internalTrafficPolicy", Value::from("Cluster")),
+                    ("externalTrafficPolicy", Value::from("Cluster")),
+                    ("allocateLoadBalancerNodePorts", Value::from(true)),
+                ] {
+                    c |= strip_default(spec, key, default);
+                }
+                if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+                    for port in ports {
+                        let number = port.get("port").cloned();
+                        if let Some(p) = port.as_object_mut() {
+                            c |= strip_default(p, "protocol", Value::from("TCP"));
+                            if let Some(number) = number {
+                                c |= strip_default(p, "targetPort", number);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        ("apps", "Deployment") => {
+            c |= strip_defaults(
+                obj,
+                "/spec",
+                &[
+                    ("replicas", Value::from(1)),
+                    history.clone(),
+                    ("progressDeadlineSeconds", Value::from(600)),
+                    (
+                        "strategy",
+                        rolling_update(
+                            serde_json::json!({"maxSurge": "25%", "maxUnavailable": "25%"}),
+                        ),
+                    ),
+                ],
+            );
+        }
+        ("apps", "StatefulSet") => {
+            c |= strip_defaults(
+                obj,
+                "/spec",
+                &[
+                    ("replicas", Value::from(1)),
+                    history.clone(),
+                    ("podManagementPolicy", Value::from("OrderedReady")),
+                    (
+                        "updateStrategy",
+                        rolling_update(serde_json::json!({"partition": 0})),
+                    ),
+                    // Where the MaxUnavailableStatefulSet feature is on (newer releases).
+                    (
+                        "updateStrategy",
+                        rolling_update(serde_json::json!({"partition": 0, "maxUnavailable": 1})),
+                    ),
+                    (
+                        "persistentVolumeClaimRetentionPolicy",
+                        serde_json::json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+                    ),
+                ],
+            );
+            if let Some(templates) = obj
+                .pointer_mut("/spec/volumeClaimTemplates")
+                .and_then(Value::as_array_mut)
+            {
+                for t in templates {
+                    c |= strip_defaults(
+                        t,
+                        "",
+                        &[
+                            ("apiVersion", Value::from("v1")),
+                            ("kind", Value::from("PersistentVolumeClaim")),
+                        ],
+                    );
+                    c |= strip_defaults(t, "/spec", &[("volumeMode", Value::from("Filesystem"))]);
+                    c |= strip_template_metadata(t, "");
+                }
+            }
+        }
+        ("apps", "DaemonSet") => {
+            // Set by the API server on create, for old clients.
+            c |= remove_keys(
+                obj,
+                "/metadata/annotations",
+                &["deprecated.daemonset.template.generation"],
+            );
+            c |= strip_defaults(
+                obj,
+                "/spec",
+                &[
+                    history.clone(),
+                    (
+                        "updateStrategy",
+                        rolling_update(serde_json::json!({"maxUnavailable": 1, "maxSurge": 0})),
+                    ),
+                ],
+            );
+        }
+        ("batch", "Job") => {
+            c |= strip_job_defaults(obj, "/spec");
+        }
+        ("batch", "CronJob") => {
+            c |= strip_defaults(
+                obj,
+                "/spec",
+                &[
+                    ("concurrencyPolicy", Value::from("Allow")),
+                    ("suspend", Value::from(false)),
+                    ("successfulJobsHistoryLimit", Value::from(3)),
+                    ("failedJobsHistoryLimit", Value::from(1)),
+                ],
+            );
+            c |= strip_job_defaults(obj, "/spec/jobTemplate/spec");
+            c |= strip_template_metadata(obj, "/spec/jobTemplate");
+        }
+        ("", "PersistentVolumeClaim") => {
+            c |= strip_defaults(obj, "/spec", &[("volumeMode", Value::from("Filesystem"))]);
+        }
+        (
+            "admissionregistration.k8s.io",
+            "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration",
+        ) => {
+            if let Some(hooks) = obj.get_mut("webhooks").and_then(Value::as_array_mut) {
+                for hook in hooks {
+                    c |= strip_defaults(
+                        hook,
+                        "",
+                        &[
+                            ("failurePolicy", Value::from("Fail")),
+                            ("matchPolicy", Value::from("Equivalent")),
+                            ("namespaceSelector", serde_json::json!({})),
+                            ("objectSelector", serde_json::json!({})),
+                            ("timeoutSeconds", Value::from(10)),
+                            ("reinvocationPolicy", Value::from("Never")),
+                        ],
+                    );
+                    c |= strip_defaults(
+                        hook,
+                        "/clientConfig/service",
+                        &[("port", Value::from(443))],
+                    );
+                    if let Some(rules) = hook.get_mut("rules").and_then(Value::as_array_mut) {
+                        for rule in rules {
+                            c |= strip_defaults(rule, "", &[("scope", Value::from("*"))]);
+                        }
+                    }
+                }
+            }
+        }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            let kind = obj
+                .pointer("/spec/names/kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            c |= strip_defaults(
+                obj,
+                "/spec",
+                &[("conversion", serde_json::json!({"strategy": "None"}))],
+            );
+            c |= strip_defaults(
+                obj,
+                "/spec/names",
+                &[
+                    ("listKind", Value::from(format!("{kind}List"))),
+                    ("singular", Value::from(kind.to_ascii_lowercase())),
+                ],
+            );
+        }
+        ("", "Secret") => {
+            c |= strip_defaults(obj, "", &[("type", Value::from("Opaque"))]);
+        }
+        ("networking.k8s.io", "NetworkPolicy") => {
+            let mut default = vec![Value::from("Ingress")];
+            if obj.pointer("/spec/egress").is_some() {
+                default.push(Value::from("Egress"));
+            }
+            c |= strip_defaults(obj, "/spec", &[("policyTypes", Value::Array(default))]);
+        }
+        _ => {}
+    }
+    changed(c)
+}
+
+fn strip_job_defaults(obj: &mut Value, spec: &str) -> bool {
+    // completions: 1 is the default only of a Job with parallelism 1: with
+    // more, a Job without completions is a work queue.
+    let parallel = obj
+        .pointer(&format!("{spec}/completionMode"))
+        .is_none_or(|m| m == "NonIndexed")
+        && obj
+            .pointer(&format!("{spec}/parallelism"))
+            .is_none_or(|p| p == 1);
+    let mut defaults = vec![
+        ("backoffLimit", Value::from(6)),
+        ("parallelism", Value::from(1)),
+        ("completionMode", Value::from("NonIndexed")),
+        ("suspend", Value::from(false)),
+        ("podReplacementPolicy", Value::from("TerminatingOrFailed")),
+        ("manualSelector", Value::from(false)),
+    ];
+    if parallel {
+        defaults.push(("completions", Value::from(1)));
+    }
+    strip_defaults(obj, spec, &defaults)
+}
+
 fn empty_metadata(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     let Some(meta) = map_at(obj, "/metadata") else {
         return Outcome::Unchanged;
@@ -1088,6 +1488,140 @@ mod tests {
         );
         assert_eq!(sts["metadata"], json!({"name": "db", "namespace": "a"}));
         assert!(applied.contains(&"empty-metadata"));
+    }
+
+    #[test]
+    fn server_defaults_are_stripped_and_other_values_kept() {
+        let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "a"},
+            "spec": {"type": "ClusterIP", "sessionAffinity": "None", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                     "internalTrafficPolicy": "Cluster", "clusterIP": "10.0.0.7", "clusterIPs": ["10.0.0.7"],
+                     "selector": {"app": "db"},
+                     "ports": [{"port": 5432, "targetPort": 5432, "protocol": "TCP"}, {"port": 53, "targetPort": "dns", "protocol": "UDP"}]}});
+        let (svc, applied) = keep(service);
+        assert!(applied.contains(&"server-defaults"));
+        assert_eq!(
+            svc["spec"],
+            json!({"selector": {"app": "db"}, "ports": [{"port": 5432}, {"port": 53, "targetPort": "dns", "protocol": "UDP"}]})
+        );
+        let dual = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "d", "namespace": "a"},
+            "spec": {"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack", "type": "NodePort", "externalTrafficPolicy": "Local"}});
+        let (dual, _) = keep(dual);
+        assert_eq!(
+            dual["spec"],
+            json!({"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack", "type": "NodePort", "externalTrafficPolicy": "Local"})
+        );
+
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "w", "namespace": "a"},
+            "spec": {"replicas": 1, "revisionHistoryLimit": 10, "progressDeadlineSeconds": 600,
+                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}},
+                     "selector": {"matchLabels": {"app": "w"}},
+                     "template": {"metadata": {"creationTimestamp": null, "labels": {"app": "w"}}, "spec": {
+                         "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "schedulerName": "default-scheduler",
+                         "securityContext": {}, "terminationGracePeriodSeconds": 30,
+                         "volumes": [{"name": "c", "configMap": {"name": "c", "defaultMode": 420}}, {"name": "s", "secret": {"secretName": "s", "defaultMode": 256}}],
+                         "containers": [
+                            {"name": "a", "image": "redis:7", "imagePullPolicy": "IfNotPresent", "terminationMessagePath": "/dev/termination-log",
+                             "terminationMessagePolicy": "File", "resources": {}, "ports": [{"containerPort": 6379, "protocol": "TCP"}],
+                             "readinessProbe": {"tcpSocket": {"port": 6379}, "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3},
+                             "env": [{"name": "N", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}]},
+                            {"name": "b", "image": "busybox", "imagePullPolicy": "IfNotPresent", "terminationMessagePolicy": "FallbackToLogsOnError"},
+                            {"name": "c", "image": "busybox:latest", "imagePullPolicy": "Always"}]}}}});
+        let (d, _) = keep(deployment);
+        assert_eq!(
+            d["spec"],
+            json!({"selector": {"matchLabels": {"app": "w"}},
+                   "template": {"metadata": {"labels": {"app": "w"}}, "spec": {
+                       "volumes": [{"name": "c", "configMap": {"name": "c"}}, {"name": "s", "secret": {"secretName": "s", "defaultMode": 256}}],
+                       "containers": [
+                          {"name": "a", "image": "redis:7", "ports": [{"containerPort": 6379}], "readinessProbe": {"tcpSocket": {"port": 6379}},
+                           "env": [{"name": "N", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+                          {"name": "b", "image": "busybox", "imagePullPolicy": "IfNotPresent", "terminationMessagePolicy": "FallbackToLogsOnError"},
+                          {"name": "c", "image": "busybox:latest"}]}}}),
+            "non-default values (a pull policy other than the image's default, a mode of 256) stay"
+        );
+
+        let work_queue = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "q", "namespace": "a"},
+            "spec": {"parallelism": 3, "completions": 1, "backoffLimit": 6, "template": {"spec": {"restartPolicy": "Never", "containers": []}}}});
+        let (q, _) = keep(work_queue);
+        assert_eq!(
+            q["spec"],
+            json!({"parallelism": 3, "completions": 1, "template": {"spec": {"restartPolicy": "Never", "containers": []}}})
+        );
+    }
+
+    #[test]
+    fn newer_server_defaults_and_empty_templates_are_stripped() {
+        let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "a"},
+            "spec": {"serviceName": "db", "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0, "maxUnavailable": 1}},
+                     "template": {"spec": {"containers": []}},
+                     "volumeClaimTemplates": [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "metadata": {"name": "data", "creationTimestamp": null}, "spec": {"volumeMode": "Filesystem"}}]}});
+        let (sts, _) = keep(sts);
+        assert_eq!(
+            sts["spec"],
+            json!({"serviceName": "db", "template": {"spec": {"containers": []}},
+                   "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {}}]})
+        );
+        let partitioned = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "a"},
+            "spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}}});
+        let (partitioned, _) = keep(partitioned);
+        assert_eq!(
+            partitioned["spec"]["updateStrategy"]["rollingUpdate"]["partition"],
+            2
+        );
+
+        let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "agent", "namespace": "a", "annotations": {"deprecated.daemonset.template.generation": "1"}},
+            "spec": {"template": {"metadata": {}, "spec": {"containers": []}}}});
+        let (ds, _) = keep(ds);
+        assert!(ds["metadata"].get("annotations").is_none(), "{ds}");
+        assert_eq!(
+            ds["spec"],
+            json!({"template": {"spec": {"containers": []}}})
+        );
+
+        let cj = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c", "namespace": "a"},
+            "spec": {"schedule": "@daily", "concurrencyPolicy": "Allow", "jobTemplate": {"metadata": {},
+                "spec": {"template": {"metadata": {"creationTimestamp": null}, "spec": {"restartPolicy": "OnFailure"}}}}}});
+        let (cj, _) = keep(cj);
+        assert_eq!(
+            cj["spec"],
+            json!({"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}})
+        );
+
+        let hook = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration", "metadata": {"name": "m"},
+            "webhooks": [{"name": "m.example.com", "clientConfig": {"service": {"name": "s", "namespace": "a", "port": 443}},
+                "rules": [{"apiGroups": ["example.com"], "resources": ["things"], "scope": "*"}],
+                "failurePolicy": "Ignore", "matchPolicy": "Equivalent", "namespaceSelector": {}, "objectSelector": {},
+                "timeoutSeconds": 10, "reinvocationPolicy": "Never", "sideEffects": "None"}]});
+        let (hook, _) = keep(hook);
+        assert_eq!(
+            hook["webhooks"],
+            json!([{"name": "m.example.com", "clientConfig": {"service": {"name": "s", "namespace": "a"}},
+                    "rules": [{"apiGroups": ["example.com"], "resources": ["things"]}],
+                    "failurePolicy": "Ignore", "sideEffects": "None"}])
+        );
+        let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "things.example.com"},
+            "spec": {"group": "example.com", "names": {"plural": "things", "singular": "thing", "kind": "Thing", "listKind": "ThingList"},
+                     "conversion": {"strategy": "None"}}});
+        let (crd, _) = keep(crd);
+        assert_eq!(
+            crd["spec"],
+            json!({"group": "example.com", "names": {"plural": "things", "kind": "Thing"}})
+        );
+    }
+
+    #[test]
+    fn pull_policy_defaults_follow_the_image_reference() {
+        assert_eq!(default_pull_policy("nginx"), "Always");
+        assert_eq!(default_pull_policy("nginx:latest"), "Always");
+        assert_eq!(default_pull_policy("nginx:1.27"), "IfNotPresent");
+        assert_eq!(default_pull_policy("registry:5000/team/app"), "Always");
+        assert_eq!(
+            default_pull_policy("registry:5000/team/app:v2"),
+            "IfNotPresent"
+        );
+        assert_eq!(default_pull_policy("nginx@sha256:abcd"), "IfNotPresent");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `--namespace-mapping old=new`: moves objects to other namespaces and makes
 //! every namespaced reference follow (RoleBinding and ClusterRoleBinding
 //! subjects, PersistentVolume claimRefs, webhook and APIService service
-//! references, NetworkPolicy selectors on `kubernetes.io/metadata.name`).
+//! references, NetworkPolicy selectors on `kubernetes.io/metadata.name`,
+//! fields of custom resources named like namespaces).
 //!
 //! A cluster-scoped object that follows a mapped namespace (a
 //! ClusterRoleBinding granting to its service accounts, a webhook
@@ -229,6 +230,16 @@ impl NamespaceMapping {
             }
             _ => {}
         }
+        // Custom resources: fields named like namespaces (`namespace`,
+        // `targetNamespace`, `watchNamespaces`…).
+        use crate::model::namespace_fields::{namespace_fields, value_at_mut};
+        for path in namespace_fields(obj, None) {
+            match value_at_mut(obj, &path) {
+                Some(Value::Array(items)) => items.iter_mut().for_each(|i| self.remap_at(i)),
+                Some(value) => self.remap_at(value),
+                None => {}
+            }
+        }
     }
 }
 
@@ -345,6 +356,19 @@ mod tests {
             np["spec"]["ingress"][0]["from"][1]["namespaceSelector"]["matchExpressions"][0]["values"],
             json!(["staging", "ops"])
         );
+    }
+
+    #[test]
+    fn namespace_fields_of_custom_resources_follow() {
+        let mut app = json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
+            "metadata": {"name": "shop", "namespace": "prod"},
+            "spec": {"destination": {"namespace": "prod", "server": "https://kubernetes.default.svc"},
+                     "watchNamespaces": ["prod", "other"], "note": "prod"}});
+        prod_to_staging().apply(&mut app);
+        assert_eq!(app["metadata"]["namespace"], "staging");
+        assert_eq!(app["spec"]["destination"]["namespace"], "staging");
+        assert_eq!(app["spec"]["watchNamespaces"], json!(["staging", "other"]));
+        assert_eq!(app["spec"]["note"], "prod");
     }
 
     #[test]

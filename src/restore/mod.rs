@@ -290,7 +290,7 @@ pub async fn load_selected(
     snapshot: &str,
     opts: &RestoreOptions,
 ) -> Result<Vec<Value>, RestoreError> {
-    let (_, objects) = load_snapshot(repo, snapshot, opts).await?;
+    let (_, objects, _) = load_snapshot(repo, snapshot, opts).await?;
     Ok(objects.into_iter().map(|d| d.value).collect())
 }
 
@@ -299,22 +299,22 @@ async fn load_snapshot(
     repo: &Repository,
     snapshot: &str,
     opts: &RestoreOptions,
-) -> Result<(String, Vec<Desired>), RestoreError> {
+) -> Result<(String, Vec<Desired>, crate::profile::ClusterProfile), RestoreError> {
     // Every body is read here, under a shared lock: prune waits meanwhile.
     let lock = repo.lock_shared().await?;
     let loaded = async {
         let (_, snap) = repo.find_snapshot(snapshot).await?;
         let content = load_content(repo, &snap).await?;
         let objects = load_objects(repo, &content, opts).await?;
-        Ok::<_, RestoreError>((snap, objects))
+        Ok::<_, RestoreError>((snap, objects, content.profile))
     }
     .await;
     lock.release().await?;
-    let (snap, objects) = loaded?;
+    let (snap, objects, profile) = loaded?;
     if objects.is_empty() {
         return Err(RestoreError::NothingSelected(snap.name));
     }
-    Ok((snap.name, objects))
+    Ok((snap.name, objects, profile))
 }
 
 /// Whether the caller may `verb` the resource in `namespace` (`None`: in
@@ -585,7 +585,7 @@ async fn check(
     snapshot: &str,
     opts: &RestoreOptions,
 ) -> Result<Checked, RestoreError> {
-    let (snapshot_name, mut objects) = load_snapshot(repo, snapshot, opts).await?;
+    let (snapshot_name, mut objects, source_profile) = load_snapshot(repo, snapshot, opts).await?;
     let discovery = discover(&conn.client).await?;
     let mut problems: Vec<String> = Vec::new();
     let mut warnings: Vec<String> = Vec::new();
@@ -728,6 +728,12 @@ async fn check(
         };
         match get_object(&conn.client, resource, None, &name).await {
             Ok(Some(_)) => {}
+            // Already unresolved where the snapshot was taken: restoring
+            // reproduces the source, so it is no reason to refuse.
+            Ok(None) if source_profile.has_class(&kind, &name) == Some(false) => warnings.push(format!(
+                "{label} {name} (used by {}) exists neither on the target nor on the source cluster of the snapshot; restored with the same unresolved reference as on the source",
+                some_of(&users)
+            )),
             Ok(None) => problems.push(format!(
                 "{label} {name} is missing on the target (used by {}); create it, include it in the restore, or map it with a transform{}",
                 some_of(&users),

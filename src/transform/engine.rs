@@ -118,6 +118,9 @@ fn register_functions(engine: &mut Engine) {
         graph(|input| input.referrers(object))
     });
     engine.register_fn("object_id", |object: &mut Map| map_object_id(object));
+    engine.register_fn("namespace_fields", |object: &mut Map| {
+        graph(|input| input.namespace_fields(object))
+    });
 
     // The core package's `sleep` would hold the thread past the time
     // budget, which is only checked between operations. Functions
@@ -315,7 +318,7 @@ pub(crate) fn eval_error(err: &EvalAltResult) -> ScriptError {
             )
         }
         EvalAltResult::ErrorFunctionNotFound(signature, _) => format!(
-            "function not found: {signature} (rule sets run in a sandbox: only Rhai's standard functions and Ferry's warn, fail, serves, serves_kind, graph_get, graph_find, referrers and object_id exist; there is no file, network or environment access)"
+            "function not found: {signature} (rule sets run in a sandbox: only Rhai's standard functions and Ferry's warn, fail, serves, serves_kind, graph_get, graph_find, referrers, object_id and namespace_fields exist; there is no file, network or environment access)"
         ),
         EvalAltResult::ErrorAssignmentToConstant(name, _) if name == "target" => {
             "the target profile is read-only; to change a copy, write let t = target;".to_string()

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::model::ObjectRef;
 use crate::model::edges::references;
 use crate::model::graph::AppGraph;
+use crate::model::namespace_fields::{Step, namespace_fields};
 use crate::model::object::split_api_version;
 use crate::profile::ClusterProfile;
 
@@ -27,6 +28,8 @@ pub(crate) struct StepInput {
     index: OnceLock<Index>,
     /// Built by the first `referrers` of the step.
     graph: OnceLock<AppGraph>,
+    /// CRDs by the (group, kind) they define, built by the first `namespace_fields`.
+    crds: OnceLock<HashMap<(String, String), usize>>,
 }
 
 #[derive(Default)]
@@ -53,6 +56,7 @@ impl StepInput {
             target,
             index: OnceLock::new(),
             graph: OnceLock::new(),
+            crds: OnceLock::new(),
         }
     }
 
@@ -152,6 +156,56 @@ impl StepInput {
                 m.insert("name".into(), from.name.as_str().into());
                 m.insert("edge".into(), edge.as_str().into());
                 Dynamic::from_map(m)
+            })
+            .collect()
+    }
+
+    /// `namespace_fields(obj)`: the paths (arrays of keys and indices) of the
+    /// fields of a custom resource that name a namespace, by its CRD's
+    /// schema when the CRD is among the objects, else by naming convention.
+    pub fn namespace_fields(&self, object: &Map) -> Array {
+        let Some(target) = map_object_ref(object) else {
+            return Array::new();
+        };
+        if crate::model::edges::is_builtin_group(&target.group) {
+            return Array::new();
+        }
+        let Ok(value) = super::convert::from_dynamic(Dynamic::from_map(object.clone()), None)
+        else {
+            return Array::new();
+        };
+        let crds = self.crds.get_or_init(|| {
+            self.objects
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| {
+                    group_kind(o) == ("apiextensions.k8s.io", "CustomResourceDefinition")
+                })
+                .map(|(i, o)| {
+                    (
+                        (
+                            text(o, &["spec", "group"]).to_string(),
+                            text(o, &["spec", "names", "kind"]).to_string(),
+                        ),
+                        i,
+                    )
+                })
+                .collect()
+        });
+        let crd = crds
+            .get(&(target.group.clone(), target.kind.clone()))
+            .map(|i| &self.objects[*i]);
+        namespace_fields(&value, crd)
+            .into_iter()
+            .map(|path| {
+                let steps: Array = path
+                    .into_iter()
+                    .map(|step| match step {
+                        Step::Key(k) => Dynamic::from(k),
+                        Step::Index(i) => Dynamic::from(i as rhai::INT),
+                    })
+                    .collect();
+                Dynamic::from_array(steps)
             })
             .collect()
     }

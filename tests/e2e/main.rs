@@ -3,6 +3,7 @@
 //! and bucket, so the whole binary runs in parallel.
 
 mod backup;
+mod fidelity;
 mod node;
 mod restore;
 mod support;
