@@ -66,13 +66,12 @@ async fn delete_namespace(client: &kube::Client, name: &str) {
 }
 
 fn crd_ref(name: &str) -> ferry::model::ObjectRef {
-    ferry::model::ObjectRef {
-        group: "apiextensions.k8s.io".into(),
-        version: "v1".into(),
-        kind: "CustomResourceDefinition".into(),
-        namespace: None,
-        name: name.into(),
-    }
+    object_ref(
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        None,
+        name,
+    )
 }
 
 #[tokio::test]
@@ -196,34 +195,20 @@ async fn the_operator_example_migrates_between_clusters_with_every_crd() {
         .await;
     }
     for object in [
-        ferry::model::ObjectRef {
-            group: "admissionregistration.k8s.io".into(),
-            version: "v1".into(),
-            kind: "ValidatingWebhookConfiguration".into(),
-            namespace: None,
-            name: format!("{n}-dbop"),
-        },
-        ferry::model::ObjectRef {
-            group: "rbac.authorization.k8s.io".into(),
-            version: "v1".into(),
-            kind: "ClusterRoleBinding".into(),
-            namespace: None,
-            name: format!("{n}-dbop"),
-        },
-        ferry::model::ObjectRef {
-            group: "apps".into(),
-            version: "v1".into(),
-            kind: "Deployment".into(),
-            namespace: Some(n.clone()),
-            name: "dbop".into(),
-        },
-        ferry::model::ObjectRef {
-            group: format!("{n}.ferry.dev"),
-            version: "v1".into(),
-            kind: "Database".into(),
-            namespace: Some(n.clone()),
-            name: "main".into(),
-        },
+        object_ref(
+            "admissionregistration.k8s.io/v1",
+            "ValidatingWebhookConfiguration",
+            None,
+            &format!("{n}-dbop"),
+        ),
+        object_ref(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRoleBinding",
+            None,
+            &format!("{n}-dbop"),
+        ),
+        object_ref("apps/v1", "Deployment", Some(&n), "dbop"),
+        object_ref(&format!("{n}.ferry.dev/v1"), "Database", Some(&n), "main"),
     ] {
         assert!(
             live(&target_client, &object).await.is_some(),
@@ -252,13 +237,7 @@ async fn migrate_shows_what_the_backup_reported() {
         })]),
     )
     .await;
-    let root_ca = ferry::model::ObjectRef {
-        group: String::new(),
-        version: "v1".into(),
-        kind: "ConfigMap".into(),
-        namespace: Some(n.clone()),
-        name: "kube-root-ca.crt".into(),
-    };
+    let root_ca = object_ref("v1", "ConfigMap", Some(&n), "kube-root-ca.crt");
     eventually("kube-root-ca.crt", Duration::from_secs(30), || async {
         live(&client, &root_ca).await.map(|_| ())
     })
@@ -534,13 +513,7 @@ async fn an_ingress_class_missing_on_both_clusters_does_not_block_the_restore() 
         "{result:#}"
     );
     let target_client = target.client().await;
-    let restored = ferry::model::ObjectRef {
-        group: "networking.k8s.io".into(),
-        version: "v1".into(),
-        kind: "Ingress".into(),
-        namespace: Some(n.clone()),
-        name: "nowhere".into(),
-    };
+    let restored = object_ref("networking.k8s.io/v1", "Ingress", Some(&n), "nowhere");
     assert!(live(&target_client, &restored).await.is_some());
     delete_namespace(&target_client, &n).await;
 }
@@ -736,4 +709,21 @@ async fn server_defaulted_fields_are_stripped_back_to_the_minimal_object() {
         "normalizing what the API server returns must give back the minimal object:\n{}",
         differences.join("\n")
     );
+}
+
+/// The reference of an object by apiVersion, kind, namespace and name.
+fn object_ref(
+    api_version: &str,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> ferry::model::ObjectRef {
+    let (group, version) = ferry::model::object::split_api_version(api_version);
+    ferry::model::ObjectRef {
+        group: group.into(),
+        version: version.into(),
+        kind: kind.into(),
+        namespace: namespace.map(String::from),
+        name: name.into(),
+    }
 }

@@ -29,9 +29,30 @@ async fn namespace_for_pods(client: &kube::Client, prefix: &str) -> TestNamespac
     ns
 }
 
-fn volume_snapshots(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+/// Takes VolumeSnapshot `snap` of `claim` through the upstream
+/// snapshot-controller and csi-snapshotter and waits until it is ready.
+async fn snapshot_ready(client: &kube::Client, ns: &str, claim: &str, class: Option<&str>) {
     let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
-    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
+    let snapshots: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk));
+    let mut spec = json!({"source": {"persistentVolumeClaimName": claim}});
+    if let Some(class) = class {
+        spec["volumeSnapshotClassName"] = json!(class);
+    }
+    let snapshot: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": "snap"}, "spec": spec
+    }))
+    .unwrap();
+    snapshots
+        .create(&PostParams::default(), &snapshot)
+        .await
+        .expect("create VolumeSnapshot");
+    eventually("VolumeSnapshot snap to be ready", POD_TIMEOUT, || async {
+        let snap = snapshots.get("snap").await.ok()?;
+        (snap.data["status"]["readyToUse"] == json!(true)).then_some(())
+    })
+    .await;
 }
 
 async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
@@ -146,24 +167,7 @@ async fn node_csi_volume_survives_snapshot_and_restore_and_pods_answer_logs_and_
         "the writer Pod"
     );
 
-    // A snapshot through the upstream snapshot-controller and csi-snapshotter.
-    let snapshots = volume_snapshots(&client, &ns.name);
-    let snapshot: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
-        "metadata": {"name": "snap"},
-        "spec": {"volumeSnapshotClassName": node.snapshot_class,
-                 "source": {"persistentVolumeClaimName": "source"}}
-    }))
-    .unwrap();
-    snapshots
-        .create(&PostParams::default(), &snapshot)
-        .await
-        .expect("create VolumeSnapshot");
-    eventually("VolumeSnapshot snap to be ready", POD_TIMEOUT, || async {
-        let snap = snapshots.get("snap").await.ok()?;
-        (snap.data["status"]["readyToUse"] == json!(true)).then_some(())
-    })
-    .await;
+    snapshot_ready(&client, &ns.name, "source", Some(&node.snapshot_class)).await;
 
     // The source changes after the snapshot; the restored claim must not see it.
     create(
@@ -263,22 +267,8 @@ async fn node_block_volume_survives_snapshot_and_restore() {
     let (phase, logs) = finished(&pods, "writer").await;
     assert_eq!((phase.as_str(), logs.trim()), ("Succeeded", "wrote"));
 
-    let snapshots = volume_snapshots(&client, &ns.name);
-    let snapshot: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
-        "metadata": {"name": "snap"},
-        "spec": {"source": {"persistentVolumeClaimName": "source"}}
-    }))
-    .unwrap();
-    snapshots
-        .create(&PostParams::default(), &snapshot)
-        .await
-        .expect("create VolumeSnapshot of the default class");
-    eventually("VolumeSnapshot snap to be ready", POD_TIMEOUT, || async {
-        let snap = snapshots.get("snap").await.ok()?;
-        (snap.data["status"]["readyToUse"] == json!(true)).then_some(())
-    })
-    .await;
+    // No class named: the node's class is the default.
+    snapshot_ready(&client, &ns.name, "source", None).await;
 
     let mut restored = claim(
         "restored",
