@@ -8,13 +8,15 @@
 #   ensure_prerequisites node    also what a test node runs: containerd,
 #                                runc, the CNI plugins, iproute2, iptables,
 #                                conntrack, a static busybox for the test
-#                                image, losetup/flock and objcopy
+#                                image, losetup/flock, objcopy and the CA
+#                                bundle the Ferry image carries
 ensure_prerequisites() {
   local missing=() pair
   local wanted=(openssl:openssl curl:curl python3:python3 setsid:util-linux)
   if [[ ${1:-} == node ]]; then
     wanted+=(containerd:containerd runc:runc ctr:containerd /usr/lib/cni/bridge:containernetworking-plugins
-      ip:iproute2 iptables:iptables conntrack:conntrack losetup:mount flock:util-linux objcopy:binutils)
+      ip:iproute2 iptables:iptables conntrack:conntrack losetup:mount flock:util-linux objcopy:binutils
+      /etc/ssl/certs/ca-certificates.crt:ca-certificates)
   fi
   for pair in "${wanted[@]}"; do
     local what=${pair%%:*}

@@ -183,6 +183,11 @@ node_images() {
     while read -r lib; do
       [[ -n $lib ]] && libs+=(--file "$(readlink -f "$lib"):$lib:0755")
     done < <(ldd "$ferry" | grep -o '/[^ ]*' | sort -u)
+    # The system's CA bundle, as a production image carries one: S3 and
+    # cloud endpoints are reached over TLS.
+    local bundle=/etc/ssl/certs/ca-certificates.crt
+    [[ -f $bundle ]] || die "$bundle is missing: apt-get install ca-certificates"
+    libs+=(--file "$bundle:$bundle:0644")
     python3 "$here/testenv.d/image.py" "$NODE_IMAGE_FERRY" "$images/ferry.tar" --file "$stripped:/usr/local/bin/ferry" "${libs[@]}" \
       --entrypoint '["/usr/local/bin/ferry"]'
     imports+=(ferry)
@@ -371,6 +376,26 @@ node_service_route() {
   fi
 }
 
+# node_s3_route DIR add|delete: Pods reach the environment's MinIO, which
+# listens on loopback, at the node's address and MinIO's port (a DNAT rule
+# to 127.0.0.1, which the bridge accepts with route_localnet), so a Pod can
+# write a repository as a mover Pod does.
+node_s3_route() {
+  local d=$1 action=$2 n ip endpoint port
+  [[ -f $d/node/subnet && -f $STATE/minio/endpoint ]] || return 0
+  n=$(cat "$d/node/subnet"); ip=$(cat "$d/node/ip")
+  endpoint=$(cat "$STATE/minio/endpoint"); port=${endpoint##*:}
+  local rule=(PREROUTING -i "ferry$n" -d "$ip/32" -p tcp --dport "$port"
+    -j DNAT --to-destination "127.0.0.1:$port" -m comment --comment "ferry-testenv $(basename "$d") s3")
+  if [[ $action == add ]]; then
+    sysctl -qw "net.ipv4.conf.ferry$n.route_localnet=1"
+    iptables -w -t nat -A "${rule[@]}"
+    echo "http://$ip:$port" > "$d/node/s3-endpoint"
+  else
+    iptables -w -t nat -D "${rule[@]}" 2>/dev/null || true
+  fi
+}
+
 # node_start DIR BIN SCHEDULER_TOKEN CSI_TOKEN FERRY_BINARY
 node_start() {
   local d=$1 bin=$2 sched_token=$3 csi_token=$4 ferry=$5
@@ -453,6 +478,7 @@ node_stop() {
     rmdir "$cg" 2>/dev/null || true
   done
   [[ -f $d/server ]] && node_service_route "$d" "$n" delete
+  node_s3_route "$d" delete
   ip link delete "ferry$n" 2>/dev/null || true
   # The host ends of the Pods' veth pairs go with their namespaces.
   rm -f "$d/node/subnet"

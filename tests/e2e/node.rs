@@ -13,7 +13,9 @@ use kube::core::GroupVersionKind;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
-use crate::support::{NodeInfo, TestNamespace, env, eventually, unique_name};
+use crate::support::{
+    NodeInfo, TestNamespace, env, eventually, ferry, fresh_bucket, unique_name, with_s3,
+};
 
 const POD_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -555,4 +557,52 @@ async fn node_pods_reach_the_api_server_with_in_cluster_configuration() {
         "the profile read in the cluster names its version {}: {logs}",
         cluster.version
     );
+}
+
+#[tokio::test]
+async fn node_pods_write_a_repository_to_the_environments_s3() {
+    let (cluster, node) = env().with_node();
+    let image = node
+        .images
+        .get("ferry")
+        .expect("the test node's Ferry image");
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "node-s3").await;
+    let bucket = fresh_bucket("node-s3").await;
+    let s3 = &env().s3;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // A Pod creates a repository in MinIO, as a mover Pod writes one.
+    create(
+        &pods,
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "init"},
+            "spec": {"restartPolicy": "Never", "containers": [{
+                "name": "ferry", "image": image, "imagePullPolicy": "Never",
+                "args": ["repo", "init", "--repo", format!("s3://{bucket}/from-a-pod")],
+                "env": [
+                    {"name": "FERRY_S3_ENDPOINT", "value": node.s3_endpoint},
+                    {"name": "AWS_ACCESS_KEY_ID", "value": s3.access_key},
+                    {"name": "AWS_SECRET_ACCESS_KEY", "value": s3.secret_key},
+                    {"name": "AWS_REGION", "value": s3.region},
+                    {"name": "FERRY_PASSWORD", "value": "correct horse battery staple"}
+                ]
+            }]}
+        }),
+    )
+    .await;
+    let (phase, logs) = finished(&pods, "init").await;
+    assert_eq!(phase, "Succeeded", "ferry repo init in a Pod: {logs}");
+    // The repository the Pod wrote opens from this machine.
+    let dir = tempfile::tempdir().unwrap();
+    let mut stats = ferry(&cluster.kubeconfig_for("user-1", dir.path()));
+    with_s3(&mut stats)
+        .args([
+            "repo",
+            "stats",
+            "--repo",
+            &format!("s3://{bucket}/from-a-pod"),
+        ])
+        .assert()
+        .success();
 }

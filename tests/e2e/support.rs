@@ -43,6 +43,8 @@ pub struct NodeInfo {
     pub storage_class: String,
     pub snapshot_class: String,
     pub csi_driver: String,
+    /// MinIO as Pods on the node reach it.
+    pub s3_endpoint: String,
     /// Image references by role: `pause`, `busybox` and, when the
     /// environment was started with a ferry binary, `ferry`.
     pub images: BTreeMap<String, String>,
