@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams};
 use serde_json::{Value, json};
 
-use crate::support::{TestNamespace, apply_manifests, env, eventually, ferry, live};
+use crate::support::{TestNamespace, apply_manifests, env, eventually, ferry, live, object_ref};
 
 /// The operator example for namespace `ns`.
 fn operator_app(ns: &str) -> String {
@@ -56,6 +56,16 @@ fn backup_json(kubeconfig: &Path, repo: &str, name: &str, ns: &str) -> Value {
 /// Both test clusters' kubeconfigs, merged as kubectl does.
 fn both_clusters() -> std::ffi::OsString {
     std::env::join_paths([&env().primary().kubeconfig, &env().secondary().kubeconfig]).unwrap()
+}
+
+/// `ferry migrate -n NS` from cluster a to cluster b, with `extra` flags.
+fn migrate_a_to_b(ns: &str, extra: &[&str]) -> std::process::Output {
+    ferry(&env().primary().kubeconfig)
+        .env("KUBECONFIG", both_clusters())
+        .args(["migrate", "--from", "a-admin", "--to", "b-admin", "-n", ns])
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 async fn delete_namespace(client: &kube::Client, name: &str) {
@@ -159,13 +169,7 @@ async fn the_operator_example_migrates_between_clusters_with_every_crd() {
     let ns = TestNamespace::create(&client, "t-fopm").await;
     let n = ns.name.clone();
     apply_manifests(&client, &operator_app(&n)).await;
-    let out = ferry(&source.kubeconfig)
-        .env("KUBECONFIG", both_clusters())
-        .args([
-            "migrate", "--from", "a-admin", "--to", "b-admin", "-n", &n, "-o", "json",
-        ])
-        .output()
-        .unwrap();
+    let out = migrate_a_to_b(&n, &["-o", "json"]);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -245,13 +249,7 @@ async fn migrate_shows_what_the_backup_reported() {
     let dangling =
         format!("dangling reference: Deployment/{n}/web refers to ConfigMap/{n}/absent-config");
 
-    let out = ferry(&source.kubeconfig)
-        .env("KUBECONFIG", both_clusters())
-        .args([
-            "migrate", "--from", "a-admin", "--to", "b-admin", "-n", &n, "-o", "json",
-        ])
-        .output()
-        .unwrap();
+    let out = migrate_a_to_b(&n, &["-o", "json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -277,11 +275,7 @@ async fn migrate_shows_what_the_backup_reported() {
     );
 
     // The text form shows the backup report as `backup create` does.
-    let out = ferry(&source.kubeconfig)
-        .env("KUBECONFIG", both_clusters())
-        .args(["migrate", "--from", "a-admin", "--to", "b-admin", "-n", &n])
-        .output()
-        .unwrap();
+    let out = migrate_a_to_b(&n, &[]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for expected in [
@@ -709,21 +703,4 @@ async fn server_defaulted_fields_are_stripped_back_to_the_minimal_object() {
         "normalizing what the API server returns must give back the minimal object:\n{}",
         differences.join("\n")
     );
-}
-
-/// The reference of an object by apiVersion, kind, namespace and name.
-fn object_ref(
-    api_version: &str,
-    kind: &str,
-    namespace: Option<&str>,
-    name: &str,
-) -> ferry::model::ObjectRef {
-    let (group, version) = ferry::model::object::split_api_version(api_version);
-    ferry::model::ObjectRef {
-        group: group.into(),
-        version: version.into(),
-        kind: kind.into(),
-        namespace: namespace.map(String::from),
-        name: name.into(),
-    }
 }

@@ -98,6 +98,25 @@ fn claim(name: &str, class: &str, data_source: Option<serde_json::Value>) -> ser
     json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})
 }
 
+/// A Pod of the Ferry image that runs `ferry ARGS` once, with `env`.
+fn ferry_pod(
+    node: &NodeInfo,
+    name: &str,
+    args: &[&str],
+    env: serde_json::Value,
+) -> serde_json::Value {
+    let image = node.images.get("ferry").unwrap_or_else(|| {
+        panic!("the test node has no Ferry image: start the environment after `cargo build` (or with --ferry-binary)")
+    });
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "containers": [{
+            "name": "ferry", "image": image, "imagePullPolicy": "Never", "args": args, "env": env
+        }]}
+    })
+}
+
 /// Waits for a Pod to finish and returns its phase and what it printed.
 async fn finished(pods: &Api<Pod>, name: &str) -> (String, String) {
     let phase = eventually(&format!("Pod {name} to finish"), POD_TIMEOUT, || async {
@@ -438,23 +457,10 @@ async fn node_binds_a_statefulset_claim_template_to_a_provisioned_volume() {
 #[tokio::test]
 async fn node_runs_the_ferry_image() {
     let (cluster, node) = env().with_node();
-    let image = node.images.get("ferry").unwrap_or_else(|| {
-        panic!("the test node has no Ferry image: start the environment after `cargo build` (or with --ferry-binary)")
-    });
     let client = cluster.client().await;
     let ns = namespace_for_pods(&client, "node-ferry").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    create(
-        &pods,
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "ferry"},
-            "spec": {"restartPolicy": "Never", "containers": [{
-                "name": "ferry", "image": image, "imagePullPolicy": "Never", "args": ["--version"]
-            }]}
-        }),
-    )
-    .await;
+    create(&pods, ferry_pod(node, "ferry", &["--version"], json!([]))).await;
     let (phase, logs) = finished(&pods, "ferry").await;
     assert_eq!(phase, "Succeeded", "ferry --version in its image: {logs}");
     assert!(
@@ -528,10 +534,6 @@ async fn node_kubelet_refuses_anonymous_and_unauthorized_callers() {
 #[tokio::test]
 async fn node_pods_reach_the_api_server_with_in_cluster_configuration() {
     let (cluster, node) = env().with_node();
-    let image = node
-        .images
-        .get("ferry")
-        .expect("the test node's Ferry image");
     let client = cluster.client().await;
     let ns = namespace_for_pods(&client, "node-in-cluster").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -540,14 +542,12 @@ async fn node_pods_reach_the_api_server_with_in_cluster_configuration() {
     // environment, as a controller running in the cluster would.
     create(
         &pods,
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "profile"},
-            "spec": {"restartPolicy": "Never", "containers": [{
-                "name": "ferry", "image": image, "imagePullPolicy": "Never",
-                "args": ["cluster", "profile", "-o", "json"]
-            }]}
-        }),
+        ferry_pod(
+            node,
+            "profile",
+            &["cluster", "profile", "-o", "json"],
+            json!([]),
+        ),
     )
     .await;
     let (phase, logs) = finished(&pods, "profile").await;
@@ -562,33 +562,28 @@ async fn node_pods_reach_the_api_server_with_in_cluster_configuration() {
 #[tokio::test]
 async fn node_pods_write_a_repository_to_the_environments_s3() {
     let (cluster, node) = env().with_node();
-    let image = node
-        .images
-        .get("ferry")
-        .expect("the test node's Ferry image");
     let client = cluster.client().await;
     let ns = namespace_for_pods(&client, "node-s3").await;
     let bucket = fresh_bucket("node-s3").await;
     let s3 = &env().s3;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     // A Pod creates a repository in MinIO, as a mover Pod writes one.
+    let repo = format!("s3://{bucket}/from-a-pod");
+    let credentials = json!([
+        {"name": "FERRY_S3_ENDPOINT", "value": node.s3_endpoint},
+        {"name": "AWS_ACCESS_KEY_ID", "value": s3.access_key},
+        {"name": "AWS_SECRET_ACCESS_KEY", "value": s3.secret_key},
+        {"name": "AWS_REGION", "value": s3.region},
+        {"name": "FERRY_PASSWORD", "value": "correct horse battery staple"}
+    ]);
     create(
         &pods,
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "init"},
-            "spec": {"restartPolicy": "Never", "containers": [{
-                "name": "ferry", "image": image, "imagePullPolicy": "Never",
-                "args": ["repo", "init", "--repo", format!("s3://{bucket}/from-a-pod")],
-                "env": [
-                    {"name": "FERRY_S3_ENDPOINT", "value": node.s3_endpoint},
-                    {"name": "AWS_ACCESS_KEY_ID", "value": s3.access_key},
-                    {"name": "AWS_SECRET_ACCESS_KEY", "value": s3.secret_key},
-                    {"name": "AWS_REGION", "value": s3.region},
-                    {"name": "FERRY_PASSWORD", "value": "correct horse battery staple"}
-                ]
-            }]}
-        }),
+        ferry_pod(
+            node,
+            "init",
+            &["repo", "init", "--repo", &repo],
+            credentials,
+        ),
     )
     .await;
     let (phase, logs) = finished(&pods, "init").await;

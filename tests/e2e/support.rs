@@ -342,6 +342,23 @@ pub fn with_s3(cmd: &mut assert_cmd::Command) -> &mut assert_cmd::Command {
         .env("FERRY_S3_ENDPOINT", &s3.endpoint)
 }
 
+/// The reference of an object by apiVersion, kind, namespace and name.
+pub fn object_ref(
+    api_version: &str,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> ferry::model::ObjectRef {
+    let (group, version) = ferry::model::object::split_api_version(api_version);
+    ferry::model::ObjectRef {
+        group: group.into(),
+        version: version.into(),
+        kind: kind.into(),
+        namespace: namespace.map(String::from),
+        name: name.into(),
+    }
+}
+
 /// The object as the cluster holds it now, or None.
 pub async fn live(
     client: &kube::Client,

@@ -8,25 +8,9 @@ use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::discovery::pinned_kind;
 use serde_json::Value;
 
-use crate::support::{TestNamespace, apply_manifests, env, ferry, live, multitier_app};
+use crate::support::{TestNamespace, apply_manifests, env, ferry, live, multitier_app, object_ref};
 
 const PASSWORD: &str = "correct horse battery staple";
-
-fn object_ref(
-    api_version: &str,
-    kind: &str,
-    namespace: Option<&str>,
-    name: &str,
-) -> ferry::model::ObjectRef {
-    let (group, version) = ferry::model::object::split_api_version(api_version);
-    ferry::model::ObjectRef {
-        group: group.into(),
-        version: version.into(),
-        kind: kind.into(),
-        namespace: namespace.map(String::from),
-        name: name.into(),
-    }
-}
 
 async fn delete_cluster_scoped(client: &kube::Client, api_version: &str, kind: &str, name: &str) {
     let object = object_ref(api_version, kind, None, name);
