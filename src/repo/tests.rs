@@ -919,6 +919,57 @@ async fn backups_at_every_step_of_a_prune_lose_nothing() {
     }
 }
 
+/// A prune killed at each of its steps (it never resumes; its lock file
+/// stays until the lock is removed, as `repo unlock` does once the process
+/// is gone): the repository stays valid, later prunes finish the job, and a
+/// backup afterwards is stored whole.
+#[tokio::test]
+async fn a_prune_killed_at_every_step_loses_nothing() {
+    for point in [
+        "lock:loaded",
+        "prune:rewritten",
+        "prune:swept",
+        "prune:marked",
+    ] {
+        for premarked in [false, true] {
+            let case = format!("killed at {point}, premarked {premarked}");
+            let Scenario {
+                _dir,
+                repo,
+                backend,
+                kept,
+                kept_ids,
+                new,
+            } = scenario(premarked).await;
+            let armed = repo.pauses().arm(point);
+            let pruner = repo.clone();
+            let mut task = tokio::spawn(async move { pruner.prune(false).await });
+            until_paused(armed.reached, &mut task, point).await;
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled(), "{case}");
+            for lock in backend.list("locks/").await.unwrap() {
+                backend.delete(&lock.path).await.unwrap();
+            }
+            assert_intact(&backend, &[("kept", &kept, &kept_ids)]).await;
+            for _ in 0..3 {
+                repo.prune(false)
+                    .await
+                    .unwrap_or_else(|e| panic!("{case}: {e}"));
+            }
+            let backup = Repository::open(backend.clone(), &password("pw"))
+                .await
+                .unwrap();
+            let ids = backup_steps(backup, new.clone(), false)
+                .await
+                .unwrap_or_else(|e| panic!("{case}: backup: {e}"));
+            repo.prune(false)
+                .await
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_intact(&backend, &[("kept", &kept, &kept_ids), ("new", &new, &ids)]).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_backup_does_not_reuse_blobs_marked_for_deletion() {
     let Scenario {
