@@ -1024,6 +1024,23 @@ pub async fn load_content(
     repo: &Repository,
     snapshot: &Snapshot,
 ) -> Result<SnapshotContent, RepoError> {
+    load_parts(repo, snapshot, true).await
+}
+
+/// A snapshot's content without its graph (`graph` is null), for readers
+/// that do not need it: the graph of a large snapshot is its largest part.
+pub async fn load_catalog(
+    repo: &Repository,
+    snapshot: &Snapshot,
+) -> Result<SnapshotContent, RepoError> {
+    load_parts(repo, snapshot, false).await
+}
+
+async fn load_parts(
+    repo: &Repository,
+    snapshot: &Snapshot,
+    with_graph: bool,
+) -> Result<SnapshotContent, RepoError> {
     let name = &snapshot.name;
     let root: StoredContent = read_json(repo, &snapshot.content, || {
         format!("content of snapshot {name}")
@@ -1051,7 +1068,11 @@ pub async fn load_content(
             format!("object catalog of snapshot {name}")
         })
         .await?,
-        graph: read_json(repo, &root.graph, || format!("graph of snapshot {name}")).await?,
+        graph: if with_graph {
+            read_json(repo, &root.graph, || format!("graph of snapshot {name}")).await?
+        } else {
+            Value::Null
+        },
         report: root.report,
     })
 }

@@ -39,7 +39,6 @@ use ferry::cluster::connect::ConnectOptions;
 use ferry::profile::ClusterProfile;
 use ferry::repo::Repository;
 use ferry::repo::backend::LocalBackend;
-use ferry::restore::RestoreOptions;
 use ferry::transform::TransformPlan;
 
 use measure::ServerProcesses;
@@ -548,20 +547,14 @@ async fn load_objects(repo: &Path, key: &Path) -> Result<Vec<Value>> {
     let backend = Arc::new(LocalBackend::new(repo));
     let repository =
         Repository::open(backend, &ferry::repo::KeySource::KeyFile(key.to_path_buf())).await?;
-    let options = RestoreOptions {
+    let subset = ferry::restore::Subset {
         selection: ferry::model::select::Selection {
             all_namespaces: true,
             ..Default::default()
         },
         objects: Vec::new(),
-        mapping: Default::default(),
-        existing: Default::default(),
-        recreate_cascading: false,
-        concurrency: 16,
-        dry_run: false,
-        transform: None,
     };
-    Ok(ferry::restore::load_selected(&repository, SNAPSHOT, &options).await?)
+    Ok(ferry::restore::load_selected(&repository, SNAPSHOT, &subset).await?)
 }
 
 /// Deployments and StatefulSets have made their ReplicaSets, Pods and

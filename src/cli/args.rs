@@ -68,8 +68,18 @@ versions, referenced storage/ingress/priority/runtime classes (one the source cl
 too is only a warning), CRDs, and permissions for every write (SelfSubjectAccessReview). A failed preflight lists every problem and writes nothing. \
 Objects are written with server-side apply (field manager 'ferry'): running a restore again \
 converges, and a restore interrupted half-way finishes when run again.\n\n\
+A subset (-n, -l, --include-kind, --object) restores the selected objects plus exactly the \
+cluster-scoped objects they depend on in the snapshot's graph (their Namespaces, the \
+ClusterRoles their bindings name, the CRDs of their custom resources, the classes they use), \
+and no other cluster-scoped object.\n\n\
+Plans: `--dry-run -o json > plan.json` writes the plan (waves, each object's action and why, \
+the differences an update makes, the resourceVersion seen in the target); \
+`ferry restore --plan plan.json` applies exactly that plan later, and refuses, naming the \
+objects, when the target or the snapshot changed since. `--dry-run --target-profile p.json` \
+plans without any cluster, against a saved profile (`ferry cluster profile > p.json`).\n\n\
 Examples:\n  \
   ferry restore shop-nightly --dry-run\n  \
+  ferry restore shop-nightly --dry-run -o json > plan.json && ferry restore --plan plan.json\n  \
   ferry restore shop-nightly --context staging --namespace-mapping shop=shop-staging\n  \
   ferry restore shop-nightly --object Deployment/shop/web --existing recreate"
     )]
@@ -416,8 +426,18 @@ pub struct RestoreWriteArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Snapshot name (the newest of that name), full id, or at least 8 characters of its id.
-    pub snapshot: String,
+    /// Snapshot name (the newest of that name), full id, or at least 8
+    /// characters of its id. Not with --plan, which names its snapshot.
+    #[arg(required_unless_present = "plan")]
+    pub snapshot: Option<String>,
+    /// Apply exactly this saved plan (`ferry restore SNAPSHOT --dry-run -o
+    /// json > plan.json`); refused when the target changed since it was made.
+    #[arg(long, value_name = "PLAN.json", conflicts_with_all = ["snapshot", "dry_run", "target_profile", "transform", "namespace_mapping", "existing", "recreate_cascading"])]
+    pub plan: Option<PathBuf>,
+    /// With --dry-run: plan against this saved cluster profile instead of a
+    /// live cluster (`ferry cluster profile -o json > p.json`); no cluster is contacted.
+    #[arg(long, value_name = "PROFILE.json", requires = "dry_run")]
+    pub target_profile: Option<PathBuf>,
     #[command(flatten)]
     pub repo: RepoArgs,
     #[command(flatten)]

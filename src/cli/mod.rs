@@ -554,28 +554,121 @@ fn restore_options(
         anyhow::bail!("--recreate-cascading only applies with --existing recreate");
     }
     Ok(crate::restore::RestoreOptions {
-        selection,
-        objects,
-        mapping: crate::restore::mapping::NamespaceMapping::parse(&write.namespace_mapping)?,
+        subset: crate::restore::Subset { selection, objects },
+        namespace_mapping: crate::restore::mapping::NamespaceMapping::parse(
+            &write.namespace_mapping,
+        )?,
         existing: write.existing,
         recreate_cascading: write.recreate_cascading,
         concurrency: write.restore_concurrency.max(1),
         dry_run: write.dry_run,
         transform: match &write.transform {
-            Some(path) => Some(Arc::new(
-                crate::transform::TransformPlan::load(path)
-                    .with_context(|| format!("transform plan {}", path.display()))?,
-            )),
+            Some(path) => Some(transform_source(path)?),
             None => None,
         },
     })
 }
 
+/// A transform plan file as a restore keeps it: its text, checked now.
+fn transform_source(path: &std::path::Path) -> anyhow::Result<crate::restore::TransformSource> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read transform plan {}", path.display()))?;
+    let source = crate::restore::TransformSource {
+        text,
+        name: path.display().to_string(),
+        base_dir: path
+            .parent()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
+    };
+    crate::transform::TransformPlan::from_yaml(
+        &source.text,
+        &source.name,
+        source.base_dir.as_deref(),
+    )
+    .with_context(|| format!("transform plan {}", path.display()))?;
+    Ok(source)
+}
+
 async fn restore_command(global: &GlobalArgs, args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.plan {
+        return restore_saved_plan(global, &args, path).await;
+    }
+    let snapshot = args
+        .snapshot
+        .as_deref()
+        .context("give a SNAPSHOT or --plan")?;
     let options = restore_options(Some(&args.options), &args.write)?;
     let repository = repo::open(&args.repo).await?;
+    if let Some(path) = &args.target_profile {
+        let profile: crate::profile::ClusterProfile = serde_json::from_slice(
+            &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+        )
+        .with_context(|| format!("{} is not a cluster profile", path.display()))?;
+        let plan = crate::restore::plan_offline(&repository, snapshot, &options, profile)
+            .await
+            .with_context(|| format!("planning the restore of {snapshot} offline"))?;
+        let report = crate::restore::RestoreReport {
+            warnings: plan.warnings.clone(),
+            repository: repository.io_stats(),
+            ..Default::default()
+        };
+        emit(
+            args.output,
+            &serde_json::json!({"plan": plan, "report": report}),
+            |out| print_restore(out, &plan, &report, &options),
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let conn = connect(global).await?;
-    run_restore(&conn, &repository, &args.snapshot, &options, args.output).await
+    run_restore(&conn, &repository, snapshot, &options, args.output).await
+}
+
+/// `ferry restore --plan FILE`: the plan as `--dry-run -o json` wrote it
+/// (alone or with its report).
+async fn restore_saved_plan(
+    global: &GlobalArgs,
+    args: &RestoreArgs,
+    path: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read(path).with_context(|| format!("cannot read plan {}", path.display()))?;
+    let mut value: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("plan {} is not JSON", path.display()))?;
+    if value.get("waves").is_none()
+        && let Some(plan) = value.get_mut("plan")
+    {
+        value = plan.take();
+    }
+    let plan: crate::restore::RestorePlan = serde_json::from_value(value)
+        .with_context(|| format!("{} is not a restore plan", path.display()))?;
+    let repository = repo::open(&args.repo).await?;
+    let conn = connect(global).await?;
+    let progress = Arc::new(crate::restore::Progress::default());
+    let bar = progress::RestoreBar::start(progress.clone());
+    let result = crate::restore::run_saved(
+        &conn,
+        &repository,
+        &plan,
+        args.write.restore_concurrency.max(1),
+        progress.as_ref(),
+    )
+    .await;
+    bar.finish();
+    let report = result.with_context(|| {
+        format!(
+            "restore of plan {} (snapshot {}) into {}",
+            path.display(),
+            plan.header.snapshot,
+            conn.server
+        )
+    })?;
+    let options = crate::restore::RestoreOptions::default();
+    emit(
+        args.output,
+        &serde_json::json!({"plan": plan, "report": report}),
+        |out| print_restore(out, &plan, &report, &options),
+    )?;
+    restore_outcome(&report, &options)
 }
 
 async fn run_restore(
@@ -602,7 +695,7 @@ async fn restore_with_progress(
 ) -> anyhow::Result<(crate::restore::RestorePlan, crate::restore::RestoreReport)> {
     let progress = Arc::new(crate::restore::Progress::default());
     let bar = progress::RestoreBar::start(progress.clone());
-    let result = crate::restore::run(conn, repository, snapshot, options, progress).await;
+    let result = crate::restore::run(conn, repository, snapshot, options, progress.as_ref()).await;
     bar.finish();
     result.with_context(|| format!("restore of {snapshot} into {}", conn.server))
 }
@@ -658,7 +751,7 @@ fn print_plan(
     writeln!(
         out,
         "Restore plan: snapshot {} into {}",
-        plan.snapshot, plan.target
+        plan.header.snapshot, plan.header.target
     )?;
     for wave in &plan.waves {
         writeln!(

@@ -25,9 +25,15 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
     };
     let plan = TransformPlan::load(plan_path)
         .with_context(|| format!("transform plan {}", plan_path.display()))?;
+    // A namespace mapping is a first step with the namespace rule set.
+    let mapping = crate::restore::mapping::NamespaceMapping::parse(&args.namespace_mapping)?;
+    let plan = match crate::restore::effective_transform(&mapping, None)? {
+        Some(mapped) => mapped.then(plan),
+        None => plan,
+    };
     let profile = target_profile(global, args.target_profile.as_deref()).await?;
     let write = super::args::RestoreWriteArgs {
-        namespace_mapping: args.namespace_mapping.clone(),
+        namespace_mapping: Vec::new(),
         existing: Default::default(),
         recreate_cascading: false,
         dry_run: true,
@@ -36,7 +42,7 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
     };
     let options = restore_options(Some(&args.options), &write)?;
     let repository = repo::open(&args.repo).await?;
-    let objects = crate::restore::load_selected(&repository, snapshot, &options)
+    let objects = crate::restore::load_selected(&repository, snapshot, &options.subset)
         .await
         .with_context(|| format!("reading snapshot {snapshot}"))?;
     let output =

@@ -425,6 +425,31 @@ impl AppGraph {
         out
     }
 
+    /// The seeds and what they reach through edges `follow` accepts
+    /// (given the edge and the object it points at), transitively.
+    pub fn closure_where(
+        &self,
+        seeds: &[ObjectRef],
+        follow: impl Fn(&Edge, &ObjectRef) -> bool,
+    ) -> BTreeSet<ObjectRef> {
+        let mut out = BTreeSet::new();
+        let mut stack: Vec<NodeIndex> = seeds
+            .iter()
+            .filter_map(|s| self.index.get(&key_of(s)).copied())
+            .collect();
+        while let Some(i) = stack.pop() {
+            if !out.insert(self.graph[i].object.clone()) {
+                continue;
+            }
+            for edge in self.graph.edges_directed(i, petgraph::Direction::Outgoing) {
+                if follow(edge.weight(), &self.graph[edge.target()].object) {
+                    stack.push(edge.target());
+                }
+            }
+        }
+        out
+    }
+
     /// The compact, stable JSON form: sorted nodes, edges as index pairs.
     pub fn to_json(&self) -> Value {
         let nodes = self.nodes();

@@ -324,6 +324,14 @@ impl Selection {
         matches(&self.namespaces)
     }
 
+    /// Whether `--exclude-kind` names the kind (dependencies of a subset
+    /// are taken whatever `--include-kind` says, but never excluded kinds).
+    pub fn kind_excluded(&self, group: &str, kind: &str, plural: &str) -> bool {
+        self.exclude_kinds
+            .iter()
+            .any(|p| kind_matches(p, group, kind, plural))
+    }
+
     /// Kinds match by Kind, plural, `plural.group` or `Kind.group`, case-insensitively.
     pub fn kind_selected(&self, group: &str, kind: &str, plural: &str) -> bool {
         if self

@@ -61,6 +61,8 @@ pub mod crypto;
 mod lock;
 mod maintenance;
 mod pause;
+mod read;
+mod stats;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -79,6 +81,7 @@ pub use backend::{
 };
 pub use lock::RepoLock;
 pub use maintenance::{Damage, PruneReport, RepairReport, RepoStats, VerifyReport};
+pub use stats::IoStats;
 pub use writer::{PackWriter, WriteStats};
 
 use crypto::{KeyFile, MasterKey, Tampered};
@@ -396,6 +399,7 @@ pub(crate) struct Inner {
     id: String,
     index: RwLock<Index>,
     pauses: pause::PausePoints,
+    io: Arc<stats::Counters>,
 }
 
 /// An open repository. Cheap to clone; safe to share between tasks.
@@ -530,6 +534,7 @@ impl Repository {
                 Bytes::from(serde_json::to_vec_pretty(&config).expect("config serializes")),
             )
             .await?;
+        let (backend, io) = stats::Counted::wrap(backend);
         Ok(Repository {
             inner: Arc::new(Inner {
                 backend,
@@ -537,6 +542,7 @@ impl Repository {
                 id: config.id,
                 index: RwLock::new(Index::default()),
                 pauses: Default::default(),
+                io,
             }),
         })
     }
@@ -606,6 +612,7 @@ impl Repository {
                 keys: key_files.len(),
             });
         };
+        let (backend, io) = stats::Counted::wrap(backend);
         Ok(Repository {
             inner: Arc::new(Inner {
                 backend,
@@ -613,6 +620,7 @@ impl Repository {
                 id: config.id,
                 index: RwLock::new(Index::default()),
                 pauses: Default::default(),
+                io,
             }),
         })
     }
@@ -705,6 +713,11 @@ impl Repository {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The storage requests made through this repository so far.
+    pub fn io_stats(&self) -> IoStats {
+        self.inner.io.snapshot()
     }
 
     pub fn location(&self) -> String {

@@ -34,11 +34,12 @@ fn is_empty(v: &Value) -> bool {
 }
 
 /// One difference: where, what the target has, what the restore writes.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
     pub path: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<Value>,
+    /// `null` for a field the restore removes.
     pub desired: Value,
 }
 
@@ -53,6 +54,9 @@ impl std::fmt::Display for Change {
             }
         };
         match &self.live {
+            Some(live) if self.desired.is_null() => {
+                write!(f, "{}: {} → (removed)", self.path, show(live))
+            }
             Some(live) => write!(f, "{}: {} → {}", self.path, show(live), show(&self.desired)),
             None => write!(f, "{}: (absent) → {}", self.path, show(&self.desired)),
         }

@@ -1,276 +1,361 @@
-//! The restore plan: a pure value computed from the objects to restore and
-//! their dependencies. Objects are grouped into **waves**; every object's
-//! dependencies are in earlier waves, and kind tiers (CRDs and Namespaces
-//! first, then classes, configuration, RBAC, workloads, networking,
-//! autoscaling, admission webhooks last) order objects that do not depend on
-//! each other. Dependency cycles are broken deterministically (the edge that
-//! closes the cycle, in sorted order, is ignored) and reported.
+//! plan: a pure, serializable value made from what load, the body pass and
+//! validate found. Waves of objects in dependency order; each object with
+//! its action (create, update, unchanged, skip, recreate) and why, the
+//! differences an update makes, the resourceVersion it saw in the target,
+//! and what identifies the body it writes. `ferry restore --dry-run -o json`
+//! prints it; `ferry restore --plan` applies exactly it, and a controller
+//! can show it for approval first.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::bodies::Desired;
+use super::diff::Change;
+use super::load::Subset;
+use super::order::{OrderInput, order};
+use super::validate::Facts;
+use super::{ExistingPolicy, cascades};
 use crate::model::ObjectRef;
 
-/// Ordering tier of a kind: lower tiers are restored first.
-pub fn kind_tier(group: &str, kind: &str) -> u32 {
-    match (group, kind) {
-        ("apiextensions.k8s.io", "CustomResourceDefinition") | ("", "Namespace") => 0,
-        ("storage.k8s.io", "StorageClass")
-        | ("scheduling.k8s.io", "PriorityClass")
-        | ("node.k8s.io", "RuntimeClass")
-        | ("networking.k8s.io", "IngressClass")
-        | ("rbac.authorization.k8s.io", "ClusterRole")
-        | ("", "PersistentVolume") => 1,
-        ("", "ServiceAccount")
-        | ("", "Secret")
-        | ("", "ConfigMap")
-        | ("", "PersistentVolumeClaim")
-        | ("", "LimitRange")
-        | ("", "ResourceQuota") => 2,
-        ("rbac.authorization.k8s.io", "Role")
-        | ("rbac.authorization.k8s.io", "RoleBinding")
-        | ("rbac.authorization.k8s.io", "ClusterRoleBinding") => 3,
-        ("apps", _)
-        | ("batch", _)
-        | ("", "Pod")
-        | ("", "ReplicationController")
-        | ("", "PodTemplate") => 4,
-        ("", "Service")
-        | ("networking.k8s.io", _)
-        | ("extensions", _)
-        | ("", "Endpoints")
-        | ("discovery.k8s.io", _) => 5,
-        ("autoscaling", _) | ("policy", _) => 6,
-        ("admissionregistration.k8s.io", _) | ("apiregistration.k8s.io", _) => 8,
-        // Custom resources and anything else: after the built-in application
-        // objects they usually configure, before admission webhooks.
-        _ => 7,
-    }
+/// The version of the plan's serialized form.
+pub const PLAN_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Update,
+    Unchanged,
+    Skip,
+    Recreate,
 }
 
-/// One object's place in the plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlanInput {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanItem {
+    /// The object as it will be named in the target.
     pub object: ObjectRef,
-    /// Objects (in the restore set or not) this one needs first.
-    pub needs: Vec<ObjectRef>,
+    pub action: Action,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+    /// The stored object it writes, as stored (hex blob id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
+    /// Digest of the body it writes, for objects a transform produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The target's resourceVersion of the object when planned; none when
+    /// it was absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ordering {
-    /// Waves in order; objects sorted within a wave.
-    pub waves: Vec<Vec<ObjectRef>>,
-    /// Cycles found, each as the objects on it; the last edge was ignored.
-    pub cycles: Vec<Vec<ObjectRef>>,
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Wave {
+    pub index: usize,
+    pub items: Vec<PlanItem>,
 }
 
-/// Orders objects into waves.
-pub fn order(inputs: &[PlanInput]) -> Ordering {
-    let index: BTreeMap<&ObjectRef, usize> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (&p.object, i))
-        .collect();
-    // Sorted, deduplicated dependency lists within the set: deterministic.
-    let needs: Vec<Vec<usize>> = inputs
-        .iter()
-        .map(|p| {
-            let set: BTreeSet<usize> = p
-                .needs
-                .iter()
-                .filter_map(|n| index.get(n).copied())
-                .collect();
-            set.into_iter().collect()
-        })
-        .collect();
-    // Visit in sorted object order so cycle breaking does not depend on input order.
-    let mut order_of_visit: Vec<usize> = (0..inputs.len()).collect();
-    order_of_visit.sort_by(|a, b| inputs[*a].object.cmp(&inputs[*b].object));
+/// Where a transform plan comes from, so that a saved restore plan can run
+/// it again and check that it yields the same objects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransformSource {
+    /// The plan's YAML.
+    pub text: String,
+    /// How diagnostics name it (its path).
+    pub name: String,
+    /// Where relative rule set paths are resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_dir: Option<std::path::PathBuf>,
+}
 
-    #[derive(Clone, Copy, PartialEq)]
-    enum State {
-        New,
-        Active,
-        Done,
+/// What the plan is about, besides its items.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanHeader {
+    pub format: u32,
+    /// Id of the repository the snapshot is in.
+    pub repository: String,
+    pub snapshot: String,
+    pub snapshot_id: String,
+    /// The target's API server.
+    pub target: String,
+    /// Planned against a saved profile, without reading the target: every
+    /// object is planned as absent.
+    #[serde(default)]
+    pub offline: bool,
+    pub subset: Subset,
+    pub existing: ExistingPolicy,
+    #[serde(default)]
+    pub recreate_cascading: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_mapping: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<TransformSource>,
+}
+
+/// The whole restore, decided before anything is written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestorePlan {
+    #[serde(flatten)]
+    pub header: PlanHeader,
+    pub waves: Vec<Wave>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cycles: Vec<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// Every change the transform plan made (rule set, object, path, old → new).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transforms: Vec<crate::transform::Change>,
+}
+
+impl RestorePlan {
+    pub fn items(&self) -> impl Iterator<Item = &PlanItem> {
+        self.waves.iter().flat_map(|w| &w.items)
     }
-    let mut state = vec![State::New; inputs.len()];
-    let mut level = vec![0u32; inputs.len()];
-    let mut cycles = Vec::new();
-    // Levels: tier * STRIDE bounds how deep dependencies within a tier go
-    // before they would overtake the next tier; the stride is large enough
-    // for any real application.
-    const STRIDE: u32 = 1000;
+}
 
-    for &root in &order_of_visit {
-        if state[root] != State::New {
-            continue;
+/// What the target holds of one object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Live {
+    Absent,
+    /// Not read (an offline plan).
+    Unknown,
+    Present {
+        resource_version: String,
+        /// What applying the object would change, removals included.
+        changes: Vec<Change>,
+    },
+}
+
+/// One object, with everything planning needs to know of it.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub desired: Desired,
+    pub facts: Facts,
+    pub digest: Option<String>,
+    pub live: Live,
+}
+
+/// The plan, and the problems that refuse it (objects that exist under
+/// `--existing fail`).
+pub fn build(
+    header: PlanHeader,
+    planned: Vec<Planned>,
+    warnings: Vec<String>,
+    transforms: Vec<crate::transform::Change>,
+) -> (RestorePlan, Vec<String>) {
+    let ordering = order(&dependencies(&planned));
+    let mut warnings = warnings;
+    for cycle in &ordering.cycles {
+        warnings.push(format!(
+            "dependency cycle {} broken",
+            cycle
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" → ")
+        ));
+    }
+    let mut problems = Vec::new();
+    let mut by_object: HashMap<ObjectRef, Planned> = planned
+        .into_iter()
+        .map(|p| (p.desired.object.clone(), p))
+        .collect();
+    let mut waves = Vec::with_capacity(ordering.waves.len());
+    for (index, wave) in ordering.waves.iter().enumerate() {
+        let mut items = Vec::with_capacity(wave.len());
+        for object in wave {
+            let p = by_object
+                .remove(object)
+                .expect("ordered objects come from the planned set");
+            let (action, reason, changes, live) =
+                decide(object, p.live, &header, &mut warnings, &mut problems);
+            items.push(PlanItem {
+                object: object.clone(),
+                action,
+                reason,
+                changes,
+                blob: p.desired.blob.map(|b| b.to_string()),
+                digest: p.digest,
+                live,
+            });
         }
-        // Iterative DFS: (node, next dependency position).
-        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
-        state[root] = State::Active;
-        while let Some(&mut (node, ref mut pos)) = stack.last_mut() {
-            if *pos < needs[node].len() {
-                let dep = needs[node][*pos];
-                *pos += 1;
-                match state[dep] {
-                    State::New => {
-                        state[dep] = State::Active;
-                        stack.push((dep, 0));
-                    }
-                    State::Active => {
-                        // A back edge closes a cycle: record it and ignore the edge.
-                        let start = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
-                        cycles.push(
-                            stack[start..]
-                                .iter()
-                                .map(|(n, _)| inputs[*n].object.clone())
-                                .collect(),
-                        );
-                    }
-                    State::Done => {}
+        waves.push(Wave { index, items });
+    }
+    let plan = RestorePlan {
+        header,
+        waves,
+        cycles: ordering
+            .cycles
+            .iter()
+            .map(|c| c.iter().map(ToString::to_string).collect())
+            .collect(),
+        warnings,
+        transforms,
+    };
+    problems.sort();
+    (plan, problems)
+}
+
+type Decision = (Action, String, Vec<Change>, Option<String>);
+
+fn decide(
+    object: &ObjectRef,
+    live: Live,
+    header: &PlanHeader,
+    warnings: &mut Vec<String>,
+    problems: &mut Vec<String>,
+) -> Decision {
+    let (resource_version, changes) = match live {
+        Live::Absent => return (Action::Create, "not in the target".into(), Vec::new(), None),
+        Live::Unknown => {
+            return (
+                Action::Create,
+                "planned offline: assumed absent from the target".into(),
+                Vec::new(),
+                None,
+            );
+        }
+        Live::Present {
+            resource_version,
+            changes,
+        } => (resource_version, changes),
+    };
+    let rv = Some(resource_version);
+    match header.existing {
+        ExistingPolicy::Skip => (
+            Action::Skip,
+            "exists; --existing skip".into(),
+            Vec::new(),
+            rv,
+        ),
+        ExistingPolicy::Fail => {
+            problems.push(format!(
+                "{object} already exists in the target (--existing fail)"
+            ));
+            (
+                Action::Skip,
+                "exists; --existing fail".into(),
+                Vec::new(),
+                rv,
+            )
+        }
+        ExistingPolicy::Recreate if cascades(object).is_none() || header.recreate_cascading => {
+            let reason = match cascades(object) {
+                Some(what) => {
+                    warnings.push(format!(
+                        "{object} will be deleted and recreated (--recreate-cascading): this deletes {what}, also what is not in the snapshot"
+                    ));
+                    format!("exists; --existing recreate --recreate-cascading: deletes {what}")
                 }
+                None => "exists; --existing recreate (objects it owns are kept)".into(),
+            };
+            (Action::Recreate, reason, Vec::new(), rv)
+        }
+        ExistingPolicy::Update | ExistingPolicy::Recreate => {
+            // A cascading object under --existing recreate is kept.
+            let kept = match cascades(object) {
+                Some(what) if header.existing == ExistingPolicy::Recreate => format!(
+                    "; kept, not recreated: deleting it would delete {what} (--recreate-cascading to delete it)"
+                ),
+                _ => String::new(),
+            };
+            if changes.is_empty() {
+                (
+                    Action::Unchanged,
+                    format!("the target already matches{kept}"),
+                    changes,
+                    rv,
+                )
             } else {
-                let o = &inputs[node].object;
-                let mut l = kind_tier(&o.group, &o.kind) * STRIDE;
-                for &dep in &needs[node] {
-                    if state[dep] == State::Done {
-                        l = l.max(level[dep] + 1);
-                    }
-                }
-                level[node] = l;
-                state[node] = State::Done;
-                stack.pop();
+                (
+                    Action::Update,
+                    format!("{} field(s) differ{kept}", changes.len()),
+                    changes,
+                    rv,
+                )
             }
         }
     }
-
-    let mut by_level: BTreeMap<u32, Vec<ObjectRef>> = BTreeMap::new();
-    for (i, p) in inputs.iter().enumerate() {
-        by_level.entry(level[i]).or_default().push(p.object.clone());
-    }
-    let waves = by_level
-        .into_values()
-        .map(|mut objects| {
-            objects.sort();
-            objects
-        })
-        .collect();
-    Ordering { waves, cycles }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Plans objects held in memory (manifests, a transform's output) against
+/// a target's profile, as a restore of them would: validate, then
+/// [`build`]. `live` says what the target holds of each. Pure: the golden
+/// plan tests and offline tools use it; a restore from a repository takes
+/// the streaming path that ends in the same two calls.
+pub fn plan_values(
+    header: PlanHeader,
+    objects: Vec<serde_json::Value>,
+    live: impl Fn(&ObjectRef) -> Live,
+    target: &crate::profile::ClusterProfile,
+    source: &crate::profile::ClusterProfile,
+    transforms: Vec<crate::transform::Change>,
+) -> Result<RestorePlan, Vec<String>> {
+    let mut planned = Vec::with_capacity(objects.len());
+    for value in objects {
+        let object = ObjectRef::from_object(&value).map_err(|e| vec![e.to_string()])?;
+        planned.push(Planned {
+            facts: Facts::of(&object, &value),
+            digest: Some(super::bodies::digest(&value)),
+            live: live(&object),
+            desired: Desired { object, blob: None },
+        });
+    }
+    planned.sort_by(|a, b| a.desired.object.cmp(&b.desired.object));
+    let facts: Vec<&Facts> = planned.iter().map(|p| &p.facts).collect();
+    let found = super::validate::check(&facts, target, source);
+    let (plan, refused) = build(header, planned, found.warnings, transforms);
+    let mut problems = found.problems;
+    problems.extend(refused);
+    if problems.is_empty() {
+        Ok(plan)
+    } else {
+        Err(problems)
+    }
+}
 
-    fn r(kind: &str, name: &str) -> ObjectRef {
-        let group = match kind {
-            "Deployment" | "StatefulSet" => "apps",
-            "Role" | "RoleBinding" | "ClusterRole" => "rbac.authorization.k8s.io",
-            "CustomResourceDefinition" => "apiextensions.k8s.io",
-            "StorageClass" => "storage.k8s.io",
-            "Widget" => "demo.ferry.dev",
-            "HorizontalPodAutoscaler" => "autoscaling",
-            _ => "",
-        };
-        let namespaced = !matches!(
-            kind,
-            "Namespace" | "ClusterRole" | "CustomResourceDefinition" | "StorageClass"
-        );
-        ObjectRef {
-            group: group.into(),
-            version: "v1".into(),
-            kind: kind.into(),
-            namespace: namespaced.then(|| "prod".to_string()),
-            name: name.into(),
+/// What each object needs first, within the restore set: its Namespace,
+/// its CRD, and what it refers to.
+fn dependencies(planned: &[Planned]) -> Vec<OrderInput> {
+    type Key<'a> = (&'a str, &'a str, Option<&'a str>, &'a str);
+    let mut by_key: HashMap<Key<'_>, &ObjectRef> = HashMap::new();
+    let mut crds: HashMap<(&str, &str), &ObjectRef> = HashMap::new();
+    for p in planned {
+        let o = &p.desired.object;
+        by_key.insert((&o.group, &o.kind, o.namespace.as_deref(), &o.name), o);
+        if let Some(crd) = &p.facts.crd {
+            crds.insert((&crd.group, &crd.kind), o);
         }
     }
-
-    fn input(object: ObjectRef, needs: &[ObjectRef]) -> PlanInput {
-        PlanInput {
-            object,
-            needs: needs.to_vec(),
-        }
-    }
-
-    fn wave_of(ordering: &Ordering, o: &ObjectRef) -> usize {
-        ordering
-            .waves
-            .iter()
-            .position(|w| w.contains(o))
-            .expect("object is planned")
-    }
-
-    #[test]
-    fn dependencies_come_in_earlier_waves_and_tiers_order_the_rest() {
-        let ns = r("Namespace", "prod");
-        let crd = r("CustomResourceDefinition", "widgets.demo.ferry.dev");
-        let sc = r("StorageClass", "fast");
-        let cm = r("ConfigMap", "cfg");
-        let pvc = r("PersistentVolumeClaim", "data");
-        let dep = r("Deployment", "web");
-        let svc = r("Service", "web");
-        let hpa = r("HorizontalPodAutoscaler", "web");
-        let widget = r("Widget", "blue");
-        let inputs = vec![
-            input(widget.clone(), &[crd.clone(), ns.clone()]),
-            input(hpa.clone(), &[dep.clone(), ns.clone()]),
-            input(svc.clone(), std::slice::from_ref(&ns)),
-            input(dep.clone(), &[cm.clone(), pvc.clone(), ns.clone()]),
-            input(pvc.clone(), &[sc.clone(), ns.clone()]),
-            input(cm.clone(), std::slice::from_ref(&ns)),
-            input(sc.clone(), &[]),
-            input(crd.clone(), &[]),
-            input(ns.clone(), &[]),
-        ];
-        let o = order(&inputs);
-        assert!(o.cycles.is_empty());
-        assert_eq!(wave_of(&o, &ns), 0);
-        assert_eq!(wave_of(&o, &crd), 0);
-        assert!(wave_of(&o, &sc) < wave_of(&o, &pvc));
-        assert!(wave_of(&o, &cm) < wave_of(&o, &dep));
-        assert!(wave_of(&o, &pvc) < wave_of(&o, &dep));
-        assert!(wave_of(&o, &dep) < wave_of(&o, &svc));
-        assert!(wave_of(&o, &dep) < wave_of(&o, &hpa));
-        assert!(wave_of(&o, &crd) < wave_of(&o, &widget));
-        assert_eq!(o.waves.iter().map(Vec::len).sum::<usize>(), inputs.len());
-    }
-
-    #[test]
-    fn dependencies_outside_the_set_are_ignored() {
-        let dep = r("Deployment", "web");
-        let o = order(&[input(dep.clone(), &[r("ConfigMap", "not-restored")])]);
-        assert_eq!(o.waves, vec![vec![dep]]);
-    }
-
-    #[test]
-    fn cycles_are_broken_deterministically_and_reported() {
-        let a = r("ConfigMap", "a");
-        let b = r("ConfigMap", "b");
-        let c = r("ConfigMap", "c");
-        let forward = vec![
-            input(a.clone(), std::slice::from_ref(&b)),
-            input(b.clone(), std::slice::from_ref(&c)),
-            input(c.clone(), std::slice::from_ref(&a)),
-        ];
-        let mut backward = forward.clone();
-        backward.reverse();
-        let o1 = order(&forward);
-        let o2 = order(&backward);
-        assert_eq!(
-            o1, o2,
-            "the same graph gives the same plan whatever the input order"
-        );
-        assert_eq!(o1.cycles.len(), 1);
-        assert_eq!(o1.cycles[0].len(), 3);
-        assert_eq!(o1.waves.iter().map(Vec::len).sum::<usize>(), 3);
-    }
-
-    #[test]
-    fn objects_within_a_wave_are_sorted() {
-        let x = r("ConfigMap", "x");
-        let y = r("ConfigMap", "y");
-        let o = order(&[input(y.clone(), &[]), input(x.clone(), &[])]);
-        assert_eq!(o.waves, vec![vec![x, y]]);
-    }
+    planned
+        .iter()
+        .map(|p| {
+            let o = &p.desired.object;
+            let mut needs: Vec<ObjectRef> = Vec::new();
+            if let Some(ns) = &o.namespace
+                && let Some(n) = by_key.get(&("", "Namespace", None, ns.as_str()))
+            {
+                needs.push((*n).clone());
+            }
+            if let Some(crd) = crds.get(&(o.group.as_str(), o.kind.as_str())) {
+                needs.push((*crd).clone());
+            }
+            for (group, kind, namespace, name) in &p.facts.needs {
+                if let Some(target) = by_key.get(&(group, kind, namespace.as_deref(), name))
+                    && *target != o
+                {
+                    needs.push((*target).clone());
+                }
+            }
+            OrderInput {
+                object: o.clone(),
+                needs,
+            }
+        })
+        .collect()
 }

@@ -144,6 +144,16 @@ impl TransformPlan {
         Self::from_yaml(&text, &path.display().to_string(), path.parent())
     }
 
+    /// This plan's steps, then `next`'s (with `next`'s name and error policy).
+    pub fn then(mut self, next: TransformPlan) -> TransformPlan {
+        self.steps.extend(next.steps);
+        TransformPlan {
+            name: next.name.or(self.name),
+            on_error: next.on_error,
+            steps: self.steps,
+        }
+    }
+
     /// The plan's `metadata.name`, if it has one.
     pub fn name(&self) -> Option<&str> {
         self.name.as_deref()

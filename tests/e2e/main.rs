@@ -5,6 +5,7 @@
 mod backup;
 mod fidelity;
 mod node;
+mod plan;
 mod restore;
 mod support;
 mod testenv;

@@ -1,0 +1,329 @@
+//! load: a snapshot's catalog and stored graph, the selection made on them,
+//! and the dependency closure, before any object body is read (bodies are
+//! read here only to match labels).
+//!
+//! A restore of a subset (some namespaces, kinds, labels or objects) writes
+//! the selected objects plus exactly the cluster-scoped objects they depend
+//! on through the stored graph (their Namespaces, the ClusterRoles their
+//! bindings grant, the CRDs of their custom resources, the classes they
+//! use…), and nothing else: not the other Namespaces, ClusterRoles or CRDs
+//! a snapshot of a whole cluster holds. A restore that narrows nothing
+//! writes the whole snapshot.
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::RestoreError;
+use crate::backup::{CatalogEntry, SnapshotContent, load_catalog, load_content};
+use crate::model::ObjectRef;
+use crate::model::edges::EdgeKind;
+use crate::model::graph::AppGraph;
+use crate::model::select::Selection;
+use crate::profile::ClusterProfile;
+use crate::repo::Repository;
+
+/// What a restore takes from its snapshot: kept in the plan, so that a
+/// saved plan selects the same objects when it is applied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    pub selection: Selection,
+    /// Single objects (`Kind/namespace/name` or `Kind/name`); empty = all selected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<String>,
+}
+
+impl Subset {
+    /// Whether anything narrows the restore below the whole snapshot.
+    pub fn narrows(&self) -> bool {
+        let s = &self.selection;
+        !s.all_namespaces
+            || s.selector.is_some()
+            || s.application.is_some()
+            || !s.include_kinds.is_empty()
+            || !s.exclude_kinds.is_empty()
+            || !s.exclude_namespaces.is_empty()
+            || !self.objects.is_empty()
+    }
+
+    fn named(&self, object: &ObjectRef) -> bool {
+        let name = object.to_string().to_ascii_lowercase();
+        self.objects.iter().any(|o| o.to_ascii_lowercase() == name)
+    }
+
+    fn needs_labels(&self) -> bool {
+        self.selection.selector.is_some() || self.selection.application.is_some()
+    }
+
+    /// Whether the object is selected for its own sake (before the closure);
+    /// `labels_match` answers for selectors, when there is one.
+    fn seed(&self, object: &ObjectRef, labels_match: impl Fn() -> bool) -> bool {
+        let s = &self.selection;
+        if !self.objects.is_empty() {
+            return self.named(object);
+        }
+        if !s.kind_selected(&object.group, &object.kind, "") {
+            return false;
+        }
+        let in_scope = match (&object.namespace, object.kind.as_str()) {
+            (Some(ns), _) => s.namespace_selected(ns),
+            (None, "Namespace") if object.group.is_empty() => s.namespace_selected(&object.name),
+            // Other cluster-scoped objects are chosen for their own sake
+            // only when no namespace narrows the restore.
+            (None, _) => s.all_namespaces,
+        };
+        in_scope && (!self.needs_labels() || labels_match())
+    }
+}
+
+/// A snapshot as the restore sees it.
+pub struct Loaded {
+    pub snapshot_id: String,
+    pub snapshot_name: String,
+    /// The profile of the cluster the snapshot was taken from.
+    pub source_profile: ClusterProfile,
+    /// The selected objects and their closure, sorted by object.
+    pub entries: Vec<CatalogEntry>,
+}
+
+/// Reads the snapshot's catalog (and its graph, for a subset) and selects.
+/// The caller holds a shared lock on the repository.
+pub async fn load(
+    repo: &Repository,
+    snapshot: &str,
+    subset: &Subset,
+) -> Result<Loaded, RestoreError> {
+    let (id, snap) = repo.find_snapshot(snapshot).await?;
+    let narrows = subset.narrows();
+    let content = if narrows {
+        load_content(repo, &snap).await?
+    } else {
+        load_catalog(repo, &snap).await?
+    };
+    let labelled = if subset.needs_labels() {
+        Some(labelled(repo, &content, subset).await?)
+    } else {
+        None
+    };
+    let graph = if narrows {
+        Some(
+            AppGraph::from_json(&content.graph).map_err(|e| RestoreError::BadObject {
+                object: format!("graph of snapshot {}", snap.name),
+                message: e.to_string(),
+            })?,
+        )
+    } else {
+        None
+    };
+    let SnapshotContent {
+        objects, profile, ..
+    } = content;
+    let entries = select(objects, graph.as_ref(), subset, labelled.as_ref());
+    if entries.is_empty() {
+        return Err(RestoreError::NothingSelected(snap.name));
+    }
+    Ok(Loaded {
+        snapshot_id: id.0,
+        snapshot_name: snap.name,
+        source_profile: profile,
+        entries,
+    })
+}
+
+/// The objects whose labels (or application membership) the selection
+/// accepts, among those it could select otherwise: their bodies are read
+/// in pack order, a bounded number at a time, and dropped.
+async fn labelled(
+    repo: &Repository,
+    content: &SnapshotContent,
+    subset: &Subset,
+) -> Result<HashSet<ObjectRef>, RestoreError> {
+    const AT_ONCE: usize = 1024;
+    let mut candidates: Vec<&CatalogEntry> = content
+        .objects
+        .iter()
+        .filter(|e| subset.seed(&e.object, || true))
+        .collect();
+    candidates.sort_by_key(|e| repo.blob_position(&e.blob));
+    let mut out = HashSet::new();
+    for chunk in candidates.chunks(AT_ONCE) {
+        let ids: Vec<_> = chunk.iter().map(|e| e.blob).collect();
+        for (entry, body) in chunk.iter().zip(repo.read_blobs(&ids).await) {
+            let unreadable = |message: String| RestoreError::BadObject {
+                object: entry.object.to_string(),
+                message,
+            };
+            let body = body.map_err(|e| unreadable(e.to_string()))?;
+            let value: Value =
+                serde_json::from_slice(&body).map_err(|e| unreadable(e.to_string()))?;
+            if subset.selection.object_selected(&value) {
+                out.insert(entry.object.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Pure selection: the seeds, then what they depend on through the graph,
+/// cluster-scoped objects only (a subset never writes into namespaces it
+/// did not select). Without a graph (nothing narrows) every entry is kept.
+pub fn select(
+    entries: Vec<CatalogEntry>,
+    graph: Option<&AppGraph>,
+    subset: &Subset,
+    labelled: Option<&HashSet<ObjectRef>>,
+) -> Vec<CatalogEntry> {
+    let Some(graph) = graph else {
+        let mut all = entries;
+        all.sort_by(|a, b| a.object.cmp(&b.object));
+        return all;
+    };
+    let seeds: Vec<ObjectRef> = entries
+        .iter()
+        .filter(|e| {
+            subset.seed(&e.object, || {
+                labelled.is_some_and(|l| l.contains(&e.object))
+            })
+        })
+        .map(|e| e.object.clone())
+        .collect();
+    let excluded = |o: &ObjectRef| subset.selection.kind_excluded(&o.group, &o.kind, "");
+    let mut wanted: BTreeSet<ObjectRef> = graph.closure_where(&seeds, |edge, target| {
+        edge.kind != EdgeKind::Selects && target.namespace.is_none() && !excluded(target)
+    });
+    // The Namespace of every selected object, also where a graph lacks the edge.
+    let namespaces: BTreeSet<String> = wanted.iter().filter_map(|o| o.namespace.clone()).collect();
+    let mut out: Vec<CatalogEntry> = entries
+        .into_iter()
+        .filter(|e| {
+            wanted.remove(&e.object)
+                || (e.object.kind == "Namespace"
+                    && e.object.group.is_empty()
+                    && namespaces.contains(&e.object.name)
+                    && !excluded(&e.object))
+        })
+        .collect();
+    out.sort_by(|a, b| a.object.cmp(&b.object));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::select::LabelSelector;
+    use serde_json::json;
+
+    /// A snapshot of two namespaces and the cluster-scoped objects of both.
+    fn estate() -> (Vec<CatalogEntry>, AppGraph) {
+        let objects = vec![
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}}),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-b"}}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "reader-a"}}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "reader-b"}}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "everyone"},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "reader-b"}}),
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.example.com"},
+                   "spec": {"group": "example.com", "names": {"kind": "Widget", "plural": "widgets"}, "scope": "Namespaced",
+                            "versions": [{"name": "v1", "served": true, "storage": true}]}}),
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "gadgets.example.com"},
+                   "spec": {"group": "example.com", "names": {"kind": "Gadget", "plural": "gadgets"}, "scope": "Namespaced",
+                            "versions": [{"name": "v1", "served": true, "storage": true}]}}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "read", "namespace": "team-a"},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "reader-a"}}),
+            json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w", "namespace": "team-a", "labels": {"tier": "front"}}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "team-a"}}),
+            json!({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g", "namespace": "team-b"}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "team-b"}}),
+        ];
+        let mut graph = AppGraph::new();
+        let mut entries = Vec::new();
+        for value in &objects {
+            let object = ObjectRef::from_object(value).expect("object");
+            graph.add_object_value(object.clone(), value, None);
+            graph.add_references(&object, crate::model::edges::references(value));
+            entries.push(CatalogEntry {
+                object,
+                blob: crate::repo::BlobId([0; 32]),
+                size: 0,
+            });
+        }
+        graph.resolve();
+        (entries, graph)
+    }
+
+    fn names(selected: &[CatalogEntry]) -> Vec<String> {
+        let mut names: Vec<String> = selected.iter().map(|e| e.object.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    fn subset(namespaces: &[&str]) -> Subset {
+        Subset {
+            selection: Selection {
+                namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+                all_namespaces: namespaces.is_empty(),
+                ..Default::default()
+            },
+            objects: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_namespace_subset_takes_only_the_cluster_objects_it_depends_on() {
+        let (entries, graph) = estate();
+        let s = subset(&["team-a"]);
+        assert!(s.narrows());
+        let got = names(&select(entries, Some(&graph), &s, None));
+        assert_eq!(
+            got,
+            vec![
+                "ClusterRole/reader-a",
+                "ConfigMap/team-a/c",
+                "CustomResourceDefinition/widgets.example.com",
+                "Namespace/team-a",
+                "RoleBinding/team-a/read",
+                "Widget/team-a/w",
+            ]
+        );
+    }
+
+    #[test]
+    fn restoring_everything_takes_every_object() {
+        let (entries, _) = estate();
+        let s = subset(&[]);
+        assert!(!s.narrows());
+        assert_eq!(select(entries.clone(), None, &s, None).len(), entries.len());
+    }
+
+    #[test]
+    fn a_label_subset_takes_the_matching_objects_and_their_dependencies() {
+        let (entries, graph) = estate();
+        let mut s = subset(&[]);
+        s.selection.selector = Some(LabelSelector::parse("tier=front").expect("selector"));
+        let labelled: HashSet<ObjectRef> = entries
+            .iter()
+            .filter(|e| e.object.kind == "Widget")
+            .map(|e| e.object.clone())
+            .collect();
+        let got = names(&select(entries, Some(&graph), &s, Some(&labelled)));
+        assert_eq!(
+            got,
+            vec![
+                "CustomResourceDefinition/widgets.example.com",
+                "Namespace/team-a",
+                "Widget/team-a/w",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_object_comes_with_its_namespace_only() {
+        let (entries, graph) = estate();
+        let mut s = subset(&[]);
+        s.objects = vec!["configmap/team-b/c".into()];
+        let got = names(&select(entries, Some(&graph), &s, None));
+        assert_eq!(got, vec!["ConfigMap/team-b/c", "Namespace/team-b"]);
+    }
+}

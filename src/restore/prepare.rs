@@ -1,0 +1,199 @@
+//! The planning half of a restore: load, transform, one pass over the
+//! bodies (facts for validate and plan, the live object to compare with),
+//! validate, and the plan. Writes nothing.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use serde_json::Value;
+
+use super::bodies::{Bodies, Desired, digest};
+use super::plan::{self, Live, PLAN_FORMAT, PlanHeader, Planned, RestorePlan};
+use super::validate::{self, Facts};
+use super::{
+    RestoreError, RestoreOptions, TargetView, diff, effective_transform, load, managed, target,
+    transformed,
+};
+use crate::cluster::discovery::discover;
+use crate::model::ObjectRef;
+use crate::repo::Repository;
+
+/// load, transform, the body pass, validate and plan; writes nothing.
+/// The caller holds a shared lock on the repository.
+pub(crate) async fn prepare(
+    view: &TargetView<'_>,
+    repo: &Repository,
+    snapshot: &str,
+    opts: &RestoreOptions,
+) -> Result<(RestorePlan, Bodies), RestoreError> {
+    let loaded = load::load(repo, snapshot, &opts.subset).await?;
+    let (discovery, profile) = match view {
+        TargetView::Cluster(conn) => {
+            let discovery = discover(&conn.client).await?;
+            let profile = crate::cluster::profile::read_profile(conn, &discovery).await?;
+            (Some(discovery), profile)
+        }
+        TargetView::Profile(p) => (None, (**p).clone()),
+    };
+    let mut warnings = Vec::new();
+    let mut trace = Vec::new();
+    let (bodies, desired) =
+        match effective_transform(&opts.namespace_mapping, opts.transform.as_ref())? {
+            None => {
+                let desired: Vec<Desired> = loaded
+                    .entries
+                    .iter()
+                    .map(|e| Desired {
+                        object: e.object.clone(),
+                        blob: Some(e.blob),
+                    })
+                    .collect();
+                (Bodies::Stored(repo.clone()), desired)
+            }
+            Some(transform) => {
+                let (held, output) =
+                    transformed(repo, &loaded.entries, transform, profile.clone()).await?;
+                warnings.extend(output.warnings.iter().map(ToString::to_string));
+                warnings.extend(output.skipped.iter().map(|s| format!("not restored: {s}")));
+                trace = output.trace;
+                let mut desired: Vec<Desired> = held
+                    .keys()
+                    .map(|o| Desired {
+                        object: o.clone(),
+                        blob: None,
+                    })
+                    .collect();
+                desired.sort_by(|a, b| a.object.cmp(&b.object));
+                if desired.is_empty() {
+                    return Err(RestoreError::NothingSelected(loaded.snapshot_name));
+                }
+                (Bodies::Held(held), desired)
+            }
+        };
+    let held = matches!(bodies, Bodies::Held(_));
+
+    // One pass over the bodies: facts, digest, and the live object.
+    let absent = match (view, &discovery) {
+        (TargetView::Cluster(conn), Some(d)) => {
+            Some(target::absent_namespaces(conn, d, &desired).await?)
+        }
+        _ => None,
+    };
+    let passed: Vec<Result<Planned, RestoreError>> = bodies
+        .stream(desired, Clone::clone)
+        .map(|(d, body)| {
+            let discovery = discovery.as_ref();
+            let absent = absent.as_ref();
+            async move {
+                let value = body.map_err(|message| RestoreError::BadObject {
+                    object: d.object.to_string(),
+                    message,
+                })?;
+                let facts = Facts::of(&d.object, &value);
+                let live = match (view, discovery, absent) {
+                    (TargetView::Cluster(conn), Some(discovery), Some(absent)) => {
+                        let in_absent = match &d.object.namespace {
+                            Some(ns) => absent.contains(ns),
+                            None => d.object.kind == "Namespace" && absent.contains(&d.object.name),
+                        };
+                        if in_absent {
+                            Live::Absent
+                        } else {
+                            compare(&value, target::live(conn, discovery, &d.object).await?)
+                        }
+                    }
+                    _ => Live::Unknown,
+                };
+                Ok(Planned {
+                    digest: held.then(|| digest(&value)),
+                    desired: d,
+                    facts,
+                    live,
+                })
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut planned = Vec::with_capacity(passed.len());
+    for p in passed {
+        planned.push(p?);
+    }
+    planned.sort_by(|a, b| a.desired.object.cmp(&b.desired.object));
+
+    let facts: Vec<&Facts> = planned.iter().map(|p| &p.facts).collect();
+    let found = validate::check(&facts, &profile, &loaded.source_profile);
+    let mut problems = found.problems;
+    warnings.extend(found.warnings);
+    match (view, &discovery) {
+        (TargetView::Cluster(conn), Some(discovery)) => {
+            let plurals: HashMap<(&str, &str), &str> = facts
+                .iter()
+                .filter_map(|f| f.crd.as_ref())
+                .map(|c| ((c.group.as_str(), c.kind.as_str()), c.plural.as_str()))
+                .collect();
+            let objects: Vec<ObjectRef> = planned.iter().map(|p| p.desired.object.clone()).collect();
+            let needed = target::needed_permissions(
+                &objects,
+                discovery,
+                |g, k| plurals.get(&(g, k)).map(|p| p.to_string()),
+                opts.existing,
+            );
+            problems.extend(target::denied(conn, needed).await);
+        }
+        _ => warnings.push(
+            "planned offline against a saved profile: the target's objects and permissions were not read".into(),
+        ),
+    }
+    let header = PlanHeader {
+        format: PLAN_FORMAT,
+        repository: repo.id().to_string(),
+        snapshot: loaded.snapshot_name,
+        snapshot_id: loaded.snapshot_id,
+        target: match view {
+            TargetView::Cluster(conn) => conn.server.clone(),
+            TargetView::Profile(p) => {
+                format!("(offline: a saved profile of Kubernetes {})", p.version)
+            }
+        },
+        offline: matches!(view, TargetView::Profile(_)),
+        subset: opts.subset.clone(),
+        existing: opts.existing,
+        recreate_cascading: opts.recreate_cascading,
+        namespace_mapping: opts.namespace_mapping.0.clone(),
+        transform: opts.transform.clone(),
+    };
+    let (plan, refused) = plan::build(header, planned, warnings, trace);
+    problems.extend(refused);
+    if !problems.is_empty() {
+        problems.sort();
+        problems.dedup();
+        return Err(RestoreError::Preflight(problems));
+    }
+    Ok((plan, bodies))
+}
+
+/// What the target holds of an object, against what the restore writes.
+fn compare(desired: &Value, live: Option<Value>) -> Live {
+    let Some(live) = live else {
+        return Live::Absent;
+    };
+    let mut comparable = desired.clone();
+    // Owner references get their UIDs only at apply time.
+    if let Some(meta) = comparable
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+    {
+        meta.remove("ownerReferences");
+    }
+    let mut changes = diff::changes(&comparable, &live);
+    changes.extend(managed::removals(&comparable, &live));
+    Live::Present {
+        resource_version: live
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        changes,
+    }
+}
