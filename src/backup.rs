@@ -27,11 +27,12 @@ use crate::model::edges::{EdgeKind, Reference, Target, references};
 use crate::model::graph::AppGraph;
 use crate::model::normalize::{NormalizeOptions, Verdict, normalize};
 use crate::model::select::Selection;
-use crate::profile::ClusterProfile;
 use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId, WriteStats, encode_refs};
-
-/// The version of [`SnapshotContent`]; readers refuse versions they do not know.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+use crate::snapshot::StoredContent;
+pub use crate::snapshot::{
+    CatalogEntry, SNAPSHOT_FORMAT, SnapshotContent, SourceInfo, load_catalog, load_content,
+    open_snapshot,
+};
 
 /// Label on snapshots that records which tool version wrote them.
 pub const LABEL_WRITER: &str = "ferry.dev/writer";
@@ -69,39 +70,6 @@ impl BackupOptions {
 }
 
 /// What a snapshot holds, stored as its root blob.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SnapshotContent {
-    pub format: u32,
-    pub name: String,
-    pub source: SourceInfo,
-    pub profile: ClusterProfile,
-    /// The selection as the user expressed it (for `describe`).
-    pub selection: Value,
-    pub objects: Vec<CatalogEntry>,
-    /// The application graph in its compact serialized form.
-    pub graph: Value,
-    pub report: BackupReport,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SourceInfo {
-    pub server: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context: Option<String>,
-    pub namespaces: Vec<String>,
-}
-
-/// One stored object.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CatalogEntry {
-    #[serde(flatten)]
-    pub object: ObjectRef,
-    pub blob: BlobId,
-    pub size: u64,
-}
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupReport {
@@ -488,6 +456,7 @@ pub async fn run(
     content.report.stats.duration_ms = started.elapsed().as_millis() as u64;
     let root = StoredContent {
         format: SNAPSHOT_FORMAT,
+        readable_by: None,
         name: content.name.clone(),
         source: content.source.clone(),
         selection: content.selection.clone(),
@@ -963,20 +932,6 @@ async fn store_dependency(
     }
 }
 
-/// The root blob of a snapshot as stored: the parts are blob ids.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct StoredContent {
-    format: u32,
-    name: String,
-    source: SourceInfo,
-    selection: Value,
-    profile: BlobId,
-    objects: BlobId,
-    graph: BlobId,
-    report: BackupReport,
-}
-
 mod erased {
     /// Object-safe JSON encoding, so one closure can encode every part.
     pub trait Encode {
@@ -987,94 +942,6 @@ mod erased {
             serde_json::to_vec(self)
         }
     }
-}
-
-async fn read_json<T: serde::de::DeserializeOwned>(
-    repo: &Repository,
-    blob: &BlobId,
-    what: impl FnOnce() -> String,
-) -> Result<T, RepoError> {
-    let bytes = repo.read_blob(blob).await?;
-    serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
-        what: what(),
-        message: e.to_string(),
-    })
-}
-
-/// Finds a snapshot and loads its content under a shared lock (prune waits
-/// meanwhile): what `describe` and `graph` show.
-pub async fn open_snapshot(
-    repo: &Repository,
-    name_or_id: &str,
-) -> Result<(SnapshotId, Snapshot, SnapshotContent), RepoError> {
-    let lock = repo.lock_shared().await?;
-    let result = async {
-        let (id, snapshot) = repo.find_snapshot(name_or_id).await?;
-        let content = load_content(repo, &snapshot).await?;
-        Ok((id, snapshot, content))
-    }
-    .await;
-    lock.release().await?;
-    result
-}
-
-/// Loads a snapshot's content, refusing formats this version cannot read.
-/// The caller holds a lock.
-pub async fn load_content(
-    repo: &Repository,
-    snapshot: &Snapshot,
-) -> Result<SnapshotContent, RepoError> {
-    load_parts(repo, snapshot, true).await
-}
-
-/// A snapshot's content without its graph (`graph` is null), for readers
-/// that do not need it: the graph of a large snapshot is its largest part.
-pub async fn load_catalog(
-    repo: &Repository,
-    snapshot: &Snapshot,
-) -> Result<SnapshotContent, RepoError> {
-    load_parts(repo, snapshot, false).await
-}
-
-async fn load_parts(
-    repo: &Repository,
-    snapshot: &Snapshot,
-    with_graph: bool,
-) -> Result<SnapshotContent, RepoError> {
-    let name = &snapshot.name;
-    let root: StoredContent = read_json(repo, &snapshot.content, || {
-        format!("content of snapshot {name}")
-    })
-    .await?;
-    if root.format != SNAPSHOT_FORMAT {
-        return Err(RepoError::Corrupt {
-            what: format!("snapshot {name}"),
-            message: format!(
-                "format {} is not readable by this version of ferry (it reads {SNAPSHOT_FORMAT}); upgrade ferry",
-                root.format
-            ),
-        });
-    }
-    Ok(SnapshotContent {
-        format: root.format,
-        name: root.name,
-        source: root.source,
-        profile: read_json(repo, &root.profile, || {
-            format!("cluster profile of snapshot {name}")
-        })
-        .await?,
-        selection: root.selection,
-        objects: read_json(repo, &root.objects, || {
-            format!("object catalog of snapshot {name}")
-        })
-        .await?,
-        graph: if with_graph {
-            read_json(repo, &root.graph, || format!("graph of snapshot {name}")).await?
-        } else {
-            Value::Null
-        },
-        report: root.report,
-    })
 }
 
 /// What `ferry backup verify` found.

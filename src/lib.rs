@@ -3,7 +3,7 @@
 //!
 //! The pipeline (see README): `cluster` discovers and captures, `model`
 //! normalizes objects and builds the application graph, `repo` stores
-//! snapshots in an encrypted content-addressed repository, `transform`
+//! snapshots (their format: `snapshot`) in an encrypted content-addressed repository, `transform`
 //! adapts objects to the target with rule sets, and `backup` and
 //! `restore` orchestrate the whole.
 
@@ -19,5 +19,6 @@ pub mod model;
 pub mod profile;
 pub mod repo;
 pub mod restore;
+pub mod snapshot;
 pub mod transform;
 pub mod yaml;
