@@ -1051,3 +1051,35 @@ async fn marked_packs_wait_for_a_stale_lock_until_it_is_removed() {
     assert_eq!(swept.packs_removed, marked.packs_marked, "{swept:?}");
     stale.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn many_blobs_are_read_with_one_request_per_region_and_damage_stays_local() {
+    let (_dir, repo, backend) = new_repo().await;
+    let bodies: Vec<Vec<u8>> = (0..500)
+        .map(|i| format!("object {i} {}", "x".repeat(i % 97)).into_bytes())
+        .collect();
+    let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let (_, ids, _) = snapshot(&repo, "s", &refs).await;
+    let lock = repo.lock_shared().await.unwrap();
+    // Asked in reverse: answered in the order asked, with one ranged read
+    // of the pack (everything fits in one region).
+    let wanted: Vec<BlobId> = ids.iter().rev().copied().collect();
+    let before = repo.io_stats();
+    let read = repo.read_blobs(&wanted).await;
+    let requests = repo.io_stats().get_requests - before.get_requests;
+    assert_eq!(requests, 1, "one request for 500 neighbouring blobs");
+    for (got, expected) in read.iter().zip(bodies.iter().rev()) {
+        assert_eq!(got.as_ref().unwrap(), expected);
+    }
+    // One damaged blob fails alone, named; an unknown id is not found.
+    let pack = files(&backend, "data/").await.remove(0);
+    let mut bytes = backend.get(&pack).await.unwrap().to_vec();
+    bytes[30] ^= 0x01;
+    backend.put(&pack, Bytes::from(bytes)).await.unwrap();
+    let unknown = BlobId([7; 32]);
+    let read = repo.read_blobs(&[ids[0], ids[1], unknown]).await;
+    assert!(matches!(&read[0], Err(RepoError::Damaged { blob, .. }) if *blob == ids[0]));
+    assert_eq!(read[1].as_ref().unwrap(), &bodies[1]);
+    assert!(matches!(&read[2], Err(RepoError::BlobNotFound { blob }) if *blob == unknown));
+    lock.release().await.unwrap();
+}
