@@ -569,6 +569,14 @@ fn restore_options(
     })
 }
 
+/// What `ferry restore -o json|yaml` prints, without a copy of the plan
+/// (a plan of 100,000 objects is large).
+#[derive(serde::Serialize)]
+struct RestoreOutput<'a> {
+    plan: &'a crate::restore::RestorePlan,
+    report: &'a crate::restore::RestoreReport,
+}
+
 /// A transform plan file as a restore keeps it: its text, checked now.
 fn transform_source(path: &std::path::Path) -> anyhow::Result<crate::restore::TransformSource> {
     let text = std::fs::read_to_string(path)
@@ -614,7 +622,10 @@ async fn restore_command(global: &GlobalArgs, args: RestoreArgs) -> anyhow::Resu
         };
         emit(
             args.output,
-            &serde_json::json!({"plan": plan, "report": report}),
+            &RestoreOutput {
+            plan: &plan,
+            report: &report,
+        },
             |out| print_restore(out, &plan, &report, &options),
         )?;
         return Ok(ExitCode::SUCCESS);
@@ -665,7 +676,10 @@ async fn restore_saved_plan(
     let options = crate::restore::RestoreOptions::default();
     emit(
         args.output,
-        &serde_json::json!({"plan": plan, "report": report}),
+        &RestoreOutput {
+            plan: &plan,
+            report: &report,
+        },
         |out| print_restore(out, &plan, &report, &options),
     )?;
     restore_outcome(&report, &options)
@@ -681,7 +695,10 @@ async fn run_restore(
     let (plan, report) = restore_with_progress(conn, repository, snapshot, options).await?;
     emit(
         output,
-        &serde_json::json!({"plan": plan, "report": report}),
+        &RestoreOutput {
+            plan: &plan,
+            report: &report,
+        },
         |out| print_restore(out, &plan, &report, options),
     )?;
     restore_outcome(&report, options)

@@ -21,8 +21,8 @@ pub fn emit<T: Serialize>(
     value: &T,
     text: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    // Standard output flushes at every line: a large plan goes out in blocks.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     match format {
         OutputFormat::Json => {
             serde_json::to_writer_pretty(&mut out, value)?;

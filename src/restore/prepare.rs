@@ -26,7 +26,7 @@ pub(crate) async fn prepare(
     snapshot: &str,
     opts: &RestoreOptions,
 ) -> Result<(RestorePlan, Bodies), RestoreError> {
-    let loaded = load::load(repo, snapshot, &opts.subset).await?;
+    let mut loaded = load::load(repo, snapshot, &opts.subset).await?;
     let (discovery, profile) = match view {
         TargetView::Cluster(conn) => {
             let discovery = discover(&conn.client).await?;
@@ -37,14 +37,15 @@ pub(crate) async fn prepare(
     };
     let mut warnings = Vec::new();
     let mut trace = Vec::new();
+    let entries = std::mem::take(&mut loaded.entries);
     let (bodies, desired) =
         match effective_transform(&opts.namespace_mapping, opts.transform.as_ref())? {
             None => {
-                let desired: Vec<Desired> = loaded
-                    .entries
-                    .iter()
+                // The catalog entries become the desired objects: no copy.
+                let desired: Vec<Desired> = entries
+                    .into_iter()
                     .map(|e| Desired {
-                        object: e.object.clone(),
+                        object: e.object,
                         blob: Some(e.blob),
                     })
                     .collect();
@@ -52,7 +53,7 @@ pub(crate) async fn prepare(
             }
             Some(transform) => {
                 let (held, output) =
-                    transformed(repo, &loaded.entries, transform, profile.clone()).await?;
+                    transformed(repo, &entries, transform, profile.clone()).await?;
                 warnings.extend(output.warnings.iter().map(ToString::to_string));
                 warnings.extend(output.skipped.iter().map(|s| format!("not restored: {s}")));
                 trace = output.trace;
