@@ -569,6 +569,18 @@ fn restore_options(
     })
 }
 
+/// Prints a restore's plan and report in the chosen format.
+fn emit_restore(
+    output: OutputFormat,
+    plan: &crate::restore::RestorePlan,
+    report: &crate::restore::RestoreReport,
+    options: &crate::restore::RestoreOptions,
+) -> anyhow::Result<()> {
+    emit(output, &RestoreOutput { plan, report }, |out| {
+        print_restore(out, plan, report, options)
+    })
+}
+
 /// What `ferry restore -o json|yaml` prints, without a copy of the plan
 /// (a plan of 100,000 objects is large).
 #[derive(serde::Serialize)]
@@ -620,14 +632,7 @@ async fn restore_command(global: &GlobalArgs, args: RestoreArgs) -> anyhow::Resu
             repository: repository.io_stats(),
             ..Default::default()
         };
-        emit(
-            args.output,
-            &RestoreOutput {
-            plan: &plan,
-            report: &report,
-        },
-            |out| print_restore(out, &plan, &report, &options),
-        )?;
+        emit_restore(args.output, &plan, &report, &options)?;
         return Ok(ExitCode::SUCCESS);
     }
     let conn = connect(global).await?;
@@ -674,14 +679,7 @@ async fn restore_saved_plan(
         )
     })?;
     let options = crate::restore::RestoreOptions::default();
-    emit(
-        args.output,
-        &RestoreOutput {
-            plan: &plan,
-            report: &report,
-        },
-        |out| print_restore(out, &plan, &report, &options),
-    )?;
+    emit_restore(args.output, &plan, &report, &options)?;
     restore_outcome(&report, &options)
 }
 
@@ -693,14 +691,7 @@ async fn run_restore(
     output: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
     let (plan, report) = restore_with_progress(conn, repository, snapshot, options).await?;
-    emit(
-        output,
-        &RestoreOutput {
-            plan: &plan,
-            report: &report,
-        },
-        |out| print_restore(out, &plan, &report, options),
-    )?;
+    emit_restore(output, &plan, &report, options)?;
     restore_outcome(&report, options)
 }
 

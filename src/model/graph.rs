@@ -409,20 +409,7 @@ impl AppGraph {
 
     /// What `seeds` need, transitively (the seeds included).
     pub fn dependencies_closure(&self, seeds: &[ObjectRef]) -> BTreeSet<ObjectRef> {
-        let mut out = BTreeSet::new();
-        let mut stack: Vec<NodeIndex> = seeds
-            .iter()
-            .filter_map(|s| self.index.get(&key_of(s)).copied())
-            .collect();
-        while let Some(i) = stack.pop() {
-            if out.insert(self.graph[i].object.clone()) {
-                stack.extend(
-                    self.graph
-                        .neighbors_directed(i, petgraph::Direction::Outgoing),
-                );
-            }
-        }
-        out
+        self.closure_where(seeds, |_, _| true)
     }
 
     /// The seeds and what they reach through edges `follow` accepts

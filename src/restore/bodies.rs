@@ -95,6 +95,30 @@ impl Bodies {
     }
 }
 
+/// Reads the stored bodies of `entries` a batch at a time, in the order
+/// given, and hands each to `each`; a body that cannot be read or decoded
+/// stops the reading, naming its object.
+pub async fn for_each_stored<'a>(
+    repo: &Repository,
+    entries: impl IntoIterator<Item = &'a crate::backup::CatalogEntry>,
+    mut each: impl FnMut(&'a crate::backup::CatalogEntry, Value),
+) -> Result<(), super::RestoreError> {
+    let entries: Vec<&crate::backup::CatalogEntry> = entries.into_iter().collect();
+    for chunk in entries.chunks(BATCH) {
+        let ids: Vec<BlobId> = chunk.iter().map(|e| e.blob).collect();
+        for (entry, body) in chunk.iter().zip(repo.read_blobs(&ids).await) {
+            let unreadable = |message: String| super::RestoreError::BadObject {
+                object: entry.object.to_string(),
+                message,
+            };
+            let bytes = body.map_err(|e| unreadable(e.to_string()))?;
+            let value = serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
+            each(entry, value);
+        }
+    }
+    Ok(())
+}
+
 /// Digest of a body as the restore will write it: a saved plan records it
 /// for transformed objects, so that applying the plan later writes exactly
 /// what was planned.

@@ -24,7 +24,9 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
     }
 }
 
-fn is_empty(v: &Value) -> bool {
+/// Whether a value is empty as the API server sees it (it drops empty
+/// maps and lists).
+pub(crate) fn is_empty(v: &Value) -> bool {
     match v {
         Value::Null => true,
         Value::Object(m) => m.is_empty(),

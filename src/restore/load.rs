@@ -13,7 +13,6 @@
 use std::collections::{BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::RestoreError;
 use crate::backup::{CatalogEntry, SnapshotContent, load_catalog, load_content};
@@ -140,7 +139,6 @@ async fn labelled(
     content: &SnapshotContent,
     subset: &Subset,
 ) -> Result<HashSet<ObjectRef>, RestoreError> {
-    const AT_ONCE: usize = 1024;
     let mut candidates: Vec<&CatalogEntry> = content
         .objects
         .iter()
@@ -148,21 +146,12 @@ async fn labelled(
         .collect();
     candidates.sort_by_key(|e| repo.blob_position(&e.blob));
     let mut out = HashSet::new();
-    for chunk in candidates.chunks(AT_ONCE) {
-        let ids: Vec<_> = chunk.iter().map(|e| e.blob).collect();
-        for (entry, body) in chunk.iter().zip(repo.read_blobs(&ids).await) {
-            let unreadable = |message: String| RestoreError::BadObject {
-                object: entry.object.to_string(),
-                message,
-            };
-            let body = body.map_err(|e| unreadable(e.to_string()))?;
-            let value: Value =
-                serde_json::from_slice(&body).map_err(|e| unreadable(e.to_string()))?;
-            if subset.selection.object_selected(&value) {
-                out.insert(entry.object.clone());
-            }
+    super::bodies::for_each_stored(repo, candidates, |entry, value| {
+        if subset.selection.object_selected(&value) {
+            out.insert(entry.object.clone());
         }
-    }
+    })
+    .await?;
     Ok(out)
 }
 

@@ -10,7 +10,7 @@
 use serde_json::{Map, Value};
 
 use super::FIELD_MANAGER;
-use super::diff::Change;
+use super::diff::{Change, is_empty};
 
 /// Fields Ferry set on `live` (any operation of manager `ferry`) that
 /// `desired` no longer has: an apply of `desired` removes them.
@@ -114,15 +114,6 @@ fn removed(path: String, live: &Value) -> Change {
         path,
         live: Some(live.clone()),
         desired: Value::Null,
-    }
-}
-
-fn is_empty(v: &Value) -> bool {
-    match v {
-        Value::Null => true,
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
     }
 }
 

@@ -336,17 +336,7 @@ async fn read_all(
     entries: &[crate::backup::CatalogEntry],
 ) -> Result<Vec<Value>, RestoreError> {
     let mut out = Vec::with_capacity(entries.len());
-    for chunk in entries.chunks(bodies::BATCH) {
-        let ids: Vec<_> = chunk.iter().map(|e| e.blob).collect();
-        for (entry, body) in chunk.iter().zip(repo.read_blobs(&ids).await) {
-            let unreadable = |message: String| RestoreError::BadObject {
-                object: entry.object.to_string(),
-                message,
-            };
-            let bytes = body.map_err(|e| unreadable(e.to_string()))?;
-            out.push(serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?);
-        }
-    }
+    bodies::for_each_stored(repo, entries, |_, value| out.push(value)).await?;
     Ok(out)
 }
 

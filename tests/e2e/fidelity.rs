@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams};
 use serde_json::{Value, json};
 
-use crate::support::{TestNamespace, apply_manifests, env, eventually, ferry, live, object_ref};
+use crate::support::{
+    TestNamespace, apply_manifests, env, eventually, ferry, init_repo, live, object_ref,
+};
 
 /// The operator example for namespace `ns`.
 fn operator_app(ns: &str) -> String {
@@ -25,16 +27,6 @@ fn manifest(objects: &[Value]) -> String {
         .map(|o| serde_json::to_string(o).unwrap())
         .collect::<Vec<_>>()
         .join("\n---\n")
-}
-
-/// A fresh local repository in `dir`.
-fn init_repo(kubeconfig: &Path, dir: &Path) -> String {
-    let repo = dir.join("repo").to_str().unwrap().to_string();
-    ferry(kubeconfig)
-        .args(["repo", "init", "--repo", &repo])
-        .assert()
-        .success();
-    repo
 }
 
 /// `ferry backup create NAME -n NS -o json`: the command's JSON.

@@ -1,34 +1,15 @@
 //! Restore subsets, saved plans and offline plans against real clusters.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
 
-use crate::support::{TestNamespace, apply_manifests, env, ferry, unique_name};
-
-fn init_repo(kubeconfig: &Path, dir: &Path) -> String {
-    let repo = dir.join("repo").to_str().unwrap().to_string();
-    ferry(kubeconfig)
-        .args(["repo", "init", "--repo", &repo])
-        .assert()
-        .success();
-    repo
-}
-
-fn run_json(kubeconfig: &Path, args: &[&str]) -> (bool, Value, String) {
-    let out = ferry(kubeconfig)
-        .args(args)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.success(), value, stderr)
-}
+use crate::support::{
+    TestNamespace, apply_manifests, env, ferry, init_repo, run_json, unique_name,
+};
 
 fn listed(report: &Value, key: &str) -> BTreeSet<String> {
     report[key]
@@ -39,6 +20,25 @@ fn listed(report: &Value, key: &str) -> BTreeSet<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A namespace in the primary cluster holding `manifests` (given the
+/// namespace's name), backed up as snapshot `app` into a fresh repository.
+async fn backed_up(
+    prefix: &str,
+    manifests: impl Fn(&str) -> String,
+) -> (tempfile::TempDir, TestNamespace, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = env().primary();
+    let client = cluster.client().await;
+    let ns = TestNamespace::create(&client, prefix).await;
+    apply_manifests(&client, &manifests(&ns.name)).await;
+    let repo = init_repo(&cluster.kubeconfig, dir.path());
+    ferry(&cluster.kubeconfig)
+        .args(["backup", "create", "app", "-n", &ns.name, "--repo", &repo])
+        .assert()
+        .success();
+    (dir, ns, repo)
 }
 
 /// Deletes cluster-scoped test objects when the test ends, on every cluster.
@@ -214,33 +214,13 @@ async fn a_key_dropped_from_a_newer_snapshot_alone_is_removed() {
 
 #[tokio::test]
 async fn a_saved_plan_is_applied_exactly_and_refused_when_the_target_changed() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = env().primary();
-    let client = source.client().await;
-    let ns = TestNamespace::create(&client, "t-plan").await;
-    apply_manifests(
-        &client,
-        &format!(
-            r#"
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: one, namespace: {ns}}}
-data: {{k: "1"}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: two, namespace: {ns}}}
-data: {{k: "2"}}
-"#,
-            ns = ns.name
-        ),
-    )
+    let (dir, ns, repo) = backed_up("t-plan", |ns| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: one, namespace: {ns}}}\ndata: {{k: \"1\"}}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: two, namespace: {ns}}}\ndata: {{k: \"2\"}}\n"
+        )
+    })
     .await;
-    let repo = init_repo(&source.kubeconfig, dir.path());
-    ferry(&source.kubeconfig)
-        .args(["backup", "create", "app", "-n", &ns.name, "--repo", &repo])
-        .assert()
-        .success();
     let target = env().secondary();
     let target_client = target.client().await;
 
@@ -327,23 +307,10 @@ data: {{k: "2"}}
 
 #[tokio::test]
 async fn a_restore_is_planned_offline_against_a_saved_profile() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = env().primary();
-    let client = source.client().await;
-    let ns = TestNamespace::create(&client, "t-offline").await;
-    apply_manifests(
-        &client,
-        &format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c, namespace: {}}}\ndata: {{k: v}}\n",
-            ns.name
-        ),
-    )
+    let (dir, ns, repo) = backed_up("t-offline", |ns| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c, namespace: {ns}}}\ndata: {{k: v}}\n")
+    })
     .await;
-    let repo = init_repo(&source.kubeconfig, dir.path());
-    ferry(&source.kubeconfig)
-        .args(["backup", "create", "app", "-n", &ns.name, "--repo", &repo])
-        .assert()
-        .success();
     let profile = ferry(&env().secondary().kubeconfig)
         .args(["cluster", "profile"])
         .output()
@@ -354,18 +321,21 @@ async fn a_restore_is_planned_offline_against_a_saved_profile() {
 
     // No cluster at all: the kubeconfig does not exist.
     let nowhere = dir.path().join("no-such-kubeconfig");
-    let (ok, out, stderr) = run_json(
-        &nowhere,
-        &[
-            "restore",
-            "app",
-            "--repo",
-            &repo,
-            "--dry-run",
-            "--target-profile",
-            profile_path.to_str().unwrap(),
-        ],
-    );
+    let plan_offline = || {
+        run_json(
+            &nowhere,
+            &[
+                "restore",
+                "app",
+                "--repo",
+                &repo,
+                "--dry-run",
+                "--target-profile",
+                profile_path.to_str().unwrap(),
+            ],
+        )
+    };
+    let (ok, out, stderr) = plan_offline();
     assert!(ok, "{stderr}\n{out}");
     assert_eq!(out["plan"]["offline"], true, "{out}");
     let items: Vec<&Value> = out["plan"]["waves"]
@@ -381,18 +351,7 @@ async fn a_restore_is_planned_offline_against_a_saved_profile() {
     let mut lacking: Value = serde_json::from_slice(&profile.stdout).unwrap();
     lacking["servedKinds"] = json!([]);
     std::fs::write(&profile_path, serde_json::to_vec(&lacking).unwrap()).unwrap();
-    let (ok, _, stderr) = run_json(
-        &nowhere,
-        &[
-            "restore",
-            "app",
-            "--repo",
-            &repo,
-            "--dry-run",
-            "--target-profile",
-            profile_path.to_str().unwrap(),
-        ],
-    );
+    let (ok, _, stderr) = plan_offline();
     assert!(!ok);
     assert!(
         stderr.contains(&format!(
@@ -405,13 +364,8 @@ async fn a_restore_is_planned_offline_against_a_saved_profile() {
 
 #[tokio::test]
 async fn the_namespace_mapping_flag_moves_service_names_as_the_rule_set_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = env().primary();
-    let client = cluster.client().await;
-    let ns = TestNamespace::create(&client, "t-nsmap").await;
-    apply_manifests(
-        &client,
-        &format!(
+    let (_dir, ns, repo) = backed_up("t-nsmap", |ns| {
+        format!(
             r#"
 apiVersion: v1
 kind: ConfigMap
@@ -422,16 +376,12 @@ apiVersion: v1
 kind: Service
 metadata: {{name: upstream, namespace: {ns}}}
 spec: {{type: ExternalName, externalName: "api.{ns}.svc.cluster.local"}}
-"#,
-            ns = ns.name
-        ),
-    )
+"#
+        )
+    })
     .await;
-    let repo = init_repo(&cluster.kubeconfig, dir.path());
-    ferry(&cluster.kubeconfig)
-        .args(["backup", "create", "app", "-n", &ns.name, "--repo", &repo])
-        .assert()
-        .success();
+    let cluster = env().primary();
+    let client = cluster.client().await;
     let clone = unique_name("t-nsmap-clone");
     let _cleanup = TestNamespace::adopt(&client, &clone);
     let mapping = format!("{}={clone}", ns.name);

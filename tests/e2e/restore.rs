@@ -74,15 +74,9 @@ async fn backed_up_app(prefix: &str, dir: &Path) -> (TestNamespace, String) {
 }
 
 fn restore_json(kubeconfig: &Path, args: &[&str]) -> (bool, Value, String) {
-    let out = ferry(kubeconfig)
-        .arg("restore")
-        .args(args)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.success(), value, stderr)
+    let mut all = vec!["restore"];
+    all.extend_from_slice(args);
+    crate::support::run_json(kubeconfig, &all)
 }
 
 fn names(report: &Value, key: &str) -> BTreeSet<String> {

@@ -375,3 +375,25 @@ pub async fn live(
         .ok()?
         .map(|o| serde_json::to_value(o).unwrap())
 }
+
+/// A fresh local repository in `dir`.
+pub fn init_repo(kubeconfig: &Path, dir: &Path) -> String {
+    let repo = dir.join("repo").to_str().unwrap().to_string();
+    ferry(kubeconfig)
+        .args(["repo", "init", "--repo", &repo])
+        .assert()
+        .success();
+    repo
+}
+
+/// `ferry ARGS -o json`: whether it succeeded, its JSON and its stderr.
+pub fn run_json(kubeconfig: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = ferry(kubeconfig)
+        .args(args)
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), value, stderr)
+}
