@@ -85,6 +85,9 @@ pub struct Created {
     /// Objects the target already had (the test environment's own
     /// namespace, say); they count as done, as an `update` restore skips them.
     pub existing: usize,
+    /// Writes sent again after a transient failure (throttled, timed out,
+    /// connection lost); 0 in a healthy run.
+    pub retries: usize,
 }
 
 /// Creates `objects` with POST, `concurrency` at once: Namespaces, then
@@ -108,17 +111,19 @@ pub async fn create_all(
             // The CRDs just created must be in discovery.
             discovery = discover(client).await?;
         }
-        let results: Vec<bool> = futures::stream::iter(batch.iter().copied())
+        // At most `concurrency` requests in flight, whatever N is.
+        let results: Vec<(bool, usize)> = futures::stream::iter(batch.iter().copied())
             .map(|o| create_one(client, &discovery, o))
             .buffer_unordered(concurrency.max(1))
             .try_collect()
             .await?;
-        for created in results {
+        for (created, retries) in results {
             if created {
                 total.created += 1;
             } else {
                 total.existing += 1;
             }
+            total.retries += retries;
         }
         if t == 1 {
             for crd in &batch {
@@ -130,8 +135,20 @@ pub async fn create_all(
     Ok(total)
 }
 
-/// POSTs one object; `Ok(false)` when it already exists.
-async fn create_one(client: &kube::Client, discovery: &Discovery, object: &Value) -> Result<bool> {
+/// Attempts of one write before a transient failure counts as a failure.
+const ATTEMPTS: usize = 6;
+
+/// POSTs one object; `Ok(false)` when it already exists. Throttling (429),
+/// server-side timeouts (500, 503, 504) and lost connections are retried
+/// with backoff, up to [`ATTEMPTS`] times: a 100,000-object create on a
+/// 2-core machine must not fail on one slow etcd write. A retried write
+/// that had gone through before its answer was lost comes back 409 and
+/// counts as existing. Returns whether it created, and the retries.
+async fn create_one(
+    client: &kube::Client,
+    discovery: &Discovery,
+    object: &Value,
+) -> Result<(bool, usize)> {
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
     let kind = object["kind"].as_str().unwrap_or_default();
     let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
@@ -144,16 +161,30 @@ async fn create_one(client: &kube::Client, discovery: &Discovery, object: &Value
     if let Some(meta) = body["metadata"].as_object_mut() {
         meta.remove("ownerReferences");
     }
-    let request = http::Request::post(resource.url_path(namespace))
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&body)?)?;
-    match client.request_text(request).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-        Err(e) => Err(anyhow!(
-            "creating {kind} {}/{name}: {e}",
-            namespace.unwrap_or("")
-        )),
+    let body = serde_json::to_vec(&body)?;
+    let mut attempt = 0;
+    loop {
+        let request = http::Request::post(resource.url_path(namespace))
+            .header("content-type", "application/json")
+            .body(body.clone())?;
+        let error = match client.request_text(request).await {
+            Ok(_) => return Ok((true, attempt)),
+            Err(kube::Error::Api(status)) if status.code == 409 => return Ok((false, attempt)),
+            Err(e) => e,
+        };
+        let transient = match &error {
+            kube::Error::Api(status) => matches!(status.code, 429 | 500 | 503 | 504),
+            kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+            _ => false,
+        };
+        attempt += 1;
+        if !transient || attempt >= ATTEMPTS {
+            bail!(
+                "creating {kind} {}/{name} ({attempt} attempts): {error}",
+                namespace.unwrap_or("")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250 << attempt.min(5))).await;
     }
 }
 

@@ -2,30 +2,42 @@
 //! real local clusters, each against the baseline that bounds it, measured
 //! in the same run (see docs/benchmarks.md).
 //!
-//! For each size N the benchmark starts three fresh clusters (source,
-//! target, baseline) with scripts/testenv, fills the source with an estate
-//! of N objects, and measures:
-//! - `ferry backup create -A` (first, then again with nothing changed)
-//!   against a raw paginated LIST of the same collections at the same
-//!   concurrency and page size;
+//! For each size N the benchmark starts four fresh clusters (source,
+//! target, target-s3, baseline) and MinIO with scripts/testenv, fills the
+//! source with an estate of N objects, and measures:
+//! - `ferry backup create -A` into a local repository (first, then again
+//!   with nothing changed) and into an S3 repository on MinIO, against a
+//!   raw paginated LIST of the same collections at the same concurrency and
+//!   page size;
 //! - `ferry transform` with every built-in rule set, and the transform
 //!   engine in-process, against JSON parse + serialize of the same objects;
-//! - `ferry restore` into the empty target against a raw parallel create of
-//!   the same objects into the empty baseline cluster, at the same
-//!   concurrency.
+//! - `ferry restore` from the local repository into the empty target and
+//!   from the S3 repository into the empty target-s3, against a raw
+//!   parallel create of the same objects into the empty baseline cluster,
+//!   at the same concurrency; with the GET requests each restore sent
+//!   (as Ferry reports them, and as MinIO counted them) against the pack
+//!   data the repository holds.
 //!
 //! Ferry's steps run as the release `ferry` binary and are measured with
-//! wait4(2): wall time, CPU time and peak RSS. The results go to
-//! `--out` as results.json, results.md and time-vs-n.svg.
+//! wait4(2): wall time, CPU time and peak RSS. The backups start once the
+//! source's controllers have made their Pods and its servers are idle; each
+//! cluster is stopped as soon as the benchmark is done with it (the source
+//! after the transform, each target once its restore is checked), so that
+//! what its controllers still do does not run into the next step, and so
+//! that at N = 100,000 no more than two full clusters are held at once.
+//! The results go to `--out` as results.json, results.md and
+//! time-vs-n.svg.
 //!
 //! Under `cargo test` (no `--bench` argument) it only checks its estate
-//! generator, so that the test suite stays free of timing.
+//! generator and its report on made-up numbers, so that the test suite
+//! stays free of timing.
 
 mod baseline;
 mod measure;
 mod report;
 mod workload;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -42,7 +54,7 @@ use ferry::repo::backend::LocalBackend;
 use ferry::transform::TransformPlan;
 
 use measure::ServerProcesses;
-use report::{Results, SizeResult, Step};
+use report::{RepoReads, Results, SizeResult, Step};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -56,7 +68,7 @@ const SNAPSHOT: &str = "bench";
 )]
 struct Args {
     /// Estate sizes (objects), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
     sizes: Vec<usize>,
     /// Where results.json, results.md and time-vs-n.svg are written.
     #[arg(long, default_value = "target/bench/pipeline")]
@@ -73,11 +85,21 @@ struct Args {
     /// Writes at once for restore and its baseline.
     #[arg(long, default_value_t = 16)]
     restore_concurrency: usize,
+    /// Writes at once while filling the source cluster (not measured
+    /// against anything; bounded so that N = 100,000 does not overrun
+    /// the API server).
+    #[arg(long, default_value_t = 32)]
+    populate_concurrency: usize,
+    /// How busy (in cores) the source's API server and etcd may still be,
+    /// once its controllers are done, when the backups start.
+    #[arg(long, default_value_t = 0.3)]
+    quiet_cores: f64,
     /// Measure nothing: rewrite results.md and the plot from the
     /// results.json in --out.
     #[arg(long)]
     report_only: bool,
-    /// Leave the clusters of the last size running.
+    /// Leave the clusters of the last size running (all of them: none is
+    /// stopped early, which at N = 100,000 needs several GiB more memory).
     #[arg(long)]
     keep: bool,
     /// Set by `cargo bench`; without it (as under `cargo test`) only the
@@ -121,9 +143,138 @@ fn self_check() -> Result<()> {
         secret_bytes.iter().all(|&b| (2048..6144).contains(&b)),
         "secrets are a few KB: {secret_bytes:?}"
     );
+    ensure!(
+        workload::namespaces_for(100_000) == 3847,
+        "100,000 objects fill 3,847 namespaces"
+    );
     ferry::transform::TransformPlan::load(&Path::new(ROOT).join("benches/pipeline/plan.yaml"))?;
+    check_store_counters()?;
+    check_report()?;
     println!(
-        "pipeline benchmark: estate and plan check out (run it with cargo bench --bench pipeline)"
+        "pipeline benchmark: estate, plan and report check out (run it with cargo bench --bench pipeline)"
+    );
+    Ok(())
+}
+
+/// MinIO's metrics are read as they are served.
+fn check_store_counters() -> Result<()> {
+    let before = StoreCounters::parse(
+        "# TYPE minio_s3_requests_total counter\n\
+         minio_s3_requests_total{api=\"getobject\",server=\"127.0.0.1:9000\"} 12\n\
+         minio_s3_requests_total{api=\"putobject\",server=\"127.0.0.1:9000\"} 40\n\
+         minio_s3_traffic_sent_bytes{server=\"127.0.0.1:9000\"} 1000\n",
+    );
+    let after = StoreCounters::parse(
+        "minio_s3_requests_total{api=\"getobject\",server=\"127.0.0.1:9000\"} 1.2345e+06\n\
+         minio_s3_requests_total{api=\"headobject\",server=\"127.0.0.1:9000\"} 3\n\
+         minio_s3_requests_total{api=\"putobject\",server=\"127.0.0.1:9000\"} 40\n\
+         minio_s3_traffic_sent_bytes{server=\"127.0.0.1:9000\"} 5000\n",
+    );
+    let during = after.since(&before);
+    ensure!(
+        during.requests
+            == BTreeMap::from([
+                ("getobject".to_string(), 1_234_488),
+                ("headobject".to_string(), 3)
+            ])
+            && during.sent_bytes == 4000,
+        "MinIO's counters are read wrong: {during:?}"
+    );
+    Ok(())
+}
+
+/// The report shows every target with met or missed, tells "not reported"
+/// where Ferry reports no repository reads, and computes memory growth
+/// between the smallest and largest N ≥ 10,000 (made-up numbers).
+fn check_report() -> Result<()> {
+    let cost = |wall_s: f64, peak_rss_mib: f64| measure::Cost {
+        wall_s,
+        peak_rss_mib,
+        ..Default::default()
+    };
+    let step = |wall_s: f64, rss: f64| Step {
+        cost: cost(wall_s, rss),
+        objects: 1000,
+        ..Default::default()
+    };
+    let size = |n: usize, rss: f64, gets: Option<u64>| SizeResult {
+        n,
+        created: n,
+        namespaces: n / 26,
+        listed_items: n,
+        populate: cost(1.0, 0.0),
+        backup: step(1.1, rss),
+        backup_s3: Some(step(1.3, rss)),
+        backup_unchanged: step(0.1, rss),
+        list_baseline: cost(1.0, 0.0),
+        transform_command: step(1.0, rss),
+        transform_engine: step(0.001, 0.0),
+        json_baseline: cost(0.001, 0.0),
+        restore: step(10.0, rss),
+        restore_s3: Some(Step {
+            reads: Some(RepoReads {
+                pack_bytes: 8 << 20,
+                reported: gets.map(|g| serde_json::json!({"getRequests": g, "getBytes": 8 << 20})),
+                ..Default::default()
+            }),
+            ..step(13.0, rss)
+        }),
+        create_baseline: step(10.0, 0.0),
+        servers_rss_gib: None,
+    };
+    let results = Results {
+        machine: report::Machine {
+            cpus: 2,
+            cpu_model: String::new(),
+            memory_gib: 0.0,
+            kernel: String::new(),
+            kubernetes: String::new(),
+            date: String::new(),
+            ferry_commit: String::new(),
+        },
+        command: String::new(),
+        concurrency: report::Concurrency {
+            backup_lists: 8,
+            page_size: 500,
+            restore_writes: 16,
+            populate_writes: 32,
+        },
+        sizes: vec![
+            size(1000, 40.0, None),
+            size(10_000, 100.0, Some(4)),
+            size(100_000, 280.0, Some(16)),
+        ],
+    };
+    let text = report::tables(&results);
+    let line = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .with_context(|| format!("no line {start:?} in\n{text}"))
+    };
+    ensure!(
+        line("| backup (local) ≤ 1.2 × raw LIST |")?.contains("1.10 × met"),
+        "backup target:\n{text}"
+    );
+    ensure!(
+        line("| restore (S3) ≤ 1.2 × restore (local) |")?.contains("1.30 × **missed**"),
+        "S3 against local:\n{text}"
+    );
+    ensure!(
+        line("| restore (S3) ≤ 1 GET per MiB")?.ends_with("| – | 0.50 met | 2.00 **missed** |"),
+        "GETs per MiB:\n{text}"
+    );
+    ensure!(
+        line("| 1000 | S3 |")?.contains("not reported"),
+        "a missing report:\n{text}"
+    );
+    // (280 - 100) MiB over 90,000 objects: 2.05 KiB per object.
+    ensure!(
+        line("| peak RSS growth")?.contains("2.05 KiB/object from N = 10000 **missed**"),
+        "growth:\n{text}"
+    );
+    ensure!(
+        line("| peak RSS ≤ 256 MiB")?.ends_with("| – | – | 280 MiB **missed** |"),
+        "peak RSS:\n{text}"
     );
     Ok(())
 }
@@ -144,6 +295,7 @@ async fn run(args: Args) -> Result<()> {
             backup_lists: args.concurrency,
             page_size: args.page_size,
             restore_writes: args.restore_concurrency,
+            populate_writes: args.populate_concurrency,
         },
         sizes: Vec::new(),
     };
@@ -155,11 +307,7 @@ async fn run(args: Args) -> Result<()> {
     if args.report_only {
         let results = report::read(&out)?;
         report::write(&results, &out)?;
-        println!(
-            "{}\n{}",
-            report::table(&results),
-            report::baseline_table(&results)
-        );
+        println!("{}", report::tables(&results));
         return Ok(());
     }
     for (i, &n) in args.sizes.iter().enumerate() {
@@ -172,10 +320,14 @@ async fn run(args: Args) -> Result<()> {
         report::write(&results, &out)?;
         println!("\n{}", report::table(&results));
     }
-    println!("{}", report::baseline_table(&results));
+    println!("{}", report::tables(&results));
     println!("results: {}", out.display());
     Ok(())
 }
+
+/// The clusters of one size: the source, two empty targets (one restored
+/// from each repository) and the empty cluster of the raw-create baseline.
+const CLUSTERS: &str = "source=new,target=new,target-s3=new,baseline=new";
 
 /// A running test environment, stopped when dropped (unless kept).
 struct Environment {
@@ -187,8 +339,11 @@ struct Environment {
 impl Environment {
     fn start(dir: &Path, keep: bool) -> Result<Self> {
         let status = Command::new(Path::new(ROOT).join("scripts/testenv"))
-            .args(["up", "--clusters", "source=new,target=new,baseline=new"])
+            .args(["up", "--clusters", CLUSTERS])
             .env("FERRY_TESTENV_DIR", dir)
+            // MinIO's request counters, readable without a token: how many
+            // GETs a restore from S3 sent, as the store saw them.
+            .env("MINIO_PROMETHEUS_AUTH_TYPE", "public")
             .stdout(std::process::Stdio::null())
             .status()
             .context("running scripts/testenv up")?;
@@ -214,6 +369,86 @@ impl Environment {
 
     fn servers(&self, cluster: &str) -> Result<ServerProcesses> {
         ServerProcesses::of_cluster(&self.dir.join("clusters").join(cluster))
+    }
+
+    /// The environment's MinIO and a bucket it made.
+    fn s3(&self) -> Result<S3Store> {
+        let s3 = &self.env["s3"];
+        let text = |key: &str| {
+            s3[key]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("env.json has no s3.{key}"))
+        };
+        Ok(S3Store {
+            endpoint: text("endpoint")?,
+            access_key: text("access_key")?,
+            secret_key: text("secret_key")?,
+            region: text("region")?,
+            bucket: text("bucket")?,
+            process: ServerProcesses::of_pid_files(&[&self.dir.join("minio/minio.pid")])?,
+        })
+    }
+
+    /// Stops one cluster that the rest of this size no longer needs (its
+    /// controller-manager, API server and etcd, by the pids scripts/testenv
+    /// wrote) and deletes its data: at N = 100,000 a cluster holds a few
+    /// GiB of memory, and four of them at once do not fit beside the
+    /// benchmark. `scripts/testenv down` skips what is stopped already.
+    fn stop_cluster(&self, cluster: &str) {
+        if self.keep {
+            return;
+        }
+        let dir = self.dir.join("clusters").join(cluster);
+        for file in ["kcm.pid", "apiserver.pid", "etcd.pid"] {
+            let path = dir.join(file);
+            let Some(pid) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            // Each runs in a process group of its own (setsid): signal the
+            // group, as scripts/testenv does.
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(-pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // SAFETY: signal 0 only checks that the process exists.
+            while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = std::fs::remove_file(&path);
+        }
+        let _ = std::fs::remove_dir_all(dir.join("etcd"));
+    }
+
+    /// Resident memory of the environment's servers (every cluster's
+    /// etcd, API server and controller-manager, and MinIO), in GiB.
+    fn servers_rss_gib(&self) -> f64 {
+        let mut pid_files = vec![self.dir.join("minio/minio.pid")];
+        for entry in std::fs::read_dir(self.dir.join("clusters"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for file in ["kcm.pid", "apiserver.pid", "etcd.pid"] {
+                pid_files.push(entry.path().join(file));
+            }
+        }
+        let kib: u64 = pid_files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok())
+            .filter_map(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .sum();
+        kib as f64 / 1024.0 / 1024.0
     }
 
     async fn client(&self, cluster: &str) -> Result<kube::Client> {
@@ -250,14 +485,184 @@ fn say(n: usize, what: &str) {
     eprintln!("[bench N={n}] {what}");
 }
 
-/// `ferry` with a cluster and the benchmark's repository.
-fn ferry(kubeconfig: &Path, args: &[&str], repo: &Path, key: &Path) -> Command {
+/// The S3 store of the test environment (MinIO).
+struct S3Store {
+    endpoint: String,
+    access_key: String,
+    secret_key: String,
+    region: String,
+    bucket: String,
+    /// MinIO's process, whose CPU the S3 steps report.
+    process: ServerProcesses,
+}
+
+impl S3Store {
+    /// A client with the store's own credentials: nothing is looked up
+    /// elsewhere (no profile, no instance metadata).
+    fn client(&self) -> aws_sdk_s3::Client {
+        ferry::cluster::connect::install_crypto_provider();
+        let credentials = aws_sdk_s3::config::Credentials::new(
+            &self.access_key,
+            &self.secret_key,
+            None,
+            None,
+            "ferry-bench",
+        );
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new(self.region.clone()))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(credentials)
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Total size of the objects under `prefix` in the bucket.
+    async fn bytes_under(&self, prefix: &str) -> Result<u64> {
+        let mut pages = self
+            .client()
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut total = 0u64;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| {
+                anyhow::anyhow!(
+                    "listing s3://{}/{prefix}: {}",
+                    self.bucket,
+                    aws_sdk_s3::error::DisplayErrorContext(e)
+                )
+            })?;
+            total += page
+                .contents()
+                .iter()
+                .filter_map(|o| o.size())
+                .map(|s| s.max(0) as u64)
+                .sum::<u64>();
+        }
+        Ok(total)
+    }
+
+    /// MinIO's counters so far: S3 requests by API and bytes sent. MinIO
+    /// refreshes them every 10 s, so they are read only once the store has
+    /// been idle for longer than that since `idle_since`.
+    async fn counters(&self, idle_since: Instant) -> Result<StoreCounters> {
+        let settled = idle_since + Duration::from_secs(12);
+        tokio::time::sleep_until(settled.into()).await;
+        let output = Command::new("curl")
+            .args(["-sSf", "--max-time", "30"])
+            .arg(format!("{}/minio/v2/metrics/node", self.endpoint))
+            .output()
+            .context("running curl for MinIO's metrics")?;
+        ensure!(
+            output.status.success(),
+            "reading MinIO's metrics: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(StoreCounters::parse(&String::from_utf8_lossy(
+            &output.stdout,
+        )))
+    }
+}
+
+/// S3 requests by API (`getobject`, `headobject`, …) and bytes sent, as
+/// MinIO counts them.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct StoreCounters {
+    requests: BTreeMap<String, u64>,
+    sent_bytes: u64,
+}
+
+impl StoreCounters {
+    /// Reads the Prometheus text MinIO serves.
+    fn parse(text: &str) -> Self {
+        let mut counters = StoreCounters::default();
+        for line in text.lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            // Large counters come in exponent notation (1.2e+06).
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let value = value.round() as u64;
+            if let Some(labels) = series.strip_prefix("minio_s3_requests_total{") {
+                let api = labels
+                    .split(',')
+                    .find_map(|l| l.strip_prefix("api=\""))
+                    .map(|a| a.trim_end_matches(['"', '}']));
+                if let Some(api) = api {
+                    *counters.requests.entry(api.to_string()).or_default() += value;
+                }
+            } else if series.starts_with("minio_s3_traffic_sent_bytes") {
+                counters.sent_bytes += value;
+            }
+        }
+        counters
+    }
+
+    /// What happened between `before` and `self`.
+    fn since(&self, before: &StoreCounters) -> StoreCounters {
+        StoreCounters {
+            requests: self
+                .requests
+                .iter()
+                .map(|(api, n)| {
+                    (
+                        api.clone(),
+                        n.saturating_sub(before.requests.get(api).copied().unwrap_or(0)),
+                    )
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            sent_bytes: self.sent_bytes.saturating_sub(before.sent_bytes),
+        }
+    }
+}
+
+/// A repository as `ferry --repo` takes it: a directory, or s3://bucket/prefix
+/// with the store it is on.
+struct Repo<'a> {
+    location: String,
+    s3: Option<&'a S3Store>,
+}
+
+/// `ferry` with a cluster and one of the benchmark's repositories. Only the
+/// S3 repository gets the store's endpoint and credentials.
+fn ferry(kubeconfig: &Path, args: &[&str], repo: &Repo, key: &Path) -> Command {
     let mut c = Command::new(FERRY);
     c.arg("--kubeconfig").arg(kubeconfig).args(args);
-    c.arg("--repo").arg(repo).arg("--key-file").arg(key);
-    c.env_remove("FERRY_REPO")
-        .env_remove("FERRY_PASSWORD_FILE")
+    c.arg("--repo")
+        .arg(&repo.location)
+        .arg("--key-file")
+        .arg(key);
+    for variable in [
+        "FERRY_REPO",
+        "FERRY_PASSWORD_FILE",
+        "FERRY_KEY_FILE",
+        "FERRY_S3_ENDPOINT",
+        "FERRY_S3_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ] {
+        c.env_remove(variable);
+    }
+    // Never ask instance metadata for credentials or a region.
+    c.env("AWS_EC2_METADATA_DISABLED", "true")
         .env("NO_COLOR", "1");
+    if let Some(s3) = repo.s3 {
+        c.env("FERRY_S3_ENDPOINT", &s3.endpoint)
+            .env("AWS_ACCESS_KEY_ID", &s3.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+            .env("AWS_REGION", &s3.region);
+    }
     c
 }
 
@@ -284,32 +689,46 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
-    say(n, "starting clusters source, target and baseline");
+    say(
+        n,
+        "starting clusters source, target, target-s3 and baseline, and MinIO",
+    );
     let env = Environment::start(&work.join("env"), keep)?;
     let source = env.client("source").await?;
     let source_servers = env.servers("source")?;
-    for cluster in ["source", "target", "baseline"] {
+    let store = env.s3()?;
+    for cluster in ["source", "target", "target-s3", "baseline"] {
         baseline::create_all(&env.client(cluster).await?, &workload::platform(), 2).await?;
     }
 
     // The estate, then what its controllers make of it.
-    let estate = workload::estate(n);
-    let namespaces = workload::namespaces_for(n);
-    say(
-        n,
-        &format!(
-            "creating {} objects in {namespaces} namespaces",
+    let (created, namespaces, populate) = {
+        let estate = workload::estate(n);
+        let namespaces = workload::namespaces_for(n);
+        say(
+            n,
+            &format!(
+                "creating {} objects in {namespaces} namespaces, {} at once",
+                estate.len(),
+                args.populate_concurrency
+            ),
+        );
+        let (done, populate) = measure::in_process(
+            &source_servers,
+            baseline::create_all(&source, &estate, args.populate_concurrency),
+        )
+        .await?;
+        ensure!(
+            done.created >= estate.len(),
+            "created {} of {} objects",
+            done.created,
             estate.len()
-        ),
-    );
-    let (created, populate) =
-        measure::in_process(&source_servers, baseline::create_all(&source, &estate, 32)).await?;
-    ensure!(
-        created.created >= estate.len(),
-        "created {} of {} objects",
-        created.created,
-        estate.len()
-    );
+        );
+        if done.retries > 0 {
+            say(n, &format!("{} writes were retried", done.retries));
+        }
+        (estate.len(), namespaces, populate)
+    };
     say(
         n,
         &format!(
@@ -317,15 +736,27 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
             populate.wall_s
         ),
     );
-    wait_for_controllers(&source, namespaces).await?;
+    settle(args, n, &env, "source", namespaces).await?;
 
-    // Repository with a key file: key derivation from a password is
-    // deliberately slow and is not what this measures.
-    let repo = work.join("repo");
+    // Repositories with a key file: key derivation from a password is
+    // deliberately slow and is not what this measures. Both use the same
+    // key; each is a repository of its own.
     let key = work.join("key");
     std::fs::write(&key, rand_key())?;
-    let init = ferry(&env.kubeconfig("source"), &["repo", "init"], &repo, &key);
-    measure::command(init, &ServerProcesses::none())?;
+    let local = Repo {
+        location: work.join("repo").display().to_string(),
+        s3: None,
+    };
+    let s3_prefix = format!("bench-n{n}");
+    let s3 = Repo {
+        location: format!("s3://{}/{s3_prefix}", store.bucket),
+        s3: Some(&store),
+    };
+    for repo in [&local, &s3] {
+        let init = ferry(&env.kubeconfig("source"), &["repo", "init"], repo, &key);
+        measure::command(init, &ServerProcesses::none())
+            .with_context(|| format!("creating the repository {}", repo.location))?;
+    }
 
     let discovery = ferry::cluster::discovery::discover(&source).await?;
     let selection = ferry::model::select::Selection {
@@ -337,6 +768,8 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
         .cloned()
         .collect();
 
+    // Each backup follows a raw LIST of its own: the baseline is the
+    // median of three, measured amid the backups.
     let list = || baseline::list_all(&source, &collections, args.page_size, args.concurrency);
     let mut list_costs = Vec::new();
     say(n, "raw LIST baseline");
@@ -345,7 +778,7 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
 
     let concurrency = args.concurrency.to_string();
     let page_size = args.page_size.to_string();
-    let backup = |name: &str| {
+    let backup = |name: &str, repo: &Repo| {
         ferry(
             &env.kubeconfig("source"),
             &[
@@ -360,16 +793,34 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
                 "-o",
                 "json",
             ],
-            &repo,
+            repo,
             &key,
         )
     };
-    say(n, "ferry backup (first)");
-    let first = measured_backup(backup(SNAPSHOT), &repo, &source_servers)?;
+    let local_dir = PathBuf::from(&local.location);
+    let none = ServerProcesses::none();
+    say(n, "ferry backup into the local repository (first)");
+    let before = dir_bytes(&local_dir);
+    let mut first = measured_backup(backup(SNAPSHOT, &local), &source_servers, &none)?;
+    first.repo_bytes = Some(dir_bytes(&local_dir).saturating_sub(before));
     list_costs.push(measure::in_process(&source_servers, list()).await?.1);
-    say(n, "ferry backup (unchanged)");
-    let unchanged = measured_backup(backup("bench-again"), &repo, &source_servers)?;
+
+    say(n, "ferry backup into the S3 repository");
+    let s3_root = format!("{s3_prefix}/");
+    let before = store.bytes_under(&s3_root).await?;
+    let mut first_s3 = measured_backup(backup(SNAPSHOT, &s3), &source_servers, &store.process)?;
+    first_s3.repo_bytes = Some(store.bytes_under(&s3_root).await?.saturating_sub(before));
     list_costs.push(measure::in_process(&source_servers, list()).await?.1);
+
+    say(n, "ferry backup into the local repository (unchanged)");
+    let before = dir_bytes(&local_dir);
+    let mut unchanged = measured_backup(backup("bench-again", &local), &source_servers, &none)?;
+    unchanged.repo_bytes = Some(dir_bytes(&local_dir).saturating_sub(before));
+
+    // The pack data each restore will read from.
+    let local_pack_bytes = dir_bytes(&local_dir.join("data"));
+    let s3_pack_bytes = store.bytes_under(&format!("{s3_prefix}/data/")).await?;
+    let mut store_idle_since = Instant::now();
 
     // Transform: the command end to end, and the engine on objects in memory.
     let profile_path = work.join("target-profile.json");
@@ -381,7 +832,7 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
                 .args(["cluster", "profile", "-o", "json"]);
             c
         },
-        &ServerProcesses::none(),
+        &none,
     )?;
     std::fs::write(&profile_path, &profile_run.stdout)?;
     let plan_path = Path::new(ROOT).join("benches/pipeline/plan.yaml");
@@ -399,33 +850,33 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
                 "-o",
                 "json",
             ],
-            &repo,
+            &local,
             &key,
         ),
-        &ServerProcesses::none(),
+        &none,
     )?;
     let transformed = count_output_objects(&transform_run.stdout)?;
 
-    let objects = load_objects(&repo, &key).await?;
-    let documents: Vec<Vec<u8>> = objects
-        .iter()
-        .map(serde_json::to_vec)
-        .collect::<Result<_, _>>()?;
+    let objects = load_objects(&local_dir, &key).await?;
     let mut json_costs = Vec::new();
-    for _ in 0..3 {
-        json_costs.push(
-            measure::in_process(&ServerProcesses::none(), async {
-                Ok(baseline::json_round_trip(&documents))
-            })
-            .await?
-            .1,
-        );
+    {
+        let documents: Vec<Vec<u8>> = objects
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<_, _>>()?;
+        for _ in 0..3 {
+            json_costs.push(
+                measure::in_process(&none, async { Ok(baseline::json_round_trip(&documents)) })
+                    .await?
+                    .1,
+            );
+        }
     }
     let plan = TransformPlan::load(&plan_path)?;
     let profile: ClusterProfile =
         serde_json::from_slice(&profile_run.stdout).context("reading the target's profile")?;
     let input = objects.clone();
-    let (engine_out, engine_cost) = measure::in_process(&ServerProcesses::none(), async {
+    let (engine_out, engine_cost) = measure::in_process(&none, async {
         Ok(ferry::transform::run(&plan, input, &profile)?)
     })
     .await?;
@@ -440,12 +891,17 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
     );
     drop(engine_out);
 
-    // Restore into the empty target; the same objects raw into the empty baseline cluster.
+    // Restore from each repository into its own empty cluster, and the
+    // same objects raw into the empty baseline cluster: local, raw, S3.
+    // Each cluster is checked and stopped once written, so that what its
+    // controllers still do (ReplicaSets, Pods) does not run into the next
+    // step, and the environment's memory stays at about two full clusters.
+    let mut servers_rss_gib = env.servers_rss_gib();
+    env.stop_cluster("source");
     let restore_concurrency = args.restore_concurrency.to_string();
-    say(n, "ferry restore into the empty target");
-    let restore_run = measure::command(
+    let restore = |cluster: &str, repo: &Repo| {
         ferry(
-            &env.kubeconfig("target"),
+            &env.kubeconfig(cluster),
             &[
                 "restore",
                 SNAPSHOT,
@@ -454,11 +910,31 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
                 "-o",
                 "json",
             ],
-            &repo,
+            repo,
             &key,
-        ),
+        )
+    };
+    let done_with = |cluster: &str, rss: &mut f64| {
+        *rss = rss.max(env.servers_rss_gib());
+        env.stop_cluster(cluster);
+    };
+    say(n, "ferry restore from the local repository into target");
+    let mut restore_local = measured_restore(
+        restore("target", &local),
         &env.servers("target")?,
+        &none,
+        objects.len(),
     )?;
+    restore_local.reads = Some(RepoReads {
+        pack_bytes: local_pack_bytes,
+        reported: restore_local.reads.and_then(|r| r.reported),
+        ..Default::default()
+    });
+    verify_restored(&env.client("target").await?, &objects)
+        .await
+        .context("checking the restore into target")?;
+    done_with("target", &mut servers_rss_gib);
+
     say(n, "raw create baseline into the empty baseline cluster");
     let baseline_client = env.client("baseline").await?;
     let (raw, create_cost) = measure::in_process(
@@ -466,40 +942,103 @@ async fn run_size(args: &Args, n: usize, keep: bool) -> Result<SizeResult> {
         baseline::create_all(&baseline_client, &objects, args.restore_concurrency),
     )
     .await?;
-    let restored = env.client("target").await?;
-    verify_restored(&restored, &objects).await?;
+    if raw.retries > 0 {
+        say(
+            n,
+            &format!("raw create: {} writes were retried", raw.retries),
+        );
+    }
+    done_with("baseline", &mut servers_rss_gib);
+
+    say(n, "ferry restore from the S3 repository into target-s3");
+    let before = store.counters(store_idle_since).await?;
+    let mut restore_s3 = measured_restore(
+        restore("target-s3", &s3),
+        &env.servers("target-s3")?,
+        &store.process,
+        objects.len(),
+    )?;
+    store_idle_since = Instant::now();
+    verify_restored(&env.client("target-s3").await?, &objects)
+        .await
+        .context("checking the restore into target-s3")?;
+    servers_rss_gib = servers_rss_gib.max(env.servers_rss_gib());
+    let during = store.counters(store_idle_since).await?.since(&before);
+    restore_s3.reads = Some(RepoReads {
+        pack_bytes: s3_pack_bytes,
+        reported: restore_s3.reads.and_then(|r| r.reported),
+        store_requests: Some(during.requests),
+        store_sent_bytes: Some(during.sent_bytes),
+    });
+    say(
+        n,
+        &format!("the clusters and MinIO held up to {servers_rss_gib:.1} GiB"),
+    );
 
     Ok(SizeResult {
         n,
-        created: estate.len(),
+        created,
         namespaces,
         listed_items,
         populate,
         backup: first,
+        backup_s3: Some(first_s3),
         backup_unchanged: unchanged,
         list_baseline: measure::median(list_costs),
         transform_command: Step {
             cost: transform_run.cost,
             objects: transformed,
-            repo_bytes: None,
+            ..Default::default()
         },
         transform_engine: Step {
             cost: engine_cost,
             objects: objects.len(),
-            repo_bytes: None,
+            ..Default::default()
         },
         json_baseline: measure::median(json_costs),
-        restore: Step {
-            cost: restore_run.cost,
-            objects: objects.len(),
-            repo_bytes: None,
-        },
+        restore: restore_local,
+        restore_s3: Some(restore_s3),
         create_baseline: Step {
             cost: create_cost,
             objects: raw.created + raw.existing,
-            repo_bytes: None,
+            ..Default::default()
         },
+        servers_rss_gib: Some(servers_rss_gib),
     })
+}
+
+/// Waits until `cluster`'s controllers have made the Pods and claims of
+/// its workloads and its API server and etcd are idle again.
+async fn settle(
+    args: &Args,
+    n: usize,
+    env: &Environment,
+    cluster: &str,
+    namespaces: usize,
+) -> Result<()> {
+    let started = Instant::now();
+    wait_for_controllers(&env.client(cluster).await?, namespaces, n)
+        .await
+        .with_context(|| format!("waiting for the controllers of {cluster}"))?;
+    let quiet = measure::wait_quiet(
+        &env.servers(cluster)?,
+        args.quiet_cores,
+        Duration::from_secs(600),
+    )
+    .await?;
+    say(
+        n,
+        &format!(
+            "{cluster} settled in {:.0}s{}",
+            started.elapsed().as_secs_f64(),
+            if quiet {
+                ""
+            } else {
+                " (its servers were still busy after 10 minutes)"
+            }
+        ),
+    );
+    Ok(())
 }
 
 fn rand_key() -> Vec<u8> {
@@ -509,8 +1048,13 @@ fn rand_key() -> Vec<u8> {
     key
 }
 
-fn measured_backup(command: Command, repo: &Path, servers: &ServerProcesses) -> Result<Step> {
-    let before = dir_bytes(repo);
+/// Runs a backup; the caller adds what it wrote to the repository.
+fn measured_backup(
+    command: Command,
+    servers: &ServerProcesses,
+    store: &ServerProcesses,
+) -> Result<Step> {
+    let store_before = store.cpu_seconds();
     let run = measure::command(command, servers)?;
     let report: Value =
         serde_json::from_slice(&run.stdout).context("reading the backup's JSON report")?;
@@ -527,7 +1071,42 @@ fn measured_backup(command: Command, repo: &Path, servers: &ServerProcesses) -> 
     Ok(Step {
         cost: run.cost,
         objects,
-        repo_bytes: Some(dir_bytes(repo) - before),
+        store_cpu_s: (!store.is_empty()).then(|| store.cpu_seconds() - store_before),
+        ..Default::default()
+    })
+}
+
+/// Runs a restore of `objects` objects. What it read from the repository
+/// is what Ferry reports under `.report.repository` (`getRequests`,
+/// `getBytes`); a Ferry that does not report it yet leaves it out.
+fn measured_restore(
+    command: Command,
+    servers: &ServerProcesses,
+    store: &ServerProcesses,
+    objects: usize,
+) -> Result<Step> {
+    let store_before = store.cpu_seconds();
+    let run = measure::command(command, servers)?;
+    let store_cpu_s = (!store.is_empty()).then(|| store.cpu_seconds() - store_before);
+    let reported = match serde_json::from_slice::<Value>(&run.stdout) {
+        Ok(output) => output
+            .pointer("/report/repository")
+            .filter(|r| r.is_object())
+            .cloned(),
+        Err(e) => {
+            eprintln!("the restore's JSON output is unreadable ({e}): no repository reads");
+            None
+        }
+    };
+    Ok(Step {
+        cost: run.cost,
+        objects,
+        store_cpu_s,
+        reads: Some(RepoReads {
+            reported,
+            ..Default::default()
+        }),
+        ..Default::default()
     })
 }
 
@@ -559,7 +1138,10 @@ async fn load_objects(repo: &Path, key: &Path) -> Result<Vec<Value>> {
 
 /// Deployments and StatefulSets have made their ReplicaSets, Pods and
 /// claims: the source holds what a real cluster would before the backup.
-async fn wait_for_controllers(client: &kube::Client, namespaces: usize) -> Result<()> {
+async fn wait_for_controllers(client: &kube::Client, namespaces: usize, n: usize) -> Result<()> {
+    // 20 minutes, and more for large estates: the controller-manager
+    // writes at 100 requests/s.
+    let budget = Duration::from_secs(1200 + n as u64 / 50);
     let started = Instant::now();
     loop {
         let pods = count_items(client, "/api/v1/pods").await?;
@@ -569,11 +1151,12 @@ async fn wait_for_controllers(client: &kube::Client, namespaces: usize) -> Resul
         if pods >= 3 * namespaces && claims >= 3 * namespaces {
             return Ok(());
         }
-        if started.elapsed() > Duration::from_secs(1200) {
+        if started.elapsed() > budget {
             bail!(
-                "the controllers made {pods} of {} pods and {claims} of {} claims in 20 minutes",
+                "the controllers made {pods} of {} pods and {claims} of {} claims in {} s",
                 3 * namespaces,
-                3 * namespaces
+                3 * namespaces,
+                budget.as_secs()
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -123,10 +123,14 @@ impl ServerProcesses {
     /// The processes of cluster `dir` of a test environment (pid files
     /// written by scripts/testenv).
     pub fn of_cluster(dir: &Path) -> Result<Self> {
+        Self::of_pid_files(&[&dir.join("apiserver.pid"), &dir.join("etcd.pid")])
+    }
+
+    /// The processes whose pid files are `files` (MinIO's, say).
+    pub fn of_pid_files(files: &[&Path]) -> Result<Self> {
         let mut pids = Vec::new();
-        for file in ["apiserver.pid", "etcd.pid"] {
-            let path = dir.join(file);
-            let text = std::fs::read_to_string(&path)
+        for path in files {
+            let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             pids.push(
                 text.trim()
@@ -139,6 +143,10 @@ impl ServerProcesses {
 
     pub fn none() -> Self {
         ServerProcesses { pids: Vec::new() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty()
     }
 
     /// CPU seconds used so far by the processes (children included, which
@@ -162,6 +170,31 @@ impl ServerProcesses {
                 (field(11) + field(12)) / ticks
             })
             .sum()
+    }
+}
+
+/// Waits until `servers` use less than `max_cores` of CPU over a few
+/// seconds: what a previous step set off (controllers making ReplicaSets
+/// and Pods for restored workloads) must not run into the next measurement
+/// on a machine with few cores. False when they were still busy after
+/// `timeout`: the benchmark goes on, and says so.
+pub async fn wait_quiet(
+    servers: &ServerProcesses,
+    max_cores: f64,
+    timeout: std::time::Duration,
+) -> Result<bool> {
+    let window = std::time::Duration::from_secs(3);
+    let started = Instant::now();
+    loop {
+        let before = servers.cpu_seconds();
+        tokio::time::sleep(window).await;
+        let cores = (servers.cpu_seconds() - before) / window.as_secs_f64();
+        if cores < max_cores {
+            return Ok(true);
+        }
+        if started.elapsed() > timeout {
+            return Ok(false);
+        }
     }
 }
 
