@@ -21,7 +21,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditi
 use kube::core::{ApiResource, PartialObjectMeta};
 use serde_json::Value;
 
-use super::bodies::{Bodies, Desired, digest};
+use super::bodies::{Bodies, Body, Desired, digest};
 use super::managed::adopted_managed_fields;
 use super::observer::{Event, Observer};
 use super::plan::{Action, PlanItem, RestorePlan};
@@ -138,7 +138,7 @@ pub async fn apply(
                 let discovery = &discovery;
                 let uids = &uids;
                 async move {
-                    let result = match body {
+                    let result = match body.and_then(Body::decode) {
                         Ok(value) => {
                             apply_one(conn, discovery, item, value, uids, opts.saved).await
                         }

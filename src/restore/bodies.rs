@@ -22,6 +22,25 @@ pub struct Desired {
     pub blob: Option<BlobId>,
 }
 
+/// A body as read. Stored bodies stay compact JSON until used, so a batch
+/// in memory costs its bytes, not decoded values (several times larger);
+/// only the objects being written are decoded.
+pub enum Body {
+    Stored(Vec<u8>),
+    Held(Value),
+}
+
+impl Body {
+    pub fn decode(self) -> Result<Value, String> {
+        match self {
+            Body::Stored(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))
+            }
+            Body::Held(value) => Ok(value),
+        }
+    }
+}
+
 pub enum Bodies {
     Stored(Repository),
     /// Transformed objects by name in the target.
@@ -30,13 +49,14 @@ pub enum Bodies {
 
 impl Bodies {
     /// The bodies of `objects`, in their order; an unreadable one fails alone.
-    pub async fn fetch(&self, objects: &[&Desired]) -> Vec<Result<Value, String>> {
+    pub async fn fetch(&self, objects: &[&Desired]) -> Vec<Result<Body, String>> {
         match self {
             Bodies::Held(held) => objects
                 .iter()
                 .map(|d| {
                     held.get(&d.object)
                         .cloned()
+                        .map(Body::Held)
                         .ok_or_else(|| "not among the transformed objects".to_string())
                 })
                 .collect(),
@@ -48,10 +68,7 @@ impl Bodies {
                 repo.read_blobs(&ids)
                     .await
                     .into_iter()
-                    .map(|read| {
-                        let bytes = read.map_err(|e| e.to_string())?;
-                        serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))
-                    })
+                    .map(|read| read.map(Body::Stored).map_err(|e| e.to_string()))
                     .collect()
             }
         }
@@ -71,7 +88,7 @@ impl Bodies {
         &'a self,
         mut items: Vec<T>,
         desired: impl Fn(&T) -> Desired + 'a,
-    ) -> impl futures::Stream<Item = (T, Result<Value, String>)> + 'a {
+    ) -> impl futures::Stream<Item = (T, Result<Body, String>)> + 'a {
         use futures::StreamExt;
         self.read_order(&mut items, |t| desired(t).blob);
         let mut batches: Vec<Vec<T>> = Vec::new();

@@ -8,7 +8,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::Value;
 
 use super::apply::{api_message, api_resource, desired_of};
-use super::bodies::Bodies;
+use super::bodies::{Bodies, Body};
 use super::plan::{Action, PlanItem, RestorePlan};
 use super::target::resource_for;
 use super::{FIELD_MANAGER, Failure, RestoreError, RestoreReport};
@@ -46,7 +46,7 @@ pub async fn server_dry_run(
         .map(|(item, body)| {
             let discovery = &discovery;
             async move {
-                let message = match body {
+                let message = match body.and_then(Body::decode) {
                     Err(e) => Some(format!("unreadable in the snapshot: {e}")),
                     Ok(mut value) => {
                         let served = resource_for(discovery, &item.object)?;

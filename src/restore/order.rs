@@ -72,21 +72,44 @@ pub fn order(inputs: &[OrderInput]) -> Ordering {
         .enumerate()
         .map(|(i, p)| (&p.object, i))
         .collect();
-    // Sorted, deduplicated dependency lists within the set: deterministic.
+    let objects: Vec<&ObjectRef> = inputs.iter().map(|p| &p.object).collect();
     let needs: Vec<Vec<usize>> = inputs
         .iter()
         .map(|p| {
-            let set: BTreeSet<usize> = p
-                .needs
+            p.needs
                 .iter()
                 .filter_map(|n| index.get(n).copied())
-                .collect();
-            set.into_iter().collect()
+                .collect()
+        })
+        .collect();
+    let (waves, cycles) = order_indexed(&objects, needs);
+    let named = |ids: Vec<usize>| ids.into_iter().map(|i| objects[i].clone()).collect();
+    Ordering {
+        waves: waves.into_iter().map(named).collect(),
+        cycles: cycles.into_iter().map(named).collect(),
+    }
+}
+
+/// [`order`] on positions: `needs[i]` lists the positions object `i` needs
+/// first. Waves and cycles come back as positions, waves sorted by object;
+/// a restore of 100,000 objects orders them without copying one.
+pub fn order_indexed(
+    objects: &[&ObjectRef],
+    needs: Vec<Vec<usize>>,
+) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    // Sorted, deduplicated dependency lists: deterministic.
+    let needs: Vec<Vec<usize>> = needs
+        .into_iter()
+        .map(|n| {
+            n.into_iter()
+                .collect::<BTreeSet<usize>>()
+                .into_iter()
+                .collect()
         })
         .collect();
     // Visit in sorted object order so cycle breaking does not depend on input order.
-    let mut order_of_visit: Vec<usize> = (0..inputs.len()).collect();
-    order_of_visit.sort_by(|a, b| inputs[*a].object.cmp(&inputs[*b].object));
+    let mut order_of_visit: Vec<usize> = (0..objects.len()).collect();
+    order_of_visit.sort_by(|a, b| objects[*a].cmp(objects[*b]));
 
     #[derive(Clone, Copy, PartialEq)]
     enum State {
@@ -94,8 +117,8 @@ pub fn order(inputs: &[OrderInput]) -> Ordering {
         Active,
         Done,
     }
-    let mut state = vec![State::New; inputs.len()];
-    let mut level = vec![0u32; inputs.len()];
+    let mut state = vec![State::New; objects.len()];
+    let mut level = vec![0u32; objects.len()];
     let mut cycles = Vec::new();
     // Levels: tier * STRIDE bounds how deep dependencies within a tier go
     // before they would overtake the next tier; the stride is large enough
@@ -121,17 +144,12 @@ pub fn order(inputs: &[OrderInput]) -> Ordering {
                     State::Active => {
                         // A back edge closes a cycle: record it and ignore the edge.
                         let start = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
-                        cycles.push(
-                            stack[start..]
-                                .iter()
-                                .map(|(n, _)| inputs[*n].object.clone())
-                                .collect(),
-                        );
+                        cycles.push(stack[start..].iter().map(|(n, _)| *n).collect());
                     }
                     State::Done => {}
                 }
             } else {
-                let o = &inputs[node].object;
+                let o = objects[node];
                 let mut l = kind_tier(&o.group, &o.kind) * STRIDE;
                 for &dep in &needs[node] {
                     if state[dep] == State::Done {
@@ -145,18 +163,18 @@ pub fn order(inputs: &[OrderInput]) -> Ordering {
         }
     }
 
-    let mut by_level: BTreeMap<u32, Vec<ObjectRef>> = BTreeMap::new();
-    for (i, p) in inputs.iter().enumerate() {
-        by_level.entry(level[i]).or_default().push(p.object.clone());
+    let mut by_level: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, l) in level.iter().enumerate() {
+        by_level.entry(*l).or_default().push(i);
     }
     let waves = by_level
         .into_values()
-        .map(|mut objects| {
-            objects.sort();
-            objects
+        .map(|mut wave| {
+            wave.sort_by(|a, b| objects[*a].cmp(objects[*b]));
+            wave
         })
         .collect();
-    Ordering { waves, cycles }
+    (waves, cycles)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::bodies::Desired;
 use super::diff::Change;
 use super::load::Subset;
-use super::order::{OrderInput, order};
+use super::order::order_indexed;
 use super::validate::Facts;
 use super::{ExistingPolicy, cascades};
 use crate::model::ObjectRef;
@@ -148,34 +148,35 @@ pub fn build(
     warnings: Vec<String>,
     transforms: Vec<crate::transform::Change>,
 ) -> (RestorePlan, Vec<String>) {
-    let ordering = order(&dependencies(&planned));
+    let needs = dependencies(&planned);
+    let (wave_positions, cycle_positions) = {
+        let objects: Vec<&ObjectRef> = planned.iter().map(|p| &p.desired.object).collect();
+        order_indexed(&objects, needs)
+    };
     let mut warnings = warnings;
-    for cycle in &ordering.cycles {
-        warnings.push(format!(
-            "dependency cycle {} broken",
-            cycle
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(" → ")
-        ));
+    let cycles: Vec<Vec<String>> = cycle_positions
+        .iter()
+        .map(|c| {
+            c.iter()
+                .map(|i| planned[*i].desired.object.to_string())
+                .collect()
+        })
+        .collect();
+    for cycle in &cycles {
+        warnings.push(format!("dependency cycle {} broken", cycle.join(" → ")));
     }
     let mut problems = Vec::new();
-    let mut by_object: HashMap<ObjectRef, Planned> = planned
-        .into_iter()
-        .map(|p| (p.desired.object.clone(), p))
-        .collect();
-    let mut waves = Vec::with_capacity(ordering.waves.len());
-    for (index, wave) in ordering.waves.iter().enumerate() {
+    let mut slots: Vec<Option<Planned>> = planned.into_iter().map(Some).collect();
+    let mut waves = Vec::with_capacity(wave_positions.len());
+    for (index, wave) in wave_positions.into_iter().enumerate() {
         let mut items = Vec::with_capacity(wave.len());
-        for object in wave {
-            let p = by_object
-                .remove(object)
-                .expect("ordered objects come from the planned set");
+        for position in wave {
+            let p = slots[position].take().expect("each object is in one wave");
+            let object = p.desired.object;
             let (action, reason, changes, live) =
-                decide(object, p.live, &header, &mut warnings, &mut problems);
+                decide(&object, p.live, &header, &mut warnings, &mut problems);
             items.push(PlanItem {
-                object: object.clone(),
+                object,
                 action,
                 reason,
                 changes,
@@ -189,11 +190,7 @@ pub fn build(
     let plan = RestorePlan {
         header,
         waves,
-        cycles: ordering
-            .cycles
-            .iter()
-            .map(|c| c.iter().map(ToString::to_string).collect())
-            .collect(),
+        cycles,
         warnings,
         transforms,
     };
@@ -307,7 +304,10 @@ pub fn plan_values(
         });
     }
     planned.sort_by(|a, b| a.desired.object.cmp(&b.desired.object));
-    let facts: Vec<&Facts> = planned.iter().map(|p| &p.facts).collect();
+    let facts: Vec<(&ObjectRef, &Facts)> = planned
+        .iter()
+        .map(|p| (&p.desired.object, &p.facts))
+        .collect();
     let found = super::validate::check(&facts, target, source);
     let (plan, refused) = build(header, planned, found.warnings, transforms);
     let mut problems = found.problems;
@@ -319,43 +319,41 @@ pub fn plan_values(
     }
 }
 
-/// What each object needs first, within the restore set: its Namespace,
-/// its CRD, and what it refers to.
-fn dependencies(planned: &[Planned]) -> Vec<OrderInput> {
+/// What each object needs first, within the restore set, as positions in
+/// `planned`: its Namespace, its CRD, and what it refers to.
+fn dependencies(planned: &[Planned]) -> Vec<Vec<usize>> {
     type Key<'a> = (&'a str, &'a str, Option<&'a str>, &'a str);
-    let mut by_key: HashMap<Key<'_>, &ObjectRef> = HashMap::new();
-    let mut crds: HashMap<(&str, &str), &ObjectRef> = HashMap::new();
-    for p in planned {
+    let mut by_key: HashMap<Key<'_>, usize> = HashMap::with_capacity(planned.len());
+    let mut crds: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, p) in planned.iter().enumerate() {
         let o = &p.desired.object;
-        by_key.insert((&o.group, &o.kind, o.namespace.as_deref(), &o.name), o);
+        by_key.insert((&o.group, &o.kind, o.namespace.as_deref(), &o.name), i);
         if let Some(crd) = &p.facts.crd {
-            crds.insert((&crd.group, &crd.kind), o);
+            crds.insert((&crd.group, &crd.kind), i);
         }
     }
     planned
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
             let o = &p.desired.object;
-            let mut needs: Vec<ObjectRef> = Vec::new();
+            let mut needs = Vec::new();
             if let Some(ns) = &o.namespace
                 && let Some(n) = by_key.get(&("", "Namespace", None, ns.as_str()))
             {
-                needs.push((*n).clone());
+                needs.push(*n);
             }
             if let Some(crd) = crds.get(&(o.group.as_str(), o.kind.as_str())) {
-                needs.push((*crd).clone());
+                needs.push(*crd);
             }
             for (group, kind, namespace, name) in &p.facts.needs {
                 if let Some(target) = by_key.get(&(group, kind, namespace.as_deref(), name))
-                    && *target != o
+                    && *target != i
                 {
-                    needs.push((*target).clone());
+                    needs.push(*target);
                 }
             }
-            OrderInput {
-                object: o.clone(),
-                needs,
-            }
+            needs
         })
         .collect()
 }

@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
-use super::bodies::{Bodies, Desired, digest};
+use super::bodies::{Bodies, Body, Desired, digest};
 use super::plan::{self, Live, PLAN_FORMAT, PlanHeader, Planned, RestorePlan};
 use super::validate::{self, Facts};
 use super::{
@@ -80,16 +80,19 @@ pub(crate) async fn prepare(
         }
         _ => None,
     };
-    let passed: Vec<Result<Planned, RestoreError>> = bodies
+    // Collected straight into the plan's input: no second copy of 100,000 results.
+    let mut planned: Vec<Planned> = bodies
         .stream(desired, Clone::clone)
         .map(|(d, body)| {
             let discovery = discovery.as_ref();
             let absent = absent.as_ref();
             async move {
-                let value = body.map_err(|message| RestoreError::BadObject {
-                    object: d.object.to_string(),
-                    message,
-                })?;
+                let value =
+                    body.and_then(Body::decode)
+                        .map_err(|message| RestoreError::BadObject {
+                            object: d.object.to_string(),
+                            message,
+                        })?;
                 let facts = Facts::of(&d.object, &value);
                 let live = match (view, discovery, absent) {
                     (TargetView::Cluster(conn), Some(discovery), Some(absent)) => {
@@ -105,7 +108,7 @@ pub(crate) async fn prepare(
                     }
                     _ => Live::Unknown,
                 };
-                Ok(Planned {
+                Ok::<_, RestoreError>(Planned {
                     digest: held.then(|| digest(&value)),
                     desired: d,
                     facts,
@@ -114,15 +117,14 @@ pub(crate) async fn prepare(
             }
         })
         .buffer_unordered(16)
-        .collect()
-        .await;
-    let mut planned = Vec::with_capacity(passed.len());
-    for p in passed {
-        planned.push(p?);
-    }
+        .try_collect()
+        .await?;
     planned.sort_by(|a, b| a.desired.object.cmp(&b.desired.object));
 
-    let facts: Vec<&Facts> = planned.iter().map(|p| &p.facts).collect();
+    let facts: Vec<(&ObjectRef, &Facts)> = planned
+        .iter()
+        .map(|p| (&p.desired.object, &p.facts))
+        .collect();
     let found = validate::check(&facts, &profile, &loaded.source_profile);
     let mut problems = found.problems;
     warnings.extend(found.warnings);
@@ -130,7 +132,7 @@ pub(crate) async fn prepare(
         (TargetView::Cluster(conn), Some(discovery)) => {
             let plurals: HashMap<(&str, &str), &str> = facts
                 .iter()
-                .filter_map(|f| f.crd.as_ref())
+                .filter_map(|(_, f)| f.crd.as_ref())
                 .map(|c| ((c.group.as_str(), c.kind.as_str()), c.plural.as_str()))
                 .collect();
             let objects: Vec<ObjectRef> = planned.iter().map(|p| p.desired.object.clone()).collect();

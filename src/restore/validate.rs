@@ -23,13 +23,13 @@ const CLASS_REFERENCES: &[(&str, &str, &str)] = &[
 /// What the checks need to know of one object, taken from its body once.
 #[derive(Debug, Clone)]
 pub struct Facts {
-    pub object: ObjectRef,
     /// Objects it refers to that must exist before it (group, kind,
     /// namespace, name), wherever they are.
     pub needs: Vec<(String, String, Option<String>, String)>,
     /// Classes it uses: (group, kind, name).
     pub classes: Vec<(String, String, String)>,
-    pub crd: Option<CrdFacts>,
+    /// Boxed: few objects are CRDs, and every object carries the field.
+    pub crd: Option<Box<CrdFacts>>,
     /// Names the API server would refuse.
     pub name_problems: Vec<String>,
 }
@@ -46,7 +46,6 @@ pub struct CrdFacts {
 impl Facts {
     pub fn of(object: &ObjectRef, value: &Value) -> Facts {
         let mut facts = Facts {
-            object: object.clone(),
             needs: Vec::new(),
             classes: Vec::new(),
             crd: None,
@@ -83,7 +82,7 @@ impl Facts {
                     .unwrap_or_default()
                     .to_string()
             };
-            facts.crd = Some(CrdFacts {
+            facts.crd = Some(Box::new(CrdFacts {
                 group: text("/spec/group"),
                 kind: text("/spec/names/kind"),
                 plural: text("/spec/names/plural"),
@@ -96,7 +95,7 @@ impl Facts {
                             .collect()
                     })
                     .unwrap_or_default(),
-            });
+            }));
         }
         facts
     }
@@ -137,16 +136,19 @@ fn served_version(target: &ClusterProfile, group: &str, kind: &str) -> Option<St
 
 /// Checks the objects against the target's profile (`source`: the profile
 /// of the cluster the snapshot was taken from).
-pub fn check(facts: &[&Facts], target: &ClusterProfile, source: &ClusterProfile) -> Findings {
+pub fn check(
+    facts: &[(&ObjectRef, &Facts)],
+    target: &ClusterProfile,
+    source: &ClusterProfile,
+) -> Findings {
     let mut found = Findings::default();
-    for f in facts {
+    for (_, f) in facts {
         found.problems.extend(f.name_problems.iter().cloned());
     }
-    let crds: Vec<&CrdFacts> = facts.iter().filter_map(|f| f.crd.as_ref()).collect();
+    let crds: Vec<&CrdFacts> = facts.iter().filter_map(|(_, f)| f.crd.as_deref()).collect();
 
     // API versions: served by the target, or by a CRD in this restore.
-    for f in facts {
-        let o = &f.object;
+    for (o, _) in facts {
         let api_version = o.api_version();
         if target.serves_kind(&api_version, &o.kind)
             || crds
@@ -170,23 +172,17 @@ pub fn check(facts: &[&Facts], target: &ClusterProfile, source: &ClusterProfile)
     // Referenced classes: in the restore or in the target.
     let in_restore: BTreeSet<(&str, &str, &str)> = facts
         .iter()
-        .filter(|f| f.object.namespace.is_none())
-        .map(|f| {
-            (
-                f.object.group.as_str(),
-                f.object.kind.as_str(),
-                f.object.name.as_str(),
-            )
-        })
+        .filter(|(o, _)| o.namespace.is_none())
+        .map(|(o, _)| (o.group.as_str(), o.kind.as_str(), o.name.as_str()))
         .collect();
     let mut users: std::collections::BTreeMap<(&str, &str, &str), Vec<String>> = Default::default();
-    for f in facts {
+    for (o, f) in facts {
         for (group, kind, name) in &f.classes {
             if !in_restore.contains(&(group.as_str(), kind.as_str(), name.as_str())) {
                 users
                     .entry((group.as_str(), kind.as_str(), name.as_str()))
                     .or_default()
-                    .push(f.object.to_string());
+                    .push(o.to_string());
             }
         }
     }
@@ -225,15 +221,24 @@ mod tests {
     use crate::profile::StorageClassInfo;
     use serde_json::json;
 
-    fn facts_of(values: &[Value]) -> Vec<Facts> {
+    fn facts_of(values: &[Value]) -> Vec<(ObjectRef, Facts)> {
         values
             .iter()
-            .map(|v| Facts::of(&ObjectRef::from_object(v).expect("object"), v))
+            .map(|v| {
+                let o = ObjectRef::from_object(v).expect("object");
+                let f = Facts::of(&o, v);
+                (o, f)
+            })
             .collect()
     }
 
-    fn check(facts: &[Facts], target: &ClusterProfile, source: &ClusterProfile) -> Findings {
-        super::check(&facts.iter().collect::<Vec<_>>(), target, source)
+    fn check(
+        facts: &[(ObjectRef, Facts)],
+        target: &ClusterProfile,
+        source: &ClusterProfile,
+    ) -> Findings {
+        let pairs: Vec<(&ObjectRef, &Facts)> = facts.iter().map(|(o, f)| (o, f)).collect();
+        super::check(&pairs, target, source)
     }
 
     fn profile(kinds: &[&str], classes: &[&str]) -> ClusterProfile {
