@@ -290,10 +290,24 @@ pub async fn run_saved(
                 let planned: std::collections::BTreeSet<&ObjectRef> =
                     plan.items().map(|i| &i.object).collect();
                 let produced: std::collections::BTreeSet<&ObjectRef> = held.keys().collect();
-                let differs: Vec<String> = planned
+                let mut differs: Vec<String> = planned
                     .symmetric_difference(&produced)
                     .map(|o| format!("{o}: the transform now yields a different set of objects"))
                     .collect();
+                // Every body is checked before the first write.
+                differs.extend(
+                    plan.items()
+                        .filter(|i| {
+                            held.get(&i.object).map(bodies::digest).as_ref() != i.digest.as_ref()
+                        })
+                        .filter(|i| produced.contains(&i.object))
+                        .map(|i| {
+                            format!(
+                                "{}: the transform now yields another object than the plan shows",
+                                i.object
+                            )
+                        }),
+                );
                 if !differs.is_empty() {
                     return Err(RestoreError::PlanMismatch(differs));
                 }

@@ -419,3 +419,59 @@ spec: {{type: ExternalName, externalName: "api.{ns}.svc.cluster.local"}}
         format!("api.{clone}.svc.cluster.local")
     );
 }
+
+#[tokio::test]
+async fn a_saved_plan_with_a_namespace_mapping_applies_its_transformed_objects() {
+    let (dir, ns, repo) = backed_up("t-planmap", |ns| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c, namespace: {ns}}}\ndata: {{url: \"http://api.{ns}.svc:80\"}}\n"
+        )
+    })
+    .await;
+    let cluster = env().primary();
+    let client = cluster.client().await;
+    let clone = unique_name("t-planmap-clone");
+    let _cleanup = TestNamespace::adopt(&client, &clone);
+    let mapping = format!("{}={clone}", ns.name);
+    let (ok, planned, stderr) = run_json(
+        &cluster.kubeconfig,
+        &[
+            "restore",
+            "app",
+            "--repo",
+            &repo,
+            "--namespace-mapping",
+            &mapping,
+            "--dry-run",
+        ],
+    );
+    assert!(ok, "{stderr}\n{planned}");
+    assert!(
+        planned["plan"]["waves"][0]["items"][0]["digest"].is_string(),
+        "transformed objects carry a digest: {planned}"
+    );
+    let plan_file = dir.path().join("plan.json");
+    std::fs::write(&plan_file, serde_json::to_vec(&planned).unwrap()).unwrap();
+    let (ok, out, stderr) = run_json(
+        &cluster.kubeconfig,
+        &[
+            "restore",
+            "--plan",
+            plan_file.to_str().unwrap(),
+            "--repo",
+            &repo,
+        ],
+    );
+    assert!(ok, "{stderr}\n{out}");
+    assert_eq!(
+        listed(&out["report"], "created"),
+        BTreeSet::from([format!("Namespace/{clone}"), format!("ConfigMap/{clone}/c")])
+    );
+    let data = Api::<ConfigMap>::namespaced(client, &clone)
+        .get("c")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(data["url"], format!("http://api.{clone}.svc:80"));
+}
