@@ -98,14 +98,20 @@ pub async fn target_changes(
     Ok(changed)
 }
 
-/// Applies `plan`; bodies come from `bodies`.
+/// Applies `plan`; bodies come from `bodies`, the target's API from
+/// `discovery` (read anew when `None`).
 pub async fn apply(
     conn: &Connection,
     plan: &RestorePlan,
     bodies: &Bodies,
     opts: &ApplyOptions<'_>,
+    discovery: Option<Discovery>,
 ) -> Result<RestoreReport, RestoreError> {
-    let mut discovery = discover(&conn.client).await?;
+    // The planning's discovery when there was one: the target is read once.
+    let mut discovery = match discovery {
+        Some(d) => d,
+        None => discover(&conn.client).await?,
+    };
     if opts.saved {
         let changed = target_changes(conn, &discovery, plan).await?;
         if !changed.is_empty() {

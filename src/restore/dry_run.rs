@@ -13,7 +13,7 @@ use super::plan::{Action, PlanItem, RestorePlan};
 use super::target::resource_for;
 use super::{FIELD_MANAGER, Failure, RestoreError, RestoreReport};
 use crate::cluster::Connection;
-use crate::cluster::discovery::discover;
+use crate::cluster::discovery::{Discovery, discover};
 
 /// Asks the API server to validate every write of the plan without
 /// persisting it (`dryRun=All`). Objects whose namespace the restore would
@@ -23,8 +23,12 @@ pub async fn server_dry_run(
     plan: &RestorePlan,
     bodies: &Bodies,
     report: &mut RestoreReport,
+    discovery: Option<Discovery>,
 ) -> Result<(), RestoreError> {
-    let discovery = discover(&conn.client).await?;
+    let discovery = match discovery {
+        Some(d) => d,
+        None => discover(&conn.client).await?,
+    };
     let creates_namespaces: BTreeSet<&str> = plan
         .items()
         .filter(|i| i.object.kind == "Namespace" && i.action == Action::Create)

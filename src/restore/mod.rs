@@ -193,21 +193,21 @@ pub async fn run(
     // Bodies are read until the end: prune waits meanwhile.
     let lock = repo.lock_shared().await?;
     let result = async {
-        let (plan, bodies) =
+        let (plan, bodies, discovery) =
             prepare::prepare(&TargetView::Cluster(conn), repo, snapshot, opts).await?;
         let mut report = RestoreReport {
             warnings: plan.warnings.clone(),
             ..Default::default()
         };
         if opts.dry_run {
-            dry_run::server_dry_run(conn, &plan, &bodies, &mut report).await?;
+            dry_run::server_dry_run(conn, &plan, &bodies, &mut report, discovery).await?;
         } else {
             let apply_options = apply::ApplyOptions {
                 concurrency: opts.concurrency,
                 saved: false,
                 observer,
             };
-            report = apply::apply(conn, &plan, &bodies, &apply_options).await?;
+            report = apply::apply(conn, &plan, &bodies, &apply_options, discovery).await?;
         }
         Ok::<_, RestoreError>((plan, report))
     }
@@ -319,7 +319,7 @@ pub async fn run_saved(
             saved: true,
             observer,
         };
-        apply::apply(conn, plan, &bodies, &options).await
+        apply::apply(conn, plan, &bodies, &options, None).await
     }
     .await;
     lock.release().await?;

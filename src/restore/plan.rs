@@ -303,18 +303,45 @@ pub fn plan_values(
             desired: Desired { object, blob: None },
         });
     }
+    check_and_build(
+        header,
+        planned,
+        Vec::new(),
+        transforms,
+        target,
+        source,
+        Vec::new(),
+    )
+}
+
+/// Validates the planned objects against the target's profile, then
+/// [`build`]s the plan: the ending every planning path shares. `problems`
+/// holds what the caller found already (permissions); any problem refuses
+/// the plan, and all of them are returned, sorted.
+pub fn check_and_build(
+    header: PlanHeader,
+    mut planned: Vec<Planned>,
+    mut warnings: Vec<String>,
+    transforms: Vec<crate::transform::Change>,
+    target: &crate::profile::ClusterProfile,
+    source: &crate::profile::ClusterProfile,
+    mut problems: Vec<String>,
+) -> Result<RestorePlan, Vec<String>> {
     planned.sort_by(|a, b| a.desired.object.cmp(&b.desired.object));
     let facts: Vec<(&ObjectRef, &Facts)> = planned
         .iter()
         .map(|p| (&p.desired.object, &p.facts))
         .collect();
     let found = super::validate::check(&facts, target, source);
-    let (plan, refused) = build(header, planned, found.warnings, transforms);
-    let mut problems = found.problems;
+    problems.extend(found.problems);
+    warnings.extend(found.warnings);
+    let (plan, refused) = build(header, planned, warnings, transforms);
     problems.extend(refused);
     if problems.is_empty() {
         Ok(plan)
     } else {
+        problems.sort();
+        problems.dedup();
         Err(problems)
     }
 }

@@ -9,12 +9,12 @@ use serde_json::Value;
 
 use super::bodies::{Bodies, Body, Desired, digest};
 use super::plan::{self, Live, PLAN_FORMAT, PlanHeader, Planned, RestorePlan};
-use super::validate::{self, Facts};
+use super::validate::Facts;
 use super::{
     RestoreError, RestoreOptions, TargetView, diff, effective_transform, load, managed, target,
     transformed,
 };
-use crate::cluster::discovery::discover;
+use crate::cluster::discovery::{Discovery, discover};
 use crate::model::ObjectRef;
 use crate::repo::Repository;
 
@@ -25,7 +25,7 @@ pub(crate) async fn prepare(
     repo: &Repository,
     snapshot: &str,
     opts: &RestoreOptions,
-) -> Result<(RestorePlan, Bodies), RestoreError> {
+) -> Result<(RestorePlan, Bodies, Option<Discovery>), RestoreError> {
     let mut loaded = load::load(repo, snapshot, &opts.subset).await?;
     let (discovery, profile) = match view {
         TargetView::Cluster(conn) => {
@@ -81,7 +81,7 @@ pub(crate) async fn prepare(
         _ => None,
     };
     // Collected straight into the plan's input: no second copy of 100,000 results.
-    let mut planned: Vec<Planned> = bodies
+    let planned: Vec<Planned> = bodies
         .stream(desired, Clone::clone)
         .map(|(d, body)| {
             let discovery = discovery.as_ref();
@@ -119,20 +119,12 @@ pub(crate) async fn prepare(
         .buffer_unordered(16)
         .try_collect()
         .await?;
-    planned.sort_by(|a, b| a.desired.object.cmp(&b.desired.object));
-
-    let facts: Vec<(&ObjectRef, &Facts)> = planned
-        .iter()
-        .map(|p| (&p.desired.object, &p.facts))
-        .collect();
-    let found = validate::check(&facts, &profile, &loaded.source_profile);
-    let mut problems = found.problems;
-    warnings.extend(found.warnings);
+    let mut problems = Vec::new();
     match (view, &discovery) {
         (TargetView::Cluster(conn), Some(discovery)) => {
-            let plurals: HashMap<(&str, &str), &str> = facts
+            let plurals: HashMap<(&str, &str), &str> = planned
                 .iter()
-                .filter_map(|(_, f)| f.crd.as_ref())
+                .filter_map(|p| p.facts.crd.as_ref())
                 .map(|c| ((c.group.as_str(), c.kind.as_str()), c.plural.as_str()))
                 .collect();
             let objects: Vec<ObjectRef> = planned.iter().map(|p| p.desired.object.clone()).collect();
@@ -166,14 +158,17 @@ pub(crate) async fn prepare(
         namespace_mapping: opts.namespace_mapping.0.clone(),
         transform: opts.transform.clone(),
     };
-    let (plan, refused) = plan::build(header, planned, warnings, trace);
-    problems.extend(refused);
-    if !problems.is_empty() {
-        problems.sort();
-        problems.dedup();
-        return Err(RestoreError::Preflight(problems));
-    }
-    Ok((plan, bodies))
+    let plan = plan::check_and_build(
+        header,
+        planned,
+        warnings,
+        trace,
+        &profile,
+        &loaded.source_profile,
+        problems,
+    )
+    .map_err(RestoreError::Preflight)?;
+    Ok((plan, bodies, discovery))
 }
 
 /// What the target holds of an object, against what the restore writes.
