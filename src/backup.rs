@@ -51,6 +51,16 @@ pub struct BackupOptions {
     pub labels: BTreeMap<String, String>,
     /// Store a snapshot even when the selection matches no object.
     pub allow_empty: bool,
+    /// Protect the data of the selection's PersistentVolumeClaims.
+    pub volumes: Option<VolumeSettings>,
+}
+
+/// How a backup protects volume data.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeSettings {
+    pub policy: crate::mover::VolumePolicy,
+    /// Mover Pods; `None` when the repository is not reachable from Pods.
+    pub mover: Option<crate::mover::MoverSettings>,
 }
 
 impl BackupOptions {
@@ -65,6 +75,7 @@ impl BackupOptions {
             ttl: None,
             labels: BTreeMap::new(),
             allow_empty: false,
+            volumes: None,
         }
     }
 }
@@ -86,6 +97,10 @@ pub struct BackupReport {
     /// them, each with the reasons (which object needs it, and how).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dependencies: BTreeMap<String, Vec<String>>,
+    /// The persistent volumes of the selection: how each was protected
+    /// (or why not), and where its data is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::mover::VolumeEntry>,
     pub stats: BackupStats,
 }
 
@@ -165,6 +180,8 @@ pub enum BackupError {
     },
     #[error("the snapshot writer stopped unexpectedly: {0}")]
     Writer(String),
+    #[error("{0}; no snapshot was written")]
+    Volumes(#[from] crate::mover::MoverError),
 }
 
 /// Kinds whose objects are all skipped by normalization: not listing them
@@ -409,6 +426,52 @@ pub async fn run(
         *report.counts.entry(count_key(&entry.object)).or_default() += 1;
     }
     report.stats.objects = catalog.len();
+    // Volume data: mover Pods store it; the snapshot written below
+    // references it. The shared lock held since the start keeps prune from
+    // deleting the movers' packs until then.
+    let mut volume_blobs: Vec<BlobId> = Vec::new();
+    if let Some(settings) = &opts.volumes {
+        let claims: Vec<(String, String)> = catalog
+            .iter()
+            .filter(|e| e.object.group.is_empty() && e.object.kind == "PersistentVolumeClaim")
+            .filter_map(|e| Some((e.object.namespace.clone()?, e.object.name.clone())))
+            .collect();
+        if !claims.is_empty() {
+            let previous = previous_volumes(repo, &claims).await;
+            report.volumes = crate::mover::backup_volumes(
+                conn,
+                &claims,
+                &previous,
+                &settings.policy,
+                settings.mover.as_ref(),
+                &opts.name,
+                &mut report.warnings,
+            )
+            .await?;
+            if report.volumes.iter().any(|v| v.root.is_some()) {
+                // The movers' index files are new since the lock was taken.
+                repo.reload_index().await?;
+            }
+            for volume in &report.volumes {
+                let Some(root_blob) = volume.root else { continue };
+                let root = crate::volume::read_root(repo, &root_blob)
+                    .await
+                    .map_err(|e| BackupError::Writer(format!(
+                        "volume {}/{}: the mover's data is unreadable: {e}",
+                        volume.namespace, volume.claim
+                    )))?;
+                let refs = repo.read_blob(&root.refs).await?;
+                volume_blobs.push(root_blob);
+                volume_blobs.push(root.refs);
+                volume_blobs.extend(crate::repo::decode_refs(&refs).map_err(|message| {
+                    RepoError::Corrupt {
+                        what: format!("reference list of volume {}/{}", volume.namespace, volume.claim),
+                        message,
+                    }
+                })?);
+            }
+        }
+    }
     report.skipped.sort_by(|a, b| a.object.cmp(&b.object));
     report.forbidden.sort();
     report.forbidden.dedup();
@@ -452,11 +515,18 @@ pub async fn run(
         .await?;
     let mut all_blobs: Vec<BlobId> = content.objects.iter().map(|e| e.blob).collect();
     all_blobs.extend([profile_blob, objects_blob, graph_blob]);
+    all_blobs.extend(volume_blobs);
     content.report.stats.bytes_plaintext = writer.stats().bytes_plaintext;
     content.report.stats.duration_ms = started.elapsed().as_millis() as u64;
     let root = StoredContent {
         format: SNAPSHOT_FORMAT,
-        readable_by: None,
+        // A reader that does not know volume data would restore empty
+        // claims: such snapshots need this format.
+        readable_by: Some(if content.report.volumes.iter().any(|v| v.root.is_some() || v.snapshot.is_some()) {
+            SNAPSHOT_FORMAT
+        } else {
+            1
+        }),
         name: content.name.clone(),
         source: content.source.clone(),
         selection: content.selection.clone(),
@@ -508,6 +578,36 @@ pub async fn run(
         content,
         write,
     })
+}
+
+/// The volumes of the newest snapshot that protected any of `claims`: the
+/// parents of this backup's volume data. Unreadable snapshots are passed
+/// over (their volumes are then read in full).
+async fn previous_volumes(
+    repo: &Repository,
+    claims: &[(String, String)],
+) -> Vec<crate::mover::VolumeEntry> {
+    let Ok(snapshots) = repo.list_snapshots().await else {
+        return Vec::new();
+    };
+    for (_, snapshot) in snapshots.iter().rev() {
+        if crate::volume::is_volume_snapshot(snapshot) {
+            continue;
+        }
+        let Ok(content) = load_catalog(repo, snapshot).await else {
+            continue;
+        };
+        let volumes: Vec<_> = content
+            .report
+            .volumes
+            .into_iter()
+            .filter(|v| v.root.is_some() && claims.contains(&(v.namespace.clone(), v.claim.clone())))
+            .collect();
+        if !volumes.is_empty() {
+            return volumes;
+        }
+    }
+    Vec::new()
 }
 
 fn absorb(report: &mut BackupReport, items: Vec<Item>) {
@@ -992,6 +1092,9 @@ async fn verify_locked(
     let mut users: std::collections::HashMap<BlobId, Vec<String>> =
         std::collections::HashMap::new();
     for (_, snapshot) in &snapshots {
+        if crate::volume::is_volume_snapshot(snapshot) {
+            continue;
+        }
         let content = match load_content(repo, snapshot).await {
             Ok(c) => c,
             Err(e) => {
@@ -1018,6 +1121,47 @@ async fn verify_locked(
     }
     if read_data {
         let report = repo.verify(true).await?;
+        // Volume data: name the files and directories that use a damaged blob.
+        let damaged: std::collections::HashSet<BlobId> =
+            report.problems().filter_map(|d| d.blob().copied()).collect();
+        if !damaged.is_empty() {
+            for (_, snapshot) in &snapshots {
+                let volumes: Vec<(String, BlobId)> = if crate::volume::is_volume_snapshot(snapshot) {
+                    vec![(format!("volume snapshot {}", snapshot.name), snapshot.content)]
+                } else {
+                    match crate::snapshot::load_report(repo, snapshot).await {
+                        Ok(r) => r
+                            .volumes
+                            .iter()
+                            .filter_map(|v| {
+                                Some((
+                                    format!("volume {}/{} in snapshot {}", v.namespace, v.claim, snapshot.name),
+                                    v.root?,
+                                ))
+                            })
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    }
+                };
+                for (what, root_blob) in volumes {
+                    if damaged.contains(&root_blob) {
+                        outcome.problems.push(format!("{what}: its root is damaged"));
+                        continue;
+                    }
+                    let Ok(root) = crate::volume::read_root(repo, &root_blob).await else {
+                        outcome.problems.push(format!("{what}: its root is unreadable"));
+                        continue;
+                    };
+                    for found in crate::volume::locate(repo, &root, &damaged).await {
+                        outcome.problems.push(format!(
+                            "{what}: {} uses damaged data (blob {})",
+                            found.path.display(),
+                            found.blob
+                        ));
+                    }
+                }
+            }
+        }
         for damage in report.problems() {
             match damage.blob().and_then(|b| users.get(b)) {
                 Some(objects) => {
@@ -1057,7 +1201,10 @@ pub async fn apply_retention(
     let mut kept = 0;
     for (id, snapshot) in snapshots {
         let expired = snapshot.expires.as_ref().is_some_and(|e| *e <= now);
-        let beyond = keep_last.is_some_and(|n| kept >= n);
+        // Keep-last counts application snapshots; `ferry volume backup`
+        // snapshots are kept apart.
+        let beyond = !crate::volume::is_volume_snapshot(&snapshot)
+            && keep_last.is_some_and(|n| kept >= n);
         if expired || beyond {
             if !dry_run {
                 repo.delete_snapshot(&id).await?;

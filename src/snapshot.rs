@@ -18,7 +18,9 @@ use crate::profile::ClusterProfile;
 use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId};
 
 /// The version of the snapshot format this Ferry writes and reads.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Format 2 added volume data (`report.volumes`); a snapshot without it
+/// stays readable by format 1.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -116,6 +118,17 @@ pub async fn open_snapshot(
     .await;
     lock.release().await?;
     result
+}
+
+/// A snapshot's report alone (counts, warnings, volumes): its root blob.
+pub async fn load_report(repo: &Repository, snapshot: &Snapshot) -> Result<BackupReport, RepoError> {
+    let name = &snapshot.name;
+    let root: StoredContent = read_json(repo, &snapshot.content, || {
+        format!("content of snapshot {name}")
+    })
+    .await?;
+    root.check_readable()?;
+    Ok(root.report)
 }
 
 /// Loads a snapshot's content, refusing formats this version cannot read.

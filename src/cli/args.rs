@@ -109,6 +109,10 @@ Examples:\n  \
     /// Inspect clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Back up and restore directories with Ferry's data mover: what mover
+    /// Pods run for PersistentVolumes, usable on any directory.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Print the normalization table: what a backup strips or skips, and why.
     Rules {
         #[arg(short, long, value_enum, default_value_t)]
@@ -276,6 +280,8 @@ pub enum BackupCommand {
         /// is an error and nothing is written.
         #[arg(long)]
         allow_empty: bool,
+        #[command(flatten)]
+        volumes: VolumeArgs,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -422,6 +428,53 @@ pub struct RestoreWriteArgs {
     /// `ferry transform --help`); the rules see the target's live profile.
     #[arg(long, value_name = "PLAN")]
     pub transform: Option<PathBuf>,
+    /// Restore PersistentVolumeClaims without their volume data.
+    #[arg(long)]
+    pub no_volume_data: bool,
+    #[command(flatten)]
+    pub mover: MoverArgs,
+}
+
+/// How a backup protects the data of PersistentVolumeClaims.
+#[derive(Debug, Args, Clone)]
+#[command(next_help_heading = "Volume data")]
+pub struct VolumeArgs {
+    /// How volume data is protected: auto (snapshot-move where the CSI
+    /// driver has a VolumeSnapshotClass, else copy; with a local repository,
+    /// snapshot or skip), snapshot (a CSI snapshot kept in the cluster),
+    /// snapshot-move (a CSI snapshot copied into the repository by a mover
+    /// Pod, then deleted), copy (the live volume copied between the hooks),
+    /// skip. A claim's or StorageClass's backup.ferry.dev/volume-method
+    /// annotation overrides it.
+    #[arg(long, value_enum, default_value_t = crate::mover::VolumeMethod::Auto)]
+    pub volume_method: crate::mover::VolumeMethod,
+    /// The method for claims of one StorageClass, CLASS=METHOD; repeatable.
+    #[arg(long = "volume-method-for-class", value_name = "CLASS=METHOD", value_parser = parse_key_value)]
+    pub volume_method_for_class: Vec<(String, String)>,
+    /// Do not run the pre- and post-backup hooks declared on Pods
+    /// (pre.hook.backup.ferry.dev/command and Velero's pre.hook.backup.velero.io/command).
+    #[arg(long)]
+    pub no_hooks: bool,
+    #[command(flatten)]
+    pub mover: MoverArgs,
+}
+
+/// Mover Pods: the Ferry image copying volume data in the cluster.
+#[derive(Debug, Args, Clone)]
+#[command(next_help_heading = "Volume data")]
+pub struct MoverArgs {
+    /// Image of the mover Pods (this version of Ferry).
+    #[arg(long, env = "FERRY_MOVER_IMAGE", default_value = concat!("ghcr.io/ferry-dev/ferry:", env!("CARGO_PKG_VERSION")))]
+    pub mover_image: String,
+    /// The S3 endpoint as mover Pods reach it, when it differs from --s3-endpoint.
+    #[arg(long, env = "FERRY_MOVER_S3_ENDPOINT")]
+    pub mover_s3_endpoint: Option<String>,
+    /// Longest wait for one snapshot or mover Pod.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub mover_timeout: std::time::Duration,
+    /// Mover Pods running at once.
+    #[arg(long, default_value_t = 4)]
+    pub mover_concurrency: usize,
 }
 
 #[derive(Debug, Args)]
@@ -519,4 +572,102 @@ pub struct MigrateArgs {
     /// document with `backup`, `plan` and `report` (yaml, json).
     #[arg(short, long, value_enum, default_value_t)]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Back up a directory: files are cut into content-defined chunks,
+    /// deduplicated against everything in the repository, compressed and
+    /// encrypted; metadata (mode, owner, times, links, xattrs, holes) is kept.
+    #[command(after_help = "The newest volume snapshot of the same source (HOST:DIR unless \
+--source says otherwise) is the parent: a file whose size, modification time, change time and \
+inode are unchanged since it is taken over without being read. --ignore-inode compares size \
+and modification time only, for directories that are fresh copies each time (a volume made \
+from a snapshot).\n\n\
+Examples:\n  \
+  ferry volume backup /var/lib/postgresql --repo /backups\n  \
+  ferry volume backup /data --repo s3://bucket/ferry --name data-nightly -o json")]
+    Backup {
+        /// The directory to back up.
+        dir: std::path::PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Name of the snapshot (default: the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// What the backup is of, for finding its parent next time (default: HOST:DIR).
+        #[arg(long)]
+        source: Option<String>,
+        /// Parent snapshot (name or id) instead of the newest of the same source.
+        #[arg(long, conflicts_with = "no_parent")]
+        parent: Option<String>,
+        /// Read every file, even unchanged ones.
+        #[arg(long)]
+        no_parent: bool,
+        /// Compare files with the parent by size and modification time only.
+        #[arg(long)]
+        ignore_inode: bool,
+        /// Label for the snapshot, KEY=VALUE; repeatable.
+        #[arg(long = "label", value_parser = parse_key_value)]
+        labels: Vec<(String, String)>,
+        /// Store the data but write no snapshot; print the volume root's blob
+        /// id (what mover Pods do: the application backup references it).
+        #[arg(long, hide = true)]
+        root_only: bool,
+        /// The parent as a volume root blob (of an application snapshot's volume).
+        #[arg(long, hide = true, conflicts_with_all = ["parent", "no_parent"])]
+        parent_root: Option<String>,
+        /// Also write the result (JSON) to this file: a mover Pod's termination message.
+        #[arg(long, hide = true)]
+        result_file: Option<std::path::PathBuf>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Restore a volume snapshot (or one path of it) into a directory.
+    #[command(after_help = "SNAPSHOT:PATH restores one directory or file of the snapshot. \
+Existing files of the same names in DIR are replaced; other files are left alone. Owners are \
+restored when running as root.\n\n\
+Examples:\n  \
+  ferry volume restore data-nightly /restore/data\n  \
+  ferry volume restore data-nightly:/etc/app/config.yaml /tmp/config")]
+    Restore {
+        /// Snapshot name or id, optionally followed by :PATH.
+        snapshot: String,
+        /// Where to restore (created if missing).
+        dir: std::path::PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Restore from this volume root blob (of an application snapshot's
+        /// volume) instead of a volume snapshot.
+        #[arg(long, hide = true)]
+        root: Option<String>,
+        /// Also write the result (JSON) to this file.
+        #[arg(long, hide = true)]
+        result_file: Option<std::path::PathBuf>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Measure what this machine's CPUs allow the data mover: chunk, hash,
+    /// compress and seal the files under DIR (read into memory first) on
+    /// every core, with no disk and no repository writes.
+    Limit {
+        dir: std::path::PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Read at most this many MiB of the files.
+        #[arg(long, default_value_t = 1024)]
+        max_mib: u64,
+        /// Threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// List the volume snapshots of a repository.
+    List {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }

@@ -6,6 +6,7 @@ pub mod output;
 pub mod progress;
 pub mod repo;
 mod transform;
+mod volume;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -33,6 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore_command(&cli.global, args).await,
         Command::Migrate(args) => migrate_command(&cli.global, args).await,
         Command::Transform(args) => transform::run(&cli.global, args).await,
+        Command::Volume(cmd) => volume::run(cmd).await,
         Command::Cluster(ClusterCommand::Profile { output }) => {
             let conn = connect(&cli.global).await?;
             let discovery = crate::cluster::discovery::discover(&conn.client).await?;
@@ -198,10 +200,11 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
             page_size,
             keep_last_applied,
             allow_empty,
+            volumes,
             output,
         } => {
             let selection = selection(&selection_args)?;
-            let repository = repo::open(&repo).await?;
+            let (repository, key) = repo::open_keyed(&repo).await?;
             let conn = connect(global).await?;
             let mut options = BackupOptions::new(&name, selection);
             options.label_selector = selection_args.selector.clone();
@@ -211,6 +214,7 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
             options.ttl = ttl;
             options.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
             options.allow_empty = allow_empty;
+            options.volumes = Some(volume_settings(&repo, &key, &volumes)?);
             let progress = Arc::new(Progress::default());
             let bar = progress::BackupBar::start(progress.clone());
             let result = backup::run(&conn, &repository, &options, progress).await;
@@ -250,7 +254,12 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                     damaged.id, damaged.message, damaged.id
                 );
             }
-            let mut snapshots = listing.snapshots;
+            // Volume snapshots of `ferry volume backup` are listed by `ferry volume list`.
+            let mut snapshots: Vec<_> = listing
+                .snapshots
+                .into_iter()
+                .filter(|(_, s)| !crate::volume::is_volume_snapshot(s))
+                .collect();
             snapshots.sort_by(|a, b| a.1.created.cmp(&b.1.created));
             let value: Vec<_> = snapshots
                 .iter()
@@ -566,6 +575,34 @@ fn restore_options(
             Some(path) => Some(transform_source(path)?),
             None => None,
         },
+        mover: None,
+        skip_volume_data: write.no_volume_data,
+    })
+}
+
+/// The volume policy and movers of `ferry backup create`.
+fn volume_settings(
+    repo: &args::RepoArgs,
+    key: &crate::repo::KeySource,
+    volumes: &args::VolumeArgs,
+) -> anyhow::Result<crate::backup::VolumeSettings> {
+    let mut per_class = BTreeMap::new();
+    for (class, method) in &volumes.volume_method_for_class {
+        per_class.insert(
+            class.clone(),
+            method
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--volume-method-for-class {class}: {e}"))?,
+        );
+    }
+    Ok(crate::backup::VolumeSettings {
+        policy: crate::mover::VolumePolicy {
+            default: volumes.volume_method,
+            per_class,
+            hooks: !volumes.no_hooks,
+            extra_hooks: Vec::new(),
+        },
+        mover: Some(repo::mover_settings(repo, key, &volumes.mover)?),
     })
 }
 
@@ -617,8 +654,9 @@ async fn restore_command(global: &GlobalArgs, args: RestoreArgs) -> anyhow::Resu
         .snapshot
         .as_deref()
         .context("give a SNAPSHOT or --plan")?;
-    let options = restore_options(Some(&args.options), &args.write)?;
-    let repository = repo::open(&args.repo).await?;
+    let mut options = restore_options(Some(&args.options), &args.write)?;
+    let (repository, key) = repo::open_keyed(&args.repo).await?;
+    options.mover = Some(repo::mover_settings(&args.repo, &key, &args.write.mover)?);
     if let Some(path) = &args.target_profile {
         let profile: crate::profile::ClusterProfile = serde_json::from_slice(
             &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
@@ -657,7 +695,10 @@ async fn restore_saved_plan(
     }
     let plan: crate::restore::RestorePlan = serde_json::from_value(value)
         .with_context(|| format!("{} is not a restore plan", path.display()))?;
-    let repository = repo::open(&args.repo).await?;
+    let (repository, key) = repo::open_keyed(&args.repo).await?;
+    let mover = (!args.write.no_volume_data)
+        .then(|| repo::mover_settings(&args.repo, &key, &args.write.mover))
+        .transpose()?;
     let conn = connect(global).await?;
     let progress = Arc::new(crate::restore::Progress::default());
     let bar = progress::RestoreBar::start(progress.clone());
@@ -667,6 +708,7 @@ async fn restore_saved_plan(
         &plan,
         args.write.restore_concurrency.max(1),
         progress.as_ref(),
+        mover.as_ref(),
     )
     .await;
     bar.finish();
@@ -817,7 +859,7 @@ fn print_restore_report(
 
 async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let selection = selection(&args.selection)?;
-    let restore = restore_options(None, &args.write)?;
+    let mut restore = restore_options(None, &args.write)?;
     let source = ConnectOptions {
         kubeconfig: global.kubeconfig.clone(),
         context: Some(args.from.clone()),
@@ -842,7 +884,12 @@ async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Resu
     // duration of the migration.
     let temporary = tempfile::tempdir().context("creating a temporary repository")?;
     let repository = match &args.repo.repo {
-        Some(_) => repo::open(&args.repo).await?,
+        Some(_) => {
+            let (repository, key) = repo::open_keyed(&args.repo).await?;
+            let mover = repo::mover_settings(&args.repo, &key, &args.write.mover)?;
+            restore.mover = Some(mover);
+            repository
+        }
         None => {
             if args.snapshot.is_some() {
                 anyhow::bail!("--snapshot keeps the snapshot, so it needs a --repo to keep it in");
@@ -863,6 +910,13 @@ async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Resu
         )
     });
     let mut options = BackupOptions::new(&name, selection);
+    options.volumes = Some(crate::backup::VolumeSettings {
+        policy: crate::mover::VolumePolicy {
+            hooks: true,
+            ..Default::default()
+        },
+        mover: restore.mover.clone(),
+    });
     options.label_selector = args.selection.selector.clone();
     options.labels.insert(
         "ferry.dev/migration".into(),

@@ -79,3 +79,40 @@ impl RestoreBar {
         self.bar.finish_and_clear();
     }
 }
+
+/// Renders a volume backup's or restore's bytes until finished.
+pub struct VolumeBar {
+    bar: ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl VolumeBar {
+    pub fn start(progress: Arc<crate::volume::VolumeProgress>) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec}  {msg}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        let shown = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                shown.set_length(progress.bytes_total.load(Ordering::Relaxed));
+                shown.set_position(progress.bytes_done.load(Ordering::Relaxed));
+                shown.set_message(format!(
+                    "{} files",
+                    progress.files_done.load(Ordering::Relaxed)
+                ));
+                tokio::time::sleep(Duration::from_millis(120)).await;
+            }
+        });
+        VolumeBar { bar, ticker }
+    }
+
+    pub fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}

@@ -125,3 +125,75 @@ pub async fn init(args: &RepoArgs) -> anyhow::Result<Repository> {
     let key = key_source(args, true)?;
     Ok(Repository::init(backend, &key).await?)
 }
+
+/// Opens the repository and returns the key it was opened with (mover Pods
+/// get it too).
+pub async fn open_keyed(args: &RepoArgs) -> anyhow::Result<(Repository, KeySource)> {
+    let backend = backend(args).await?;
+    let key = key_source(args, false)?;
+    Ok((Repository::open(backend, &key).await?, key))
+}
+
+/// How mover Pods reach the repository `args` names, unlocked by `key`.
+pub fn mover_settings(
+    args: &RepoArgs,
+    key: &KeySource,
+    mover: &super::args::MoverArgs,
+) -> anyhow::Result<crate::mover::MoverSettings> {
+    let config = ConfigFile::load()?;
+    let location = args.repo.clone().or(config.repository).unwrap_or_default();
+    let mut env = std::collections::BTreeMap::new();
+    let mut secret = std::collections::BTreeMap::new();
+    let unreachable = match parse_location(&location)? {
+        Location::Local(path) => Some(format!(
+            "the repository is a local directory ({}) that Pods cannot reach; use an s3:// repository to move volume data",
+            path.display()
+        )),
+        Location::S3 { .. } => None,
+    };
+    env.insert("FERRY_REPO".to_string(), location);
+    if let Some(endpoint) = mover
+        .mover_s3_endpoint
+        .clone()
+        .or(args.s3_endpoint.clone())
+        .or(config.s3_endpoint)
+    {
+        env.insert("FERRY_S3_ENDPOINT".into(), endpoint);
+    }
+    if let Some(region) = args.s3_region.clone().or(config.s3_region) {
+        env.insert("FERRY_S3_REGION".into(), region);
+    }
+    // Failure points of test builds reach the movers too.
+    if let Ok(points) = std::env::var("FERRY_FAILPOINTS") {
+        env.insert("FERRY_FAILPOINTS".into(), points);
+    }
+    match key {
+        KeySource::Password(p) => {
+            secret.insert("FERRY_PASSWORD".to_string(), p.as_bytes().to_vec());
+        }
+        KeySource::KeyFile(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading key file {}", path.display()))?;
+            secret.insert("FERRY_KEY".to_string(), bytes);
+        }
+    }
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ] {
+        if let Ok(value) = std::env::var(var) {
+            secret.insert(var.to_string(), value.into_bytes());
+        }
+    }
+    Ok(crate::mover::MoverSettings {
+        image: mover.mover_image.clone(),
+        env,
+        secret,
+        unreachable,
+        timeout: mover.mover_timeout,
+        concurrency: mover.mover_concurrency.max(1),
+    })
+}

@@ -39,6 +39,13 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
         dry_run: true,
         restore_concurrency: 1,
         transform: None,
+        no_volume_data: true,
+        mover: super::args::MoverArgs {
+            mover_image: String::new(),
+            mover_s3_endpoint: None,
+            mover_timeout: std::time::Duration::from_secs(60),
+            mover_concurrency: 1,
+        },
     };
     let options = restore_options(Some(&args.options), &write)?;
     let repository = repo::open(&args.repo).await?;

@@ -455,6 +455,74 @@ fn decompress(compressed: &[u8], raw_length: usize) -> std::io::Result<Vec<u8>> 
     })
 }
 
+/// zstd level of volume data chunks: throughput matters more there than
+/// the last few percent of size.
+const CHUNK_ZSTD_LEVEL: i32 = 1;
+/// A chunk whose sample compresses to more than this share of its size is
+/// stored uncompressed.
+const INCOMPRESSIBLE: f64 = 0.97;
+/// Bytes of a chunk compressed to decide whether it compresses.
+const SAMPLE: usize = 64 * 1024;
+
+thread_local! {
+    static CHUNK_COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A zstd frame holding `data` in raw (stored) blocks: what any zstd
+/// decoder reads back, made with one copy. Incompressible data goes this
+/// way instead of through the compressor.
+pub(crate) fn zstd_raw_frame(data: &[u8]) -> Vec<u8> {
+    const BLOCK: usize = 128 * 1024;
+    let mut out = Vec::with_capacity(data.len() + 16 + 3 * (data.len() / BLOCK + 1));
+    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    // Frame header: single segment, 8-byte content size, no checksum.
+    out.push(0b1110_0000);
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    let mut blocks = data.chunks(BLOCK).peekable();
+    if blocks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0]);
+    }
+    while let Some(block) = blocks.next() {
+        let last = blocks.peek().is_none() as u32;
+        // Block header: last flag, type 0 (raw), size.
+        let header = last | ((block.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(block);
+    }
+    out
+}
+
+/// zstd of a chunk of volume data: a fast level, and a raw frame when a
+/// sample shows the data does not compress (media, archives, encrypted
+/// files), which saves most of the compressor's time on such data.
+pub(crate) fn compress_chunk(data: &[u8]) -> Vec<u8> {
+    CHUNK_COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor = cell.get_or_insert_with(|| {
+            zstd::bulk::Compressor::new(CHUNK_ZSTD_LEVEL).expect("a zstd context can be created")
+        });
+        if data.len() > 2 * SAMPLE {
+            let middle = data.len() / 2;
+            let sample = &data[middle..middle + SAMPLE];
+            let packed = compressor
+                .compress(sample)
+                .expect("compressing in memory cannot fail");
+            if packed.len() as f64 > INCOMPRESSIBLE * SAMPLE as f64 {
+                return zstd_raw_frame(data);
+            }
+        }
+        let packed = compressor
+            .compress(data)
+            .expect("compressing in memory cannot fail");
+        if packed.len() > data.len() {
+            zstd_raw_frame(data)
+        } else {
+            packed
+        }
+    })
+}
+
 /// Encodes plaintext as stored: zstd, then sealed.
 pub(crate) fn encode_blob(key: &MasterKey, plaintext: &[u8]) -> Vec<u8> {
     key.seal(&compress(plaintext))
@@ -734,6 +802,32 @@ impl Repository {
 
     pub fn blob_id(&self, plaintext: &[u8]) -> BlobId {
         BlobId(self.inner.key.blob_hash(plaintext))
+    }
+
+    /// The seed of the content-defined chunker, derived from the key: cut
+    /// points then depend on the key, so chunk sizes in the store reveal
+    /// nothing about which known files it holds.
+    pub(crate) fn chunker_seed(&self) -> u64 {
+        let hash = self.inner.key.blob_hash(b"ferry volume chunker seed");
+        u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
+    }
+
+    /// A chunk of volume data as stored: its id and sealed bytes. Safe to
+    /// call from many threads at once.
+    pub(crate) fn encode_chunk(&self, data: &[u8]) -> Vec<u8> {
+        self.inner.key.seal(&compress_chunk(data))
+    }
+
+    /// The name of pack number `pack` (as `blob_position` gives it).
+    #[cfg(test)]
+    pub(crate) fn pack_name(&self, pack: u32) -> String {
+        self.inner.index.read().expect("index lock").packs[pack as usize].clone()
+    }
+
+    /// The plaintext length of a stored blob.
+    pub(crate) fn raw_length(&self, id: &BlobId) -> Option<u32> {
+        let index = self.inner.index.read().expect("index lock");
+        index.blobs.get(id).map(|e| e.raw_length)
     }
 
     /// Whether a writer may reuse the stored copy of a blob (see rule 3 of

@@ -90,19 +90,41 @@ impl PackWriter {
             return Ok(id);
         }
         let stored = encode_blob(self.repo.key(), plaintext);
+        self.append(id, &stored, plaintext.len() as u32).await?;
+        Ok(id)
+    }
+
+    /// Stores a blob encoded elsewhere (by [`Repository::encode_chunk`] on
+    /// another thread). The caller decided it is new; a blob this session
+    /// already stored is counted as deduplicated and dropped.
+    pub(crate) async fn add_encoded(
+        &mut self,
+        id: BlobId,
+        stored: &[u8],
+        raw_length: u32,
+    ) -> Result<(), RepoError> {
+        self.stats.bytes_plaintext += raw_length as u64;
+        if self.session.contains(&id) {
+            self.stats.blobs_deduplicated += 1;
+            return Ok(());
+        }
+        self.append(id, stored, raw_length).await
+    }
+
+    async fn append(&mut self, id: BlobId, stored: &[u8], raw_length: u32) -> Result<(), RepoError> {
         self.entries.push(BlobEntry {
             id,
             offset: self.buffer.len() as u32,
             length: stored.len() as u32,
-            raw_length: plaintext.len() as u32,
+            raw_length,
         });
-        self.buffer.extend_from_slice(&stored);
+        self.buffer.extend_from_slice(stored);
         self.session.insert(id);
         self.stats.blobs_added += 1;
         if self.buffer.len() >= self.pack_target {
             self.flush().await?;
         }
-        Ok(id)
+        Ok(())
     }
 
     /// Seals the current pack and starts its upload.

@@ -39,6 +39,22 @@ pub struct ApplyOptions<'a> {
     /// since, and write with resourceVersion preconditions.
     pub saved: bool,
     pub observer: &'a dyn Observer,
+    /// Runs after each wave, before the next starts (fills restored claims
+    /// with their data before the workloads that mount them exist).
+    pub after_wave: Option<&'a dyn AfterWave>,
+}
+
+/// Work between waves. An error stops the restore: later waves are not
+/// written, and the error is reported as a failure.
+#[async_trait::async_trait]
+pub trait AfterWave: Send + Sync {
+    /// `written` are the objects the wave wrote, with what was done.
+    /// Returns warnings.
+    async fn after_wave(
+        &self,
+        conn: &Connection,
+        written: &[(crate::model::ObjectRef, Action)],
+    ) -> Result<Vec<String>, String>;
 }
 
 /// The body an item writes.
@@ -157,6 +173,12 @@ pub async fn apply(
             .collect()
             .await;
         let mut gates = Vec::new();
+        let written: Vec<(crate::model::ObjectRef, Action)> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(item, _)| (item.object.clone(), item.action))
+            .chain(wave.items.iter().filter(|i| i.action == Action::Unchanged).map(|i| (i.object.clone(), i.action)))
+            .collect();
         for (item, result) in results {
             if result.is_ok()
                 && matches!(
@@ -172,6 +194,19 @@ pub async fn apply(
             wait_ready(conn, &gates, &mut report).await;
             if gates.iter().any(|g| g.kind == "CustomResourceDefinition") {
                 discovery = discover(&conn.client).await?;
+            }
+        }
+        if let Some(after) = opts.after_wave {
+            match after.after_wave(conn, &written).await {
+                Ok(warnings) => report.warnings.extend(warnings),
+                Err(message) => {
+                    // Nothing that would mount a half-filled volume is written.
+                    report.failed.push(Failure {
+                        object: format!("wave {}", wave.index),
+                        message: format!("{message}; the later waves were not restored"),
+                    });
+                    return Ok(report);
+                }
             }
         }
     }

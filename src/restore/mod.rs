@@ -48,6 +48,7 @@ pub use load::Subset;
 use mapping::NamespaceMapping;
 pub use observer::{Event, Observer, Progress, Silent};
 use plan::PLAN_FORMAT;
+pub use apply::AfterWave;
 pub use plan::{Action, PlanHeader, PlanItem, RestorePlan, TransformSource, Wave};
 
 /// The field manager every write of ferry uses.
@@ -106,6 +107,30 @@ pub struct RestoreOptions {
     pub concurrency: usize,
     /// Stop after the plan (and a server-side dry run).
     pub dry_run: bool,
+    /// Mover Pods that fill restored claims with their volume data.
+    pub mover: Option<crate::mover::MoverSettings>,
+    /// Restore claims without their data.
+    pub skip_volume_data: bool,
+}
+
+/// What fills the restored claims of `snapshot`, if it has volume data.
+async fn volume_filler(
+    repo: &Repository,
+    snapshot: &str,
+    mapping: &NamespaceMapping,
+    mover: Option<&crate::mover::MoverSettings>,
+) -> Result<Option<crate::mover::VolumeFiller>, RestoreError> {
+    let (_, found) = repo.find_snapshot(snapshot).await?;
+    let report = crate::snapshot::load_report(repo, &found).await?;
+    if report.volumes.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(crate::mover::VolumeFiller {
+        entries: report.volumes,
+        namespaces: mapping.0.clone(),
+        mover: mover.cloned(),
+        label: found.name,
+    }))
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -202,10 +227,16 @@ pub async fn run(
         if opts.dry_run {
             dry_run::server_dry_run(conn, &plan, &bodies, &mut report, discovery).await?;
         } else {
+            let filler = if opts.skip_volume_data {
+                None
+            } else {
+                volume_filler(repo, snapshot, &opts.namespace_mapping, opts.mover.as_ref()).await?
+            };
             let apply_options = apply::ApplyOptions {
                 concurrency: opts.concurrency,
                 saved: false,
                 observer,
+                after_wave: filler.as_ref().map(|f| f as &dyn AfterWave),
             };
             report = apply::apply(conn, &plan, &bodies, &apply_options, discovery).await?;
         }
@@ -245,6 +276,7 @@ pub async fn run_saved(
     plan: &RestorePlan,
     concurrency: usize,
     observer: &dyn Observer,
+    mover: Option<&crate::mover::MoverSettings>,
 ) -> Result<RestoreReport, RestoreError> {
     let header = &plan.header;
     if header.format != PLAN_FORMAT {
@@ -314,10 +346,12 @@ pub async fn run_saved(
                 Bodies::Held(held)
             }
         };
+        let filler = volume_filler(repo, &header.snapshot_id, &mapping, mover).await?;
         let options = apply::ApplyOptions {
             concurrency,
             saved: true,
             observer,
+            after_wave: filler.as_ref().map(|f| f as &dyn AfterWave),
         };
         apply::apply(conn, plan, &bodies, &options, None).await
     }

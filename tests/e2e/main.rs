@@ -10,3 +10,4 @@ mod restore;
 mod support;
 mod testenv;
 mod transform;
+mod volumes;

@@ -17,11 +17,11 @@ use crate::support::{
     NodeInfo, TestNamespace, env, eventually, ferry, fresh_bucket, unique_name, with_s3,
 };
 
-const POD_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const POD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A test namespace whose `default` ServiceAccount exists: until the
 /// controller-manager has made it, admission refuses every Pod.
-async fn namespace_for_pods(client: &kube::Client, prefix: &str) -> TestNamespace {
+pub(crate) async fn namespace_for_pods(client: &kube::Client, prefix: &str) -> TestNamespace {
     let ns = TestNamespace::create(client, prefix).await;
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
     eventually("the default ServiceAccount", POD_TIMEOUT, || async {
@@ -57,7 +57,7 @@ async fn snapshot_ready(client: &kube::Client, ns: &str, claim: &str, class: Opt
     .await;
 }
 
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
+pub(crate) async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
@@ -118,7 +118,7 @@ fn ferry_pod(
 }
 
 /// Waits for a Pod to finish and returns its phase and what it printed.
-async fn finished(pods: &Api<Pod>, name: &str) -> (String, String) {
+pub(crate) async fn finished(pods: &Api<Pod>, name: &str) -> (String, String) {
     let phase = eventually(&format!("Pod {name} to finish"), POD_TIMEOUT, || async {
         let pod = pods.get(name).await.ok()?;
         let phase = pod.status?.phase?;
@@ -132,7 +132,7 @@ async fn finished(pods: &Api<Pod>, name: &str) -> (String, String) {
     (phase, logs)
 }
 
-async fn pod_ready(pods: &Api<Pod>, name: &str) {
+pub(crate) async fn pod_ready(pods: &Api<Pod>, name: &str) {
     eventually(&format!("Pod {name} to be Ready"), POD_TIMEOUT, || async {
         let pod = pods.get(name).await.ok()?;
         pod.status?

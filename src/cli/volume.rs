@@ -1,0 +1,317 @@
+//! `ferry volume`: the data mover on a directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::args::VolumeCommand;
+use super::output::{emit, human_bytes, table};
+use super::progress::VolumeBar;
+use super::repo;
+use crate::volume::{self, VolumeBackupOptions, VolumeProgress, VolumeRestoreOptions};
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BackupOutput {
+    /// The snapshot written (none with --root-only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
+    name: String,
+    /// The volume root blob: what an application snapshot references.
+    root: String,
+    parent: Option<String>,
+    source: String,
+    stats: volume::VolumeStats,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RestoreOutput {
+    snapshot: String,
+    target: PathBuf,
+    stats: volume::RestoreStats,
+}
+
+/// The result as compact JSON in `path` (a mover Pod's termination message).
+fn write_result<T: Serialize>(path: Option<&std::path::Path>, value: &T) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_vec(value)?)
+            .with_context(|| format!("writing the result to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        VolumeCommand::Backup {
+            dir,
+            repo: repo_args,
+            name,
+            source,
+            parent,
+            no_parent,
+            ignore_inode,
+            labels,
+            root_only,
+            parent_root,
+            result_file,
+            output,
+        } => {
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("volume backup of {}", dir.display()))?;
+            let source = source.unwrap_or_else(|| format!("{}:{}", hostname(), dir.display()));
+            let name = name.unwrap_or_else(|| {
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "root".into())
+            });
+            let repository = repo::open(&repo_args).await?;
+            let lock = repository.lock_shared().await?;
+            let result = async {
+                let parent = match (&parent, no_parent) {
+                    (_, true) => None,
+                    _ if parent_root.is_some() => {
+                        let blob = parent_root
+                            .as_deref()
+                            .unwrap_or_default()
+                            .parse()
+                            .map_err(|e: String| anyhow::anyhow!("--parent-root: {e}"))?;
+                        let root = volume::read_root(&repository, &blob).await?;
+                        Some((crate::repo::SnapshotId(blob.to_string()), root))
+                    }
+                    (Some(p), _) => {
+                        let (id, _, root) = volume::open_snapshot(&repository, p).await?;
+                        Some((id, root))
+                    }
+                    (None, _) => match volume::latest_of(&repository, &source).await? {
+                        Some((id, _)) => {
+                            let (id, _, root) = volume::open_snapshot(&repository, &id.0).await?;
+                            Some((id, root))
+                        }
+                        None => None,
+                    },
+                };
+                let parent_id = parent.as_ref().map(|(id, _)| id.0.clone());
+                let progress = Arc::new(VolumeProgress::default());
+                let bar = VolumeBar::start(progress.clone());
+                let backup = volume::backup_dir(
+                    &repository,
+                    &lock,
+                    &dir,
+                    VolumeBackupOptions {
+                        source: source.clone(),
+                        parent: parent.map(|(_, root)| root),
+                        ignore_inode,
+                        workers: None,
+                        progress: Some(progress),
+                    },
+                )
+                .await;
+                bar.finish();
+                let backup = backup?;
+                let snapshot = if root_only {
+                    None
+                } else {
+                    Some(
+                        volume::save_snapshot(
+                            &repository,
+                            &name,
+                            &backup,
+                            labels.into_iter().collect(),
+                        )
+                        .await?
+                        .0,
+                    )
+                };
+                Ok::<_, anyhow::Error>(BackupOutput {
+                    snapshot,
+                    name: name.clone(),
+                    root: backup.root_blob.to_string(),
+                    parent: parent_id,
+                    source: source.clone(),
+                    stats: backup.root.stats.clone(),
+                    warnings: backup.warnings,
+                })
+            }
+            .await;
+            lock.release().await?;
+            let out = result.with_context(|| format!("volume backup of {}", dir.display()))?;
+            for warning in &out.warnings {
+                eprintln!("warning: {warning}");
+            }
+            write_result(result_file.as_deref(), &out)?;
+            emit(output, &out, |w| {
+                let s = &out.stats;
+                let seconds = s.duration_ms as f64 / 1000.0;
+                writeln!(
+                    w,
+                    "{} {}: {} files, {} dirs, {} in {:.1}s ({} files read, {} unchanged; {} new chunks, {} stored)",
+                    if out.snapshot.is_some() { "snapshot" } else { "volume root" },
+                    out.snapshot.as_deref().unwrap_or(&out.root),
+                    s.files,
+                    s.dirs,
+                    human_bytes(s.bytes),
+                    seconds,
+                    s.files_read,
+                    s.files_unchanged,
+                    s.chunks_new,
+                    human_bytes(s.bytes_stored)
+                )
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Restore {
+            snapshot,
+            dir,
+            repo: repo_args,
+            root,
+            result_file,
+            output,
+        } => {
+            let (name, subpath) = match snapshot.split_once(':') {
+                Some((name, path)) => (name.to_string(), Some(PathBuf::from(path))),
+                None => (snapshot.clone(), None),
+            };
+            let repository = repo::open(&repo_args).await?;
+            let lock = repository.lock_shared().await?;
+            let result = async {
+                let volume_root = match &root {
+                    Some(blob) => {
+                        let id = blob
+                            .parse()
+                            .map_err(|e: String| anyhow::anyhow!("--root: {e}"))?;
+                        volume::read_root(&repository, &id).await?
+                    }
+                    None => volume::open_snapshot(&repository, &name).await?.2,
+                };
+                let progress = Arc::new(VolumeProgress::default());
+                let bar = VolumeBar::start(progress.clone());
+                // SAFETY: geteuid has no preconditions.
+                let root_user = unsafe { libc::geteuid() } == 0;
+                let stats = volume::restore_dir(
+                    &repository,
+                    &volume_root,
+                    &dir,
+                    VolumeRestoreOptions {
+                        subpath,
+                        owners: root_user,
+                        progress: Some(progress),
+                    },
+                )
+                .await;
+                bar.finish();
+                Ok::<_, anyhow::Error>(stats?)
+            }
+            .await;
+            lock.release().await?;
+            let stats = result.with_context(|| {
+                format!("restoring volume {snapshot} into {}", dir.display())
+            })?;
+            for warning in &stats.warnings {
+                eprintln!("warning: {warning}");
+            }
+            let out = RestoreOutput {
+                snapshot,
+                target: dir,
+                stats,
+            };
+            write_result(result_file.as_deref(), &out)?;
+            emit(output, &out, |w| {
+                let s = &out.stats;
+                writeln!(
+                    w,
+                    "restored {} files ({}), {} dirs, {} other entries into {} in {:.1}s",
+                    s.files,
+                    human_bytes(s.bytes),
+                    s.dirs,
+                    s.others,
+                    out.target.display(),
+                    s.duration_ms as f64 / 1000.0
+                )
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Limit {
+            dir,
+            repo: repo_args,
+            max_mib,
+            threads,
+            output,
+        } => {
+            let repository = repo::open(&repo_args).await?;
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            let limit = tokio::task::spawn_blocking(move || {
+                volume::limit::measure(&repository, &dir, max_mib << 20, threads)
+            })
+            .await??;
+            emit(output, &limit, |w| {
+                writeln!(
+                    w,
+                    "{:.0} MiB/s: chunk + hash + compress + seal of {} on {} threads in {:.2}s",
+                    limit.mib_per_second,
+                    human_bytes(limit.bytes),
+                    limit.threads,
+                    limit.seconds
+                )
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::List {
+            repo: repo_args,
+            output,
+        } => {
+            let repository = repo::open(&repo_args).await?;
+            let snapshots = volume::list(&repository).await?;
+            #[derive(Serialize)]
+            struct Row {
+                id: String,
+                name: String,
+                created: String,
+                source: String,
+                summary: serde_json::Value,
+            }
+            let rows: Vec<Row> = snapshots
+                .into_iter()
+                .map(|(id, s)| Row {
+                    id: id.0,
+                    name: s.name.clone(),
+                    created: s.created.clone(),
+                    source: s
+                        .labels
+                        .get(volume::LABEL_SOURCE)
+                        .cloned()
+                        .unwrap_or_default(),
+                    summary: s.summary,
+                })
+                .collect();
+            emit(output, &rows, |w| {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id[..12.min(r.id.len())].to_string(),
+                            r.name.clone(),
+                            r.created.clone(),
+                            r.summary["files"].to_string(),
+                            human_bytes(r.summary["bytes"].as_u64().unwrap_or(0)),
+                            r.source.clone(),
+                        ]
+                    })
+                    .collect();
+                table(w, &["ID", "NAME", "CREATED", "FILES", "SIZE", "SOURCE"], &cells)
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

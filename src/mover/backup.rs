@@ -1,0 +1,517 @@
+//! Protecting the volumes of a backup: decide each claim's method, run the
+//! pre-backup hooks, snapshot or copy, run the post-backup hooks, then move
+//! snapshots into the repository.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::Api;
+
+use super::hooks::{self, Hook, HookPhase};
+use super::pods::{self, DATA, MoverJob};
+use super::{
+    ANNOTATION_METHOD, MoverError, MoverSettings, VolumeEntry, VolumeMethod, VolumePolicy, csi,
+    suffix,
+};
+use crate::cluster::Connection;
+use crate::volume::VolumeStats;
+
+/// A claim and what was found out about it.
+struct Claim {
+    namespace: String,
+    name: String,
+    object: PersistentVolumeClaim,
+    method: VolumeMethod,
+    snapshot_class: Option<String>,
+    /// Node of a running Pod that mounts it.
+    node: Option<String>,
+}
+
+/// Protects the data of `claims` by the policy; returns one entry per claim.
+/// `previous` are the volume entries of the previous backup, whose data are
+/// the parents of this one's (unchanged files are not read again).
+pub async fn backup_volumes(
+    conn: &Connection,
+    claims: &[(String, String)],
+    previous: &[VolumeEntry],
+    policy: &VolumePolicy,
+    mover: Option<&MoverSettings>,
+    label: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<VolumeEntry>, MoverError> {
+    let client = &conn.client;
+    let mut entries: Vec<VolumeEntry> = Vec::new();
+    let mut protected: Vec<Claim> = Vec::new();
+    let mut pods_by_namespace: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
+    for (namespace, name) in claims {
+        if !pods_by_namespace.contains_key(namespace) {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+            let list = pods.list(&Default::default()).await?;
+            pods_by_namespace.insert(namespace.clone(), list.items);
+        }
+        let skipped = |method: VolumeMethod, class: Option<String>, why: String| VolumeEntry {
+            namespace: namespace.clone(),
+            claim: name.clone(),
+            method,
+            storage_class: class,
+            root: None,
+            snapshot: None,
+            skipped: Some(why),
+            stats: None,
+        };
+        let object = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+            .get(name)
+            .await?;
+        let spec = object.spec.clone().unwrap_or_default();
+        let class = spec.storage_class_name.clone();
+        let phase = object
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if phase != "Bound" {
+            entries.push(skipped(
+                VolumeMethod::Skip,
+                class,
+                format!("the claim is not bound (phase {phase}): it holds no data yet"),
+            ));
+            continue;
+        }
+        let volume = match &spec.volume_name {
+            Some(v) => Api::<PersistentVolume>::all(client.clone()).get_opt(v).await?,
+            None => None,
+        };
+        let driver = volume
+            .as_ref()
+            .and_then(|v| v.spec.as_ref())
+            .and_then(|s| s.csi.as_ref())
+            .map(|c| c.driver.clone());
+        let chosen = chosen_method(client, &object, class.as_deref(), policy).await?;
+        let snapshot_class = match &driver {
+            Some(d) => csi::class_for(client, d).await,
+            None => None,
+        };
+        let unreachable = match mover {
+            None => Some("no mover is configured".to_string()),
+            Some(m) => m.unreachable.clone(),
+        };
+        let method = match resolve(chosen, snapshot_class.is_some(), unreachable.is_none()) {
+            Ok(m) => m,
+            Err(why) => {
+                let why = match (&unreachable, chosen) {
+                    (Some(u), VolumeMethod::Copy | VolumeMethod::SnapshotMove | VolumeMethod::Auto) => {
+                        format!("{why} ({u})")
+                    }
+                    _ => why,
+                };
+                if chosen == VolumeMethod::Auto {
+                    warnings.push(format!("volume {namespace}/{name} is not protected: {why}"));
+                    entries.push(skipped(VolumeMethod::Skip, class, why));
+                    continue;
+                }
+                return Err(MoverError::volume(namespace, name, why));
+            }
+        };
+        if method == VolumeMethod::Skip {
+            entries.push(skipped(
+                VolumeMethod::Skip,
+                class,
+                format!("the policy says skip ({ANNOTATION_METHOD} or --volume-method)"),
+            ));
+            continue;
+        }
+        if spec.volume_mode.as_deref() == Some("Block") && method != VolumeMethod::Snapshot {
+            let why = "a block-mode volume has no files to move; use --volume-method snapshot for it".to_string();
+            warnings.push(format!("volume {namespace}/{name} is not protected: {why}"));
+            entries.push(skipped(VolumeMethod::Skip, class, why));
+            continue;
+        }
+        let node = pods_by_namespace[namespace]
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .find(|p| mounts(p, name))
+            .and_then(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()));
+        protected.push(Claim {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            object,
+            method,
+            snapshot_class,
+            node,
+        });
+    }
+    if protected.is_empty() {
+        return Ok(entries);
+    }
+
+    // Hooks of the Pods that mount a protected claim.
+    let mut hooked: Vec<(String, String, Vec<Hook>)> = Vec::new();
+    for (namespace, pods) in &pods_by_namespace {
+        for pod in pods {
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            let uses = protected
+                .iter()
+                .any(|c| &c.namespace == namespace && mounts(pod, &c.name));
+            if !running || !uses {
+                continue;
+            }
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+            let mut declared = hooks::hooks_of(&annotations).map_err(|message| MoverError::Hook {
+                pod: format!("{namespace}/{pod_name}"),
+                hook: "annotations".into(),
+                message,
+            })?;
+            declared.extend(policy.extra_hooks.iter().cloned());
+            if policy.hooks && !declared.is_empty() {
+                hooked.push((namespace.clone(), pod_name, declared));
+            }
+        }
+    }
+    let mover = mover.cloned();
+    let parents: HashMap<(String, String), String> = previous
+        .iter()
+        .filter_map(|e| {
+            e.root
+                .map(|r| ((e.namespace.clone(), e.claim.clone()), r.to_string()))
+        })
+        .collect();
+
+    run_hooks(client, &hooked, HookPhase::Pre, warnings).await?;
+    // Snapshots and live copies happen while the application is quiesced.
+    let first: Vec<Result<(usize, Taken), MoverError>> = futures::stream::iter(
+        protected.iter().enumerate(),
+    )
+    .map(|(index, claim)| {
+        let mover = mover.as_ref();
+        let parents = &parents;
+        async move {
+            let taken = first_step(conn, claim, mover, parents, label).await;
+            taken.map(|t| (index, t))
+        }
+    })
+    .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
+    .collect()
+    .await;
+    // The application resumes even if a snapshot failed.
+    let post = run_hooks(client, &hooked, HookPhase::Post, warnings).await;
+    let mut taken: Vec<Option<Taken>> = (0..protected.len()).map(|_| None).collect();
+    let mut failure = None;
+    for result in first {
+        match result {
+            Ok((index, t)) => taken[index] = Some(t),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if let Some(e) = failure {
+        for t in taken.iter().flatten() {
+            if let Taken::Snapshot(s) = t
+                && let Some((ns, name)) = s.volume_snapshot.split_once('/')
+            {
+                csi::delete(client, ns, name).await;
+            }
+        }
+        return Err(e);
+    }
+    post?;
+
+    let moved: Vec<Result<VolumeEntry, MoverError>> = futures::stream::iter(
+        protected.iter().zip(taken),
+    )
+    .map(|(claim, taken)| {
+        let mover = mover.as_ref();
+        let parents = &parents;
+        async move {
+            second_step(conn, claim, taken.expect("every claim was taken"), mover, parents, label)
+                .await
+        }
+    })
+    .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
+    .collect()
+    .await;
+    for entry in moved {
+        entries.push(entry?);
+    }
+    entries.sort_by(|a, b| (&a.namespace, &a.claim).cmp(&(&b.namespace, &b.claim)));
+    Ok(entries)
+}
+
+fn mounts(pod: &Pod, claim: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|volumes| {
+            volumes.iter().any(|v| {
+                v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim_name == claim)
+            })
+        })
+}
+
+/// The method asked for: the claim's annotation, its class's annotation,
+/// the per-class policy, the default.
+async fn chosen_method(
+    client: &kube::Client,
+    claim: &PersistentVolumeClaim,
+    class: Option<&str>,
+    policy: &VolumePolicy,
+) -> Result<VolumeMethod, MoverError> {
+    let name = format!(
+        "{}/{}",
+        claim.metadata.namespace.as_deref().unwrap_or_default(),
+        claim.metadata.name.as_deref().unwrap_or_default()
+    );
+    let parse = |value: &str, on: &str| {
+        value.parse::<VolumeMethod>().map_err(|e| MoverError::Volume {
+            volume: name.clone(),
+            message: format!("annotation {ANNOTATION_METHOD} on {on}: {e}"),
+        })
+    };
+    if let Some(v) = claim
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_METHOD))
+    {
+        return parse(v, "the claim");
+    }
+    if let Some(class) = class {
+        if let Some(sc) = Api::<StorageClass>::all(client.clone()).get_opt(class).await?
+            && let Some(v) = sc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_METHOD))
+        {
+            return parse(v, &format!("StorageClass {class}"));
+        }
+        if let Some(m) = policy.per_class.get(class) {
+            return Ok(*m);
+        }
+    }
+    Ok(policy.default)
+}
+
+/// The method to use, given what the cluster and the repository allow.
+pub(super) fn resolve(
+    chosen: VolumeMethod,
+    has_snapshot_class: bool,
+    repository_reachable: bool,
+) -> Result<VolumeMethod, String> {
+    let no_class = "its CSI driver has no VolumeSnapshotClass";
+    let unreachable = "mover Pods cannot reach the repository";
+    match chosen {
+        VolumeMethod::Auto => match (has_snapshot_class, repository_reachable) {
+            (true, true) => Ok(VolumeMethod::SnapshotMove),
+            (true, false) => Ok(VolumeMethod::Snapshot),
+            (false, true) => Ok(VolumeMethod::Copy),
+            (false, false) => Err(format!("{no_class} and {unreachable}")),
+        },
+        VolumeMethod::Snapshot if !has_snapshot_class => Err(no_class.into()),
+        VolumeMethod::SnapshotMove if !has_snapshot_class => Err(no_class.into()),
+        VolumeMethod::SnapshotMove | VolumeMethod::Copy if !repository_reachable => {
+            Err(unreachable.into())
+        }
+        other => Ok(other),
+    }
+}
+
+async fn run_hooks(
+    client: &kube::Client,
+    hooked: &[(String, String, Vec<Hook>)],
+    phase: HookPhase,
+    warnings: &mut Vec<String>,
+) -> Result<(), MoverError> {
+    for (namespace, pod, hooks) in hooked {
+        for hook in hooks.iter().filter(|h| h.phase == phase) {
+            if let Some(warning) = hooks::run(client, namespace, pod, hook).await? {
+                warnings.push(warning);
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Taken {
+    Snapshot(super::KeptSnapshot),
+    Copied(VolumeEntry),
+}
+
+async fn first_step(
+    conn: &Connection,
+    claim: &Claim,
+    mover: Option<&MoverSettings>,
+    parents: &HashMap<(String, String), String>,
+    label: &str,
+) -> Result<Taken, MoverError> {
+    let fail = |m: String| MoverError::volume(&claim.namespace, &claim.name, m);
+    match claim.method {
+        VolumeMethod::Snapshot | VolumeMethod::SnapshotMove => {
+            let name = format!("ferry-{}", suffix(&[label, &claim.namespace, &claim.name]));
+            let timeout = mover.map_or(std::time::Duration::from_secs(600), |m| m.timeout);
+            let mut kept = csi::take(
+                &conn.client,
+                &claim.namespace,
+                &claim.name,
+                claim.snapshot_class.as_deref().expect("a class was found"),
+                &name,
+                label,
+                timeout,
+            )
+            .await
+            .map_err(fail)?;
+            kept.server = conn.server.clone();
+            Ok(Taken::Snapshot(kept))
+        }
+        VolumeMethod::Copy => {
+            let mover = mover.expect("copy needs a mover");
+            let entry = move_claim(conn, claim, &claim.name, claim.node.clone(), false, mover, parents, label)
+                .await
+                .map_err(fail)?;
+            Ok(Taken::Copied(entry))
+        }
+        VolumeMethod::Auto | VolumeMethod::Skip => unreachable!("resolved before"),
+    }
+}
+
+async fn second_step(
+    conn: &Connection,
+    claim: &Claim,
+    taken: Taken,
+    mover: Option<&MoverSettings>,
+    parents: &HashMap<(String, String), String>,
+    label: &str,
+) -> Result<VolumeEntry, MoverError> {
+    let fail = |m: String| MoverError::volume(&claim.namespace, &claim.name, m);
+    let kept = match taken {
+        Taken::Copied(entry) => return Ok(entry),
+        Taken::Snapshot(kept) => kept,
+    };
+    let (_, snapshot_name) = kept
+        .volume_snapshot
+        .split_once('/')
+        .expect("namespace/name");
+    let snapshot_name = snapshot_name.to_string();
+    if claim.method == VolumeMethod::Snapshot {
+        csi::retain(&conn.client, &kept.content).await.map_err(fail)?;
+        return Ok(VolumeEntry {
+            namespace: claim.namespace.clone(),
+            claim: claim.name.clone(),
+            method: VolumeMethod::Snapshot,
+            storage_class: class_of(&claim.object),
+            root: None,
+            snapshot: Some(kept),
+            skipped: None,
+            stats: None,
+        });
+    }
+    let mover = mover.expect("snapshot-move needs a mover");
+    let clone = format!("ferry-{}", suffix(&[label, &claim.name, "clone"]));
+    let result = async {
+        csi::claim_from_snapshot(
+            &conn.client,
+            &claim.namespace,
+            &claim.object,
+            &snapshot_name,
+            kept.restore_size.as_deref(),
+            &clone,
+            label,
+        )
+        .await?;
+        move_claim(conn, claim, &clone, None, true, mover, parents, label).await
+    }
+    .await;
+    csi::delete_claim(&conn.client, &claim.namespace, &clone).await;
+    csi::delete(&conn.client, &claim.namespace, &snapshot_name).await;
+    let mut entry = result.map_err(fail)?;
+    entry.method = VolumeMethod::SnapshotMove;
+    Ok(entry)
+}
+
+fn class_of(claim: &PersistentVolumeClaim) -> Option<String> {
+    claim.spec.as_ref().and_then(|s| s.storage_class_name.clone())
+}
+
+/// Runs a mover Pod over `mount` (the claim itself, or a claim made from
+/// its snapshot) and returns the volume's entry.
+#[allow(clippy::too_many_arguments)]
+async fn move_claim(
+    conn: &Connection,
+    claim: &Claim,
+    mount: &str,
+    node: Option<String>,
+    from_snapshot: bool,
+    mover: &MoverSettings,
+    parents: &HashMap<(String, String), String>,
+    label: &str,
+) -> Result<VolumeEntry, String> {
+    let mut args: Vec<String> = [
+        "volume",
+        "backup",
+        DATA,
+        "--root-only",
+        "--source",
+        &format!("{}/{}", claim.namespace, claim.name),
+        "-o",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if from_snapshot {
+        // A volume made from a snapshot has new inodes and change times.
+        args.push("--ignore-inode".into());
+    }
+    if let Some(parent) = parents.get(&(claim.namespace.clone(), claim.name.clone())) {
+        args.extend(["--parent-root".into(), parent.clone()]);
+    }
+    let result = pods::run(
+        &conn.client,
+        mover,
+        MoverJob {
+            namespace: &claim.namespace,
+            claim: mount,
+            read_only: true,
+            node,
+            args,
+            label,
+        },
+    )
+    .await?;
+    let root = result["root"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .ok_or_else(|| format!("the mover's result names no volume root: {result}"))?;
+    let stats: Option<VolumeStats> = serde_json::from_value(result["stats"].clone()).ok();
+    Ok(VolumeEntry {
+        namespace: claim.namespace.clone(),
+        claim: claim.name.clone(),
+        method: VolumeMethod::Copy,
+        storage_class: class_of(&claim.object),
+        root: Some(root),
+        snapshot: None,
+        skipped: None,
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_moving_a_snapshot_and_never_silently_skips_an_explicit_choice() {
+        use VolumeMethod::*;
+        assert_eq!(resolve(Auto, true, true), Ok(SnapshotMove));
+        assert_eq!(resolve(Auto, true, false), Ok(Snapshot));
+        assert_eq!(resolve(Auto, false, true), Ok(Copy));
+        assert!(resolve(Auto, false, false).is_err());
+        assert!(resolve(SnapshotMove, false, true).unwrap_err().contains("VolumeSnapshotClass"));
+        assert!(resolve(Copy, true, false).unwrap_err().contains("cannot reach"));
+        assert_eq!(resolve(Copy, false, true), Ok(Copy));
+        assert_eq!(resolve(Skip, false, false), Ok(Skip));
+    }
+}

@@ -1,0 +1,176 @@
+//! Volume data in the cluster: which method protects each
+//! PersistentVolumeClaim, application-consistency hooks, CSI snapshots, and
+//! mover Pods (the Ferry image running `ferry volume`) that copy a volume's
+//! files into the repository and back.
+//!
+//! Mover Pods write to the repository themselves, so the repository must be
+//! one the cluster reaches (S3); its location and key reach them through a
+//! Secret that lives only as long as the Pod. The CLI never reads volume
+//! data: it references what the movers stored (their volume roots) in the
+//! application snapshot, which it writes last, while holding a lock that
+//! keeps prune from deleting the movers' packs in between.
+
+mod backup;
+mod csi;
+mod hooks;
+mod pods;
+mod restore;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::repo::BlobId;
+use crate::volume::VolumeStats;
+
+pub use backup::backup_volumes;
+pub use hooks::{Hook, HookPhase, OnError, hooks_of};
+pub use restore::VolumeFiller;
+
+/// Annotation on a PersistentVolumeClaim or StorageClass choosing the method.
+pub const ANNOTATION_METHOD: &str = "backup.ferry.dev/volume-method";
+/// Label on everything Ferry creates to move data.
+pub const LABEL_MOVER: &str = "ferry.dev/mover";
+
+/// How a volume's data is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeMethod {
+    /// snapshot-move where the driver has a VolumeSnapshotClass, else copy
+    /// (or snapshot / skip when the repository is not reachable from Pods).
+    #[default]
+    Auto,
+    /// A CSI VolumeSnapshot kept in the cluster.
+    Snapshot,
+    /// A CSI VolumeSnapshot copied into the repository, then deleted.
+    SnapshotMove,
+    /// The live volume copied into the repository, between the hooks.
+    Copy,
+    /// Not protected (recorded in the report).
+    Skip,
+}
+
+impl std::str::FromStr for VolumeMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            format!("'{s}' is not a volume method (auto, snapshot, snapshot-move, copy, skip)")
+        })
+    }
+}
+
+impl std::fmt::Display for VolumeMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeMethod::Auto => "auto",
+            VolumeMethod::Snapshot => "snapshot",
+            VolumeMethod::SnapshotMove => "snapshot-move",
+            VolumeMethod::Copy => "copy",
+            VolumeMethod::Skip => "skip",
+        })
+    }
+}
+
+/// Which method each volume gets: the claim's annotation, then its
+/// StorageClass's annotation, then `per_class`, then `default`.
+#[derive(Debug, Clone, Default)]
+pub struct VolumePolicy {
+    pub default: VolumeMethod,
+    pub per_class: BTreeMap<String, VolumeMethod>,
+    /// Run hooks declared on Pods (Ferry's and Velero's annotations).
+    pub hooks: bool,
+    /// Pre-backup hooks from the request, for every Pod that mounts a volume.
+    pub extra_hooks: Vec<Hook>,
+}
+
+/// How mover Pods are made and reach the repository.
+#[derive(Debug, Clone)]
+pub struct MoverSettings {
+    /// The Ferry image.
+    pub image: String,
+    /// Environment of the mover (repository location, endpoint…).
+    pub env: BTreeMap<String, String>,
+    /// Secret environment (password, cloud credentials); `FERRY_KEY` is
+    /// mounted as a key file instead.
+    pub secret: BTreeMap<String, Vec<u8>>,
+    /// Why mover Pods cannot reach the repository, if they cannot.
+    pub unreachable: Option<String>,
+    /// Longest wait for a snapshot or a mover Pod.
+    pub timeout: Duration,
+    /// Movers at once.
+    pub concurrency: usize,
+}
+
+/// A CSI snapshot kept in the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptSnapshot {
+    /// The API server of the cluster that holds it.
+    pub server: String,
+    pub volume_snapshot: String,
+    pub content: String,
+    pub driver: String,
+    pub handle: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<String>,
+}
+
+/// One volume of an application snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeEntry {
+    pub namespace: String,
+    pub claim: String,
+    /// The method used (never `auto`).
+    pub method: VolumeMethod,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    /// The volume's data in the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<BlobId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<KeptSnapshot>,
+    /// Why the volume was not protected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<VolumeStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoverError {
+    #[error("volume {volume}: {message}")]
+    Volume { volume: String, message: String },
+    #[error("hook {hook} in Pod {pod} failed: {message}")]
+    Hook {
+        pod: String,
+        hook: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+impl MoverError {
+    fn volume(namespace: &str, claim: &str, message: impl std::fmt::Display) -> Self {
+        MoverError::Volume {
+            volume: format!("{namespace}/{claim}"),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// A short name suffix unique to this run: mover objects of two backups
+/// never collide.
+fn suffix(parts: &[&str]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for p in parts {
+        hasher.update(p.as_bytes());
+        hasher.update(&[0]);
+    }
+    hasher.update(&rand::random::<[u8; 8]>());
+    hasher.finalize().to_hex()[..10].to_string()
+}

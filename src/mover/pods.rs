@@ -1,0 +1,216 @@
+//! Mover Pods: the Ferry image running `ferry volume backup|restore` on a
+//! mounted claim, with the repository's location and key from a Secret
+//! that is owned by the Pod (deleted with it).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::{Value, json};
+
+use super::{LABEL_MOVER, MoverSettings, suffix};
+
+/// Where the repository key is mounted, when it is a key file.
+const KEY_DIR: &str = "/var/run/ferry-key";
+/// The claim's mount point in the mover.
+pub(super) const DATA: &str = "/data";
+
+pub(super) struct MoverJob<'a> {
+    pub namespace: &'a str,
+    pub claim: &'a str,
+    pub read_only: bool,
+    /// Run on this node (a live ReadWriteOnce volume is mounted where its
+    /// workload runs).
+    pub node: Option<String>,
+    /// Arguments of `ferry` in the image.
+    pub args: Vec<String>,
+    /// Value of the mover label (the backup or restore it serves).
+    pub label: &'a str,
+}
+
+/// Runs one mover to completion and returns the JSON it wrote as its
+/// termination message; an error carries its output.
+pub(super) async fn run(
+    client: &kube::Client,
+    settings: &MoverSettings,
+    job: MoverJob<'_>,
+) -> Result<Value, String> {
+    let name = format!("ferry-mover-{}", suffix(&[job.namespace, job.claim]));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), job.namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), job.namespace);
+    let result = run_named(client, settings, &job, &name, &pods, &secrets).await;
+    // Deleting the Pod deletes its Secret (owner reference); both are
+    // deleted here too so that nothing waits for the garbage collector.
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    let _ = pods.delete(&name, &now).await;
+    let _ = secrets.delete(&name, &DeleteParams::default()).await;
+    result
+}
+
+fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
+    let mut args = job.args.clone();
+    args.extend(["--result-file".into(), "/dev/termination-log".into()]);
+    let mut env: Vec<Value> = settings
+        .env
+        .iter()
+        .map(|(k, v)| json!({"name": k, "value": v}))
+        .collect();
+    let mut mounts = vec![json!({"name": "data", "mountPath": DATA, "readOnly": job.read_only})];
+    let mut volumes = vec![json!({
+        "name": "data",
+        "persistentVolumeClaim": {"claimName": job.claim, "readOnly": job.read_only}
+    })];
+    for key in settings.secret.keys().filter(|k| *k != "FERRY_KEY") {
+        env.push(json!({"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}));
+    }
+    if settings.secret.contains_key("FERRY_KEY") {
+        env.push(json!({"name": "FERRY_KEY_FILE", "value": format!("{KEY_DIR}/key")}));
+        mounts.push(json!({"name": "key", "mountPath": KEY_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "key", "secret": {
+            "secretName": name, "items": [{"key": "FERRY_KEY", "path": "key"}], "defaultMode": 0o400
+        }}));
+    }
+    let mut spec = json!({
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 5,
+        "activeDeadlineSeconds": settings.timeout.as_secs().max(60),
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+        "containers": [{
+            "name": "mover",
+            "image": settings.image,
+            "imagePullPolicy": "IfNotPresent",
+            "args": args,
+            "env": env,
+            "volumeMounts": mounts,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            // Files of every owner are read and restored with their owners.
+            "securityContext": {"runAsUser": 0, "runAsGroup": 0}
+        }],
+        "volumes": volumes
+    });
+    if let Some(node) = &job.node {
+        spec["nodeName"] = json!(node);
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {LABEL_MOVER: job.label, "app.kubernetes.io/managed-by": "ferry"}
+        },
+        "spec": spec
+    })
+}
+
+async fn run_named(
+    client: &kube::Client,
+    settings: &MoverSettings,
+    job: &MoverJob<'_>,
+    name: &str,
+    pods: &Api<Pod>,
+    secrets: &Api<Secret>,
+) -> Result<Value, String> {
+    let _ = client;
+    let pod: Pod = serde_json::from_value(pod_spec(settings, job, name))
+        .map_err(|e| format!("mover Pod spec: {e}"))?;
+    let started = Instant::now();
+    // A namespace restored a moment ago may not have its default
+    // ServiceAccount yet; admission refuses Pods until it does.
+    let created = loop {
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(p) => break p,
+            Err(kube::Error::Api(e))
+                if e.code == 403
+                    && e.message.contains("serviceaccount")
+                    && started.elapsed() < settings.timeout =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("creating mover Pod {name}: {e}")),
+        }
+    };
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some(BTreeMap::from([(LABEL_MOVER.to_string(), job.label.to_string())])),
+            owner_references: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: name.to_string(),
+                    uid,
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        },
+        data: Some(
+            settings
+                .secret
+                .iter()
+                .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .map_err(|e| format!("creating the mover's Secret {name}: {e}"))?;
+    loop {
+        let pod = match pods.get_opt(name).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Err(format!("mover Pod {name} was deleted before it finished")),
+            Err(e) => return Err(format!("reading mover Pod {name}: {e}")),
+        };
+        let status = pod.status.unwrap_or_default();
+        let terminated = status
+            .container_statuses
+            .as_ref()
+            .and_then(|s| s.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.clone());
+        match status.phase.as_deref() {
+            Some("Succeeded") => {
+                let message = terminated.and_then(|t| t.message).unwrap_or_default();
+                return serde_json::from_str(&message).map_err(|e| {
+                    format!("mover Pod {name} succeeded but its result is unreadable ({e}): {message}")
+                });
+            }
+            Some("Failed") => {
+                let message = terminated
+                    .map(|t| {
+                        t.message
+                            .or(t.reason)
+                            .unwrap_or_else(|| format!("exit code {}", t.exit_code))
+                    })
+                    .or(status.message)
+                    .unwrap_or_else(|| "failed".into());
+                return Err(format!("mover Pod {name} failed: {}", message.trim()));
+            }
+            _ => {}
+        }
+        if started.elapsed() > settings.timeout {
+            let why = status
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| c.status != "True")
+                .filter_map(|c| c.message.map(|m| format!("{}: {m}", c.type_)))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(format!(
+                "mover Pod {name} did not finish within {} ({})",
+                humantime::format_duration(settings.timeout),
+                if why.is_empty() { "still running".to_string() } else { why }
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,124 @@
+//! Filling restored claims with their data before anything mounts them:
+//! the restore calls [`VolumeFiller`] after each wave, and a claim created
+//! in that wave gets a mover Pod that restores its volume from the
+//! repository. Workloads come in later waves, so they start on the data.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+
+use super::pods::{self, DATA, MoverJob};
+use super::{MoverSettings, VolumeEntry};
+use crate::cluster::Connection;
+use crate::model::ObjectRef;
+use crate::restore::{Action, AfterWave};
+
+pub struct VolumeFiller {
+    /// The snapshot's volumes.
+    pub entries: Vec<VolumeEntry>,
+    /// Source namespace → target namespace.
+    pub namespaces: BTreeMap<String, String>,
+    pub mover: Option<MoverSettings>,
+    /// Value of the mover label.
+    pub label: String,
+}
+
+impl VolumeFiller {
+    fn entry_for(&self, claim: &ObjectRef) -> Option<&VolumeEntry> {
+        let namespace = claim.namespace.as_deref()?;
+        self.entries.iter().find(|e| {
+            e.claim == claim.name
+                && self.namespaces.get(&e.namespace).unwrap_or(&e.namespace) == namespace
+        })
+    }
+
+    async fn fill(
+        &self,
+        conn: &Connection,
+        claim: &ObjectRef,
+        entry: &VolumeEntry,
+    ) -> Result<(), String> {
+        let namespace = claim.namespace.as_deref().unwrap_or_default();
+        let root = match (&entry.root, &entry.snapshot) {
+            (Some(root), _) => root,
+            (None, Some(kept)) => {
+                return Err(format!(
+                    "its data was backed up only as CSI snapshot {} (VolumeSnapshotContent {}) in cluster {}, not into the repository; back it up with --volume-method snapshot-move to restore it with ferry",
+                    kept.volume_snapshot, kept.content, kept.server
+                ));
+            }
+            (None, None) => return Ok(()),
+        };
+        let mover = self.mover.as_ref().ok_or_else(|| {
+            "no mover is configured to restore its data (the repository is not reachable from the cluster)".to_string()
+        })?;
+        if let Some(why) = &mover.unreachable {
+            return Err(format!("its data cannot be restored: {why}"));
+        }
+        let args: Vec<String> = ["volume", "restore", "-", DATA, "--root", &root.to_string(), "-o", "json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        pods::run(
+            &conn.client,
+            mover,
+            MoverJob {
+                namespace,
+                claim: &claim.name,
+                read_only: false,
+                node: None,
+                args,
+                label: &self.label,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl AfterWave for VolumeFiller {
+    async fn after_wave(
+        &self,
+        conn: &Connection,
+        written: &[(ObjectRef, Action)],
+    ) -> Result<Vec<String>, String> {
+        let mut warnings = Vec::new();
+        let mut to_fill: Vec<(ObjectRef, VolumeEntry)> = Vec::new();
+        for (object, action) in written {
+            if object.kind != "PersistentVolumeClaim" || !object.group.is_empty() {
+                continue;
+            }
+            let Some(entry) = self.entry_for(object) else {
+                continue;
+            };
+            if let Some(why) = &entry.skipped {
+                warnings.push(format!(
+                    "{object}: restored without data; its volume was not backed up ({why})"
+                ));
+                continue;
+            }
+            match action {
+                Action::Create | Action::Recreate => to_fill.push((object.clone(), entry.clone())),
+                _ => warnings.push(format!(
+                    "{object}: the claim exists in the target, so its data was not restored (delete it first, or restore with --existing recreate)"
+                )),
+            }
+        }
+        let concurrency = self.mover.as_ref().map_or(1, |m| m.concurrency.max(1));
+        let results: Vec<Result<(), String>> = futures::stream::iter(to_fill)
+            .map(|(object, entry)| async move {
+                self.fill(conn, &object, &entry)
+                    .await
+                    .map_err(|e| format!("volume data of {object}: {e}"))
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        if !failures.is_empty() {
+            return Err(failures.join("; "));
+        }
+        Ok(warnings)
+    }
+}

@@ -1,0 +1,174 @@
+//! Content-defined chunking of a stream with one reused buffer: the cut
+//! points depend on the content (FastCDC 2020), so an insertion early in a
+//! file moves only the chunks around it.
+
+use std::borrow::Cow;
+use std::io::Read;
+
+use fastcdc::v2020::{Normalization, cut_gear, get_gear_with_seed, select_masks};
+
+/// Chunks are at least this long, except the last of a file.
+pub const MIN_CHUNK: usize = 256 * 1024;
+/// The average chunk length the cut points aim at.
+pub const AVG_CHUNK: usize = 1024 * 1024;
+/// No chunk is longer.
+pub const MAX_CHUNK: usize = 4 * 1024 * 1024;
+
+pub struct Chunker {
+    gear: Cow<'static, [u64]>,
+    gear_ls: Cow<'static, [u64]>,
+    mask_s: u64,
+    mask_l: u64,
+    min: usize,
+    avg: usize,
+    max: usize,
+    buffer: Vec<u8>,
+}
+
+impl Chunker {
+    pub fn new(seed: u64) -> Self {
+        Self::with_sizes(seed, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+    }
+
+    pub fn with_sizes(seed: u64, min: usize, avg: usize, max: usize) -> Self {
+        let (gear, gear_ls) = get_gear_with_seed(seed);
+        let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
+        Chunker {
+            gear,
+            gear_ls,
+            mask_s,
+            mask_l,
+            min,
+            avg,
+            max,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// Cuts everything `source` yields into chunks, calling `each` with
+    /// every chunk in order. Returns the bytes read.
+    pub fn chunks<R: Read, E>(
+        &mut self,
+        mut source: R,
+        mut each: impl FnMut(&[u8]) -> Result<(), E>,
+        read_error: impl Fn(std::io::Error) -> E,
+    ) -> Result<u64, E> {
+        // Twice the largest chunk: a cut is always made in a full window.
+        let capacity = 2 * self.max;
+        if self.buffer.len() < capacity {
+            self.buffer.resize(capacity, 0);
+        }
+        let mut start = 0;
+        let mut end = 0;
+        let mut eof = false;
+        let mut total = 0u64;
+        loop {
+            if !eof && end - start < self.max {
+                if start > 0 {
+                    self.buffer.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                }
+                while end < capacity {
+                    match source.read(&mut self.buffer[end..]) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            end += n;
+                            total += n as u64;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(read_error(e)),
+                    }
+                }
+            }
+            if start == end {
+                return Ok(total);
+            }
+            let window = &self.buffer[start..end];
+            let (_, cut) = cut_gear(
+                window,
+                self.min,
+                self.avg,
+                self.max,
+                self.mask_s,
+                self.mask_l,
+                self.mask_s << 1,
+                self.mask_l << 1,
+                &self.gear,
+                &self.gear_ls,
+            );
+            let cut = if cut == 0 { window.len() } else { cut };
+            each(&window[..cut])?;
+            start += cut;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut(data: &[u8], seed: u64) -> Vec<Vec<u8>> {
+        let mut chunker = Chunker::with_sizes(seed, 1024, 4096, 16384);
+        let mut out = Vec::new();
+        chunker
+            .chunks(
+                data,
+                |c| {
+                    out.push(c.to_vec());
+                    Ok::<_, std::io::Error>(())
+                },
+                |e| e,
+            )
+            .unwrap();
+        out
+    }
+
+    fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_cover_the_input_in_order_within_the_size_bounds() {
+        let data = pseudo_random(300_000, 7);
+        let chunks = cut(&data, 1);
+        assert_eq!(chunks.concat(), data);
+        for c in &chunks[..chunks.len() - 1] {
+            assert!((1024..=16384).contains(&c.len()), "{}", c.len());
+        }
+        assert!(cut(&[], 1).is_empty());
+        assert_eq!(cut(b"tiny", 1), vec![b"tiny".to_vec()]);
+    }
+
+    #[test]
+    fn an_insertion_moves_only_the_chunks_around_it() {
+        let data = pseudo_random(400_000, 11);
+        let mut edited = data[..200_000].to_vec();
+        edited.extend_from_slice(b"inserted bytes");
+        edited.extend_from_slice(&data[200_000..]);
+        let before = cut(&data, 3);
+        let after = cut(&edited, 3);
+        let shared = after.iter().filter(|c| before.contains(c)).count();
+        assert!(
+            shared + 3 >= before.len(),
+            "{shared} of {} chunks survive an insertion",
+            before.len()
+        );
+    }
+
+    #[test]
+    fn the_seed_moves_the_cut_points() {
+        let data = pseudo_random(200_000, 5);
+        assert_ne!(cut(&data, 1), cut(&data, 2));
+    }
+}

@@ -1,0 +1,429 @@
+//! Restoring a volume snapshot into a directory: the entries first, then
+//! the file contents a batch of chunks at a time (read with few requests,
+//! written at their offsets, holes left as holes), then the metadata,
+//! directories last so that writing into them does not change their times.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::tree::{Node, NodeKind, Piece, Tree, VolumeRoot};
+use super::{VolumeError, VolumeProgress, read_trees};
+use crate::repo::{BlobId, Repository};
+
+/// Chunks read and written together: large enough for few requests, small
+/// enough to bound memory (two batches are in memory at once).
+const BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Zero blocks of this size inside chunks are not written.
+const HOLE_BLOCK: usize = 4096;
+
+#[derive(Debug, Clone, Default)]
+pub struct VolumeRestoreOptions {
+    /// Restore only this path of the volume (a directory or a file).
+    pub subpath: Option<PathBuf>,
+    /// Give files their stored owners (needs root; default when running as root).
+    pub owners: bool,
+    pub progress: Option<Arc<VolumeProgress>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub others: u64,
+    pub hard_links: u64,
+    pub bytes: u64,
+    pub chunks_read: u64,
+    pub duration_ms: u64,
+    /// Entries restored without some of their metadata, and why.
+    pub warnings: Vec<String>,
+}
+
+/// One entry to restore: its path relative to the target and its node.
+struct Item {
+    rel: PathBuf,
+    node: Node,
+}
+
+/// The entries under `subpath` (all of them by default), parents first,
+/// with paths relative to the subpath; and the node the target takes its
+/// own metadata from, if the subpath is a directory.
+fn select(
+    root: &VolumeRoot,
+    trees: &BTreeMap<PathBuf, Tree>,
+    subpath: Option<&Path>,
+) -> Result<(Vec<Item>, Option<Node>), VolumeError> {
+    let prefix: PathBuf = subpath
+        .map(|p| p.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect())
+        .unwrap_or_default();
+    let mut top = Some(root.top.clone());
+    if prefix.as_os_str().len() > 0 {
+        let parent = prefix.parent().unwrap_or(Path::new(""));
+        let name = prefix.file_name().expect("a normal component");
+        let node = trees
+            .get(parent)
+            .and_then(|t| t.entries.iter().find(|e| e.name.as_os_str() == name))
+            .ok_or_else(|| VolumeError::NoSuchPath {
+                path: Path::new("/").join(&prefix),
+            })?;
+        if node.kind != NodeKind::Dir {
+            return Ok((
+                vec![Item {
+                    rel: PathBuf::from(name),
+                    node: node.clone(),
+                }],
+                None,
+            ));
+        }
+        top = Some(node.clone());
+    }
+    let mut items = Vec::new();
+    let mut pending = vec![prefix.clone()];
+    while let Some(dir) = pending.pop() {
+        let Some(tree) = trees.get(&dir) else {
+            continue;
+        };
+        let rel_dir = dir.strip_prefix(&prefix).expect("under the prefix").to_path_buf();
+        // Reverse onto the stack so that directories come out in name order.
+        for node in tree.entries.iter().rev() {
+            if node.kind == NodeKind::Dir {
+                pending.push(dir.join(node.name.as_os_str()));
+            }
+        }
+        for node in &tree.entries {
+            items.push(Item {
+                rel: rel_dir.join(node.name.as_os_str()),
+                node: node.clone(),
+            });
+        }
+    }
+    // Parents before children: a path sorts after its parent.
+    items.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((items, top))
+}
+
+/// Restores the volume `root` (or a path of it) into `target`, which is
+/// created if needed. Existing files of the same names are overwritten;
+/// other files in `target` are left alone.
+pub async fn restore_dir(
+    repo: &Repository,
+    root: &VolumeRoot,
+    target: &Path,
+    options: VolumeRestoreOptions,
+) -> Result<RestoreStats, VolumeError> {
+    let started = Instant::now();
+    let trees = read_trees(repo, root.tree).await?;
+    let (items, top) = select(root, &trees, options.subpath.as_deref())?;
+    drop(trees);
+    let progress = options.progress.clone().unwrap_or_default();
+    progress.bytes_total.store(
+        items.iter().map(|i| i.node.size).sum(),
+        Ordering::Relaxed,
+    );
+    std::fs::create_dir_all(target).map_err(|e| VolumeError::io(target, e))?;
+    let items = Arc::new(items);
+    let (mut stats, linked) = {
+        let items = items.clone();
+        let target = target.to_path_buf();
+        tokio::task::spawn_blocking(move || create_entries(&target, &items))
+            .await
+            .expect("restore task")?
+    };
+    // The pieces to write, in file order: (item, offset, chunk).
+    let mut batches: Vec<Vec<(usize, u64, BlobId)>> = Vec::new();
+    let mut current = Vec::new();
+    let mut current_bytes = 0;
+    for (index, item) in items.iter().enumerate() {
+        if item.node.kind != NodeKind::File || linked.contains(&index) {
+            continue;
+        }
+        let mut offset = 0;
+        for piece in &item.node.content {
+            match piece {
+                Piece::Zeros(n) => offset += n,
+                Piece::Chunk(id) => {
+                    let length = repo.raw_length(id).unwrap_or(0) as u64;
+                    current.push((index, offset, *id));
+                    current_bytes += length;
+                    offset += length;
+                    if current_bytes >= BATCH_BYTES {
+                        batches.push(std::mem::take(&mut current));
+                        current_bytes = 0;
+                    }
+                }
+            }
+        }
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    let mut reads = futures::stream::iter(batches)
+        .map(|batch| async move {
+            let mut unique: Vec<BlobId> = batch.iter().map(|(_, _, id)| *id).collect();
+            unique.sort();
+            unique.dedup();
+            let data = repo.read_blobs(&unique).await;
+            (batch, unique, data)
+        })
+        .buffered(2);
+    while let Some((batch, unique, data)) = reads.next().await {
+        let mut chunks: HashMap<BlobId, Vec<u8>> = HashMap::with_capacity(unique.len());
+        for (id, result) in unique.into_iter().zip(data) {
+            match result {
+                Ok(bytes) => {
+                    chunks.insert(id, bytes);
+                }
+                Err(e) => {
+                    let (index, _, _) = batch
+                        .iter()
+                        .find(|(_, _, b)| *b == id)
+                        .expect("the batch names the chunk");
+                    return Err(VolumeError::Damaged {
+                        path: Path::new("/").join(&items[*index].rel),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        stats.chunks_read += chunks.len() as u64;
+        let items = items.clone();
+        let target = target.to_path_buf();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || write_batch(&target, &items, &batch, &chunks, &progress))
+            .await
+            .expect("write task")?;
+    }
+    let items_for_metadata = items.clone();
+    let target_for_metadata = target.to_path_buf();
+    let owners = options.owners;
+    let warnings = tokio::task::spawn_blocking(move || {
+        let mut warnings = Vec::new();
+        for item in items_for_metadata.iter().rev() {
+            let path = target_for_metadata.join(&item.rel);
+            apply_metadata(&path, &item.node, owners, &mut warnings);
+        }
+        if let Some(top) = &top {
+            apply_metadata(&target_for_metadata, top, owners, &mut warnings);
+        }
+        warnings
+    })
+    .await
+    .expect("metadata task");
+    stats.warnings.extend(warnings);
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    stats.bytes = items
+        .iter()
+        .filter(|i| i.node.kind == NodeKind::File)
+        .map(|i| i.node.size)
+        .sum();
+    Ok(stats)
+}
+
+fn c_path(path: &Path) -> Result<CString, VolumeError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|e| VolumeError::io(path, e))
+}
+
+/// Makes every entry: directories, empty files of the right length (holes
+/// until their chunks are written), links and special files. Returns the
+/// items made as hard links to an earlier file: they get no content of
+/// their own.
+fn create_entries(
+    target: &Path,
+    items: &[Item],
+) -> Result<(RestoreStats, HashSet<usize>), VolumeError> {
+    let mut stats = RestoreStats::default();
+    let mut first_of_inode: HashMap<u64, PathBuf> = HashMap::new();
+    let mut linked = HashSet::new();
+    for (index, item) in items.iter().enumerate() {
+        let path = target.join(&item.rel);
+        let node = &item.node;
+        match node.kind {
+            NodeKind::Dir => {
+                stats.dirs += 1;
+                match std::fs::create_dir(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+                    other => other.map_err(|e| VolumeError::io(&path, e))?,
+                }
+            }
+            NodeKind::File => {
+                stats.files += 1;
+                if node.links > 1 {
+                    if let Some(first) = first_of_inode.get(&node.inode) {
+                        remove_existing(&path)?;
+                        std::fs::hard_link(first, &path).map_err(|e| VolumeError::io(&path, e))?;
+                        stats.hard_links += 1;
+                        linked.insert(index);
+                        continue;
+                    }
+                    first_of_inode.insert(node.inode, path.clone());
+                }
+                remove_if_not_file(&path)?;
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(|e| VolumeError::io(&path, e))?;
+                file.set_len(node.size)
+                    .map_err(|e| VolumeError::io(&path, e))?;
+            }
+            NodeKind::Symlink => {
+                stats.others += 1;
+                remove_existing(&path)?;
+                let target = node
+                    .target
+                    .as_ref()
+                    .ok_or_else(|| VolumeError::io(&path, "a symbolic link without a target"))?;
+                std::os::unix::fs::symlink(target.as_os_str(), &path)
+                    .map_err(|e| VolumeError::io(&path, e))?;
+            }
+            NodeKind::Fifo | NodeKind::Char | NodeKind::Block => {
+                stats.others += 1;
+                remove_existing(&path)?;
+                let kind = match node.kind {
+                    NodeKind::Fifo => libc::S_IFIFO,
+                    NodeKind::Char => libc::S_IFCHR,
+                    _ => libc::S_IFBLK,
+                };
+                let c = c_path(&path)?;
+                // SAFETY: a valid NUL-terminated path; mknod reads nothing else.
+                let made = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, node.rdev as libc::dev_t) };
+                if made != 0 {
+                    stats.warnings.push(format!(
+                        "{}: not created: {}",
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            }
+            // A socket belongs to the process that listened on it.
+            NodeKind::Socket => stats.others += 1,
+        }
+    }
+    Ok((stats, linked))
+}
+
+fn remove_existing(path: &Path) -> Result<(), VolumeError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(VolumeError::io(path, "a directory is in the way")),
+        Ok(_) => std::fs::remove_file(path).map_err(|e| VolumeError::io(path, e)),
+        Err(_) => Ok(()),
+    }
+}
+
+fn remove_if_not_file(path: &Path) -> Result<(), VolumeError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => remove_existing(path),
+        Err(_) => Ok(()),
+    }
+}
+
+fn write_batch(
+    target: &Path,
+    items: &[Item],
+    batch: &[(usize, u64, BlobId)],
+    chunks: &HashMap<BlobId, Vec<u8>>,
+    progress: &VolumeProgress,
+) -> Result<(), VolumeError> {
+    let mut open: Option<(usize, std::fs::File)> = None;
+    for (index, offset, id) in batch {
+        let path = target.join(&items[*index].rel);
+        if open.as_ref().map(|(i, _)| i) != Some(index) {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| VolumeError::io(&path, e))?;
+            open = Some((*index, file));
+        }
+        let (_, file) = open.as_ref().expect("opened above");
+        let data = &chunks[id];
+        // Blocks of zeros inside a chunk stay holes, as they were in a
+        // sparse file (the file was created at its full length).
+        for (i, block) in data.chunks(HOLE_BLOCK).enumerate() {
+            if block[0] == 0 && block.iter().all(|b| *b == 0) {
+                continue;
+            }
+            file.write_all_at(block, offset + (i * HOLE_BLOCK) as u64)
+                .map_err(|e| VolumeError::io(&path, e))?;
+        }
+        progress
+            .bytes_done
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Owner, mode, extended attributes and times, in that order (changing the
+/// owner clears setuid bits; the times go last because the others change
+/// the change time only).
+fn apply_metadata(path: &Path, node: &Node, owners: bool, warnings: &mut Vec<String>) {
+    let Ok(c) = c_path(path) else { return };
+    if owners {
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::lchown(c.as_ptr(), node.uid, node.gid) } != 0 {
+            warnings.push(format!(
+                "{}: owner {}:{} not set: {}",
+                path.display(),
+                node.uid,
+                node.gid,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    if node.kind != NodeKind::Symlink {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) =
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode))
+        {
+            warnings.push(format!("{}: mode not set: {e}", path.display()));
+        }
+        for (name, value) in &node.xattrs {
+            let Ok(value) = hex::decode(value) else { continue };
+            if let Err(e) = xattr::set(path, name.as_os_str(), &value) {
+                warnings.push(format!(
+                    "{}: extended attribute {name} not set: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    let times = [
+        // Access times are not stored: left as they are.
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: node.mtime.0 as libc::time_t,
+            tv_nsec: node.mtime.1 as libc::c_long,
+        },
+    ];
+    // SAFETY: a valid path and two timespecs, as utimensat requires.
+    let set = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if set != 0 {
+        warnings.push(format!(
+            "{}: times not set: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+}

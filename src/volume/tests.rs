@@ -1,0 +1,282 @@
+//! The data mover on real directories and a local repository.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+use crate::repo::{Backend, KeySource, LocalBackend, RepoLock};
+
+async fn new_repo(dir: &Path) -> Repository {
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.join("repo")));
+    Repository::init(backend, &KeySource::Password("pw".to_string().into()))
+        .await
+        .unwrap()
+}
+
+fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A directory with every kind of entry the mover keeps.
+fn fixture(root: &Path) {
+    std::fs::create_dir_all(root.join("nested/deeper")).unwrap();
+    std::fs::write(root.join("small.txt"), b"hello volume\n").unwrap();
+    std::fs::write(root.join("empty"), b"").unwrap();
+    std::fs::write(root.join("nested/random.bin"), pseudo_random(3_000_000, 1)).unwrap();
+    let text: Vec<u8> = b"a compressible line of text\n".repeat(100_000);
+    std::fs::write(root.join("nested/deeper/text.log"), &text).unwrap();
+    // Sparse: a hole, some data, a hole.
+    let sparse = std::fs::File::create(root.join("sparse.img")).unwrap();
+    sparse.set_len(64 * 1024 * 1024).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"middle", 32 * 1024 * 1024).unwrap();
+    std::fs::hard_link(root.join("small.txt"), root.join("nested/hard-link.txt")).unwrap();
+    std::os::unix::fs::symlink("../small.txt", root.join("nested/link")).unwrap();
+    let odd = root.join(OsString::from_vec(b"caf\xe9".to_vec()));
+    std::fs::write(&odd, b"latin-1 name").unwrap();
+    std::fs::set_permissions(
+        root.join("nested/deeper"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    std::fs::set_permissions(root.join("small.txt"), std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    let _ = xattr::set(root.join("small.txt"), "user.origin", b"test");
+}
+
+async fn backup(
+    repo: &Repository,
+    lock: &RepoLock,
+    dir: &Path,
+    parent: Option<VolumeRoot>,
+) -> VolumeBackup {
+    backup_dir(
+        repo,
+        lock,
+        dir,
+        VolumeBackupOptions {
+            source: "test".into(),
+            parent,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Every entry under `root` with what the mover promises to keep.
+fn listing(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let content = if m.is_file() {
+                blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string()
+            } else if m.is_symlink() {
+                std::fs::read_link(&path).unwrap().display().to_string()
+            } else {
+                String::new()
+            };
+            if m.is_dir() {
+                pending.push(path.clone());
+            }
+            let xattrs: Vec<_> = if m.is_symlink() {
+                Vec::new()
+            } else {
+                xattr::list(&path).map(|l| l.collect()).unwrap_or_default()
+            };
+            out.push(format!(
+                "{rel:?} mode={:o} uid={} size={} mtime={}.{} links={} {content} {xattrs:?}",
+                m.mode(),
+                m.uid(),
+                m.size(),
+                m.mtime(),
+                if m.is_symlink() { 0 } else { m.mtime_nsec() },
+                m.nlink(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_directory_comes_back_with_its_content_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    assert_eq!(done.root.stats.files, 7, "{:?}", done.root.stats);
+    assert_eq!(done.root.stats.others, 1, "the symlink");
+    // The hard link's content is read once.
+    assert_eq!(done.root.stats.files_read, 5, "{:?}", done.root.stats);
+    let target = dir.path().join("restored");
+    let stats = restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    assert!(stats.warnings.is_empty(), "{:?}", stats.warnings);
+    assert_eq!(stats.hard_links, 1);
+    assert_eq!(listing(&target), listing(&source));
+    let sparse = std::fs::metadata(target.join("sparse.img")).unwrap();
+    assert!(
+        sparse.blocks() * 512 < 1024 * 1024,
+        "a sparse file stays sparse: {} blocks",
+        sparse.blocks()
+    );
+    // One file of the snapshot alone.
+    let one = dir.path().join("one");
+    restore_dir(
+        &repo,
+        &done.root,
+        &one,
+        VolumeRestoreOptions {
+            subpath: Some("/nested/deeper/text.log".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read(one.join("text.log")).unwrap(),
+        std::fs::read(source.join("nested/deeper/text.log")).unwrap()
+    );
+    let missing = restore_dir(
+        &repo,
+        &done.root,
+        &one,
+        VolumeRestoreOptions {
+            subpath: Some("/no/such".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(missing.to_string().contains("/no/such"), "{missing}");
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unchanged_tree_is_not_read_again_and_a_changed_file_stores_only_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let first = backup(&repo, &lock, &source, None).await;
+    let again = backup(&repo, &lock, &source, Some(first.root.clone())).await;
+    assert_eq!(again.root.stats.files_read, 0, "{:?}", again.root.stats);
+    assert_eq!(again.root.stats.files_unchanged, 7);
+    assert_eq!(again.root.tree, first.root.tree, "the same trees");
+    assert!(
+        again.write.bytes_stored < 4096,
+        "an unchanged backup stores its root only: {:?}",
+        again.write
+    );
+    // Append to the large random file: its first chunks stay the same.
+    let big = source.join("nested/random.bin");
+    let mut data = std::fs::read(&big).unwrap();
+    data.extend_from_slice(b"appended");
+    std::fs::write(&big, &data).unwrap();
+    let changed = backup(&repo, &lock, &source, Some(again.root.clone())).await;
+    let s = &changed.root.stats;
+    assert_eq!(s.files_read, 1, "{s:?}");
+    assert!(
+        s.chunks_new >= 1 && s.chunks_new < 3 && s.chunks_deduplicated >= 1,
+        "only the changed chunk is new: {s:?}"
+    );
+    assert!(
+        changed.write.bytes_stored < 1_500_000,
+        "{:?}",
+        changed.write
+    );
+    let target = dir.path().join("restored");
+    restore_dir(&repo, &changed.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(listing(&target), listing(&source));
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_fails_the_restore_and_verify_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    // The chunk of text.log: compressible, so alone in its bytes.
+    let trees = read_trees(&repo, done.root.tree).await.unwrap();
+    let text = trees[Path::new("nested/deeper")]
+        .entries
+        .iter()
+        .find(|e| e.name.0 == "text.log")
+        .unwrap();
+    let Piece::Chunk(chunk) = text.content[0] else {
+        panic!("a chunk")
+    };
+    lock.release().await.unwrap();
+    // Flip a byte of the chunk where its pack stores it.
+    let (pack, offset) = repo.blob_position(&chunk).unwrap();
+    let pack_name = repo.pack_name(pack);
+    let path = dir
+        .path()
+        .join("repo/data")
+        .join(&pack_name[..2])
+        .join(&pack_name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset as usize + 40] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let lock = repo.lock_shared().await.unwrap();
+    let target = dir.path().join("restored");
+    let error = restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, VolumeError::Damaged { path, .. } if path == Path::new("/nested/deeper/text.log")),
+        "{error}"
+    );
+    let report = repo.verify(true).await.unwrap();
+    let damaged: HashSet<BlobId> = report.problems().filter_map(|d| d.blob().copied()).collect();
+    assert!(damaged.contains(&chunk));
+    let named = locate(&repo, &done.root, &damaged).await;
+    assert_eq!(
+        named,
+        vec![DamagedPath {
+            path: "/nested/deeper/text.log".into(),
+            blob: chunk
+        }]
+    );
+    lock.release().await.unwrap();
+}
+
+#[test]
+fn raw_zstd_frames_decode_with_any_zstd_decoder() {
+    for len in [0, 1, 128 * 1024, 128 * 1024 + 1, 1_000_000] {
+        let data = pseudo_random(len, len as u64 + 1);
+        let frame = crate::repo::zstd_raw_frame(&data);
+        assert_eq!(zstd::decode_all(&frame[..]).unwrap(), data, "{len} bytes");
+        assert_eq!(zstd::bulk::decompress(&frame, len).unwrap(), data);
+    }
+    let text = b"compressible ".repeat(50_000);
+    assert!(crate::repo::compress_chunk(&text).len() < text.len() / 10);
+    let random = pseudo_random(1 << 20, 9);
+    assert!(crate::repo::compress_chunk(&random).len() <= random.len() + 64);
+}

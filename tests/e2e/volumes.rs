@@ -1,0 +1,483 @@
+//! Volume data on the test nodes: backups of PersistentVolumeClaims by
+//! snapshot-move and copy, hooks, incremental moves, restores that fill the
+//! claims before the workloads start (same namespace, another namespace,
+//! another cluster with another storage class), damaged data and a mover
+//! killed mid-copy. Every test needs clusters with nodes (`node`, `node2`).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, LogParams};
+use serde_json::{Value, json};
+
+use crate::node::{POD_TIMEOUT, namespace_for_pods, pod_ready};
+use crate::support::{
+    ClusterInfo, NodeInfo, apply_manifests, env, eventually, ferry, fresh_bucket, with_s3,
+};
+
+/// The container script: report whether the volume already holds data
+/// (FOUND: restored before the workload started) or is new (FRESH, then
+/// write it), then a checksum of the data and the file names.
+const SCRIPT: &str = "if [ -f /data/ready ]; then echo FOUND; else echo FRESH; \
+head -c 600000 /dev/urandom > /data/blob; echo hello > /data/hello; mkdir -p /data/sub; \
+echo nested > /data/sub/file; ln -s hello /data/link; touch /data/ready; fi; \
+echo SUMS $(cat /data/blob /data/hello /data/sub/file | md5sum); echo FILES $(ls /data); \
+exec sleep 3600";
+
+fn pod_template(node: &NodeInfo, app: &str, claim_volume: Value, annotations: Value) -> Value {
+    json!({
+        "metadata": {"labels": {"app": app}, "annotations": annotations},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main", "image": node.images["busybox"], "imagePullPolicy": "Never",
+                "command": ["sh", "-c", SCRIPT],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+            }],
+            "volumes": claim_volume
+        }
+    })
+}
+
+/// A StatefulSet `db` (claim template `data`, snapshot-move by default, a
+/// pre-backup hook writing /data/hooked) and a Deployment `files` with the
+/// claim `files` (annotated for copy).
+async fn stateful_app(client: &kube::Client, node: &NodeInfo, ns: &str, files_annotations: Value) {
+    let statefulset = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": ns},
+        "spec": {
+            "serviceName": "db", "replicas": 1,
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": pod_template(node, "db", json!([]), json!({
+                "pre.hook.backup.ferry.dev/command": r#"["/bin/sh", "-c", "echo quiesced > /data/hooked"]"#
+            })),
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                         "resources": {"requests": {"storage": "64Mi"}}}
+            }]
+        }
+    });
+    files_deployment(client, node, ns, files_annotations, json!({"backup.ferry.dev/volume-method": "copy"})).await;
+    apply_manifests(client, &serde_yaml_ng::to_string(&statefulset).unwrap()).await;
+}
+
+async fn files_deployment(
+    client: &kube::Client,
+    node: &NodeInfo,
+    ns: &str,
+    pod_annotations: Value,
+    claim_annotations: Value,
+) {
+    let claim = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "files", "namespace": ns, "annotations": claim_annotations},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                 "resources": {"requests": {"storage": "64Mi"}}}
+    });
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "files", "namespace": ns},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "files"}},
+            "template": pod_template(node, "files",
+                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "files"}}]),
+                pod_annotations)
+        }
+    });
+    let yaml = format!(
+        "{}---\n{}",
+        serde_yaml_ng::to_string(&claim).unwrap(),
+        serde_yaml_ng::to_string(&deployment).unwrap()
+    );
+    apply_manifests(client, &yaml).await;
+}
+
+/// The running Pod of `app` once Ready, and the lines its script printed.
+async fn app_output(client: &kube::Client, ns: &str, app: &str) -> (String, String) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let name = eventually(&format!("a Pod of {ns}/{app}"), POD_TIMEOUT, || async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .ok()?;
+        list.items
+            .into_iter()
+            .find(|p| p.metadata.deletion_timestamp.is_none())
+            .and_then(|p| p.metadata.name)
+    })
+    .await;
+    pod_ready(&pods, &name).await;
+    let logs = eventually(&format!("the output of {ns}/{name}"), POD_TIMEOUT, || async {
+        let logs = pods.logs(&name, &LogParams::default()).await.ok()?;
+        logs.contains("FILES").then_some(logs)
+    })
+    .await;
+    (name, logs)
+}
+
+fn line<'a>(logs: &'a str, prefix: &str) -> &'a str {
+    logs.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} line in: {logs}"))
+}
+
+struct Repo {
+    url: String,
+    node_endpoint: String,
+    image: String,
+}
+
+impl Repo {
+    async fn new(node: &NodeInfo, prefix: &str) -> Self {
+        let bucket = fresh_bucket(prefix).await;
+        let repo = Repo {
+            url: format!("s3://{bucket}/repo"),
+            node_endpoint: node.s3_endpoint.clone(),
+            image: node.images["ferry"].clone(),
+        };
+        let out = with_s3(&mut ferry(&env().primary().kubeconfig))
+            .args(["repo", "init", "--repo", &repo.url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        repo
+    }
+
+    /// `ferry ARGS --repo … -o json` against `cluster`, with the movers set up.
+    fn run(&self, cluster: &ClusterInfo, args: &[&str]) -> (bool, Value, String) {
+        let mut cmd = ferry(&cluster.kubeconfig);
+        with_s3(&mut cmd);
+        let out = cmd
+            .args(args)
+            .args(["--repo", &self.url, "--mover-image", &self.image])
+            .args(["--mover-s3-endpoint", &self.node_endpoint, "--mover-timeout", "3m"])
+            .args(["-o", "json"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success(), value, stderr)
+    }
+
+    fn plain(&self, cluster: &ClusterInfo, args: &[&str]) -> (bool, String) {
+        let mut cmd = ferry(&cluster.kubeconfig);
+        with_s3(&mut cmd);
+        let out = cmd.args(args).args(["--repo", &self.url]).output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+fn volume<'a>(report: &'a Value, claim: &str) -> &'a Value {
+    report["report"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|e| e["claim"] == claim))
+        .unwrap_or_else(|| panic!("no volume {claim} in the report: {report}"))
+}
+
+async fn delete_namespace(client: &kube::Client, ns: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    eventually(&format!("namespace {ns} to be gone"), Duration::from_secs(180), || async {
+        matches!(namespaces.get_opt(ns).await, Ok(None)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_and_in_another_cluster() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-app").await;
+    stateful_app(&client, node, &ns.name, json!({})).await;
+    let (_, db_before) = app_output(&client, &ns.name, "db").await;
+    let (_, files_before) = app_output(&client, &ns.name, "files").await;
+    assert!(db_before.contains("FRESH") && files_before.contains("FRESH"));
+    let repo = Repo::new(node, "vol-app").await;
+
+    let (ok, first, stderr) = repo.run(cluster, &["backup", "create", "first", "-n", &ns.name]);
+    assert!(ok, "backup with volumes: {stderr}");
+    let db = volume(&first, "data-db-0");
+    assert_eq!(db["method"], "snapshot-move", "{db}");
+    assert!(db["root"].is_string() && db["stats"]["files"].as_u64() >= Some(5), "{db}");
+    let files = volume(&first, "files");
+    assert_eq!(files["method"], "copy", "{files}");
+
+    // Unchanged: nothing is read again. One changed file: only it is read.
+    let (ok, again, stderr) = repo.run(cluster, &["backup", "create", "again", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+    let unchanged = &volume(&again, "files")["stats"];
+    assert_eq!(unchanged["filesRead"], 0, "{unchanged}");
+    assert_eq!(unchanged["chunksNew"], 0, "{unchanged}");
+    let moved = &volume(&again, "data-db-0")["stats"];
+    assert!(
+        moved["filesRead"].as_u64() <= Some(1) && moved["chunksNew"].as_u64() <= Some(1),
+        "only the hook's file changed: {moved}"
+    );
+    let (files_pod, _) = app_output(&client, &ns.name, "files").await;
+    exec(&client, &ns.name, &files_pod, "echo more >> /data/sub/file").await;
+    let (ok, changed, stderr) = repo.run(cluster, &["backup", "create", "changed", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+    let one = &volume(&changed, "files")["stats"];
+    assert_eq!(one["filesRead"], 1, "{one}");
+    assert_eq!(one["chunksNew"], 1, "{one}");
+
+    // The namespace is lost; the restore brings back the first backup's
+    // bytes before the workloads start (they print FOUND, not FRESH).
+    delete_namespace(&client, &ns.name).await;
+    let (ok, restored, stderr) = repo.run(cluster, &["restore", "first"]);
+    assert!(ok, "restore with volumes: {stderr}\n{restored}");
+    let (_, db_after) = app_output(&client, &ns.name, "db").await;
+    let (_, files_after) = app_output(&client, &ns.name, "files").await;
+    assert!(db_after.contains("FOUND"), "{db_after}");
+    assert!(files_after.contains("FOUND"), "{files_after}");
+    assert_eq!(line(&db_after, "SUMS"), line(&db_before, "SUMS"));
+    assert_eq!(line(&files_after, "SUMS"), line(&files_before, "SUMS"));
+    assert!(line(&db_after, "FILES").contains("hooked"), "the pre-backup hook ran: {db_after}");
+    assert!(line(&db_after, "FILES").contains("link"), "{db_after}");
+
+    // A clone into another namespace of the same cluster.
+    let clone = format!("{}-clone", ns.name);
+    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
+    let mapping = format!("{}={clone}", ns.name);
+    let (ok, _, stderr) = repo.run(cluster, &["restore", "first", "--namespace-mapping", &mapping]);
+    assert!(ok, "restore into {clone}: {stderr}");
+    let (_, cloned) = app_output(&client, &clone, "files").await;
+    assert!(cloned.contains("FOUND"), "{cloned}");
+    assert_eq!(line(&cloned, "SUMS"), line(&files_before, "SUMS"));
+
+    // Another cluster, with the claims moved to another storage class.
+    let other = env().cluster("node2");
+    let other_node = other.node.as_ref().expect("node2 has a node");
+    let other_client = other.client().await;
+    let class = format!("{}-other", ns.name);
+    apply_manifests(
+        &other_client,
+        &format!(
+            "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: {class}}}\nprovisioner: {}\nvolumeBindingMode: WaitForFirstConsumer\n",
+            other_node.csi_driver
+        ),
+    )
+    .await;
+    let _other_ns = crate::support::TestNamespace::adopt(&other_client, &ns.name);
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.yaml");
+    std::fs::write(
+        &plan,
+        format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: TransformPlan\nmetadata: {{name: move}}\nspec:\n  steps:\n  - ruleSet: storage-class\n    params:\n      map: {{{}: {class}}}\n",
+            node.storage_class
+        ),
+    )
+    .unwrap();
+    let other_repo = Repo {
+        url: repo.url.clone(),
+        node_endpoint: other_node.s3_endpoint.clone(),
+        image: other_node.images["ferry"].clone(),
+    };
+    let (ok, _, stderr) =
+        other_repo.run(other, &["restore", "first", "--transform", plan.to_str().unwrap()]);
+    assert!(ok, "restore into node2: {stderr}");
+    let (_, moved_db) = app_output(&other_client, &ns.name, "db").await;
+    assert!(moved_db.contains("FOUND"), "{moved_db}");
+    assert_eq!(line(&moved_db, "SUMS"), line(&db_before, "SUMS"));
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(other_client.clone(), &ns.name);
+    let claim = claims.get("data-db-0").await.unwrap();
+    assert_eq!(
+        claim.spec.unwrap().storage_class_name.as_deref(),
+        Some(class.as_str())
+    );
+}
+
+/// Runs `script` in the Pod's container through the API server.
+async fn exec(client: &kube::Client, ns: &str, pod: &str, script: &str) {
+    use tokio::io::AsyncReadExt;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut process = pods
+        .exec(
+            pod,
+            ["sh", "-c", script],
+            &kube::api::AttachParams::default().stderr(false),
+        )
+        .await
+        .unwrap();
+    let mut out = String::new();
+    process
+        .stdout()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    let status = process.take_status().unwrap().await.unwrap();
+    assert_eq!(status.status.as_deref(), Some("Success"), "{script}: {out}");
+}
+
+#[tokio::test]
+async fn node_a_failing_pre_backup_hook_fails_the_backup_with_its_output() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-hook").await;
+    files_deployment(
+        &client,
+        node,
+        &ns.name,
+        json!({"pre.hook.backup.velero.io/command": r#"["/bin/sh", "-c", "echo cannot-flush; exit 3"]"#}),
+        json!({}),
+    )
+    .await;
+    app_output(&client, &ns.name, "files").await;
+    let repo = Repo::new(node, "vol-hook").await;
+    let (ok, _, stderr) = repo.run(cluster, &["backup", "create", "hooked", "-n", &ns.name]);
+    assert!(!ok, "a failing hook with on-error Fail fails the backup");
+    assert!(
+        stderr.contains("cannot-flush") && stderr.contains("pre.hook.backup.velero.io"),
+        "the hook's output and its annotation are named: {stderr}"
+    );
+    let (_, listed) = repo.plain(cluster, &["backup", "list"]);
+    assert!(!listed.contains("hooked"), "no snapshot was written: {listed}");
+}
+
+#[tokio::test]
+async fn node_damaged_volume_data_is_named_by_file_and_the_workload_is_not_restored() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-damage").await;
+    files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+    app_output(&client, &ns.name, "files").await;
+    let repo = Repo::new(node, "vol-damage").await;
+    let (ok, _, stderr) = repo.run(cluster, &["backup", "create", "one", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+    // The mover's pack is the largest (600 KB of random data); its first
+    // bytes are a chunk of a file (trees and roots are stored after them).
+    let s3 = crate::support::s3_client().await;
+    let bucket = repo.url.trim_start_matches("s3://").split('/').next().unwrap();
+    let listed = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix("repo/data/")
+        .send()
+        .await
+        .unwrap();
+    let largest = listed
+        .contents()
+        .iter()
+        .max_by_key(|o| o.size().unwrap_or(0))
+        .and_then(|o| o.key())
+        .unwrap()
+        .to_string();
+    let body = s3.get_object().bucket(bucket).key(&largest).send().await.unwrap();
+    let mut bytes = body.body.collect().await.unwrap().into_bytes().to_vec();
+    bytes[100] ^= 0xff;
+    s3.put_object()
+        .bucket(bucket)
+        .key(&largest)
+        .body(bytes.into())
+        .send()
+        .await
+        .unwrap();
+
+    let (ok, verified) = repo.plain(cluster, &["backup", "verify", "--read-data"]);
+    assert!(!ok, "verify finds the damage: {verified}");
+    assert!(
+        verified.contains(&format!("volume {}/files in snapshot one", ns.name))
+            && (verified.contains("/blob") || verified.contains("/hello")),
+        "verify names the volume and the file: {verified}"
+    );
+
+    delete_namespace(&client, &ns.name).await;
+    let _recreated = crate::support::TestNamespace::adopt(&client, &ns.name);
+    let (ok, report, stderr) = repo.run(cluster, &["restore", "one"]);
+    assert!(!ok, "the restore fails: {report}");
+    let text = format!("{report}{stderr}");
+    assert!(
+        text.contains(&format!("{}/files", ns.name)) && text.contains("damaged"),
+        "the failure names the volume and the damage: {text}"
+    );
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), &ns.name);
+    assert!(
+        deployments.get_opt("files").await.unwrap().is_none(),
+        "the workload is not created on partial data"
+    );
+}
+
+#[tokio::test]
+async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository_valid() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-kill").await;
+    files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+    let (pod, _) = app_output(&client, &ns.name, "files").await;
+    // More than one pack (8 MiB) of data.
+    exec(&client, &ns.name, &pod, "head -c 12000000 /dev/urandom > /data/big").await;
+    let repo = Repo::new(node, "vol-kill").await;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+    let s3 = &env().s3;
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/tmp")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("FERRY_PASSWORD", "correct horse battery staple")
+        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+        .env("AWS_REGION", &s3.region)
+        .env("FERRY_S3_ENDPOINT", &s3.endpoint)
+        // The mover stops after its first pack is stored.
+        .env("FERRY_FAILPOINTS", "volume-after-first-pack")
+        .args(["backup", "create", "killed", "-n", &ns.name, "--repo", &repo.url])
+        .args(["--mover-image", &repo.image, "--mover-s3-endpoint", &repo.node_endpoint])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let mover = eventually("the mover to stop at its failure point", POD_TIMEOUT, || async {
+        let list = pods
+            .list(&ListParams::default().labels("ferry.dev/mover=killed"))
+            .await
+            .ok()?;
+        for p in list.items {
+            let name = p.metadata.name?;
+            let logs = pods.logs(&name, &LogParams::default()).await.unwrap_or_default();
+            if logs.contains("failpoint volume-after-first-pack reached") {
+                return Some(name);
+            }
+        }
+        None
+    })
+    .await;
+    pods.delete(
+        &mover,
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the backup fails: {stderr}");
+    assert!(
+        stderr.contains(&format!("{}/files", ns.name)) && stderr.contains("no snapshot was written"),
+        "{stderr}"
+    );
+    let (_, listed) = repo.plain(cluster, &["backup", "list"]);
+    assert!(!listed.contains("killed"), "{listed}");
+    let (ok, verified) = repo.plain(cluster, &["backup", "verify", "--read-data"]);
+    assert!(ok, "the repository stays valid: {verified}");
+    // The next backup completes.
+    let (ok, _, stderr) = repo.run(cluster, &["backup", "create", "retried", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+}
