@@ -453,19 +453,26 @@ pub async fn run(
                 repo.reload_index().await?;
             }
             for volume in &report.volumes {
-                let Some(root_blob) = volume.root else { continue };
+                let Some(root_blob) = volume.root else {
+                    continue;
+                };
                 let root = crate::volume::read_root(repo, &root_blob)
                     .await
-                    .map_err(|e| BackupError::Writer(format!(
-                        "volume {}/{}: the mover's data is unreadable: {e}",
-                        volume.namespace, volume.claim
-                    )))?;
+                    .map_err(|e| {
+                        BackupError::Writer(format!(
+                            "volume {}/{}: the mover's data is unreadable: {e}",
+                            volume.namespace, volume.claim
+                        ))
+                    })?;
                 let refs = repo.read_blob(&root.refs).await?;
                 volume_blobs.push(root_blob);
                 volume_blobs.push(root.refs);
                 volume_blobs.extend(crate::repo::decode_refs(&refs).map_err(|message| {
                     RepoError::Corrupt {
-                        what: format!("reference list of volume {}/{}", volume.namespace, volume.claim),
+                        what: format!(
+                            "reference list of volume {}/{}",
+                            volume.namespace, volume.claim
+                        ),
                         message,
                     }
                 })?);
@@ -522,11 +529,18 @@ pub async fn run(
         format: SNAPSHOT_FORMAT,
         // A reader that does not know volume data would restore empty
         // claims: such snapshots need this format.
-        readable_by: Some(if content.report.volumes.iter().any(|v| v.root.is_some() || v.snapshot.is_some()) {
-            SNAPSHOT_FORMAT
-        } else {
-            1
-        }),
+        readable_by: Some(
+            if content
+                .report
+                .volumes
+                .iter()
+                .any(|v| v.root.is_some() || v.snapshot.is_some())
+            {
+                SNAPSHOT_FORMAT
+            } else {
+                1
+            },
+        ),
         name: content.name.clone(),
         source: content.source.clone(),
         selection: content.selection.clone(),
@@ -601,7 +615,9 @@ async fn previous_volumes(
             .report
             .volumes
             .into_iter()
-            .filter(|v| v.root.is_some() && claims.contains(&(v.namespace.clone(), v.claim.clone())))
+            .filter(|v| {
+                v.root.is_some() && claims.contains(&(v.namespace.clone(), v.claim.clone()))
+            })
             .collect();
         if !volumes.is_empty() {
             return volumes;
@@ -1122,12 +1138,18 @@ async fn verify_locked(
     if read_data {
         let report = repo.verify(true).await?;
         // Volume data: name the files and directories that use a damaged blob.
-        let damaged: std::collections::HashSet<BlobId> =
-            report.problems().filter_map(|d| d.blob().copied()).collect();
+        let damaged: std::collections::HashSet<BlobId> = report
+            .problems()
+            .filter_map(|d| d.blob().copied())
+            .collect();
         if !damaged.is_empty() {
             for (_, snapshot) in &snapshots {
-                let volumes: Vec<(String, BlobId)> = if crate::volume::is_volume_snapshot(snapshot) {
-                    vec![(format!("volume snapshot {}", snapshot.name), snapshot.content)]
+                let volumes: Vec<(String, BlobId)> = if crate::volume::is_volume_snapshot(snapshot)
+                {
+                    vec![(
+                        format!("volume snapshot {}", snapshot.name),
+                        snapshot.content,
+                    )]
                 } else {
                     match crate::snapshot::load_report(repo, snapshot).await {
                         Ok(r) => r
@@ -1135,7 +1157,10 @@ async fn verify_locked(
                             .iter()
                             .filter_map(|v| {
                                 Some((
-                                    format!("volume {}/{} in snapshot {}", v.namespace, v.claim, snapshot.name),
+                                    format!(
+                                        "volume {}/{} in snapshot {}",
+                                        v.namespace, v.claim, snapshot.name
+                                    ),
                                     v.root?,
                                 ))
                             })
@@ -1145,11 +1170,15 @@ async fn verify_locked(
                 };
                 for (what, root_blob) in volumes {
                     if damaged.contains(&root_blob) {
-                        outcome.problems.push(format!("{what}: its root is damaged"));
+                        outcome
+                            .problems
+                            .push(format!("{what}: its root is damaged"));
                         continue;
                     }
                     let Ok(root) = crate::volume::read_root(repo, &root_blob).await else {
-                        outcome.problems.push(format!("{what}: its root is unreadable"));
+                        outcome
+                            .problems
+                            .push(format!("{what}: its root is unreadable"));
                         continue;
                     };
                     for found in crate::volume::locate(repo, &root, &damaged).await {
@@ -1203,8 +1232,8 @@ pub async fn apply_retention(
         let expired = snapshot.expires.as_ref().is_some_and(|e| *e <= now);
         // Keep-last counts application snapshots; `ferry volume backup`
         // snapshots are kept apart.
-        let beyond = !crate::volume::is_volume_snapshot(&snapshot)
-            && keep_last.is_some_and(|n| kept >= n);
+        let beyond =
+            !crate::volume::is_volume_snapshot(&snapshot) && keep_last.is_some_and(|n| kept >= n);
         if expired || beyond {
             if !dry_run {
                 repo.delete_snapshot(&id).await?;

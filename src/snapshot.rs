@@ -121,7 +121,10 @@ pub async fn open_snapshot(
 }
 
 /// A snapshot's report alone (counts, warnings, volumes): its root blob.
-pub async fn load_report(repo: &Repository, snapshot: &Snapshot) -> Result<BackupReport, RepoError> {
+pub async fn load_report(
+    repo: &Repository,
+    snapshot: &Snapshot,
+) -> Result<BackupReport, RepoError> {
     let name = &snapshot.name;
     let root: StoredContent = read_json(repo, &snapshot.content, || {
         format!("content of snapshot {name}")
@@ -203,14 +206,14 @@ mod tests {
 
     #[test]
     fn a_newer_snapshot_with_an_unknown_section_is_read_without_it() {
-        let newer = root(json!({"format": 2, "readableBy": 1, "volumes": {"blob": "x"}}));
+        let newer = root(json!({"format": 3, "readableBy": 2, "media": {"blob": "x"}}));
         assert!(newer.check_readable().is_ok());
         assert!(root(json!({})).check_readable().is_ok());
     }
 
     #[test]
     fn a_snapshot_that_needs_a_newer_reader_is_refused_by_name() {
-        let message = root(json!({"format": 2}))
+        let message = root(json!({"format": 3}))
             .check_readable()
             .unwrap_err()
             .to_string();
@@ -219,7 +222,7 @@ mod tests {
             "{message}"
         );
         assert!(
-            root(json!({"format": 3, "readableBy": 2}))
+            root(json!({"format": 4, "readableBy": 3}))
                 .check_readable()
                 .is_err()
         );

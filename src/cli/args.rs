@@ -579,14 +579,16 @@ pub enum VolumeCommand {
     /// Back up a directory: files are cut into content-defined chunks,
     /// deduplicated against everything in the repository, compressed and
     /// encrypted; metadata (mode, owner, times, links, xattrs, holes) is kept.
-    #[command(after_help = "The newest volume snapshot of the same source (HOST:DIR unless \
+    #[command(
+        after_help = "The newest volume snapshot of the same source (HOST:DIR unless \
 --source says otherwise) is the parent: a file whose size, modification time, change time and \
 inode are unchanged since it is taken over without being read. --ignore-inode compares size \
 and modification time only, for directories that are fresh copies each time (a volume made \
 from a snapshot).\n\n\
 Examples:\n  \
   ferry volume backup /var/lib/postgresql --repo /backups\n  \
-  ferry volume backup /data --repo s3://bucket/ferry --name data-nightly -o json")]
+  ferry volume backup /data --repo s3://bucket/ferry --name data-nightly -o json"
+    )]
     Backup {
         /// The directory to back up.
         dir: std::path::PathBuf,
@@ -624,12 +626,14 @@ Examples:\n  \
         output: OutputFormat,
     },
     /// Restore a volume snapshot (or one path of it) into a directory.
-    #[command(after_help = "SNAPSHOT:PATH restores one directory or file of the snapshot. \
+    #[command(
+        after_help = "SNAPSHOT:PATH restores one directory or file of the snapshot. \
 Existing files of the same names in DIR are replaced; other files are left alone. Owners are \
 restored when running as root.\n\n\
 Examples:\n  \
   ferry volume restore data-nightly /restore/data\n  \
-  ferry volume restore data-nightly:/etc/app/config.yaml /tmp/config")]
+  ferry volume restore data-nightly:/etc/app/config.yaml /tmp/config"
+    )]
     Restore {
         /// Snapshot name or id, optionally followed by :PATH.
         snapshot: String,

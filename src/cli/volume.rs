@@ -156,7 +156,11 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 writeln!(
                     w,
                     "{} {}: {} files, {} dirs, {} in {:.1}s ({} files read, {} unchanged; {} new chunks, {} stored)",
-                    if out.snapshot.is_some() { "snapshot" } else { "volume root" },
+                    if out.snapshot.is_some() {
+                        "snapshot"
+                    } else {
+                        "volume root"
+                    },
                     out.snapshot.as_deref().unwrap_or(&out.root),
                     s.files,
                     s.dirs,
@@ -214,9 +218,8 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             }
             .await;
             lock.release().await?;
-            let stats = result.with_context(|| {
-                format!("restoring volume {snapshot} into {}", dir.display())
-            })?;
+            let stats = result
+                .with_context(|| format!("restoring volume {snapshot} into {}", dir.display()))?;
             for warning in &stats.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -309,7 +312,11 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                         ]
                     })
                     .collect();
-                table(w, &["ID", "NAME", "CREATED", "FILES", "SIZE", "SOURCE"], &cells)
+                table(
+                    w,
+                    &["ID", "NAME", "CREATED", "FILES", "SIZE", "SOURCE"],
+                    &cells,
+                )
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -80,7 +80,11 @@ pub async fn backup_volumes(
             continue;
         }
         let volume = match &spec.volume_name {
-            Some(v) => Api::<PersistentVolume>::all(client.clone()).get_opt(v).await?,
+            Some(v) => {
+                Api::<PersistentVolume>::all(client.clone())
+                    .get_opt(v)
+                    .await?
+            }
             None => None,
         };
         let driver = volume
@@ -101,7 +105,10 @@ pub async fn backup_volumes(
             Ok(m) => m,
             Err(why) => {
                 let why = match (&unreachable, chosen) {
-                    (Some(u), VolumeMethod::Copy | VolumeMethod::SnapshotMove | VolumeMethod::Auto) => {
+                    (
+                        Some(u),
+                        VolumeMethod::Copy | VolumeMethod::SnapshotMove | VolumeMethod::Auto,
+                    ) => {
                         format!("{why} ({u})")
                     }
                     _ => why,
@@ -123,7 +130,9 @@ pub async fn backup_volumes(
             continue;
         }
         if spec.volume_mode.as_deref() == Some("Block") && method != VolumeMethod::Snapshot {
-            let why = "a block-mode volume has no files to move; use --volume-method snapshot for it".to_string();
+            let why =
+                "a block-mode volume has no files to move; use --volume-method snapshot for it"
+                    .to_string();
             warnings.push(format!("volume {namespace}/{name} is not protected: {why}"));
             entries.push(skipped(VolumeMethod::Skip, class, why));
             continue;
@@ -159,11 +168,12 @@ pub async fn backup_volumes(
             }
             let pod_name = pod.metadata.name.clone().unwrap_or_default();
             let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-            let mut declared = hooks::hooks_of(&annotations).map_err(|message| MoverError::Hook {
-                pod: format!("{namespace}/{pod_name}"),
-                hook: "annotations".into(),
-                message,
-            })?;
+            let mut declared =
+                hooks::hooks_of(&annotations).map_err(|message| MoverError::Hook {
+                    pod: format!("{namespace}/{pod_name}"),
+                    hook: "annotations".into(),
+                    message,
+                })?;
             declared.extend(policy.extra_hooks.iter().cloned());
             if policy.hooks && !declared.is_empty() {
                 hooked.push((namespace.clone(), pod_name, declared));
@@ -181,20 +191,19 @@ pub async fn backup_volumes(
 
     run_hooks(client, &hooked, HookPhase::Pre, warnings).await?;
     // Snapshots and live copies happen while the application is quiesced.
-    let first: Vec<Result<(usize, Taken), MoverError>> = futures::stream::iter(
-        protected.iter().enumerate(),
-    )
-    .map(|(index, claim)| {
-        let mover = mover.as_ref();
-        let parents = &parents;
-        async move {
-            let taken = first_step(conn, claim, mover, parents, label).await;
-            taken.map(|t| (index, t))
-        }
-    })
-    .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
-    .collect()
-    .await;
+    let first: Vec<Result<(usize, Taken), MoverError>> =
+        futures::stream::iter(protected.iter().enumerate())
+            .map(|(index, claim)| {
+                let mover = mover.as_ref();
+                let parents = &parents;
+                async move {
+                    let taken = first_step(conn, claim, mover, parents, label).await;
+                    taken.map(|t| (index, t))
+                }
+            })
+            .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
+            .collect()
+            .await;
     // The application resumes even if a snapshot failed.
     let post = run_hooks(client, &hooked, HookPhase::Post, warnings).await;
     let mut taken: Vec<Option<Taken>> = (0..protected.len()).map(|_| None).collect();
@@ -217,20 +226,26 @@ pub async fn backup_volumes(
     }
     post?;
 
-    let moved: Vec<Result<VolumeEntry, MoverError>> = futures::stream::iter(
-        protected.iter().zip(taken),
-    )
-    .map(|(claim, taken)| {
-        let mover = mover.as_ref();
-        let parents = &parents;
-        async move {
-            second_step(conn, claim, taken.expect("every claim was taken"), mover, parents, label)
-                .await
-        }
-    })
-    .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
-    .collect()
-    .await;
+    let moved: Vec<Result<VolumeEntry, MoverError>> =
+        futures::stream::iter(protected.iter().zip(taken))
+            .map(|(claim, taken)| {
+                let mover = mover.as_ref();
+                let parents = &parents;
+                async move {
+                    second_step(
+                        conn,
+                        claim,
+                        taken.expect("every claim was taken"),
+                        mover,
+                        parents,
+                        label,
+                    )
+                    .await
+                }
+            })
+            .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
+            .collect()
+            .await;
     for entry in moved {
         entries.push(entry?);
     }
@@ -265,10 +280,12 @@ async fn chosen_method(
         claim.metadata.name.as_deref().unwrap_or_default()
     );
     let parse = |value: &str, on: &str| {
-        value.parse::<VolumeMethod>().map_err(|e| MoverError::Volume {
-            volume: name.clone(),
-            message: format!("annotation {ANNOTATION_METHOD} on {on}: {e}"),
-        })
+        value
+            .parse::<VolumeMethod>()
+            .map_err(|e| MoverError::Volume {
+                volume: name.clone(),
+                message: format!("annotation {ANNOTATION_METHOD} on {on}: {e}"),
+            })
     };
     if let Some(v) = claim
         .metadata
@@ -279,7 +296,9 @@ async fn chosen_method(
         return parse(v, "the claim");
     }
     if let Some(class) = class {
-        if let Some(sc) = Api::<StorageClass>::all(client.clone()).get_opt(class).await?
+        if let Some(sc) = Api::<StorageClass>::all(client.clone())
+            .get_opt(class)
+            .await?
             && let Some(v) = sc
                 .metadata
                 .annotations
@@ -337,7 +356,7 @@ async fn run_hooks(
 
 enum Taken {
     Snapshot(super::KeptSnapshot),
-    Copied(VolumeEntry),
+    Copied(Box<VolumeEntry>),
 }
 
 async fn first_step(
@@ -368,10 +387,19 @@ async fn first_step(
         }
         VolumeMethod::Copy => {
             let mover = mover.expect("copy needs a mover");
-            let entry = move_claim(conn, claim, &claim.name, claim.node.clone(), false, mover, parents, label)
-                .await
-                .map_err(fail)?;
-            Ok(Taken::Copied(entry))
+            let entry = move_claim(
+                conn,
+                claim,
+                &claim.name,
+                claim.node.clone(),
+                false,
+                mover,
+                parents,
+                label,
+            )
+            .await
+            .map_err(fail)?;
+            Ok(Taken::Copied(Box::new(entry)))
         }
         VolumeMethod::Auto | VolumeMethod::Skip => unreachable!("resolved before"),
     }
@@ -387,7 +415,7 @@ async fn second_step(
 ) -> Result<VolumeEntry, MoverError> {
     let fail = |m: String| MoverError::volume(&claim.namespace, &claim.name, m);
     let kept = match taken {
-        Taken::Copied(entry) => return Ok(entry),
+        Taken::Copied(entry) => return Ok(*entry),
         Taken::Snapshot(kept) => kept,
     };
     let (_, snapshot_name) = kept
@@ -396,7 +424,9 @@ async fn second_step(
         .expect("namespace/name");
     let snapshot_name = snapshot_name.to_string();
     if claim.method == VolumeMethod::Snapshot {
-        csi::retain(&conn.client, &kept.content).await.map_err(fail)?;
+        csi::retain(&conn.client, &kept.content)
+            .await
+            .map_err(fail)?;
         return Ok(VolumeEntry {
             namespace: claim.namespace.clone(),
             claim: claim.name.clone(),
@@ -432,7 +462,10 @@ async fn second_step(
 }
 
 fn class_of(claim: &PersistentVolumeClaim) -> Option<String> {
-    claim.spec.as_ref().and_then(|s| s.storage_class_name.clone())
+    claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
 }
 
 /// Runs a mover Pod over `mount` (the claim itself, or a claim made from
@@ -509,8 +542,16 @@ mod tests {
         assert_eq!(resolve(Auto, true, false), Ok(Snapshot));
         assert_eq!(resolve(Auto, false, true), Ok(Copy));
         assert!(resolve(Auto, false, false).is_err());
-        assert!(resolve(SnapshotMove, false, true).unwrap_err().contains("VolumeSnapshotClass"));
-        assert!(resolve(Copy, true, false).unwrap_err().contains("cannot reach"));
+        assert!(
+            resolve(SnapshotMove, false, true)
+                .unwrap_err()
+                .contains("VolumeSnapshotClass")
+        );
+        assert!(
+            resolve(Copy, true, false)
+                .unwrap_err()
+                .contains("cannot reach")
+        );
         assert_eq!(resolve(Copy, false, true), Ok(Copy));
         assert_eq!(resolve(Skip, false, false), Ok(Skip));
     }

@@ -12,7 +12,11 @@ use serde_json::{Value, json};
 use super::{KeptSnapshot, LABEL_MOVER};
 
 fn resource(kind: &str) -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", kind))
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        kind,
+    ))
 }
 
 /// The VolumeSnapshotClass for `driver`: the default one of the driver if
@@ -96,13 +100,18 @@ pub(super) async fn take(
         server: String::new(),
         volume_snapshot: format!("{namespace}/{name}"),
         content: content_name,
-        driver: content.data["spec"]["driver"].as_str().unwrap_or_default().into(),
+        driver: content.data["spec"]["driver"]
+            .as_str()
+            .unwrap_or_default()
+            .into(),
         handle: content.data["status"]["snapshotHandle"]
             .as_str()
             .unwrap_or_default()
             .into(),
         class: Some(class.to_string()),
-        restore_size: ready.data["status"]["restoreSize"].as_str().map(String::from),
+        restore_size: ready.data["status"]["restoreSize"]
+            .as_str()
+            .map(String::from),
     })
 }
 
@@ -119,7 +128,9 @@ pub(super) async fn retain(client: &kube::Client, content: &str) -> Result<(), S
         )
         .await
         .map(|_| ())
-        .map_err(|e| format!("setting deletionPolicy Retain on VolumeSnapshotContent {content}: {e}"))
+        .map_err(|e| {
+            format!("setting deletionPolicy Retain on VolumeSnapshotContent {content}: {e}")
+        })
 }
 
 pub(super) async fn delete(client: &kube::Client, namespace: &str, name: &str) {
@@ -177,4 +188,76 @@ pub(super) async fn claim_from_snapshot(
 pub(super) async fn delete_claim(client: &kube::Client, namespace: &str, name: &str) {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let _ = claims.delete(name, &DeleteParams::default()).await;
+}
+
+/// A VolumeSnapshot in `namespace` bound to a kept snapshot (through a
+/// pre-provisioned VolumeSnapshotContent naming its handle), ready to be a
+/// claim's data source. The content keeps the data when deleted (Retain).
+pub(super) async fn bind_kept(
+    client: &kube::Client,
+    kept: &KeptSnapshot,
+    namespace: &str,
+    name: &str,
+    label: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let labels = json!({LABEL_MOVER: label, "app.kubernetes.io/managed-by": "ferry"});
+    let mut content_spec = json!({
+        "deletionPolicy": "Retain",
+        "driver": kept.driver,
+        "source": {"snapshotHandle": kept.handle},
+        "volumeSnapshotRef": {"namespace": namespace, "name": name}
+    });
+    if let Some(class) = &kept.class {
+        content_spec["volumeSnapshotClassName"] = json!(class);
+    }
+    let content: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+        "metadata": {"name": name, "labels": labels}, "spec": content_spec
+    }))
+    .expect("a VolumeSnapshotContent");
+    Api::<DynamicObject>::all_with(client.clone(), &resource("VolumeSnapshotContent"))
+        .create(&PostParams::default(), &content)
+        .await
+        .map_err(|e| {
+            format!(
+                "creating VolumeSnapshotContent {name} for snapshot {}: {e}",
+                kept.handle
+            )
+        })?;
+    let snapshot: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"source": {"volumeSnapshotContentName": name}}
+    }))
+    .expect("a VolumeSnapshot");
+    let snapshots: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &resource("VolumeSnapshot"));
+    snapshots
+        .create(&PostParams::default(), &snapshot)
+        .await
+        .map_err(|e| format!("creating VolumeSnapshot {namespace}/{name}: {e}"))?;
+    let started = Instant::now();
+    loop {
+        let current = snapshots
+            .get(name)
+            .await
+            .map_err(|e| format!("reading VolumeSnapshot {namespace}/{name}: {e}"))?;
+        if current.data["status"]["readyToUse"] == json!(true) {
+            return Ok(());
+        }
+        if let Some(message) = current.data["status"]["error"]["message"].as_str() {
+            return Err(format!(
+                "VolumeSnapshot {namespace}/{name} failed: {message}"
+            ));
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "VolumeSnapshot {namespace}/{name} of kept snapshot {} was not ready within {}",
+                kept.handle,
+                humantime::format_duration(timeout)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -134,7 +134,10 @@ pub(super) async fn run(
         hook: described.clone(),
         message,
     };
-    let mut params = AttachParams::default().stdout(true).stderr(true).stdin(false);
+    let mut params = AttachParams::default()
+        .stdout(true)
+        .stderr(true)
+        .stdin(false);
     if let Some(c) = &hook.container {
         params = params.container(c.clone());
     }
@@ -148,7 +151,10 @@ pub(super) async fn run(
         let mut stdout = process.stdout().ok_or("no stdout")?;
         let mut stderr = process.stderr().ok_or("no stderr")?;
         let status = process.take_status();
-        let (a, b) = tokio::join!(stdout.read_to_string(&mut out), stderr.read_to_string(&mut err));
+        let (a, b) = tokio::join!(
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err)
+        );
         a.and(b).map_err(|e| format!("reading its output: {e}"))?;
         let status = match status {
             Some(s) => s.await,
@@ -165,7 +171,12 @@ pub(super) async fn run(
         }
     })
     .await
-    .unwrap_or_else(|_| Err(format!("timed out after {}", humantime::format_duration(hook.timeout))));
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "timed out after {}",
+            humantime::format_duration(hook.timeout)
+        ))
+    });
     match (outcome, hook.on_error) {
         (Ok(_), _) => Ok(None),
         (Err(message), OnError::Continue) => Ok(Some(
@@ -189,7 +200,10 @@ mod tests {
     #[test]
     fn ferry_and_velero_annotations_declare_hooks() {
         let hooks = hooks_of(&annotations(&[
-            ("pre.hook.backup.ferry.dev/command", r#"["/bin/sh", "-c", "sync"]"#),
+            (
+                "pre.hook.backup.ferry.dev/command",
+                r#"["/bin/sh", "-c", "sync"]"#,
+            ),
             ("pre.hook.backup.ferry.dev/container", "db"),
             ("pre.hook.backup.ferry.dev/timeout", "2m"),
             ("post.hook.backup.velero.io/command", "/bin/resume"),
@@ -221,8 +235,14 @@ mod tests {
             .unwrap_err();
             assert!(error.contains(key), "{error}");
         }
-        let error =
-            hooks_of(&annotations(&[("pre.hook.backup.velero.io/command", "[1, 2")])).unwrap_err();
-        assert!(error.contains("pre.hook.backup.velero.io/command"), "{error}");
+        let error = hooks_of(&annotations(&[(
+            "pre.hook.backup.velero.io/command",
+            "[1, 2",
+        )]))
+        .unwrap_err();
+        assert!(
+            error.contains("pre.hook.backup.velero.io/command"),
+            "{error}"
+        );
     }
 }

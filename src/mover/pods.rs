@@ -138,7 +138,10 @@ async fn run_named(
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.to_string()),
-            labels: Some(BTreeMap::from([(LABEL_MOVER.to_string(), job.label.to_string())])),
+            labels: Some(BTreeMap::from([(
+                LABEL_MOVER.to_string(),
+                job.label.to_string(),
+            )])),
             owner_references: Some(vec![
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
                     api_version: "v1".into(),
@@ -180,7 +183,9 @@ async fn run_named(
             Some("Succeeded") => {
                 let message = terminated.and_then(|t| t.message).unwrap_or_default();
                 return serde_json::from_str(&message).map_err(|e| {
-                    format!("mover Pod {name} succeeded but its result is unreadable ({e}): {message}")
+                    format!(
+                        "mover Pod {name} succeeded but its result is unreadable ({e}): {message}"
+                    )
                 });
             }
             Some("Failed") => {
@@ -208,7 +213,11 @@ async fn run_named(
             return Err(format!(
                 "mover Pod {name} did not finish within {} ({})",
                 humantime::format_duration(settings.timeout),
-                if why.is_empty() { "still running".to_string() } else { why }
+                if why.is_empty() {
+                    "still running".to_string()
+                } else {
+                    why
+                }
             ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -3,12 +3,13 @@
 //! in that wave gets a mover Pod that restores its volume from the
 //! repository. Workloads come in later waves, so they start on the data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use futures::StreamExt;
+use serde_json::{Value, json};
 
 use super::pods::{self, DATA, MoverJob};
-use super::{MoverSettings, VolumeEntry};
+use super::{MoverSettings, VolumeEntry, csi};
 use crate::cluster::Connection;
 use crate::model::ObjectRef;
 use crate::restore::{Action, AfterWave};
@@ -39,15 +40,9 @@ impl VolumeFiller {
         entry: &VolumeEntry,
     ) -> Result<(), String> {
         let namespace = claim.namespace.as_deref().unwrap_or_default();
-        let root = match (&entry.root, &entry.snapshot) {
-            (Some(root), _) => root,
-            (None, Some(kept)) => {
-                return Err(format!(
-                    "its data was backed up only as CSI snapshot {} (VolumeSnapshotContent {}) in cluster {}, not into the repository; back it up with --volume-method snapshot-move to restore it with ferry",
-                    kept.volume_snapshot, kept.content, kept.server
-                ));
-            }
-            (None, None) => return Ok(()),
+        // A claim of a kept snapshot got it as its data source when created.
+        let Some(root) = &entry.root else {
+            return Ok(());
         };
         let mover = self.mover.as_ref().ok_or_else(|| {
             "no mover is configured to restore its data (the repository is not reachable from the cluster)".to_string()
@@ -55,10 +50,19 @@ impl VolumeFiller {
         if let Some(why) = &mover.unreachable {
             return Err(format!("its data cannot be restored: {why}"));
         }
-        let args: Vec<String> = ["volume", "restore", "-", DATA, "--root", &root.to_string(), "-o", "json"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "volume",
+            "restore",
+            "-",
+            DATA,
+            "--root",
+            &root.to_string(),
+            "-o",
+            "json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         pods::run(
             &conn.client,
             mover,
@@ -78,6 +82,56 @@ impl VolumeFiller {
 
 #[async_trait::async_trait]
 impl AfterWave for VolumeFiller {
+    /// Claims whose data is a snapshot kept in this cluster are created
+    /// from it: a VolumeSnapshot bound to the kept snapshot becomes their
+    /// data source.
+    async fn before_wave(
+        &self,
+        conn: &Connection,
+        items: &[(ObjectRef, Action)],
+    ) -> Result<HashMap<ObjectRef, Value>, String> {
+        let mut patches = HashMap::new();
+        for (object, action) in items {
+            if object.kind != "PersistentVolumeClaim"
+                || !object.group.is_empty()
+                || !matches!(action, Action::Create | Action::Recreate)
+            {
+                continue;
+            }
+            let Some(entry) = self.entry_for(object) else {
+                continue;
+            };
+            let (None, Some(kept)) = (&entry.root, &entry.snapshot) else {
+                continue;
+            };
+            if kept.server != conn.server {
+                return Err(format!(
+                    "volume data of {object}: it was backed up only as CSI snapshot {} (VolumeSnapshotContent {}) kept in cluster {}, which is not the target {}; back it up with --volume-method snapshot-move to restore it elsewhere",
+                    kept.volume_snapshot, kept.content, kept.server, conn.server
+                ));
+            }
+            let namespace = object.namespace.as_deref().unwrap_or_default();
+            let name = format!(
+                "ferry-{}",
+                super::suffix(&[&self.label, namespace, &object.name])
+            );
+            let timeout = self
+                .mover
+                .as_ref()
+                .map_or(std::time::Duration::from_secs(600), |m| m.timeout);
+            csi::bind_kept(&conn.client, kept, namespace, &name, &self.label, timeout)
+                .await
+                .map_err(|e| format!("volume data of {object}: {e}"))?;
+            patches.insert(
+                object.clone(),
+                json!({"spec": {"dataSource": {
+                    "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": name
+                }}}),
+            );
+        }
+        Ok(patches)
+    }
+
     async fn after_wave(
         &self,
         conn: &Connection,

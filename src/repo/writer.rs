@@ -111,7 +111,12 @@ impl PackWriter {
         self.append(id, stored, raw_length).await
     }
 
-    async fn append(&mut self, id: BlobId, stored: &[u8], raw_length: u32) -> Result<(), RepoError> {
+    async fn append(
+        &mut self,
+        id: BlobId,
+        stored: &[u8],
+        raw_length: u32,
+    ) -> Result<(), RepoError> {
         self.entries.push(BlobEntry {
             id,
             offset: self.buffer.len() as u32,

@@ -44,10 +44,21 @@ pub struct ApplyOptions<'a> {
     pub after_wave: Option<&'a dyn AfterWave>,
 }
 
-/// Work between waves. An error stops the restore: later waves are not
+/// Work around waves. An error stops the restore: later waves are not
 /// written, and the error is reported as a failure.
 #[async_trait::async_trait]
 pub trait AfterWave: Send + Sync {
+    /// Before a wave is written: JSON merge patches for objects it creates
+    /// (a claim's `dataSource`, say), by object.
+    async fn before_wave(
+        &self,
+        conn: &Connection,
+        items: &[(crate::model::ObjectRef, Action)],
+    ) -> Result<HashMap<crate::model::ObjectRef, serde_json::Value>, String> {
+        let _ = (conn, items);
+        Ok(HashMap::new())
+    }
+
     /// `written` are the objects the wave wrote, with what was done.
     /// Returns warnings.
     async fn after_wave(
@@ -154,14 +165,39 @@ pub async fn apply(
         for item in kept {
             record(&mut report, opts.observer, item, Ok(None), &mut uids);
         }
+        let patches = match opts.after_wave {
+            Some(hooks) => {
+                let items: Vec<(crate::model::ObjectRef, Action)> = writes
+                    .iter()
+                    .map(|i| (i.object.clone(), i.action))
+                    .collect();
+                match hooks.before_wave(conn, &items).await {
+                    Ok(p) => p,
+                    Err(message) => {
+                        report.failed.push(Failure {
+                            object: format!("wave {}", wave.index),
+                            message: format!(
+                                "{message}; this and the later waves were not restored"
+                            ),
+                        });
+                        return Ok(report);
+                    }
+                }
+            }
+            None => HashMap::new(),
+        };
         let results: Vec<(&PlanItem, Result<Option<String>, String>)> = bodies
             .stream(writes, |i| desired_of(i))
             .map(|(item, body)| {
                 let discovery = &discovery;
                 let uids = &uids;
+                let patch = patches.get(&item.object);
                 async move {
                     let result = match body.and_then(Body::decode) {
-                        Ok(value) => {
+                        Ok(mut value) => {
+                            if let Some(patch) = patch {
+                                json_patch::merge(&mut value, patch);
+                            }
                             apply_one(conn, discovery, item, value, uids, opts.saved).await
                         }
                         Err(e) => Err(format!("unreadable in the snapshot: {e}")),
@@ -177,7 +213,12 @@ pub async fn apply(
             .iter()
             .filter(|(_, r)| r.is_ok())
             .map(|(item, _)| (item.object.clone(), item.action))
-            .chain(wave.items.iter().filter(|i| i.action == Action::Unchanged).map(|i| (i.object.clone(), i.action)))
+            .chain(
+                wave.items
+                    .iter()
+                    .filter(|i| i.action == Action::Unchanged)
+                    .map(|i| (i.object.clone(), i.action)),
+            )
             .collect();
         for (item, result) in results {
             if result.is_ok()

@@ -43,12 +43,12 @@ use crate::model::ObjectRef;
 use crate::profile::ClusterProfile;
 use crate::repo::{IoStats, RepoError, Repository};
 use crate::transform::TransformPlan;
+pub use apply::AfterWave;
 use bodies::Bodies;
 pub use load::Subset;
 use mapping::NamespaceMapping;
 pub use observer::{Event, Observer, Progress, Silent};
 use plan::PLAN_FORMAT;
-pub use apply::AfterWave;
 pub use plan::{Action, PlanHeader, PlanItem, RestorePlan, TransformSource, Wave};
 
 /// The field manager every write of ferry uses.

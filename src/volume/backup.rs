@@ -374,9 +374,8 @@ async fn read_files(
         .map(|j| (j.path.clone(), walk.dirs[j.dir].entries[j.entry].size))
         .collect();
     let repo_for_reader = repo.clone();
-    let reading = tokio::task::spawn_blocking(move || {
-        read_all(&repo_for_reader, &jobs, raw_tx, &progress)
-    });
+    let reading =
+        tokio::task::spawn_blocking(move || read_all(&repo_for_reader, &jobs, raw_tx, &progress));
     let read = reading.await.expect("reader task");
     // The writer ends once every encoder has ended (they hold its queue),
     // so waiting for it first never blocks this thread on a join.
@@ -540,7 +539,7 @@ async fn assemble(
     stats.bytes_read = read.stats.bytes_read;
     stats.chunks_new = read.stats.chunks_new;
     stats.chunks_deduplicated = read.stats.chunks_deduplicated;
-    let root = VolumeRoot {
+    let mut root = VolumeRoot {
         format: VOLUME_FORMAT,
         source: options.source.clone(),
         // Nanoseconds: the newest backup of a source is its next parent,
@@ -551,7 +550,6 @@ async fn assemble(
         refs,
         stats,
     };
-    let mut root = root;
     root.stats.bytes_stored = writer.stats().bytes_stored;
     root.stats.duration_ms = started.elapsed().as_millis() as u64;
     let root_blob = writer
@@ -560,7 +558,6 @@ async fn assemble(
     let write = writer.finish().await?;
     // The stored root counts the packs uploaded before it was written; the
     // report counts all of them.
-    let mut root = root;
     root.stats.bytes_stored = write.bytes_stored;
     blobs.push(refs);
     blobs.push(root_blob);

@@ -59,7 +59,9 @@ pub enum VolumeError {
     Corrupt { what: String, message: String },
     #[error("no {path} in the volume snapshot")]
     NoSuchPath { path: PathBuf },
-    #[error("snapshot {0} does not hold volume data (it is an application snapshot: use `ferry restore`)")]
+    #[error(
+        "snapshot {0} does not hold volume data (it is an application snapshot: use `ferry restore`)"
+    )]
     NotAVolume(String),
 }
 
@@ -132,8 +134,7 @@ pub async fn read_trees(
     let mut trees = BTreeMap::new();
     let mut pending = vec![(PathBuf::new(), tree)];
     while !pending.is_empty() {
-        let batch: Vec<(PathBuf, BlobId)> =
-            pending.drain(..pending.len().min(256)).collect();
+        let batch: Vec<(PathBuf, BlobId)> = pending.drain(..pending.len().min(256)).collect();
         let ids: Vec<BlobId> = batch.iter().map(|(_, id)| *id).collect();
         let read = repo.read_blobs(&ids).await;
         for ((dir, id), bytes) in batch.into_iter().zip(read) {

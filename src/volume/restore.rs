@@ -65,10 +65,14 @@ fn select(
     subpath: Option<&Path>,
 ) -> Result<(Vec<Item>, Option<Node>), VolumeError> {
     let prefix: PathBuf = subpath
-        .map(|p| p.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect())
+        .map(|p| {
+            p.components()
+                .filter(|c| matches!(c, std::path::Component::Normal(_)))
+                .collect()
+        })
         .unwrap_or_default();
     let mut top = Some(root.top.clone());
-    if prefix.as_os_str().len() > 0 {
+    if !prefix.as_os_str().is_empty() {
         let parent = prefix.parent().unwrap_or(Path::new(""));
         let name = prefix.file_name().expect("a normal component");
         let node = trees
@@ -94,7 +98,10 @@ fn select(
         let Some(tree) = trees.get(&dir) else {
             continue;
         };
-        let rel_dir = dir.strip_prefix(&prefix).expect("under the prefix").to_path_buf();
+        let rel_dir = dir
+            .strip_prefix(&prefix)
+            .expect("under the prefix")
+            .to_path_buf();
         // Reverse onto the stack so that directories come out in name order.
         for node in tree.entries.iter().rev() {
             if node.kind == NodeKind::Dir {
@@ -127,10 +134,9 @@ pub async fn restore_dir(
     let (items, top) = select(root, &trees, options.subpath.as_deref())?;
     drop(trees);
     let progress = options.progress.clone().unwrap_or_default();
-    progress.bytes_total.store(
-        items.iter().map(|i| i.node.size).sum(),
-        Ordering::Relaxed,
-    );
+    progress
+        .bytes_total
+        .store(items.iter().map(|i| i.node.size).sum(), Ordering::Relaxed);
     std::fs::create_dir_all(target).map_err(|e| VolumeError::io(target, e))?;
     let items = Arc::new(items);
     let (mut stats, linked) = {
@@ -200,9 +206,11 @@ pub async fn restore_dir(
         let items = items.clone();
         let target = target.to_path_buf();
         let progress = progress.clone();
-        tokio::task::spawn_blocking(move || write_batch(&target, &items, &batch, &chunks, &progress))
-            .await
-            .expect("write task")?;
+        tokio::task::spawn_blocking(move || {
+            write_batch(&target, &items, &batch, &chunks, &progress)
+        })
+        .await
+        .expect("write task")?;
     }
     let items_for_metadata = items.clone();
     let target_for_metadata = target.to_path_buf();
@@ -298,7 +306,8 @@ fn create_entries(
                 };
                 let c = c_path(&path)?;
                 // SAFETY: a valid NUL-terminated path; mknod reads nothing else.
-                let made = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, node.rdev as libc::dev_t) };
+                let made =
+                    unsafe { libc::mknod(c.as_ptr(), kind | 0o600, node.rdev as libc::dev_t) };
                 if made != 0 {
                     stats.warnings.push(format!(
                         "{}: not created: {}",
@@ -384,13 +393,13 @@ fn apply_metadata(path: &Path, node: &Node, owners: bool, warnings: &mut Vec<Str
     }
     if node.kind != NodeKind::Symlink {
         use std::os::unix::fs::PermissionsExt;
-        if let Err(e) =
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode))
-        {
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode)) {
             warnings.push(format!("{}: mode not set: {e}", path.display()));
         }
         for (name, value) in &node.xattrs {
-            let Ok(value) = hex::decode(value) else { continue };
+            let Ok(value) = hex::decode(value) else {
+                continue;
+            };
             if let Err(e) = xattr::set(path, name.as_os_str(), &value) {
                 warnings.push(format!(
                     "{}: extended attribute {name} not set: {e}",

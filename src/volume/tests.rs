@@ -50,8 +50,11 @@ fn fixture(root: &Path) {
         std::fs::Permissions::from_mode(0o750),
     )
     .unwrap();
-    std::fs::set_permissions(root.join("small.txt"), std::fs::Permissions::from_mode(0o600))
-        .unwrap();
+    std::fs::set_permissions(
+        root.join("small.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     let _ = xattr::set(root.join("small.txt"), "user.origin", b"test");
 }
 
@@ -85,7 +88,9 @@ fn listing(root: &Path) -> Vec<String> {
             let m = std::fs::symlink_metadata(&path).unwrap();
             let rel = path.strip_prefix(root).unwrap().to_path_buf();
             let content = if m.is_file() {
-                blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string()
+                blake3::hash(&std::fs::read(&path).unwrap())
+                    .to_hex()
+                    .to_string()
             } else if m.is_symlink() {
                 std::fs::read_link(&path).unwrap().display().to_string()
             } else {
@@ -206,9 +211,14 @@ async fn an_unchanged_tree_is_not_read_again_and_a_changed_file_stores_only_its_
         changed.write
     );
     let target = dir.path().join("restored");
-    restore_dir(&repo, &changed.root, &target, VolumeRestoreOptions::default())
-        .await
-        .unwrap();
+    restore_dir(
+        &repo,
+        &changed.root,
+        &target,
+        VolumeRestoreOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(listing(&target), listing(&source));
     lock.release().await.unwrap();
 }
@@ -254,7 +264,10 @@ async fn a_damaged_chunk_fails_the_restore_and_verify_names_the_file() {
         "{error}"
     );
     let report = repo.verify(true).await.unwrap();
-    let damaged: HashSet<BlobId> = report.problems().filter_map(|d| d.blob().copied()).collect();
+    let damaged: HashSet<BlobId> = report
+        .problems()
+        .filter_map(|d| d.blob().copied())
+        .collect();
     assert!(damaged.contains(&chunk));
     let named = locate(&repo, &done.root, &damaged).await;
     assert_eq!(

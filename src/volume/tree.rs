@@ -194,8 +194,14 @@ mod tests {
         let json = serde_json::to_string(&tree).unwrap();
         assert!(json.contains(r#""name":"plain.txt""#), "{json}");
         assert!(json.contains(r#""name":{"hex":"636166e9"}"#), "{json}");
-        assert!(json.contains(r#""content":[""#) && json.contains(",4096]"), "{json}");
-        assert!(!json.contains("links"), "a single link is not stored: {json}");
+        assert!(
+            json.contains(r#""content":[""#) && json.contains(",4096]"),
+            "{json}"
+        );
+        assert!(
+            !json.contains("links"),
+            "a single link is not stored: {json}"
+        );
         let back: Tree = serde_json::from_str(&json).unwrap();
         assert_eq!(back, tree);
     }

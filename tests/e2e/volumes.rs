@@ -59,7 +59,14 @@ async fn stateful_app(client: &kube::Client, node: &NodeInfo, ns: &str, files_an
             }]
         }
     });
-    files_deployment(client, node, ns, files_annotations, json!({"backup.ferry.dev/volume-method": "copy"})).await;
+    files_deployment(
+        client,
+        node,
+        ns,
+        files_annotations,
+        json!({"backup.ferry.dev/volume-method": "copy"}),
+    )
+    .await;
     apply_manifests(client, &serde_yaml_ng::to_string(&statefulset).unwrap()).await;
 }
 
@@ -111,10 +118,14 @@ async fn app_output(client: &kube::Client, ns: &str, app: &str) -> (String, Stri
     })
     .await;
     pod_ready(&pods, &name).await;
-    let logs = eventually(&format!("the output of {ns}/{name}"), POD_TIMEOUT, || async {
-        let logs = pods.logs(&name, &LogParams::default()).await.ok()?;
-        logs.contains("FILES").then_some(logs)
-    })
+    let logs = eventually(
+        &format!("the output of {ns}/{name}"),
+        POD_TIMEOUT,
+        || async {
+            let logs = pods.logs(&name, &LogParams::default()).await.ok()?;
+            logs.contains("FILES").then_some(logs)
+        },
+    )
     .await;
     (name, logs)
 }
@@ -143,7 +154,11 @@ impl Repo {
             .args(["repo", "init", "--repo", &repo.url])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         repo
     }
 
@@ -154,7 +169,12 @@ impl Repo {
         let out = cmd
             .args(args)
             .args(["--repo", &self.url, "--mover-image", &self.image])
-            .args(["--mover-s3-endpoint", &self.node_endpoint, "--mover-timeout", "3m"])
+            .args([
+                "--mover-s3-endpoint",
+                &self.node_endpoint,
+                "--mover-timeout",
+                "3m",
+            ])
             .args(["-o", "json"])
             .output()
             .unwrap();
@@ -188,14 +208,17 @@ fn volume<'a>(report: &'a Value, claim: &str) -> &'a Value {
 async fn delete_namespace(client: &kube::Client, ns: &str) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(ns, &DeleteParams::default()).await;
-    eventually(&format!("namespace {ns} to be gone"), Duration::from_secs(180), || async {
-        matches!(namespaces.get_opt(ns).await, Ok(None)).then_some(())
-    })
+    eventually(
+        &format!("namespace {ns} to be gone"),
+        Duration::from_secs(180),
+        || async { matches!(namespaces.get_opt(ns).await, Ok(None)).then_some(()) },
+    )
     .await;
 }
 
 #[tokio::test]
-async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_and_in_another_cluster() {
+async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_and_in_another_cluster()
+ {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
     let ns = namespace_for_pods(&client, "vol-app").await;
@@ -209,7 +232,10 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
     assert!(ok, "backup with volumes: {stderr}");
     let db = volume(&first, "data-db-0");
     assert_eq!(db["method"], "snapshot-move", "{db}");
-    assert!(db["root"].is_string() && db["stats"]["files"].as_u64() >= Some(5), "{db}");
+    assert!(
+        db["root"].is_string() && db["stats"]["files"].as_u64() >= Some(5),
+        "{db}"
+    );
     let files = volume(&first, "files");
     assert_eq!(files["method"], "copy", "{files}");
 
@@ -243,14 +269,20 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
     assert!(files_after.contains("FOUND"), "{files_after}");
     assert_eq!(line(&db_after, "SUMS"), line(&db_before, "SUMS"));
     assert_eq!(line(&files_after, "SUMS"), line(&files_before, "SUMS"));
-    assert!(line(&db_after, "FILES").contains("hooked"), "the pre-backup hook ran: {db_after}");
+    assert!(
+        line(&db_after, "FILES").contains("hooked"),
+        "the pre-backup hook ran: {db_after}"
+    );
     assert!(line(&db_after, "FILES").contains("link"), "{db_after}");
 
     // A clone into another namespace of the same cluster.
     let clone = format!("{}-clone", ns.name);
     let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
     let mapping = format!("{}={clone}", ns.name);
-    let (ok, _, stderr) = repo.run(cluster, &["restore", "first", "--namespace-mapping", &mapping]);
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &["restore", "first", "--namespace-mapping", &mapping],
+    );
     assert!(ok, "restore into {clone}: {stderr}");
     let (_, cloned) = app_output(&client, &clone, "files").await;
     assert!(cloned.contains("FOUND"), "{cloned}");
@@ -285,8 +317,10 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
         node_endpoint: other_node.s3_endpoint.clone(),
         image: other_node.images["ferry"].clone(),
     };
-    let (ok, _, stderr) =
-        other_repo.run(other, &["restore", "first", "--transform", plan.to_str().unwrap()]);
+    let (ok, _, stderr) = other_repo.run(
+        other,
+        &["restore", "first", "--transform", plan.to_str().unwrap()],
+    );
     assert!(ok, "restore into node2: {stderr}");
     let (_, moved_db) = app_output(&other_client, &ns.name, "db").await;
     assert!(moved_db.contains("FOUND"), "{moved_db}");
@@ -344,7 +378,10 @@ async fn node_a_failing_pre_backup_hook_fails_the_backup_with_its_output() {
         "the hook's output and its annotation are named: {stderr}"
     );
     let (_, listed) = repo.plain(cluster, &["backup", "list"]);
-    assert!(!listed.contains("hooked"), "no snapshot was written: {listed}");
+    assert!(
+        !listed.contains("hooked"),
+        "no snapshot was written: {listed}"
+    );
 }
 
 #[tokio::test]
@@ -360,7 +397,12 @@ async fn node_damaged_volume_data_is_named_by_file_and_the_workload_is_not_resto
     // The mover's pack is the largest (600 KB of random data); its first
     // bytes are a chunk of a file (trees and roots are stored after them).
     let s3 = crate::support::s3_client().await;
-    let bucket = repo.url.trim_start_matches("s3://").split('/').next().unwrap();
+    let bucket = repo
+        .url
+        .trim_start_matches("s3://")
+        .split('/')
+        .next()
+        .unwrap();
     let listed = s3
         .list_objects_v2()
         .bucket(bucket)
@@ -375,7 +417,13 @@ async fn node_damaged_volume_data_is_named_by_file_and_the_workload_is_not_resto
         .and_then(|o| o.key())
         .unwrap()
         .to_string();
-    let body = s3.get_object().bucket(bucket).key(&largest).send().await.unwrap();
+    let body = s3
+        .get_object()
+        .bucket(bucket)
+        .key(&largest)
+        .send()
+        .await
+        .unwrap();
     let mut bytes = body.body.collect().await.unwrap().into_bytes().to_vec();
     bytes[100] ^= 0xff;
     s3.put_object()
@@ -419,7 +467,13 @@ async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository
     files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
     let (pod, _) = app_output(&client, &ns.name, "files").await;
     // More than one pack (8 MiB) of data.
-    exec(&client, &ns.name, &pod, "head -c 12000000 /dev/urandom > /data/big").await;
+    exec(
+        &client,
+        &ns.name,
+        &pod,
+        "head -c 12000000 /dev/urandom > /data/big",
+    )
+    .await;
     let repo = Repo::new(node, "vol-kill").await;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
     let s3 = &env().s3;
@@ -434,26 +488,40 @@ async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository
         .env("FERRY_S3_ENDPOINT", &s3.endpoint)
         // The mover stops after its first pack is stored.
         .env("FERRY_FAILPOINTS", "volume-after-first-pack")
-        .args(["backup", "create", "killed", "-n", &ns.name, "--repo", &repo.url])
-        .args(["--mover-image", &repo.image, "--mover-s3-endpoint", &repo.node_endpoint])
+        .args([
+            "backup", "create", "killed", "-n", &ns.name, "--repo", &repo.url,
+        ])
+        .args([
+            "--mover-image",
+            &repo.image,
+            "--mover-s3-endpoint",
+            &repo.node_endpoint,
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let mover = eventually("the mover to stop at its failure point", POD_TIMEOUT, || async {
-        let list = pods
-            .list(&ListParams::default().labels("ferry.dev/mover=killed"))
-            .await
-            .ok()?;
-        for p in list.items {
-            let name = p.metadata.name?;
-            let logs = pods.logs(&name, &LogParams::default()).await.unwrap_or_default();
-            if logs.contains("failpoint volume-after-first-pack reached") {
-                return Some(name);
+    let mover = eventually(
+        "the mover to stop at its failure point",
+        POD_TIMEOUT,
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("ferry.dev/mover=killed"))
+                .await
+                .ok()?;
+            for p in list.items {
+                let name = p.metadata.name?;
+                let logs = pods
+                    .logs(&name, &LogParams::default())
+                    .await
+                    .unwrap_or_default();
+                if logs.contains("failpoint volume-after-first-pack reached") {
+                    return Some(name);
+                }
             }
-        }
-        None
-    })
+            None
+        },
+    )
     .await;
     pods.delete(
         &mover,
@@ -470,7 +538,8 @@ async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the backup fails: {stderr}");
     assert!(
-        stderr.contains(&format!("{}/files", ns.name)) && stderr.contains("no snapshot was written"),
+        stderr.contains(&format!("{}/files", ns.name))
+            && stderr.contains("no snapshot was written"),
         "{stderr}"
     );
     let (_, listed) = repo.plain(cluster, &["backup", "list"]);
@@ -480,4 +549,44 @@ async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository
     // The next backup completes.
     let (ok, _, stderr) = repo.run(cluster, &["backup", "create", "retried", "-n", &ns.name]);
     assert!(ok, "{stderr}");
+}
+
+#[tokio::test]
+async fn node_a_kept_csi_snapshot_brings_back_a_deleted_namespace_with_a_local_repository() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-kept").await;
+    files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+    let (_, before) = app_output(&client, &ns.name, "files").await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = crate::support::init_repo(&cluster.kubeconfig, dir.path());
+    // A local repository is out of the movers' reach: auto keeps a CSI
+    // snapshot in the cluster, and says so.
+    let (ok, backup, stderr) = crate::support::run_json(
+        &cluster.kubeconfig,
+        &["backup", "create", "kept", "-n", &ns.name, "--repo", &repo],
+    );
+    assert!(ok, "{stderr}");
+    let entry = volume(&backup, "files");
+    assert_eq!(entry["method"], "snapshot", "{entry}");
+    assert!(
+        entry["root"].is_null() && entry["snapshot"]["handle"].is_string(),
+        "{entry}"
+    );
+
+    delete_namespace(&client, &ns.name).await;
+    let (ok, restored, stderr) =
+        crate::support::run_json(&cluster.kubeconfig, &["restore", "kept", "--repo", &repo]);
+    assert!(ok, "{stderr}\n{restored}");
+    let (_, after) = app_output(&client, &ns.name, "files").await;
+    assert!(after.contains("FOUND"), "{after}");
+    assert_eq!(line(&after, "SUMS"), line(&before, "SUMS"));
+
+    // Another cluster cannot use this cluster's snapshot: refused by name.
+    let other = env().cluster("node2");
+    let (ok, report, stderr) =
+        crate::support::run_json(&other.kubeconfig, &["restore", "kept", "--repo", &repo]);
+    let text = format!("{report}{stderr}");
+    assert!(!ok && text.contains("snapshot-move"), "{text}");
+    let _other_ns = crate::support::TestNamespace::adopt(&other.client().await, &ns.name);
 }
