@@ -292,7 +292,7 @@ cgroupRoot: /ferry$n
 failCgroupV1: false
 failSwapOn: false
 staticPodPath: "$d/node/manifests"
-podLogsDirectory: "$d/node/logs"
+podLogsDir: "$d/node/logs"
 volumePluginDir: "$d/node/volume-plugins"
 resolvConf: "$d/node/resolv.conf"
 clusterDomain: cluster.local
