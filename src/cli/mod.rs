@@ -476,6 +476,40 @@ fn print_report(
         .collect();
     writeln!(out)?;
     table(out, &["KIND", "OBJECTS"], &rows)?;
+    if !report.volumes.is_empty() {
+        let rows: Vec<Vec<String>> = report
+            .volumes
+            .iter()
+            .map(|v| {
+                let (files, size, read, detail) = match (&v.stats, &v.skipped, &v.snapshot) {
+                    (_, Some(why), _) => (String::new(), String::new(), String::new(), why.clone()),
+                    (Some(s), _, _) => (
+                        s.files.to_string(),
+                        human_bytes(s.bytes),
+                        format!("{} files, {}", s.files_read, human_bytes(s.bytes_read)),
+                        format!("{} new chunks, {:.1}s", s.chunks_new, s.duration_ms as f64 / 1000.0),
+                    ),
+                    (None, None, Some(kept)) => (
+                        String::new(),
+                        kept.restore_size.clone().unwrap_or_default(),
+                        String::new(),
+                        format!("kept as {}", kept.volume_snapshot),
+                    ),
+                    _ => Default::default(),
+                };
+                vec![
+                    format!("{}/{}", v.namespace, v.claim),
+                    v.method.to_string(),
+                    files,
+                    size,
+                    read,
+                    detail,
+                ]
+            })
+            .collect();
+        writeln!(out)?;
+        table(out, &["VOLUME", "METHOD", "FILES", "SIZE", "READ", "DETAIL"], &rows)?;
+    }
     if !report.skipped.is_empty() {
         writeln!(out, "\nSkipped ({}):", report.skipped.len())?;
         for s in &report.skipped {

@@ -373,9 +373,10 @@ async fn read_files(
         .iter()
         .map(|j| (j.path.clone(), walk.dirs[j.dir].entries[j.entry].size))
         .collect();
-    let repo_for_reader = repo.clone();
-    let reading =
-        tokio::task::spawn_blocking(move || read_all(&repo_for_reader, &jobs, raw_tx, &progress));
+    let repo_for_readers = repo.clone();
+    let reading = tokio::task::spawn_blocking(move || {
+        read_all(&repo_for_readers, &jobs, raw_tx, &progress, READERS)
+    });
     let read = reading.await.expect("reader task");
     // The writer ends once every encoder has ended (they hold its queue),
     // so waiting for it first never blocks this thread on a join.
@@ -410,34 +411,99 @@ fn open_for_reading(path: &Path) -> std::io::Result<File> {
     }
 }
 
-/// The reader: reads each file once, cuts it into chunks, names them and
-/// queues the new ones for encoding.
+/// Threads reading files: two keep the encoders fed while one waits on
+/// opening and reading a small file.
+const READERS: usize = 2;
+
+/// The readers: each takes the next file, reads it once, cuts it into
+/// chunks, names them and queues the new ones for encoding. A chunk is
+/// queued by the first reader that sees it.
 fn read_all(
     repo: &Repository,
     jobs: &[(PathBuf, u64)],
     queue: mpsc::SyncSender<Raw>,
     progress: &VolumeProgress,
+    readers: usize,
 ) -> Result<ReadOutcome, VolumeError> {
-    let mut chunker = Chunker::new(repo.chunker_seed());
-    let mut seen: HashSet<BlobId> = HashSet::new();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let seen: Mutex<HashSet<BlobId>> = Mutex::new(HashSet::new());
+    let shares: Vec<Result<ReadShare, VolumeError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..readers.max(1))
+            .map(|_| {
+                let queue = queue.clone();
+                let (next, seen) = (&next, &seen);
+                scope.spawn(move || {
+                    let share = read_share(repo, jobs, next, seen, queue, progress);
+                    if share.is_err() {
+                        // The backup fails: the other readers stop too.
+                        next.store(jobs.len(), Ordering::Relaxed);
+                    }
+                    share
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reader thread"))
+            .collect()
+    });
+    drop(queue);
     let mut outcome = ReadOutcome {
-        contents: Vec::with_capacity(jobs.len()),
+        contents: vec![None; jobs.len()],
         stats: VolumeStats::default(),
         warnings: Vec::new(),
     };
-    for (path, _) in jobs {
+    for share in shares {
+        let share = share?;
+        for (job, content) in share.contents {
+            outcome.contents[job] = content;
+        }
+        outcome.stats.files_read += share.stats.files_read;
+        outcome.stats.bytes_read += share.stats.bytes_read;
+        outcome.stats.chunks_new += share.stats.chunks_new;
+        outcome.stats.chunks_deduplicated += share.stats.chunks_deduplicated;
+        outcome.warnings.extend(share.warnings);
+    }
+    outcome.warnings.sort();
+    Ok(outcome)
+}
+
+/// What one reader read: (job, content) pairs and its counts.
+#[derive(Default)]
+struct ReadShare {
+    contents: Vec<(usize, Option<(Vec<Piece>, u64)>)>,
+    stats: VolumeStats,
+    warnings: Vec<String>,
+}
+
+fn read_share(
+    repo: &Repository,
+    jobs: &[(PathBuf, u64)],
+    next: &std::sync::atomic::AtomicUsize,
+    seen: &Mutex<HashSet<BlobId>>,
+    queue: mpsc::SyncSender<Raw>,
+    progress: &VolumeProgress,
+) -> Result<ReadShare, VolumeError> {
+    let mut chunker = Chunker::new(repo.chunker_seed());
+    let mut share = ReadShare::default();
+    loop {
+        let job = next.fetch_add(1, Ordering::Relaxed);
+        let Some((path, _)) = jobs.get(job) else {
+            return Ok(share);
+        };
         let file = match open_for_reading(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                outcome
+                share
                     .warnings
                     .push(format!("{}: removed while the backup ran", path.display()));
-                outcome.contents.push(None);
+                share.contents.push((job, None));
                 continue;
             }
             Err(e) => return Err(VolumeError::io(path, e)),
         };
         let mut pieces: Vec<Piece> = Vec::new();
+        let stats = &mut share.stats;
         let read = chunker.chunks(
             file,
             |chunk| {
@@ -453,24 +519,24 @@ fn read_all(
                 }
                 let id = repo.blob_id(chunk);
                 pieces.push(Piece::Chunk(id));
-                if seen.insert(id) && !repo.has_blob(&id) {
-                    outcome.stats.chunks_new += 1;
+                let first = seen.lock().expect("seen chunks").insert(id);
+                if first && !repo.has_blob(&id) {
+                    stats.chunks_new += 1;
                     queue
                         .send((id, chunk.to_vec()))
                         .map_err(|_| VolumeError::io(path, "the repository writer stopped"))?;
                 } else {
-                    outcome.stats.chunks_deduplicated += 1;
+                    stats.chunks_deduplicated += 1;
                 }
                 Ok(())
             },
             |e| VolumeError::io(path, e),
         )?;
-        outcome.stats.files_read += 1;
-        outcome.stats.bytes_read += read;
+        share.stats.files_read += 1;
+        share.stats.bytes_read += read;
         progress.files_done.fetch_add(1, Ordering::Relaxed);
-        outcome.contents.push(Some((pieces, read)));
+        share.contents.push((job, Some((pieces, read))));
     }
-    Ok(outcome)
 }
 
 /// Puts the read contents into the walked trees, stores the trees bottom
