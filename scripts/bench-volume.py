@@ -38,7 +38,7 @@ restic and kopia come from scripts/bench-tools.sh (built from their Go
 modules and cached). Without --ferry, ferry is target/release/ferry, built
 first with `cargo build --release` (skip with --no-build).
 
-Time on 2 cores: about 3 minutes with --small, 40-60 with the full datasets.
+Time on 2 cores: about 1.5 minutes with --small, 40-60 with the full datasets.
 Disk: the dataset (up to about 3.2 GiB on disk) plus one tool's repository
 and restore at a time (up to about 9 GiB with the full large-files dataset).
 Python 3.11 standard library only.
@@ -539,7 +539,8 @@ class Kopia(Tool):
         return [str(self.binary), *args, "--config-file", str(self.config), "--log-dir", str(self.work / "kopia-logs")]
 
     def version(self) -> str:
-        return run_plain([str(self.binary), "--version"], self.env).stdout.strip()
+        out = run_plain([str(self.binary), "--version"], self.env).stdout.split()
+        return out[0] if out else "?"
 
     def init(self) -> None:
         run_plain(self.cmd("repository", "create", "filesystem", "--path", str(self.repo),
@@ -664,16 +665,19 @@ class Ferry(Tool):
         subs = self.subcommands()
         return next((s for s in ("bench", "limit", "pipeline-limit") if s in subs), None)
 
-    def pipeline_limit(self, src: Path, label: str) -> dict:
-        """Runs `ferry volume bench|limit SRC` and reads its MiB/s."""
+    def pipeline_limit(self, src: Path, data_bytes: int, label: str) -> dict:
+        """Runs `ferry volume limit SRC` (or `bench`) on all of SRC and reads its MiB/s."""
         sub_name = self.limit_subcommand()
         if not sub_name:
             return {"measured": False, "why": "ferry volume has no bench/limit subcommand"}
         sub = ("volume", sub_name)
-        args = [str(src)]
-        if self.has_flag(sub, "--output"):
-            args += ["-o", "json"]
-        run = run_measured([str(self.binary), *sub, *args], self.env, self.logs, label)
+        args = [str(src), *self.common(sub)]
+        if self.has_flag(sub, "--max-mib"):
+            args += ["--max-mib", str(math.ceil(data_bytes / MIB))]
+        if self.has_flag(sub, "--repo"):
+            self.init()  # the repository's keys and chunker parameters; nothing is written to it
+        env = dict(self.env, FERRY_REPO=str(self.repo))
+        run = run_measured([str(self.binary), *sub, *args], env, self.logs, label)
         mib_s = None
         for v in reversed(json_values(run.stdout)):
             if isinstance(v, dict):
@@ -687,7 +691,7 @@ class Ferry(Tool):
             return {"measured": False, "why": f"`ferry volume {sub_name}` printed no MiB/s",
                     "stdout": run.stdout[-2000:]}
         report = next((v for v in reversed(json_values(run.stdout)) if isinstance(v, dict)), None)
-        return {"measured": True, "command": f"ferry volume {sub_name} {src}", "mib_per_s": mib_s,
+        return {"measured": True, "command": f"ferry volume {sub_name} {' '.join(args)}", "mib_per_s": mib_s,
                 "wall_s": run.wall_s, "cpu_s": run.user_s + run.sys_s, "peak_rss_mib": run.peak_rss_mib,
                 "report": report}
 
@@ -731,6 +735,7 @@ def measure_tool(tool: Tool, ds: Dataset, original: dict, expect_changed: dict |
     entry = results["datasets"][ds.name]["tools"].setdefault(tool.name, {"steps": {}, "errors": []})
 
     def record(step: str, run: Run, details: dict) -> None:
+        details["loadavg_after"] = loadavg()
         t = time.perf_counter()
         os.sync()
         sync_s = time.perf_counter() - t
@@ -781,6 +786,11 @@ def measure_tool(tool: Tool, ds: Dataset, original: dict, expect_changed: dict |
     return changed
 
 
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages: how busy the machine was with other work too."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def machine_info() -> dict:
     cpu_model = ""
     try:
@@ -796,7 +806,7 @@ def machine_info() -> dict:
     return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "memory_gib": round(mem, 1),
             "kernel": platform.release(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "bench_commit": commit}
+            "bench_commit": commit, "loadavg_at_start": loadavg()}
 
 
 def tool_binaries(tools: list[str], args) -> dict[str, Path]:
@@ -950,9 +960,11 @@ def main() -> int:
                 ferry.work.mkdir(parents=True, exist_ok=True)
                 try:
                     tree_digest(ds.root)  # the same warm cache as the tools get
-                    lim = ferry.pipeline_limit(ds.root, "0-limit")
+                    lim = ferry.pipeline_limit(ds.root, ds.total_bytes, "0-limit")
                 except BenchError as e:
                     lim = {"measured": False, "why": str(e)}
+                finally:
+                    shutil.rmtree(ferry.work, ignore_errors=True)
                 results["pipeline_limit"][name] = lim
                 log(f"{name}: pipeline limit: " + (f"{lim['mib_per_s']:.1f} MiB/s" if lim.get("measured")
                                                    else f"not measured ({lim['why']})"))
@@ -986,6 +998,7 @@ def main() -> int:
             except OSError:
                 pass
 
+    results["machine"]["loadavg_at_end"] = loadavg()
     results["targets"] = evaluate_targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
@@ -1065,7 +1078,8 @@ def markdown(results: dict) -> str:
         "# Volume data mover: ferry, restic and kopia",
         "",
         f"`{results['command']}` on {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
-        f"kernel {m['kernel']}, {m['date']}, benchmark commit {m['bench_commit']}.",
+        f"kernel {m['kernel']}, {m['date']}, benchmark commit {m['bench_commit']}; load average "
+        f"{m['loadavg_at_start'][0]} at the start, {m.get('loadavg_at_end', ['?'])[0]} at the end.",
         "",
         "Tools: " + "; ".join(tool_line(t, v) for t, v in results["tools"].items()) + ".",
         "",
