@@ -16,8 +16,9 @@ after changing 10% of the data (one file in ten partly rewritten; in
 large-files 10% of each file's data bytes, in stripes), then a full restore
 of the newest snapshot into an empty directory, checked against the source
 (every file's size and SHA-256; a difference fails the run). Every tool
-command runs as a child whose wall time, user+system CPU and peak RSS come
-from wait4(2); the repository's size (du -sb) is taken after each step.
+command runs under GNU time (/usr/bin/time), whose wait4(2) of the tool
+gives its user+system CPU and peak RSS; wall time is taken around it, and
+the repository's size (du -sb) after each step.
 The page cache is not dropped: every tool starts on the same warm cache
 (the source is read once, for its checksum, just before each tool's first
 backup), and `sync` runs, untimed, after every step so that no step pays for
@@ -416,23 +417,35 @@ class Run:
     stderr: str
 
 
+TIME = "/usr/bin/time"
+
+
 def run_measured(cmd: list[str], env: dict[str, str], log_dir: Path, label: str, check: bool = True) -> Run:
-    """Runs cmd as a child; wall time, CPU and peak RSS from wait4(2)."""
+    """Runs cmd under GNU time: CPU and peak RSS from its wait4(2) of the tool, wall time here.
+
+    Not wait4 of a child of this process: a child exec'd from this process
+    starts its peak RSS at this process's RSS (Linux carries the exec'ing
+    process's high-water mark over the exec), which would hide the tool's own
+    peak under the harness's memory. GNU time is a small process, so the
+    tool it starts is measured from (almost) zero.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path = log_dir / f"{label}.out"
     err_path = log_dir / f"{label}.err"
+    time_path = log_dir / f"{label}.time"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
+        p = subprocess.run([TIME, "-f", "%e %U %S %M", "-o", str(time_path), *cmd],
+                           stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
     stdout = out_path.read_text(errors="replace")
     stderr = err_path.read_text(errors="replace")
     if check and p.returncode != 0:
         tail = "\n".join(stderr.strip().splitlines()[-15:])
         raise BenchError(f"{' '.join(cmd)} exited with {p.returncode}:\n{tail}")
-    return Run(wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss / 1024, stdout, stderr)
+    fields = time_path.read_text().strip().splitlines()[-1].split()
+    _, user, system, max_kib = (float(x) for x in fields)
+    return Run(wall, user, system, max_kib / 1024, stdout, stderr)
 
 
 def run_plain(cmd: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -900,6 +913,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
 
+    if not os.access(TIME, os.X_OK):
+        raise BenchError(f"{TIME} (GNU time) is needed to measure CPU and peak RSS: apt-get install time")
     bins = tool_binaries(tools, args)
     versions = {}
     for t in tools:
@@ -923,8 +938,9 @@ def main() -> int:
             "sync": "sync(2) after every step, untimed (recorded as sync_s)",
             "mib_per_s": "dataset apparent bytes / wall seconds, for every step",
             "files_per_s": "dataset files / wall seconds, for every step",
-            "cpu_s": "user + system CPU of the tool process and its children (wait4)",
-            "peak_rss_mib": "ru_maxrss of the tool process (wait4)",
+            "cpu_s": "user + system CPU of the tool process and its children (GNU time, wait4)",
+            "peak_rss_mib": "ru_maxrss of the tool process (GNU time, wait4; GNU time starts the tool so that "
+                            "the harness's own memory does not count)",
             "repo_bytes": "du -sb of the repository after the step",
             "password": "restic RESTIC_PASSWORD, kopia KOPIA_PASSWORD, ferry FERRY_PASSWORD",
         },
@@ -1087,7 +1103,7 @@ def markdown(results: dict) -> str:
         "on the same file system as the data, with the page cache warm (it is not dropped; the source is read "
         "just before each tool's first backup) and `sync` run untimed after every step. MiB/s and files/s are "
         "the whole dataset's bytes and files over the step's wall time, for every step; CPU s is user + system "
-        "time and peak RSS the largest resident set of the tool's process (from wait4); repo MiB is `du -sb` "
+        "time and peak RSS the largest resident set of the tool's process (both from GNU time); repo MiB is `du -sb` "
         "of the repository after the step. Every restore is checked file by file (size and SHA-256) against "
         "the source.",
         "",
