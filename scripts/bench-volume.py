@@ -34,14 +34,16 @@ plot.svg (MiB/s per tool and step).
   scripts/bench --volumes --small --out /tmp/volsmoke       a tenth of it, a check that it all runs
   scripts/bench --volumes --tools restic,kopia              without ferry
   scripts/bench --volumes --ferry /path/to/ferry            a given ferry binary (no build)
+  scripts/bench --volumes --render docs/benchmarks/volume/results.json   tables and plot again
 
 restic and kopia come from scripts/bench-tools.sh (built from their Go
 modules and cached). Without --ferry, ferry is target/release/ferry, built
 first with `cargo build --release` (skip with --no-build).
 
-Time on 2 cores: about 1.5 minutes with --small, 40-60 with the full datasets.
+Time on 2 cores: about 1.5 minutes with --small, 10-15 with the full datasets.
 Disk: the dataset (up to about 3.2 GiB on disk) plus one tool's repository
-and restore at a time (up to about 9 GiB with the full large-files dataset).
+and restore at a time (up to about 8 GiB with the full large-files dataset).
+Needs GNU time (/usr/bin/time, Debian's package `time`).
 Python 3.11 standard library only.
 """
 
@@ -896,7 +898,21 @@ def main() -> int:
                          "compress; 'none' is kopia's own default)")
     ap.add_argument("--in-cluster", help="JSON file with the in-cluster mover's mibPerSec and standaloneMibPerSec")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="run nothing: write results.md and plot.svg again from a results.json "
+                         "(into --out if given, else beside it)")
     args = ap.parse_args()
+
+    if args.render:
+        src = Path(args.render)
+        results = json.loads(src.read_text())
+        dest = Path(args.out) if "--out" in sys.argv else src.parent
+        dest.mkdir(parents=True, exist_ok=True)
+        results["targets"] = evaluate_targets(results)
+        (dest / "results.md").write_text(markdown(results))
+        (dest / "plot.svg").write_text(svg(results))
+        log(f"wrote {dest}/results.md and plot.svg from {src}")
+        return 0
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     bad = [t for t in tools if t not in ALL_TOOLS]
@@ -1107,6 +1123,10 @@ def markdown(results: dict) -> str:
         "of the repository after the step. Every restore is checked file by file (size and SHA-256) against "
         "the source.",
         "",
+        "One run, no repetitions: on a shared 2-core machine (see the load average above) a step's wall time "
+        "varies from run to run, most for the sub-second unchanged re-backups, whose time is mostly process "
+        "start-up and reading the previous snapshot's metadata. CPU s is the steadier measure of work done.",
+        "",
     ]
     for ds, d in results["datasets"].items():
         lines += [f"## {ds}", "", d["description"] + f" (generated in {d['generate_s']} s).", "",
@@ -1118,8 +1138,10 @@ def markdown(results: dict) -> str:
                 s = te["steps"].get(step)
                 if not s:
                     continue
+                fps = s["files_per_s"]
+                fps_text = f"{fps:.0f}" if fps >= 100 else f"{fps:.1f}" if fps >= 10 else f"{fps:.2f}"
                 lines.append(f"| {tool} | {STEP_TITLES[step]} | {s['wall_s']:.2f} | {s['mib_per_s']:.1f} | "
-                             f"{s['files_per_s']:.0f} | {s['cpu_s']:.2f} | {s['peak_rss_mib']:.0f} | "
+                             f"{fps_text} | {s['cpu_s']:.2f} | {s['peak_rss_mib']:.0f} | "
                              f"{s['repo_bytes'] / MIB:.1f} |")
             r = te["steps"].get("restore")
             if r:
