@@ -487,7 +487,11 @@ fn print_report(
                         s.files.to_string(),
                         human_bytes(s.bytes),
                         format!("{} files, {}", s.files_read, human_bytes(s.bytes_read)),
-                        format!("{} new chunks, {:.1}s", s.chunks_new, s.duration_ms as f64 / 1000.0),
+                        format!(
+                            "{} new chunks, {:.1}s",
+                            s.chunks_new,
+                            s.duration_ms as f64 / 1000.0
+                        ),
                     ),
                     (None, None, Some(kept)) => (
                         String::new(),
@@ -508,7 +512,11 @@ fn print_report(
             })
             .collect();
         writeln!(out)?;
-        table(out, &["VOLUME", "METHOD", "FILES", "SIZE", "READ", "DETAIL"], &rows)?;
+        table(
+            out,
+            &["VOLUME", "METHOD", "FILES", "SIZE", "READ", "DETAIL"],
+            &rows,
+        )?;
     }
     if !report.skipped.is_empty() {
         writeln!(out, "\nSkipped ({}):", report.skipped.len())?;

@@ -309,15 +309,18 @@ fn walk(
     Ok(out)
 }
 
+/// A file as read: its pieces and its length.
+type FileContent = (Vec<Piece>, u64);
+
 /// A chunk to encode.
-type Raw = (BlobId, Vec<u8>);
+type Raw = Vec<(BlobId, Vec<u8>)>;
 /// An encoded chunk: id, sealed bytes, plaintext length.
-type Sealed = (BlobId, Vec<u8>, u32);
+type Sealed = Vec<(BlobId, Vec<u8>, u32)>;
 
 /// What reading the files produced: each job's content and the counts.
 struct ReadOutcome {
     /// Per job: the pieces and the bytes read, or `None` if it vanished.
-    contents: Vec<Option<(Vec<Piece>, u64)>>,
+    contents: Vec<Option<FileContent>>,
     stats: VolumeStats,
     warnings: Vec<String>,
 }
@@ -342,9 +345,12 @@ async fn read_files(
             std::thread::spawn(move || {
                 loop {
                     let next = rx.lock().expect("chunk queue").recv();
-                    let Ok((id, data)) = next else { return };
-                    let sealed = repo.encode_chunk(&data);
-                    if tx.blocking_send((id, sealed, data.len() as u32)).is_err() {
+                    let Ok(batch) = next else { return };
+                    let sealed: Sealed = batch
+                        .into_iter()
+                        .map(|(id, data)| (id, repo.encode_chunk(&data), data.len() as u32))
+                        .collect();
+                    if tx.blocking_send(sealed).is_err() {
                         return;
                     }
                 }
@@ -357,13 +363,15 @@ async fn read_files(
     drop(sealed_tx);
     let pause_after_pack = failpoint("volume-after-first-pack");
     let writing = tokio::spawn(async move {
-        while let Some((id, sealed, length)) = sealed_rx.recv().await {
-            writer.add_encoded(id, &sealed, length).await?;
-            if pause_after_pack && writer.stats().packs_written > 0 {
-                // Tests kill the process here: packs are stored, no index
-                // or snapshot names them yet.
-                eprintln!("failpoint volume-after-first-pack reached");
-                std::future::pending::<()>().await;
+        while let Some(batch) = sealed_rx.recv().await {
+            for (id, sealed, length) in batch {
+                writer.add_encoded(id, &sealed, length).await?;
+                if pause_after_pack && writer.stats().packs_written > 0 {
+                    // Tests kill the process here: packs are stored, no
+                    // index or snapshot names them yet.
+                    eprintln!("failpoint volume-after-first-pack reached");
+                    std::future::pending::<()>().await;
+                }
             }
         }
         Ok::<_, crate::repo::RepoError>(writer)
@@ -414,6 +422,10 @@ fn open_for_reading(path: &Path) -> std::io::Result<File> {
 /// Threads reading files: two keep the encoders fed while one waits on
 /// opening and reading a small file.
 const READERS: usize = 2;
+/// A batch of new chunks is handed to an encoder at this size...
+const BATCH_BYTES: usize = 1024 * 1024;
+/// ...or at this many chunks.
+const BATCH_CHUNKS: usize = 64;
 
 /// The readers: each takes the next file, reads it once, cuts it into
 /// chunks, names them and queues the new ones for encoding. A chunk is
@@ -471,7 +483,7 @@ fn read_all(
 /// What one reader read: (job, content) pairs and its counts.
 #[derive(Default)]
 struct ReadShare {
-    contents: Vec<(usize, Option<(Vec<Piece>, u64)>)>,
+    contents: Vec<(usize, Option<FileContent>)>,
     stats: VolumeStats,
     warnings: Vec<String>,
 }
@@ -486,9 +498,18 @@ fn read_share(
 ) -> Result<ReadShare, VolumeError> {
     let mut chunker = Chunker::new(repo.chunker_seed());
     let mut share = ReadShare::default();
+    // New chunks go to the encoders in batches: one hand-over per batch,
+    // not per chunk of a small file.
+    let mut batch: Raw = Vec::new();
+    let mut batch_bytes = 0;
     loop {
         let job = next.fetch_add(1, Ordering::Relaxed);
         let Some((path, _)) = jobs.get(job) else {
+            if !batch.is_empty() {
+                queue.send(batch).map_err(|_| {
+                    VolumeError::io(Path::new("/"), "the repository writer stopped")
+                })?;
+            }
             return Ok(share);
         };
         let file = match open_for_reading(path) {
@@ -522,9 +543,14 @@ fn read_share(
                 let first = seen.lock().expect("seen chunks").insert(id);
                 if first && !repo.has_blob(&id) {
                     stats.chunks_new += 1;
-                    queue
-                        .send((id, chunk.to_vec()))
-                        .map_err(|_| VolumeError::io(path, "the repository writer stopped"))?;
+                    batch.push((id, chunk.to_vec()));
+                    batch_bytes += chunk.len();
+                    if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_CHUNKS {
+                        batch_bytes = 0;
+                        queue
+                            .send(std::mem::take(&mut batch))
+                            .map_err(|_| VolumeError::io(path, "the repository writer stopped"))?;
+                    }
                 } else {
                     stats.chunks_deduplicated += 1;
                 }
