@@ -315,7 +315,17 @@ impl S3Backend {
         use aws_sdk_s3::error::ProvideErrorMetadata;
         let code = e.code().map(String::from);
         let status = e.raw_response().map(|r| r.status().as_u16());
-        let message = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+        // A service error's code and message say what happened; the full
+        // context (with the raw response) only when there is neither.
+        let message = match (e.code(), e.message()) {
+            (Some("NoSuchBucket"), _) => format!(
+                "bucket {} does not exist (NoSuchBucket); create it first (e.g. `aws s3 mb s3://{}`)",
+                self.bucket, self.bucket
+            ),
+            (Some(code), Some(text)) => format!("{code}: {text}"),
+            (Some(code), None) => code.to_string(),
+            _ => aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+        };
         match (code.as_deref(), status) {
             (Some("NoSuchKey" | "NotFound"), _) | (_, Some(404))
                 if code.as_deref() != Some("NoSuchBucket") =>
