@@ -25,6 +25,43 @@ pub struct VolumeFiller {
 }
 
 impl VolumeFiller {
+    /// Problems that would stop the restore at a claim's wave, found before
+    /// anything is written: data kept only as another cluster's snapshot,
+    /// or moved data with no mover able to reach the repository.
+    pub fn preflight(&self, conn: &Connection, claims: &[(&ObjectRef, Action)]) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (object, action) in claims {
+            if object.kind != "PersistentVolumeClaim"
+                || !object.group.is_empty()
+                || !matches!(action, Action::Create | Action::Recreate)
+            {
+                continue;
+            }
+            let Some(entry) = self.entry_for(object) else {
+                continue;
+            };
+            match (&entry.root, &entry.snapshot) {
+                (None, Some(kept)) if kept.server != conn.server => problems.push(format!(
+                    "volume data of {object}: it was backed up only as CSI snapshot {} kept in cluster {}, which is not the target {}; back it up with --volume-method snapshot-move to restore it elsewhere, or restore with --no-volume-data",
+                    kept.volume_snapshot, kept.server, conn.server
+                )),
+                (Some(_), _) => {
+                    let why = match &self.mover {
+                        None => Some("no mover is configured".to_string()),
+                        Some(m) => m.unreachable.clone(),
+                    };
+                    if let Some(why) = why {
+                        problems.push(format!(
+                            "volume data of {object} cannot be restored: {why}; or restore with --no-volume-data"
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        problems
+    }
+
     fn entry_for(&self, claim: &ObjectRef) -> Option<&VolumeEntry> {
         let namespace = claim.namespace.as_deref()?;
         self.entries.iter().find(|e| {

@@ -174,6 +174,8 @@ pub enum RestoreError {
     PlanMismatch(Vec<String>),
     #[error("the plan is unusable: {0}")]
     BadPlan(String),
+    #[error("nothing was written: {}", .0.join("; "))]
+    VolumeData(Vec<String>),
 }
 
 /// Where planning learns about the target: the cluster itself, or a saved
@@ -232,6 +234,14 @@ pub async fn run(
             } else {
                 volume_filler(repo, snapshot, &opts.namespace_mapping, opts.mover.as_ref()).await?
             };
+            if let Some(filler) = &filler {
+                let claims: Vec<(&ObjectRef, Action)> =
+                    plan.items().map(|i| (&i.object, i.action)).collect();
+                let problems = filler.preflight(conn, &claims);
+                if !problems.is_empty() {
+                    return Err(RestoreError::VolumeData(problems));
+                }
+            }
             let apply_options = apply::ApplyOptions {
                 concurrency: opts.concurrency,
                 saved: false,
@@ -347,6 +357,14 @@ pub async fn run_saved(
             }
         };
         let filler = volume_filler(repo, &header.snapshot_id, &mapping, mover).await?;
+        if let Some(filler) = &filler {
+            let claims: Vec<(&ObjectRef, Action)> =
+                plan.items().map(|i| (&i.object, i.action)).collect();
+            let problems = filler.preflight(conn, &claims);
+            if !problems.is_empty() {
+                return Err(RestoreError::VolumeData(problems));
+            }
+        }
         let options = apply::ApplyOptions {
             concurrency,
             saved: true,

@@ -152,7 +152,7 @@ impl Repo {
             node_endpoint: node.s3_endpoint.clone(),
             image: node.images["ferry"].clone(),
         };
-        let out = with_s3(&mut ferry(&env().primary().kubeconfig))
+        let out = with_s3(&mut ferry(&env().with_node().0.kubeconfig))
             .args(["repo", "init", "--repo", &repo.url])
             .output()
             .unwrap();
@@ -613,6 +613,11 @@ async fn node_a_kept_csi_snapshot_brings_back_a_deleted_namespace_with_a_local_r
         crate::support::run_json(&other.kubeconfig, &["restore", "kept", "--repo", &repo]);
     let text = format!("{report}{stderr}");
     assert!(!ok && text.contains("snapshot-move"), "{text}");
+    let other_namespaces: Api<Namespace> = Api::all(other.client().await);
+    assert!(
+        other_namespaces.get_opt(&ns.name).await.unwrap().is_none(),
+        "refused before anything is written"
+    );
     clean_up(&client, &[&ns.name]).await;
     clean_up(&other.client().await, &[&ns.name]).await;
 }
