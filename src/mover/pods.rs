@@ -40,7 +40,7 @@ pub(super) async fn run(
     let name = format!("ferry-mover-{}", suffix(&[job.namespace, job.claim]));
     let pods: Api<Pod> = Api::namespaced(client.clone(), job.namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), job.namespace);
-    let result = run_named(client, settings, &job, &name, &pods, &secrets).await;
+    let result = run_named(settings, &job, &name, &pods, &secrets).await;
     // Deleting the Pod deletes its Secret (owner reference); both are
     // deleted here too so that nothing waits for the garbage collector.
     let now = DeleteParams {
@@ -108,14 +108,12 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
 }
 
 async fn run_named(
-    client: &kube::Client,
     settings: &MoverSettings,
     job: &MoverJob<'_>,
     name: &str,
     pods: &Api<Pod>,
     secrets: &Api<Secret>,
 ) -> Result<Value, String> {
-    let _ = client;
     let pod: Pod = serde_json::from_value(pod_spec(settings, job, name))
         .map_err(|e| format!("mover Pod spec: {e}"))?;
     let started = Instant::now();

@@ -31,20 +31,11 @@ impl VolumeFiller {
     pub fn preflight(&self, conn: &Connection, claims: &[(&ObjectRef, Action)]) -> Vec<String> {
         let mut problems = Vec::new();
         for (object, action) in claims {
-            if object.kind != "PersistentVolumeClaim"
-                || !object.group.is_empty()
-                || !matches!(action, Action::Create | Action::Recreate)
-            {
-                continue;
-            }
-            let Some(entry) = self.entry_for(object) else {
+            let Some(entry) = self.created_claim(object, *action) else {
                 continue;
             };
             match (&entry.root, &entry.snapshot) {
-                (None, Some(kept)) if kept.server != conn.server => problems.push(format!(
-                    "volume data of {object}: it was backed up only as CSI snapshot {} kept in cluster {}, which is not the target {}; back it up with --volume-method snapshot-move to restore it elsewhere, or restore with --no-volume-data",
-                    kept.volume_snapshot, kept.server, conn.server
-                )),
+                (None, Some(kept)) => problems.extend(kept_elsewhere(object, kept, conn)),
                 (Some(_), _) => {
                     let why = match &self.mover {
                         None => Some("no mover is configured".to_string()),
@@ -60,6 +51,15 @@ impl VolumeFiller {
             }
         }
         problems
+    }
+
+    /// The volume of a claim the restore creates (or recreates).
+    fn created_claim(&self, object: &ObjectRef, action: Action) -> Option<&VolumeEntry> {
+        let is_claim = object.kind == "PersistentVolumeClaim" && object.group.is_empty();
+        let created = matches!(action, Action::Create | Action::Recreate);
+        (is_claim && created)
+            .then(|| self.entry_for(object))
+            .flatten()
     }
 
     fn entry_for(&self, claim: &ObjectRef) -> Option<&VolumeEntry> {
@@ -117,6 +117,18 @@ impl VolumeFiller {
     }
 }
 
+/// Why a snapshot kept in another cluster cannot fill `object` here.
+fn kept_elsewhere(
+    object: &ObjectRef,
+    kept: &super::KeptSnapshot,
+    conn: &Connection,
+) -> Option<String> {
+    (kept.server != conn.server).then(|| format!(
+        "volume data of {object}: it was backed up only as CSI snapshot {} kept in cluster {}, which is not the target {}; back it up with --volume-method snapshot-move to restore it elsewhere, or restore with --no-volume-data",
+        kept.volume_snapshot, kept.server, conn.server
+    ))
+}
+
 #[async_trait::async_trait]
 impl AfterWave for VolumeFiller {
     /// Claims whose data is a snapshot kept in this cluster are created
@@ -129,23 +141,14 @@ impl AfterWave for VolumeFiller {
     ) -> Result<HashMap<ObjectRef, Value>, String> {
         let mut patches = HashMap::new();
         for (object, action) in items {
-            if object.kind != "PersistentVolumeClaim"
-                || !object.group.is_empty()
-                || !matches!(action, Action::Create | Action::Recreate)
-            {
-                continue;
-            }
-            let Some(entry) = self.entry_for(object) else {
+            let Some(entry) = self.created_claim(object, *action) else {
                 continue;
             };
             let (None, Some(kept)) = (&entry.root, &entry.snapshot) else {
                 continue;
             };
-            if kept.server != conn.server {
-                return Err(format!(
-                    "volume data of {object}: it was backed up only as CSI snapshot {} (VolumeSnapshotContent {}) kept in cluster {}, which is not the target {}; back it up with --volume-method snapshot-move to restore it elsewhere",
-                    kept.volume_snapshot, kept.content, kept.server, conn.server
-                ));
+            if let Some(problem) = kept_elsewhere(object, kept, conn) {
+                return Err(problem);
             }
             let namespace = object.namespace.as_deref().unwrap_or_default();
             let name = format!(

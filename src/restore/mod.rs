@@ -113,9 +113,13 @@ pub struct RestoreOptions {
     pub skip_volume_data: bool,
 }
 
-/// What fills the restored claims of `snapshot`, if it has volume data.
+/// What fills the restored claims of `snapshot`, if it has volume data;
+/// refuses, before anything is written, volume data `plan` cannot restore
+/// into this target.
 async fn volume_filler(
+    conn: &Connection,
     repo: &Repository,
+    plan: &RestorePlan,
     snapshot: &str,
     mapping: &NamespaceMapping,
     mover: Option<&crate::mover::MoverSettings>,
@@ -125,12 +129,18 @@ async fn volume_filler(
     if report.volumes.is_empty() {
         return Ok(None);
     }
-    Ok(Some(crate::mover::VolumeFiller {
+    let filler = crate::mover::VolumeFiller {
         entries: report.volumes,
         namespaces: mapping.0.clone(),
         mover: mover.cloned(),
         label: found.name,
-    }))
+    };
+    let claims: Vec<(&ObjectRef, Action)> = plan.items().map(|i| (&i.object, i.action)).collect();
+    let problems = filler.preflight(conn, &claims);
+    if !problems.is_empty() {
+        return Err(RestoreError::VolumeData(problems));
+    }
+    Ok(Some(filler))
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -232,16 +242,16 @@ pub async fn run(
             let filler = if opts.skip_volume_data {
                 None
             } else {
-                volume_filler(repo, snapshot, &opts.namespace_mapping, opts.mover.as_ref()).await?
+                volume_filler(
+                    conn,
+                    repo,
+                    &plan,
+                    snapshot,
+                    &opts.namespace_mapping,
+                    opts.mover.as_ref(),
+                )
+                .await?
             };
-            if let Some(filler) = &filler {
-                let claims: Vec<(&ObjectRef, Action)> =
-                    plan.items().map(|i| (&i.object, i.action)).collect();
-                let problems = filler.preflight(conn, &claims);
-                if !problems.is_empty() {
-                    return Err(RestoreError::VolumeData(problems));
-                }
-            }
             let apply_options = apply::ApplyOptions {
                 concurrency: opts.concurrency,
                 saved: false,
@@ -356,15 +366,7 @@ pub async fn run_saved(
                 Bodies::Held(held)
             }
         };
-        let filler = volume_filler(repo, &header.snapshot_id, &mapping, mover).await?;
-        if let Some(filler) = &filler {
-            let claims: Vec<(&ObjectRef, Action)> =
-                plan.items().map(|i| (&i.object, i.action)).collect();
-            let problems = filler.preflight(conn, &claims);
-            if !problems.is_empty() {
-                return Err(RestoreError::VolumeData(problems));
-            }
-        }
+        let filler = volume_filler(conn, repo, plan, &header.snapshot_id, &mapping, mover).await?;
         let options = apply::ApplyOptions {
             concurrency,
             saved: true,
