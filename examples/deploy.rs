@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let conn = ferry::cluster::ConnectOptions {
         kubeconfig: args.kubeconfig,
         context: args.context,
-        timeout: None,
+        ..Default::default()
     }
     .connect()
     .await?;

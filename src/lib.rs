@@ -15,6 +15,8 @@
 pub mod backup;
 pub mod cli;
 pub mod cluster;
+pub mod controller;
+pub mod failpoint;
 pub mod model;
 pub mod mover;
 pub mod profile;

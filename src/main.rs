@@ -7,19 +7,30 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = ferry::cli::args::Cli::parse();
+    // A controller reports what it does; a command only what goes wrong.
+    let controller = matches!(cli.command, ferry::cli::args::Command::Controller(_));
     let level = match cli.global.verbose {
+        0 if controller => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(format!("ferry={level}"))),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("ferry={level}")));
+    // Structured logs (one JSON object per line) for log collectors.
+    if std::env::var("FERRY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -113,6 +113,12 @@ Examples:\n  \
     /// Pods run for PersistentVolumes, usable on any directory.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Run Ferry as an in-cluster controller (policies, schedules,
+    /// self-service Backups and Restores), or print its manifests.
+    Controller(super::controller::ControllerArgs),
+    /// Inspect BackupPolicies: which namespaces are protected.
+    #[command(subcommand)]
+    Policy(super::controller::PolicyCommand),
     /// Print the normalization table: what a backup strips or skips, and why.
     Rules {
         #[arg(short, long, value_enum, default_value_t)]

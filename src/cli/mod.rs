@@ -2,6 +2,7 @@
 //! bars, and the glue from commands to the library.
 
 pub mod args;
+pub mod controller;
 pub mod output;
 pub mod progress;
 pub mod repo;
@@ -35,6 +36,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => migrate_command(&cli.global, args).await,
         Command::Transform(args) => transform::run(&cli.global, args).await,
         Command::Volume(cmd) => volume::run(cmd).await,
+        Command::Controller(args) => controller::run(&cli.global, args).await,
+        Command::Policy(cmd) => controller::policy(&cli.global, cmd).await,
         Command::Cluster(ClusterCommand::Profile { output }) => {
             let conn = connect(&cli.global).await?;
             let discovery = crate::cluster::discovery::discover(&conn.client).await?;
@@ -78,6 +81,7 @@ pub async fn connect(global: &GlobalArgs) -> anyhow::Result<crate::cluster::Conn
         kubeconfig: global.kubeconfig.clone(),
         context: global.context.clone(),
         timeout: Some(global.request_timeout),
+        impersonate: None,
     };
     Ok(options.connect().await?)
 }
@@ -906,6 +910,7 @@ async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Resu
         kubeconfig: global.kubeconfig.clone(),
         context: Some(args.from.clone()),
         timeout: Some(global.request_timeout),
+        impersonate: None,
     }
     .connect()
     .await
@@ -917,6 +922,7 @@ async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Resu
             .or_else(|| global.kubeconfig.clone()),
         context: Some(args.to.clone()),
         timeout: Some(global.request_timeout),
+        impersonate: None,
     }
     .connect()
     .await

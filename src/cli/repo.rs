@@ -65,6 +65,7 @@ pub async fn backend(args: &RepoArgs) -> anyhow::Result<Arc<dyn Backend>> {
                     endpoint,
                     region,
                     path_style,
+                    credentials: None,
                 })
                 .await
                 .context("setting up the S3 client")?,
@@ -175,6 +176,9 @@ pub fn mover_settings(
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading key file {}", path.display()))?;
             secret.insert("FERRY_KEY".to_string(), bytes);
+        }
+        KeySource::KeyBytes { bytes, .. } => {
+            secret.insert("FERRY_KEY".to_string(), bytes.to_vec());
         }
     }
     for var in [

@@ -16,6 +16,9 @@ pub struct ConnectOptions {
     pub context: Option<String>,
     /// Per-request timeout; long LISTs are paginated so each page is short.
     pub timeout: Option<Duration>,
+    /// Act as this user with these groups (Kubernetes impersonation): every
+    /// request is authorized as theirs, not ours.
+    pub impersonate: Option<(String, Vec<String>)>,
 }
 
 /// A verified connection: the client plus what to call the cluster in messages.
@@ -63,6 +66,10 @@ impl ConnectOptions {
         config.read_timeout = Some(timeout);
         config.write_timeout = Some(timeout);
         config.connect_timeout = Some(Duration::from_secs(10));
+        if let Some((user, groups)) = &self.impersonate {
+            config.auth_info.impersonate = Some(user.clone());
+            config.auth_info.impersonate_groups = (!groups.is_empty()).then(|| groups.clone());
+        }
         Ok(config)
     }
 

@@ -68,6 +68,12 @@ pub static RULES: &[Rule] = &[
         apply: skip_events_and_leases,
     },
     Rule {
+        name: "skip-ferry-requests",
+        matches: "Backup and Restore of group ferry.dev",
+        description: "skip: requests to Ferry's controller; restored, they would run again",
+        apply: skip_ferry_requests,
+    },
+    Rule {
         name: "skip-managed-endpoints",
         matches: "Endpoints and EndpointSlices maintained by controllers",
         description: "skip: the endpoint controllers rebuild them from Services and Pods",
@@ -339,6 +345,15 @@ fn skip_events_and_leases(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     }
     if is(obj, "certificates.k8s.io", "CertificateSigningRequest") {
         return Outcome::Skip("certificate request of the source cluster".into());
+    }
+    Outcome::Unchanged
+}
+
+fn skip_ferry_requests(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
+    if is(obj, "ferry.dev", "Backup") || is(obj, "ferry.dev", "Restore") {
+        return Outcome::Skip(
+            "a request to Ferry's controller, not part of the application".into(),
+        );
     }
     Outcome::Unchanged
 }
@@ -1240,6 +1255,15 @@ mod tests {
                 json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest", "metadata": {"name": "c"}})
             ),
             "skip-events-and-leases"
+        );
+        assert_eq!(
+            skipped_by(
+                json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "Restore", "metadata": {"name": "r", "namespace": "a"}})
+            ),
+            "skip-ferry-requests"
+        );
+        keep(
+            json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "BackupPolicy", "metadata": {"name": "p"}}),
         );
         keep(
             json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config", "namespace": "a"}}),

@@ -251,6 +251,24 @@ pub struct S3Location {
     pub region: Option<String>,
     /// Bucket in the URL path rather than the host name.
     pub path_style: bool,
+    /// Static credentials; the standard AWS chain when unset.
+    pub credentials: Option<S3Credentials>,
+}
+
+/// An access key, as a Secret holds it.
+#[derive(Clone)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
@@ -283,6 +301,15 @@ impl S3Backend {
             aws_sdk_s3::config::Builder::from(&shared).force_path_style(location.path_style);
         if let Some(endpoint) = &location.endpoint {
             config = config.endpoint_url(endpoint);
+        }
+        if let Some(c) = &location.credentials {
+            config = config.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.clone(),
+                c.session_token.clone(),
+                None,
+                "ferry-repository-secret",
+            ));
         }
         if shared.region().is_none() {
             // S3-compatible stores ignore the region but the signer needs one.

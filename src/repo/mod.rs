@@ -76,8 +76,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use backend::{
-    Backend, BackendError, LocalBackend, Location, ObjectInfo, S3Backend, S3Location,
-    parse_location,
+    Backend, BackendError, LocalBackend, Location, ObjectInfo, S3Backend, S3Credentials,
+    S3Location, parse_location,
 };
 pub use lock::RepoLock;
 pub use maintenance::{Damage, PruneReport, RepairReport, RepoStats, VerifyReport};
@@ -233,6 +233,12 @@ pub enum KeySource {
     Password(Zeroizing<String>),
     /// A file whose contents (at least 32 bytes) are the secret.
     KeyFile(std::path::PathBuf),
+    /// A key file's contents, as a Secret holds them; `origin` names the
+    /// Secret in errors.
+    KeyBytes {
+        bytes: Zeroizing<Vec<u8>>,
+        origin: String,
+    },
 }
 
 impl KeySource {
@@ -255,6 +261,18 @@ impl KeySource {
                     });
                 }
                 Ok(("keyfile", bytes))
+            }
+            KeySource::KeyBytes { bytes, origin } => {
+                if bytes.len() < 32 {
+                    return Err(RepoError::KeySource {
+                        path: origin.clone(),
+                        message: format!(
+                            "{} bytes is too short; a key needs at least 32 random bytes",
+                            bytes.len()
+                        ),
+                    });
+                }
+                Ok(("keyfile", bytes.clone()))
             }
         }
     }

@@ -237,6 +237,8 @@ pub async fn apply(
                 discovery = discover(&conn.client).await?;
             }
         }
+        // Tests kill the process here: one wave is written, the rest not.
+        crate::failpoint::stop_here("restore-after-first-wave").await;
         if let Some(after) = opts.after_wave {
             match after.after_wave(conn, &written).await {
                 Ok(warnings) => report.warnings.extend(warnings),

@@ -269,6 +269,20 @@ pub async fn run(
     Ok((plan, report))
 }
 
+/// The plan of a restore against the live target, after its preflight
+/// (permissions included); nothing is written. [`run_saved`] applies it.
+pub async fn plan(
+    conn: &Connection,
+    repo: &Repository,
+    snapshot: &str,
+    opts: &RestoreOptions,
+) -> Result<RestorePlan, RestoreError> {
+    let lock = repo.lock_shared().await?;
+    let result = prepare::prepare(&TargetView::Cluster(conn), repo, snapshot, opts).await;
+    lock.release().await?;
+    Ok(result?.0)
+}
+
 /// The plan of a restore, made against a saved profile of the target.
 pub async fn plan_offline(
     repo: &Repository,

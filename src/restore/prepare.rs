@@ -127,7 +127,10 @@ pub(crate) async fn prepare(
                 .filter_map(|p| p.facts.crd.as_ref())
                 .map(|c| ((c.group.as_str(), c.kind.as_str()), c.plural.as_str()))
                 .collect();
-            let objects: Vec<ObjectRef> = planned.iter().map(|p| p.desired.object.clone()).collect();
+            let objects: Vec<(ObjectRef, &Live)> = planned
+                .iter()
+                .map(|p| (p.desired.object.clone(), &p.live))
+                .collect();
             let needed = target::needed_permissions(
                 &objects,
                 discovery,

@@ -10,6 +10,7 @@ use kube::api::{Api, PostParams};
 use serde_json::Value;
 
 use super::bodies::Desired;
+use super::plan::Live;
 use super::{ExistingPolicy, RestoreError};
 use crate::cluster::capture::get_object;
 use crate::cluster::discovery::{Discovery, ServedResource};
@@ -43,33 +44,51 @@ pub async fn live(
     }
 }
 
-/// The permissions a restore of `objects` needs: get, create and patch
-/// (and delete to recreate) of each resource in each namespace.
-/// `plural_of` names the resource of kinds the target does not serve yet
-/// (their CRD is in the restore).
+/// The permissions a restore needs for each object given what the target
+/// holds of it: get (a forbidden read looks like an absent object), create
+/// when absent, patch when it differs, delete to recreate. An identical
+/// object needs only get. `plural_of` names the resource of kinds the
+/// target does not serve yet (their CRD is in the restore).
+///
+/// A Namespace is authorized in itself, as the API server does it: a user
+/// who may get or patch namespaces in `team-a` may get or patch Namespace
+/// `team-a`; creating one is cluster-wide.
 pub fn needed_permissions(
-    objects: &[ObjectRef],
+    objects: &[(ObjectRef, &Live)],
     discovery: &Discovery,
     plural_of: impl Fn(&str, &str) -> Option<String>,
     existing: ExistingPolicy,
 ) -> BTreeSet<(String, String, String, Option<String>)> {
     let mut needed = BTreeSet::new();
-    for o in objects {
+    for (o, live) in objects {
         let plural = resource_for(discovery, o)
             .map(|r| r.plural)
             .or_else(|| plural_of(&o.group, &o.kind));
         let Some(plural) = plural else { continue };
-        let mut verbs = vec!["get", "create", "patch"];
-        if existing == ExistingPolicy::Recreate {
-            verbs.push("delete");
+        let mut verbs = vec!["get"];
+        match live {
+            Live::Absent => verbs.push("create"),
+            Live::Present { changes, .. } => match existing {
+                ExistingPolicy::Skip | ExistingPolicy::Fail => {}
+                ExistingPolicy::Update if changes.is_empty() => {}
+                ExistingPolicy::Update => verbs.push("patch"),
+                ExistingPolicy::Recreate => verbs.extend(["delete", "create", "patch"]),
+            },
+            Live::Unknown => {
+                verbs.extend(["create", "patch"]);
+                if existing == ExistingPolicy::Recreate {
+                    verbs.push("delete");
+                }
+            }
         }
+        let is_namespace = o.group.is_empty() && o.kind == "Namespace";
         for verb in verbs {
-            needed.insert((
-                verb.to_string(),
-                o.group.clone(),
-                plural.clone(),
-                o.namespace.clone(),
-            ));
+            let namespace = if is_namespace && verb != "create" {
+                Some(o.name.clone())
+            } else {
+                o.namespace.clone()
+            };
+            needed.insert((verb.to_string(), o.group.clone(), plural.clone(), namespace));
         }
     }
     needed

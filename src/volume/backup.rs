@@ -361,7 +361,7 @@ async fn read_files(
     // reader's and their own sends fail instead of waiting forever.
     drop(raw_rx);
     drop(sealed_tx);
-    let pause_after_pack = failpoint("volume-after-first-pack");
+    let pause_after_pack = crate::failpoint::armed("volume-after-first-pack");
     let writing = tokio::spawn(async move {
         while let Some(batch) = sealed_rx.recv().await {
             for (id, sealed, length) in batch {
@@ -395,12 +395,6 @@ async fn read_files(
     // The writer's failure explains the reader's (its queue closed).
     let writer = writer?;
     Ok((read?, writer))
-}
-
-/// Whether the failure point `name` is armed in `FERRY_FAILPOINTS`
-/// (comma-separated): tests stop a mover at an exact step to kill it there.
-fn failpoint(name: &str) -> bool {
-    std::env::var("FERRY_FAILPOINTS").is_ok_and(|v| v.split(',').any(|p| p.trim() == name))
 }
 
 fn open_for_reading(path: &Path) -> std::io::Result<File> {

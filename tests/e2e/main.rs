@@ -3,6 +3,7 @@
 //! and bucket, so the whole binary runs in parallel.
 
 mod backup;
+mod controller;
 mod fidelity;
 mod node;
 mod plan;

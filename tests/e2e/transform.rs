@@ -540,6 +540,7 @@ async fn objects_of_removed_api_versions_are_converted_and_accepted_by_the_newes
         kubeconfig: Some(cluster.kubeconfig.clone()),
         context: None,
         timeout: None,
+        impersonate: None,
     }
     .connect()
     .await

@@ -1,0 +1,609 @@
+//! BackupPolicy resources: on schedule, one snapshot per protected
+//! namespace, a record of it as a Backup in that namespace, then retention.
+//! Also coverage: which namespaces no policy protects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::backup::{NamespaceBackup, backup_namespace, completed};
+use super::crd::{Backup, BackupPolicy, BackupSpec, NamespaceRun};
+use super::schedule::{Schedule, kept};
+use super::{
+    Context, ControllerError, LABEL_NAMESPACE, LABEL_POLICY, condition, now_rfc3339, patch_status,
+};
+
+/// Namespaces no policy is expected to protect.
+pub fn is_system_namespace(name: &str) -> bool {
+    name.starts_with("kube-")
+}
+
+/// Whether `labels` match a Kubernetes label selector (`matchLabels` and
+/// `matchExpressions` with In, NotIn, Exists, DoesNotExist).
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && expressions_ok
+}
+
+/// Whether a policy protects namespace `name` with `labels`.
+pub fn protects(policy: &BackupPolicy, name: &str, labels: &BTreeMap<String, String>) -> bool {
+    policy.spec.namespaces.iter().any(|n| n == name)
+        || policy
+            .spec
+            .namespace_selector
+            .as_ref()
+            .is_some_and(|s| selector_matches(s, labels))
+}
+
+/// One namespace in the coverage report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Coverage {
+    pub namespace: String,
+    pub policies: Vec<String>,
+    /// The newest success of any protecting policy in this namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<String>,
+}
+
+/// Every namespace with the policies that protect it (none: unprotected).
+pub fn coverage(namespaces: &[Namespace], policies: &[BackupPolicy]) -> Vec<Coverage> {
+    let mut rows: Vec<Coverage> = namespaces
+        .iter()
+        .filter(|ns| !is_system_namespace(&ns.name_any()))
+        .filter(|ns| ns.metadata.deletion_timestamp.is_none())
+        .map(|ns| {
+            let name = ns.name_any();
+            let labels = ns.labels().clone();
+            let protecting: Vec<&BackupPolicy> = policies
+                .iter()
+                .filter(|p| !p.spec.suspend && protects(p, &name, &labels))
+                .collect();
+            let last_success = protecting
+                .iter()
+                .filter_map(|p| {
+                    p.status
+                        .as_ref()?
+                        .namespaces
+                        .iter()
+                        .find(|r| r.namespace == name)?
+                        .last_success_time
+                        .clone()
+                })
+                .max();
+            Coverage {
+                namespace: name,
+                policies: protecting.iter().map(|p| p.name_any()).collect(),
+                last_success,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+    rows
+}
+
+/// Namespaces `policy` protects now, by name and by labels.
+async fn protected_namespaces(
+    ctx: &Context,
+    policy: &BackupPolicy,
+) -> Result<Vec<String>, ControllerError> {
+    let api: Api<Namespace> = Api::all(ctx.conn.client.clone());
+    let mut names = BTreeSet::new();
+    for ns in api.list(&ListParams::default()).await?.items {
+        if ns.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = ns.name_any();
+        if protects(policy, &name, ns.labels()) {
+            names.insert(name);
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+fn parse_time(text: &Option<String>) -> Option<DateTime<Utc>> {
+    text.as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+pub async fn reconcile(
+    policy: Arc<BackupPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let name = policy.name_any();
+    let api: Api<BackupPolicy> = Api::all(ctx.conn.client.clone());
+    let mut status = policy.status.clone().unwrap_or_default();
+    let schedule = match Schedule::parse(&policy.spec.schedule, policy.spec.time_zone.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            status.conditions = vec![condition(
+                "Ready",
+                false,
+                "InvalidSchedule",
+                &e.to_string(),
+                policy.metadata.generation,
+            )];
+            patch_status(&api, &name, &status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let now = Utc::now();
+    let created = policy
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| DateTime::parse_from_rfc3339(&t.0.to_string()).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(now);
+    // A run that was interrupted (the controller died) runs again now.
+    let interrupted = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Running" && c.status == "True");
+    let (due, next) = schedule
+        .due(parse_time(&status.last_schedule_time), created, now)
+        .map_err(|e| ControllerError::Other(e.to_string()))?;
+    let next_text = next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    if policy.spec.suspend || !(due || interrupted) {
+        if status.next_schedule_time.as_deref() != Some(next_text.as_str()) {
+            status.next_schedule_time = Some(next_text);
+            patch_status(&api, &name, &status).await?;
+        }
+        let wait = (next - now).to_std().unwrap_or(Duration::from_secs(1));
+        return Ok(Action::requeue(wait.min(Duration::from_secs(3600))));
+    }
+
+    let started = Instant::now();
+    status.last_schedule_time = Some(now_rfc3339());
+    status.next_schedule_time = Some(next_text);
+    status.conditions = vec![condition(
+        "Running",
+        true,
+        if interrupted { "Resumed" } else { "Scheduled" },
+        "backing up the protected namespaces",
+        policy.metadata.generation,
+    )];
+    patch_status(&api, &name, &status).await?;
+
+    let outcome = run(&ctx, &policy).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut runs: BTreeMap<String, NamespaceRun> = status
+        .namespaces
+        .iter()
+        .map(|r| (r.namespace.clone(), r.clone()))
+        .collect();
+    let (failures, objects, bytes, message) = match &outcome {
+        Ok(run) => {
+            for (namespace, result) in &run.namespaces {
+                let entry = runs
+                    .entry(namespace.clone())
+                    .or_insert_with(|| NamespaceRun {
+                        namespace: namespace.clone(),
+                        ..Default::default()
+                    });
+                match result {
+                    Ok(stored) => {
+                        entry.last_snapshot = Some(stored.snapshot_name.clone());
+                        entry.last_success_time = Some(now_rfc3339());
+                        entry.last_error = None;
+                    }
+                    Err(e) => entry.last_error = Some(e.clone()),
+                }
+            }
+            // Namespaces no longer protected leave the status (their
+            // snapshots stay in the repository).
+            runs.retain(|ns, _| run.namespaces.contains_key(ns));
+            let failures = run.namespaces.values().filter(|r| r.is_err()).count();
+            let objects: i64 = run.namespaces.values().flatten().map(|s| s.objects).sum();
+            let bytes: i64 = run
+                .namespaces
+                .values()
+                .flatten()
+                .map(|s| s.bytes_stored)
+                .sum();
+            let mut message = format!(
+                "{} namespace(s) backed up, {failures} failed; retention deleted {} snapshot(s)",
+                run.namespaces.len() - failures,
+                run.deleted
+            );
+            if let Some(w) = &run.prune_warning {
+                message.push_str("; ");
+                message.push_str(w);
+            }
+            (failures, objects, bytes, message)
+        }
+        Err(e) => (1, 0, 0, e.to_string()),
+    };
+    status.namespaces = runs.into_values().collect();
+    status.protected_namespaces = Some(status.namespaces.len() as i32);
+    let ok = failures == 0;
+    if ok {
+        status.last_success_time = Some(now_rfc3339());
+    }
+    status.conditions = vec![
+        condition(
+            "Running",
+            false,
+            "Finished",
+            "no run in progress",
+            policy.metadata.generation,
+        ),
+        condition(
+            "LastRunSucceeded",
+            ok,
+            if ok { "Succeeded" } else { "Failed" },
+            &message,
+            policy.metadata.generation,
+        ),
+    ];
+    patch_status(&api, &name, &status).await?;
+    ctx.metrics.policy_run(&name, |m| {
+        m.runs_total += 1;
+        m.last_duration_seconds = elapsed;
+        m.last_objects = objects as u64;
+        m.last_bytes = bytes as u64;
+        if ok {
+            m.last_success_timestamp = Some(Utc::now().timestamp_millis() as f64 / 1000.0);
+        } else {
+            m.failures_total += 1;
+        }
+    });
+    ctx.event(
+        &*policy,
+        !ok,
+        if ok { "RunSucceeded" } else { "RunFailed" },
+        message,
+    )
+    .await;
+    let wait = (next - Utc::now())
+        .to_std()
+        .unwrap_or(Duration::from_secs(1));
+    Ok(Action::requeue(wait.min(Duration::from_secs(3600))))
+}
+
+struct Run {
+    namespaces: BTreeMap<String, Result<super::backup::Stored, String>>,
+    deleted: usize,
+    prune_warning: Option<String>,
+}
+
+async fn run(ctx: &Context, policy: &BackupPolicy) -> Result<Run, ControllerError> {
+    let policy_name = policy.name_any();
+    let opened = super::repository::open(ctx, &policy.spec.repository).await?;
+    let namespaces = protected_namespaces(ctx, policy).await?;
+    let stamp = Utc::now().format("%Y%m%d-%H%M%S").to_string();
+    let mut results = BTreeMap::new();
+    for namespace in &namespaces {
+        let mut labels = BTreeMap::new();
+        labels.insert(LABEL_POLICY.to_string(), policy_name.clone());
+        labels.insert(LABEL_NAMESPACE.to_string(), namespace.clone());
+        let request = NamespaceBackup {
+            namespace,
+            snapshot_name: format!("{policy_name}-{namespace}-{stamp}"),
+            labels,
+            selector: policy.spec.selector.as_deref(),
+            volume_method: policy.spec.volume_method.as_deref(),
+        };
+        let result = backup_namespace(&ctx.conn, &opened, &request).await;
+        let result = match result {
+            Ok(stored) => {
+                if let Err(e) = record(ctx, policy, namespace, &stamp, &stored).await {
+                    tracing::warn!(namespace, error = %e, "could not write the Backup record");
+                }
+                Ok(stored)
+            }
+            Err(e) => {
+                let reference = Namespace {
+                    metadata: ObjectMeta {
+                        name: Some(namespace.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }
+                .object_ref(&());
+                ctx.event_on(
+                    &reference,
+                    true,
+                    "BackupFailed",
+                    format!("BackupPolicy {policy_name}: {e}"),
+                )
+                .await;
+                Err(e.to_string())
+            }
+        };
+        results.insert(namespace.clone(), result);
+    }
+    let (deleted, prune_warning) = retention(ctx, policy, &opened, &namespaces).await?;
+    Ok(Run {
+        namespaces: results,
+        deleted,
+        prune_warning,
+    })
+}
+
+/// The Backup in `namespace` that lists the policy's snapshot there.
+async fn record(
+    ctx: &Context,
+    policy: &BackupPolicy,
+    namespace: &str,
+    stamp: &str,
+    stored: &super::backup::Stored,
+) -> Result<(), kube::Error> {
+    let api: Api<Backup> = Api::namespaced(ctx.conn.client.clone(), namespace);
+    let name = format!("{}-{stamp}", policy.name_any());
+    let backup = Backup {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some({
+                let mut labels: BTreeMap<String, String> =
+                    [(LABEL_POLICY.to_string(), policy.name_any())].into();
+                if let Some(instance) = &ctx.options.instance {
+                    labels.insert(super::LABEL_INSTANCE.to_string(), instance.clone());
+                }
+                labels
+            }),
+            ..Default::default()
+        },
+        spec: BackupSpec {
+            repository: policy.spec.repository.clone(),
+            selector: policy.spec.selector.clone(),
+            volume_method: policy.spec.volume_method.clone(),
+            policy: Some(policy.name_any()),
+            requester: None,
+        },
+        status: None,
+    };
+    match api.create(&PostParams::default(), &backup).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    patch_status(&api, &name, &completed(stored, None, None)).await
+}
+
+/// Applies the policy's retention to its snapshots of each protected
+/// namespace; deletes the records of deleted snapshots; prunes.
+async fn retention(
+    ctx: &Context,
+    policy: &BackupPolicy,
+    opened: &super::repository::Opened,
+    namespaces: &[String],
+) -> Result<(usize, Option<String>), ControllerError> {
+    let policy_name = policy.name_any();
+    let snapshots = opened
+        .repo
+        .list_snapshots()
+        .await
+        .map_err(|e| ControllerError::Other(e.to_string()))?;
+    let mut deleted = 0;
+    for namespace in namespaces {
+        let mine: Vec<(String, DateTime<Utc>)> = snapshots
+            .iter()
+            .filter(|(_, s)| {
+                s.labels.get(LABEL_POLICY) == Some(&policy_name)
+                    && s.labels.get(LABEL_NAMESPACE) == Some(namespace)
+            })
+            .filter_map(|(id, s)| {
+                let created = DateTime::parse_from_rfc3339(&s.created).ok()?;
+                Some((id.to_string(), created.with_timezone(&Utc)))
+            })
+            .collect();
+        let keep = kept(&mine, &policy.spec.retention);
+        let doomed: BTreeSet<String> = mine
+            .iter()
+            .map(|(id, _)| id.clone())
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in &doomed {
+            opened
+                .repo
+                .delete_snapshot(&crate::repo::SnapshotId(id.clone()))
+                .await
+                .map_err(|e| ControllerError::Other(e.to_string()))?;
+            deleted += 1;
+        }
+        if doomed.is_empty() {
+            continue;
+        }
+        let api: Api<Backup> = Api::namespaced(ctx.conn.client.clone(), namespace);
+        let records = api
+            .list(&ListParams::default().labels(&format!("{LABEL_POLICY}={policy_name}")))
+            .await?;
+        for record in records.items {
+            let snapshot = record.status.as_ref().and_then(|s| s.snapshot.clone());
+            if snapshot.is_some_and(|s| doomed.contains(&s)) {
+                let _ = api
+                    .delete(&record.name_any(), &DeleteParams::default())
+                    .await;
+            }
+        }
+    }
+    // Prune waits for no one: if another backup or restore holds the
+    // repository, the data is freed by a later run.
+    let prune_warning = if deleted > 0 {
+        match opened.repo.prune(false).await {
+            Ok(_) => None,
+            Err(e) => Some(format!("prune postponed: {e}")),
+        }
+    } else {
+        None
+    };
+    Ok((deleted, prune_warning))
+}
+
+/// Every `check_interval`: counts the namespaces no policy protects and
+/// puts a Warning Event on each.
+pub async fn coverage_loop(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = report_coverage(&ctx).await {
+            tracing::warn!(error = %e, "coverage");
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(ctx.options.check_interval) => {}
+        }
+    }
+}
+
+async fn report_coverage(ctx: &Context) -> Result<(), ControllerError> {
+    let namespaces = Api::<Namespace>::all(ctx.conn.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let policies = Api::<BackupPolicy>::all(ctx.conn.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let rows = coverage(&namespaces, &policies);
+    let unprotected: Vec<&Coverage> = rows.iter().filter(|r| r.policies.is_empty()).collect();
+    ctx.metrics.set_unprotected(unprotected.len() as u64);
+    // Coverage is the cluster's, whichever controller protects what: only
+    // the default controller reports it as Events, so they come once.
+    if ctx.options.instance.is_some() {
+        return Ok(());
+    }
+    for row in unprotected {
+        if let Some(ns) = namespaces.iter().find(|n| n.name_any() == row.namespace) {
+            ctx.event(
+                ns,
+                true,
+                "Unprotected",
+                format!(
+                    "no BackupPolicy protects namespace {}; label it to match a policy's namespaceSelector or name it in spec.namespaces",
+                    row.namespace
+                ),
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn label_selectors_match_like_the_api_server() {
+        let selector = LabelSelector {
+            match_labels: Some(labels(&[("protect", "daily")])),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "NotIn".into(),
+                values: Some(vec!["scratch".into()]),
+            }]),
+        };
+        assert!(selector_matches(
+            &selector,
+            &labels(&[("protect", "daily")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("protect", "daily"), ("tier", "scratch")])
+        ));
+        assert!(!selector_matches(
+            &selector,
+            &labels(&[("protect", "weekly")])
+        ));
+        assert!(selector_matches(&LabelSelector::default(), &labels(&[])));
+    }
+
+    fn namespace(name: &str, pairs: &[(&str, &str)]) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(labels(pairs)),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn policy(name: &str, spec: serde_json::Value) -> BackupPolicy {
+        let mut policy: BackupPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "BackupPolicy",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        policy.status = None;
+        policy
+    }
+
+    #[test]
+    fn coverage_lists_unprotected_namespaces_and_skips_system_ones() {
+        let namespaces = [
+            namespace("shop", &[("protect", "daily")]),
+            namespace("blog", &[]),
+            namespace("billing", &[]),
+            namespace("kube-system", &[]),
+        ];
+        let policies = [
+            policy(
+                "daily",
+                serde_json::json!({"repository": "r", "schedule": "@daily",
+                    "namespaceSelector": {"matchLabels": {"protect": "daily"}}}),
+            ),
+            policy(
+                "billing",
+                serde_json::json!({"repository": "r", "schedule": "@daily",
+                    "namespaces": ["billing"]}),
+            ),
+            policy(
+                "off",
+                serde_json::json!({"repository": "r", "schedule": "@daily",
+                    "namespaces": ["blog"], "suspend": true}),
+            ),
+        ];
+        let rows = coverage(&namespaces, &policies);
+        let summary: Vec<(&str, Vec<&str>)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.namespace.as_str(),
+                    r.policies.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("billing", vec!["billing"]),
+                ("blog", vec![]),
+                ("shop", vec!["daily"]),
+            ]
+        );
+    }
+}
