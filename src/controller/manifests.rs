@@ -19,7 +19,7 @@ impl Default for Install {
     fn default() -> Self {
         Install {
             namespace: "ferry-system".into(),
-            image: "ghcr.io/ferry-dev/ferry:latest".into(),
+            image: concat!("ghcr.io/ferry-dev/ferry:", env!("CARGO_PKG_VERSION")).into(),
             replicas: 2,
         }
     }
@@ -173,6 +173,7 @@ pub fn deployment(install: &Install) -> Value {
                         "env": [
                             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "FERRY_LOG_FORMAT", "value": "json"},
                         ],
                         "ports": [{"name": "metrics", "containerPort": 8080}],
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 20},
