@@ -22,9 +22,10 @@ use crate::cluster::capture::{DEFAULT_PAGE_SIZE, Pager, get_object};
 use crate::cluster::discovery::{Discovery, ServedResource, discover};
 use crate::cluster::profile::read_profile;
 use crate::cluster::{ClusterError, Connection, status_code};
+use crate::incremental::{CaptureCache, ObjectSource, SourceObject, Version, version_of};
 use crate::model::ObjectRef;
 use crate::model::edges::{EdgeKind, Reference, Target, references};
-use crate::model::graph::AppGraph;
+use crate::model::graph::{AppGraph, Node};
 use crate::model::normalize::{NormalizeOptions, Verdict, normalize};
 use crate::model::select::Selection;
 use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId, WriteStats, encode_refs};
@@ -53,6 +54,14 @@ pub struct BackupOptions {
     pub allow_empty: bool,
     /// Protect the data of the selection's PersistentVolumeClaims.
     pub volumes: Option<VolumeSettings>,
+    /// What earlier backups made of object versions; reused, not redone.
+    /// Its owner marks runs ([`CaptureCache::begin_run`]): one run may be
+    /// several backups (a policy's namespaces).
+    pub cache: Option<Arc<CaptureCache>>,
+    /// Where collections come from instead of LISTs (a watch journal).
+    pub source: Option<Arc<dyn ObjectSource>>,
+    /// Discovery and profile read earlier, instead of reading them again.
+    pub discovered: Option<Arc<(Discovery, crate::profile::ClusterProfile)>>,
 }
 
 /// How a backup protects volume data.
@@ -76,6 +85,9 @@ impl BackupOptions {
             labels: BTreeMap::new(),
             allow_empty: false,
             volumes: None,
+            cache: None,
+            source: None,
+            discovered: None,
         }
     }
 }
@@ -182,6 +194,8 @@ pub enum BackupError {
     Writer(String),
     #[error("{0}; no snapshot was written")]
     Volumes(#[from] crate::mover::MoverError),
+    #[error("the journal and capture cache are out of step with the repository ({}); no snapshot was written. A full backup heals it", .0.join("; "))]
+    Stale(Vec<String>),
 }
 
 /// Kinds whose objects are all skipped by normalization: not listing them
@@ -227,13 +241,21 @@ struct Captured {
     object: ObjectRef,
     value: Value,
     bytes: Vec<u8>,
+    /// Uid and resourceVersion, under which the capture cache keeps it.
+    version: Option<Version>,
 }
 
 enum Item {
     Object(Box<Captured>),
+    /// An object version the capture cache has: nothing to redo.
+    Cached(Arc<crate::incremental::Captured>),
     Skipped(SkippedObject),
     Forbidden(String),
     Warning(String),
+    /// The source named an object version the cache no longer has, or the
+    /// repository lost a blob the cache names: this backup cannot be made
+    /// incrementally.
+    Stale(String),
 }
 
 /// Runs a whole backup and returns what it stored. A partial backup (some
@@ -258,8 +280,15 @@ pub async fn run(
         return Err(BackupError::NameTaken(opts.name.clone()));
     }
 
-    let discovery = discover(&conn.client).await?;
-    let profile = read_profile(conn, &discovery).await?;
+    let (discovery, profile) = match &opts.discovered {
+        Some(known) => (known.0.clone(), known.1.clone()),
+        None => {
+            let discovery = discover(&conn.client).await?;
+            let profile = read_profile(conn, &discovery).await?;
+            (discovery, profile)
+        }
+    };
+
     let mut report = BackupReport::default();
     for (gv, why) in &discovery.failures {
         report.warnings.push(format!(
@@ -292,6 +321,7 @@ pub async fn run(
 
     let pack_writer = repo.writer(&lock);
     let writer_progress = progress.clone();
+    let writer_cache = opts.cache.clone();
     // The writer owns the pack writer and the graph: each object is encoded
     // into a pack and reduced to its graph node right away, so memory holds
     // identities and references, not objects.
@@ -311,13 +341,58 @@ pub async fn run(
                     if graph.contains(&c.object) {
                         continue;
                     }
-                    add_to_graph(&mut graph, &c.object, &c.value, Some(&blob));
+                    let node = Node::from_value(c.object.clone(), &c.value, Some(blob.to_string()));
+                    let refs = references(&c.value);
+                    if let (Some(cache), Some(version)) = (&writer_cache, c.version) {
+                        cache.insert(
+                            version,
+                            crate::incremental::Captured::Stored {
+                                object: c.object.clone(),
+                                blob,
+                                size: c.bytes.len() as u64,
+                                node: node.clone(),
+                                references: refs.clone(),
+                            },
+                        );
+                    }
+                    graph.add_node(node);
+                    graph.add_references(&c.object, refs);
                     catalog.push(CatalogEntry {
                         object: c.object,
                         blob,
                         size: c.bytes.len() as u64,
                     });
                 }
+                Item::Cached(cached) => match &*cached {
+                    crate::incremental::Captured::Stored {
+                        object,
+                        blob,
+                        size,
+                        node,
+                        references,
+                    } => {
+                        if !writer.has_existing(blob, *size) {
+                            others.push(Item::Stale(format!(
+                                "{object}: the repository no longer has its blob {blob}"
+                            )));
+                            continue;
+                        }
+                        writer_progress.objects.fetch_add(1, Ordering::Relaxed);
+                        if graph.contains(object) {
+                            continue;
+                        }
+                        graph.add_node(node.clone());
+                        graph.add_references(object, references.clone());
+                        catalog.push(CatalogEntry {
+                            object: object.clone(),
+                            blob: *blob,
+                            size: *size,
+                        });
+                    }
+                    crate::incremental::Captured::Skipped(skipped) => {
+                        others.push(Item::Skipped(skipped.clone()))
+                    }
+                },
                 other => others.push(other),
             }
         }
@@ -393,6 +468,16 @@ pub async fn run(
         // The pack writer is dropped unfinished: its packs are unreferenced
         // and no snapshot exists, so the backup does not look complete.
         return Err(e.into());
+    }
+    let stale: Vec<String> = others
+        .iter()
+        .filter_map(|i| match i {
+            Item::Stale(why) => Some(why.clone()),
+            _ => None,
+        })
+        .collect();
+    if !stale.is_empty() {
+        return Err(BackupError::Stale(stale));
     }
     absorb(&mut report, others);
 
@@ -638,7 +723,7 @@ fn absorb(report: &mut BackupReport, items: Vec<Item>) {
             Item::Skipped(s) => report.skipped.push(s),
             Item::Forbidden(f) => report.forbidden.push(f),
             Item::Warning(w) => report.warnings.push(w),
-            Item::Object(_) => {}
+            Item::Object(_) | Item::Cached(_) | Item::Stale(_) => {}
         }
     }
 }
@@ -664,6 +749,7 @@ fn object_label(value: &Value) -> String {
 
 fn normalize_item(obj: Value, opts: &NormalizeOptions) -> Result<Item, BackupError> {
     let label = object_label(&obj);
+    let version = version_of(&obj);
     match normalize(obj, opts) {
         Verdict::Skip { rule, reason } => Ok(Item::Skipped(SkippedObject {
             object: label,
@@ -687,6 +773,7 @@ fn normalize_item(obj: Value, opts: &NormalizeOptions) -> Result<Item, BackupErr
                 object: object_ref,
                 value: object,
                 bytes,
+                version,
             })))
         }
     }
@@ -700,6 +787,39 @@ async fn capture_collection(
     opts: &BackupOptions,
     tx: &mpsc::Sender<Item>,
 ) -> Result<(), ClusterError> {
+    if let Some(objects) = opts
+        .source
+        .as_ref()
+        .and_then(|s| s.objects(resource, namespace))
+    {
+        for obj in objects {
+            let selectable = obj.selectable();
+            let ns = selectable
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !namespaces.contains(ns) || !opts.selection.object_selected(selectable) {
+                continue;
+            }
+            let item = match obj {
+                SourceObject::Raw(value) => capture_one((*value).clone(), opts),
+                SourceObject::Known { version, stub } => {
+                    match opts.cache.as_ref().and_then(|c| c.get(&version)) {
+                        Some(cached) => Item::Cached(cached),
+                        None => Item::Stale(format!(
+                            "{} (resourceVersion {}) is not in the capture cache",
+                            object_label(&stub),
+                            version.1
+                        )),
+                    }
+                }
+            };
+            if tx.send(item).await.is_err() {
+                return Ok(());
+            }
+        }
+        return Ok(());
+    }
     let mut pager = Pager::new(
         &conn.client,
         resource,
@@ -716,16 +836,36 @@ async fn capture_collection(
             if !namespaces.contains(ns) || !opts.selection.object_selected(&obj) {
                 continue;
             }
-            let item = match normalize_item(obj, &opts.normalize) {
-                Ok(item) => item,
-                Err(e) => Item::Warning(e.to_string()),
-            };
-            if tx.send(item).await.is_err() {
+            if tx.send(capture_one(obj, opts)).await.is_err() {
                 return Ok(());
             }
         }
     }
     Ok(())
+}
+
+/// One object of a collection: from the capture cache when it has this
+/// version, else normalized (and a skip remembered).
+fn capture_one(obj: Value, opts: &BackupOptions) -> Item {
+    let version = version_of(&obj);
+    if let (Some(cache), Some(version)) = (&opts.cache, &version)
+        && let Some(cached) = cache.get(version)
+    {
+        return Item::Cached(cached);
+    }
+    match normalize_item(obj, &opts.normalize) {
+        Ok(Item::Skipped(skipped)) => {
+            if let (Some(cache), Some(version)) = (&opts.cache, version) {
+                cache.insert(
+                    version,
+                    crate::incremental::Captured::Skipped(skipped.clone()),
+                );
+            }
+            Item::Skipped(skipped)
+        }
+        Ok(item) => item,
+        Err(e) => Item::Warning(e.to_string()),
+    }
 }
 
 fn add_to_graph(graph: &mut AppGraph, object: &ObjectRef, value: &Value, blob: Option<&BlobId>) {
@@ -1051,6 +1191,7 @@ async fn store_dependency(
             report.forbidden.push(f);
             Ok(false)
         }
+        Item::Cached(_) | Item::Stale(_) => Ok(false),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod cluster;
 pub mod controller;
 pub mod failpoint;
+pub mod incremental;
 pub mod model;
 pub mod mover;
 pub mod profile;

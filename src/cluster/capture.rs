@@ -160,7 +160,7 @@ fn item_key(item: &Value) -> String {
 }
 
 /// Percent-encodes a query value.
-fn encode(value: &str) -> String {
+pub(crate) fn encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
         match b {
@@ -224,7 +224,7 @@ pub async fn get_object(
 /// Gives an object its `apiVersion` and `kind` (items of a LIST come
 /// without them), first in the map so stored and printed objects read like
 /// manifests.
-fn set_type_meta(obj: &mut Value, api_version: &str, kind: &str) {
+pub(crate) fn set_type_meta(obj: &mut Value, api_version: &str, kind: &str) {
     let Some(map) = obj.as_object_mut() else {
         return;
     };

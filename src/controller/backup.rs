@@ -34,6 +34,22 @@ pub struct NamespaceBackup<'a> {
     pub labels: BTreeMap<String, String>,
     pub selector: Option<&'a str>,
     pub volume_method: Option<&'a str>,
+    /// The policy's capture cache, and its journal when this run reads
+    /// collections from it.
+    pub incremental: Option<Incremental>,
+}
+
+/// What makes a policy's scheduled backup cheap (see [`super::journal`]).
+#[derive(Clone)]
+pub struct Incremental {
+    pub cache: Arc<crate::incremental::CaptureCache>,
+    pub journal: Option<Arc<super::journal::Journal>>,
+    pub discovered: Option<
+        Arc<(
+            crate::cluster::discovery::Discovery,
+            crate::profile::ClusterProfile,
+        )>,
+    >,
 }
 
 /// What a finished namespace backup stored.
@@ -75,6 +91,13 @@ pub async fn backup_namespace(
     let method: crate::mover::VolumeMethod = method
         .parse()
         .map_err(|e: String| ControllerError::Other(format!("volumeMethod: {e}")))?;
+    if let Some(incremental) = &request.incremental {
+        options.cache = Some(incremental.cache.clone());
+        if let Some(journal) = &incremental.journal {
+            options.source = Some(journal.clone());
+            options.discovered = incremental.discovered.clone();
+        }
+    }
     if method != crate::mover::VolumeMethod::Skip {
         options.volumes = Some(VolumeSettings {
             policy: crate::mover::VolumePolicy {
@@ -91,7 +114,10 @@ pub async fn backup_namespace(
         crate::backup::run(&conn, &repo, &options, Arc::new(Progress::default())).await
     })
     .await?
-    .map_err(|e| ControllerError::Other(crate::cluster::connect::error_chain(&e)))?;
+    .map_err(|e| match e {
+        crate::backup::BackupError::Stale(why) => ControllerError::Stale(why.join("; ")),
+        other => ControllerError::Other(crate::cluster::connect::error_chain(&other)),
+    })?;
     let report = &outcome.content.report;
     let mut warnings = report.warnings.clone();
     warnings.extend(
@@ -304,6 +330,7 @@ async fn run_as(
         labels,
         selector: backup.spec.selector.as_deref(),
         volume_method: backup.spec.volume_method.as_deref(),
+        incremental: None,
     };
     backup_namespace(&conn, opened, &request).await
 }

@@ -146,6 +146,12 @@ pub struct BackupPolicySpec {
     /// No runs while set.
     #[serde(default)]
     pub suspend: bool,
+    /// Between full backups (which LIST every collection), runs read the
+    /// controller's watch journal and redo only what changed. Every Nth
+    /// run is full (default 24), which heals anything a watch missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub full_backup_every: Option<i32>,
 }
 
 /// Which snapshots of each namespace a policy keeps: the union of the
@@ -182,6 +188,10 @@ pub struct BackupPolicyStatus {
     pub next_schedule_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protected_namespaces: Option<i32>,
+    /// `Full` (every collection LISTed) or `Journaled` (read from the
+    /// watch journal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_kind: Option<String>,
     /// Per protected namespace: its last snapshot and last success.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<NamespaceRun>,

@@ -16,6 +16,8 @@ pub struct PolicyRun {
     pub last_bytes: u64,
     pub failures_total: u64,
     pub runs_total: u64,
+    /// Whether the last run read the watch journal instead of LISTs.
+    pub last_journaled: bool,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +109,12 @@ impl Metrics {
             "gauge",
             "Bytes the policy's last run added to the repository.",
             per_policy(&|r| Some(r.last_bytes.to_string())),
+        );
+        family(
+            "ferry_policy_last_run_journaled",
+            "gauge",
+            "1 when the policy's last run read the watch journal instead of LISTing.",
+            per_policy(&|r| Some(u8::from(r.last_journaled).to_string())),
         );
         family(
             "ferry_policy_runs_total",

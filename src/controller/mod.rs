@@ -17,6 +17,7 @@ pub mod backup;
 pub mod confine;
 pub mod crd;
 pub mod http;
+pub mod journal;
 pub mod lease;
 pub mod manifests;
 pub mod metrics;
@@ -88,6 +89,10 @@ pub enum ControllerError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Other(String),
+    /// The journal or capture cache disagreed with the repository; a full
+    /// backup is needed.
+    #[error("{0}")]
+    Stale(String),
 }
 
 /// What every reconciler shares.
@@ -99,6 +104,10 @@ pub struct Context {
     /// Serializes work on one repository's retention with its backups of
     /// the same policy run.
     pub runs: tokio::sync::Mutex<()>,
+    /// Repositories opened so far.
+    pub repositories: repository::OpenedCache,
+    /// Per policy (by uid): its watch journal and capture cache.
+    pub journals: tokio::sync::Mutex<std::collections::HashMap<String, policy::PolicyJournal>>,
 }
 
 impl Context {
@@ -270,6 +279,8 @@ pub async fn run(
         recorder,
         metrics: metrics.clone(),
         runs: tokio::sync::Mutex::new(()),
+        journals: Default::default(),
+        repositories: Default::default(),
     });
 
     // Stop when asked, or when the Lease is lost (another replica leads).

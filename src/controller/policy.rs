@@ -15,12 +15,15 @@ use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::backup::{NamespaceBackup, backup_namespace, completed};
+use super::backup::{Incremental, NamespaceBackup, backup_namespace, completed};
 use super::crd::{Backup, BackupPolicy, BackupSpec, NamespaceRun};
+use super::journal::Journal;
 use super::schedule::{Schedule, kept};
 use super::{
     Context, ControllerError, LABEL_NAMESPACE, LABEL_POLICY, condition, now_rfc3339, patch_status,
 };
+use crate::cluster::discovery::Discovery;
+use crate::incremental::CaptureCache;
 
 /// Namespaces no policy is expected to protect.
 pub fn is_system_namespace(name: &str) -> bool {
@@ -197,6 +200,8 @@ pub async fn reconcile(
         .iter()
         .map(|r| (r.namespace.clone(), r.clone()))
         .collect();
+    let journaled = outcome.as_ref().is_ok_and(|r| r.journaled);
+    status.last_run_kind = Some(if journaled { "Journaled" } else { "Full" }.into());
     let (failures, objects, bytes, message) = match &outcome {
         Ok(run) => {
             for (namespace, result) in &run.namespaces {
@@ -264,6 +269,7 @@ pub async fn reconcile(
     patch_status(&api, &name, &status).await?;
     ctx.metrics.policy_run(&name, |m| {
         m.runs_total += 1;
+        m.last_journaled = journaled;
         m.last_duration_seconds = elapsed;
         m.last_objects = objects as u64;
         m.last_bytes = bytes as u64;
@@ -286,30 +292,85 @@ pub async fn reconcile(
     Ok(Action::requeue(wait.min(Duration::from_secs(3600))))
 }
 
+/// What a policy keeps between runs: the watch journal of every
+/// collection, the capture cache, and the discovery of its last full run.
+#[derive(Clone)]
+pub struct PolicyJournal {
+    pub journal: Arc<Journal>,
+    pub cache: Arc<CaptureCache>,
+    pub discovered: Arc<(Discovery, crate::profile::ClusterProfile)>,
+    pub runs_since_full: i32,
+}
+
 struct Run {
     namespaces: BTreeMap<String, Result<super::backup::Stored, String>>,
     deleted: usize,
     prune_warning: Option<String>,
+    journaled: bool,
 }
 
 async fn run(ctx: &Context, policy: &BackupPolicy) -> Result<Run, ControllerError> {
     let policy_name = policy.name_any();
+    let uid = policy.uid().unwrap_or_default();
     let opened = super::repository::open(ctx, &policy.spec.repository).await?;
     let namespaces = protected_namespaces(ctx, policy).await?;
     let stamp = Utc::now().format("%Y%m%d-%H%M%S").to_string();
+    let full_every = policy.spec.full_backup_every.unwrap_or(24).max(1);
+    let state = ctx.journals.lock().await.get(&uid).cloned();
+    // Journaled when the journal follows everything and no full run is due;
+    // the first run, and every `fullBackupEvery`th, LIST.
+    // A changed CRD may serve a new kind the journal does not follow.
+    let crds_changed = state.as_ref().is_some_and(|s| {
+        s.journal
+            .changes_in("apiextensions.k8s.io", "customresourcedefinitions")
+            .is_none_or(|n| n > 0)
+    });
+    let mut journaled = !crds_changed
+        && state
+            .as_ref()
+            .is_some_and(|s| s.runs_since_full + 1 < full_every && s.journal.synced());
+    let cache = state
+        .as_ref()
+        .map(|s| s.cache.clone())
+        .unwrap_or_else(|| Arc::new(CaptureCache::new()));
     let mut results = BTreeMap::new();
+    cache.begin_run();
     for namespace in &namespaces {
         let mut labels = BTreeMap::new();
         labels.insert(LABEL_POLICY.to_string(), policy_name.clone());
         labels.insert(LABEL_NAMESPACE.to_string(), namespace.clone());
-        let request = NamespaceBackup {
+        let mut request = NamespaceBackup {
             namespace,
             snapshot_name: format!("{policy_name}-{namespace}-{stamp}"),
             labels,
             selector: policy.spec.selector.as_deref(),
             volume_method: policy.spec.volume_method.as_deref(),
+            incremental: Some(Incremental {
+                cache: cache.clone(),
+                journal: state
+                    .as_ref()
+                    .filter(|_| journaled)
+                    .map(|s| s.journal.clone()),
+                discovered: state
+                    .as_ref()
+                    .filter(|_| journaled)
+                    .map(|s| s.discovered.clone()),
+            }),
         };
-        let result = backup_namespace(&ctx.conn, &opened, &request).await;
+        let mut result = backup_namespace(&ctx.conn, &opened, &request).await;
+        if let Err(ControllerError::Stale(why)) = &result {
+            // The journal cannot be trusted with this: LIST, and start a
+            // new journal after this run.
+            tracing::warn!(policy = %policy_name, namespace, %why, "journal out of step; backing up in full");
+            cache.clear();
+            journaled = false;
+            request.incremental = Some(Incremental {
+                cache: cache.clone(),
+                journal: None,
+                discovered: None,
+            });
+            result = backup_namespace(&ctx.conn, &opened, &request).await;
+        }
         let result = match result {
             Ok(stored) => {
                 if let Err(e) = record(ctx, policy, namespace, &stamp, &stored).await {
@@ -338,11 +399,71 @@ async fn run(ctx: &Context, policy: &BackupPolicy) -> Result<Run, ControllerErro
         };
         results.insert(namespace.clone(), result);
     }
+    if results.values().all(|r| r.is_ok()) {
+        // What no namespace of this run used is gone from the cluster.
+        cache.finish_run();
+    }
     let (deleted, prune_warning) = retention(ctx, policy, &opened, &namespaces).await?;
+    let interest: BTreeSet<String> = namespaces.iter().cloned().collect();
+    match state {
+        Some(mut state) if journaled => {
+            state.journal.keep_namespaces(Some(interest));
+            state.journal.compact();
+            state.runs_since_full += 1;
+            ctx.journals.lock().await.insert(uid, state);
+        }
+        previous => {
+            // After a full run: a new journal from the current discovery
+            // (new CRDs included), sharing the cache the run filled.
+            if let Some(previous) = previous {
+                previous.journal.stop();
+            }
+            match follow_everything(ctx, cache, interest).await {
+                Ok(state) => {
+                    ctx.journals.lock().await.insert(uid, state);
+                }
+                Err(e) => {
+                    tracing::warn!(policy = %policy_name, error = %e, "cannot start the watch journal; the next run LISTs");
+                    ctx.journals.lock().await.remove(&uid);
+                }
+            }
+        }
+    }
     Ok(Run {
         namespaces: results,
         deleted,
         prune_warning,
+        journaled,
+    })
+}
+
+/// A journal of every namespaced collection a backup captures.
+async fn follow_everything(
+    ctx: &Context,
+    cache: Arc<CaptureCache>,
+    interest: BTreeSet<String>,
+) -> Result<PolicyJournal, ControllerError> {
+    let discovery = crate::cluster::discovery::discover(&ctx.conn.client).await?;
+    let profile = crate::cluster::profile::read_profile(&ctx.conn, &discovery).await?;
+    let everything = crate::model::select::Selection {
+        all_namespaces: true,
+        include_deps: true,
+        ..Default::default()
+    };
+    let journal = Journal::new(ctx.conn.client.clone(), cache.clone());
+    journal.keep_namespaces(Some(interest));
+    let mut followed = crate::backup::collections_to_capture(&discovery, &everything);
+    // CRDs too: a changed one makes the next run full, with a new discovery.
+    if let Some(crds) = discovery.by_group_kind("apiextensions.k8s.io", "CustomResourceDefinition")
+    {
+        followed.push(crds);
+    }
+    journal.follow(&followed);
+    Ok(PolicyJournal {
+        journal,
+        cache,
+        discovered: Arc::new((discovery, profile)),
+        runs_since_full: 0,
     })
 }
 

@@ -19,15 +19,30 @@ use crate::repo::{
 
 /// A repository opened for the controller, with what mover Pods need to
 /// reach it too.
+#[derive(Clone)]
 pub struct Opened {
     pub repo: Repository,
     pub mover: crate::mover::MoverSettings,
 }
 
+/// Opened repositories, by what they were opened from (the Repository's
+/// generation and its Secrets' resourceVersions): opening derives the key from the
+/// password, which is slow on purpose, and a handle remembers snapshot
+/// manifests it has read.
+pub type OpenedCache = tokio::sync::Mutex<std::collections::HashMap<String, Opened>>;
+
 async fn secret_data(
     ctx: &Context,
     reference: &SecretRef,
 ) -> Result<BTreeMap<String, Vec<u8>>, ControllerError> {
+    Ok(secret(ctx, reference).await?.1)
+}
+
+/// A Secret's data and resourceVersion.
+async fn secret(
+    ctx: &Context,
+    reference: &SecretRef,
+) -> Result<(String, BTreeMap<String, Vec<u8>>), ControllerError> {
     let namespace = reference
         .namespace
         .clone()
@@ -39,12 +54,15 @@ async fn secret_data(
             reference.name
         ))
     })?;
-    Ok(secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.0))
-        .collect())
+    Ok((
+        secret.metadata.resource_version.clone().unwrap_or_default(),
+        secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect(),
+    ))
 }
 
 /// Opens the Repository named `name` (creating it when it says so).
@@ -59,6 +77,33 @@ pub async fn open(ctx: &Context, name: &str) -> Result<Opened, ControllerError> 
 }
 
 pub async fn open_resource(
+    ctx: &Context,
+    resource: &RepositoryResource,
+) -> Result<Opened, ControllerError> {
+    let mut versions = vec![
+        resource.name_any(),
+        // The spec's generation: status updates do not change it.
+        resource.metadata.generation.unwrap_or_default().to_string(),
+        secret(ctx, &resource.spec.key_secret).await?.0,
+    ];
+    if let Some(credentials) = &resource.spec.credentials_secret {
+        versions.push(secret(ctx, credentials).await?.0);
+    }
+    let key = versions.join("/");
+    let mut opened = ctx.repositories.lock().await;
+    if let Some(found) = opened.get(&key) {
+        return Ok(found.clone());
+    }
+    let fresh = open_uncached(ctx, resource).await?;
+    fresh.repo.remember_written_files();
+    // One handle per Repository: older versions of it are dropped.
+    let prefix = format!("{}/", resource.name_any());
+    opened.retain(|k, _| !k.starts_with(&prefix));
+    opened.insert(key, fresh.clone());
+    Ok(fresh)
+}
+
+async fn open_uncached(
     ctx: &Context,
     resource: &RepositoryResource,
 ) -> Result<Opened, ControllerError> {

@@ -36,6 +36,51 @@ pub struct Node {
     crd: Option<Value>,
 }
 
+impl Node {
+    /// The node of an object: its identity and what resolving references
+    /// to it needs (labels, pod labels, what a CRD defines).
+    pub fn from_value(object: ObjectRef, value: &Value, blob: Option<String>) -> Node {
+        let labels = value
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let pod_labels = if selectable(&object.group, &object.kind) {
+            pod_template_labels(value).cloned()
+        } else {
+            None
+        };
+        let defines = (object.kind == "CustomResourceDefinition").then(|| {
+            (
+                value
+                    .pointer("/spec/group")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                value
+                    .pointer("/spec/names/kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        });
+        let crd = defines.is_some().then(|| {
+            serde_json::json!({
+                "spec": {"group": value.pointer("/spec/group"), "names": value.pointer("/spec/names")},
+                "metadata": {"labels": value.pointer("/metadata/labels"), "annotations": value.pointer("/metadata/annotations")},
+            })
+        });
+        Node {
+            object,
+            blob,
+            labels,
+            pod_labels,
+            defines,
+            crd,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Edge {
     pub kind: EdgeKind,
@@ -114,45 +159,16 @@ impl AppGraph {
         if let Some(i) = self.index.get(&key_of(&object)) {
             return *i;
         }
-        let labels = value
-            .pointer("/metadata/labels")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let pod_labels = if selectable(&object.group, &object.kind) {
-            pod_template_labels(value).cloned()
-        } else {
-            None
-        };
-        let defines = (object.kind == "CustomResourceDefinition").then(|| {
-            (
-                value
-                    .pointer("/spec/group")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                value
-                    .pointer("/spec/names/kind")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        });
-        let crd = defines.is_some().then(|| {
-            serde_json::json!({
-                "spec": {"group": value.pointer("/spec/group"), "names": value.pointer("/spec/names")},
-                "metadata": {"labels": value.pointer("/metadata/labels"), "annotations": value.pointer("/metadata/annotations")},
-            })
-        });
-        let key = key_of(&object);
-        let i = self.graph.add_node(Node {
-            object,
-            blob,
-            labels,
-            pod_labels,
-            defines,
-            crd,
-        });
+        self.add_node(Node::from_value(object, value, blob))
+    }
+
+    /// Adds a node made earlier (once).
+    pub fn add_node(&mut self, node: Node) -> NodeIndex {
+        let key = key_of(&node.object);
+        if let Some(i) = self.index.get(&key) {
+            return *i;
+        }
+        let i = self.graph.add_node(node);
         self.index.insert(key, i);
         i
     }

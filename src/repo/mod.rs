@@ -418,6 +418,11 @@ pub(crate) struct Inner {
     index: RwLock<Index>,
     pauses: pause::PausePoints,
     io: Arc<stats::Counters>,
+    /// Snapshot manifests and index files read so far, by path, when
+    /// remembered (see [`Repository::remember_written_files`]).
+    manifests: std::sync::Mutex<HashMap<String, Snapshot>>,
+    index_files: std::sync::Mutex<HashMap<String, Arc<IndexFile>>>,
+    remember: std::sync::atomic::AtomicBool,
 }
 
 /// An open repository. Cheap to clone; safe to share between tasks.
@@ -629,6 +634,9 @@ impl Repository {
                 index: RwLock::new(Index::default()),
                 pauses: Default::default(),
                 io,
+                manifests: Default::default(),
+                index_files: Default::default(),
+                remember: Default::default(),
             }),
         })
     }
@@ -707,6 +715,9 @@ impl Repository {
                 index: RwLock::new(Index::default()),
                 pauses: Default::default(),
                 io,
+                manifests: Default::default(),
+                index_files: Default::default(),
+                remember: Default::default(),
             }),
         })
     }
@@ -739,13 +750,39 @@ impl Repository {
     pub(crate) async fn read_index_files(&self) -> Result<Index, RepoError> {
         let (marks, damaged_marks) = self.read_marks().await?;
         let files = self.inner.backend.list("index/").await?;
-        let loaded: Vec<(String, Result<IndexFile, String>)> = futures::stream::iter(files)
-            .map(|f| async move {
-                let result = match self.inner.backend.get(&f.path).await {
-                    Ok(bytes) => self.decode_json::<IndexFile>(&bytes),
-                    Err(e) => Err(e.to_string()),
-                };
-                (f.path, result)
+        let remember = self.remembers();
+        let known: HashMap<String, Arc<IndexFile>> = if remember {
+            let mut cached = self
+                .inner
+                .index_files
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let listed: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+            cached.retain(|path, _| listed.contains(path.as_str()));
+            cached.clone()
+        } else {
+            HashMap::new()
+        };
+        let loaded: Vec<(String, Result<Arc<IndexFile>, String>)> = futures::stream::iter(files)
+            .map(|f| {
+                let known = &known;
+                async move {
+                    if let Some(file) = known.get(&f.path) {
+                        return (f.path, Ok(file.clone()));
+                    }
+                    let result = match self.inner.backend.get(&f.path).await {
+                        Ok(bytes) => self.decode_json::<IndexFile>(&bytes).map(Arc::new),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if remember && let Ok(file) = &result {
+                        self.inner
+                            .index_files
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(f.path.clone(), file.clone());
+                    }
+                    (f.path, result)
+                }
             })
             .buffer_unordered(8)
             .collect()
@@ -917,27 +954,55 @@ impl Repository {
     /// does not hide the others.
     pub async fn snapshot_listing(&self) -> Result<SnapshotListing, RepoError> {
         let files = self.inner.backend.list("snapshots/").await?;
+        let remember = self.remembers();
+        let known: HashMap<String, Snapshot> = if !remember {
+            HashMap::new()
+        } else {
+            let mut manifests = self
+                .inner
+                .manifests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let listed: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+            manifests.retain(|path, _| listed.contains(path.as_str()));
+            manifests.clone()
+        };
         let loaded: Vec<Result<(SnapshotId, Snapshot), DamagedSnapshot>> =
             futures::stream::iter(files)
-                .map(|f| async move {
-                    let id = SnapshotId(f.path.trim_start_matches("snapshots/").to_string());
-                    let bytes = match self.inner.backend.get(&f.path).await {
-                        Ok(bytes) => bytes,
-                        Err(e) => {
-                            return Err(DamagedSnapshot {
-                                id,
-                                message: format!("cannot be read: {e}"),
-                                read_error: true,
-                            });
+                .map(|f| {
+                    let known = &known;
+                    async move {
+                        let id = SnapshotId(f.path.trim_start_matches("snapshots/").to_string());
+                        if let Some(snapshot) = known.get(&f.path) {
+                            return Ok((id, snapshot.clone()));
                         }
-                    };
-                    match self.decode_json::<Snapshot>(&bytes) {
-                        Ok(snap) => Ok((id, snap)),
-                        Err(message) => Err(DamagedSnapshot {
-                            id,
-                            message,
-                            read_error: false,
-                        }),
+                        let bytes = match self.inner.backend.get(&f.path).await {
+                            Ok(bytes) => bytes,
+                            Err(e) => {
+                                return Err(DamagedSnapshot {
+                                    id,
+                                    message: format!("cannot be read: {e}"),
+                                    read_error: true,
+                                });
+                            }
+                        };
+                        match self.decode_json::<Snapshot>(&bytes) {
+                            Ok(snap) => {
+                                if remember {
+                                    self.inner
+                                        .manifests
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .insert(f.path.clone(), snap.clone());
+                                }
+                                Ok((id, snap))
+                            }
+                            Err(message) => Err(DamagedSnapshot {
+                                id,
+                                message,
+                                read_error: false,
+                            }),
+                        }
                     }
                 })
                 .buffer_unordered(8)
@@ -959,6 +1024,24 @@ impl Repository {
 
     /// The readable snapshots, oldest first; damaged manifests are skipped
     /// with a warning (`snapshot_listing` returns them).
+    /// Remember snapshot manifests and index files once read: each is
+    /// written once under a name of its own and never changed, so a
+    /// long-lived process (the controller, which lists snapshots and
+    /// reloads the index before every backup) then reads only new ones.
+    /// Damage done to a file after it was read goes unseen by this handle;
+    /// `verify` and other processes still see it.
+    pub fn remember_written_files(&self) {
+        self.inner
+            .remember
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn remembers(&self) -> bool {
+        self.inner
+            .remember
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
         let listing = self.snapshot_listing().await?;
         for damaged in &listing.damaged {

@@ -94,6 +94,19 @@ impl PackWriter {
         Ok(id)
     }
 
+    /// Counts a blob the caller knows by id (an unchanged object) as
+    /// deduplicated; `false` when neither this session nor the index has
+    /// it, so the caller must store it.
+    pub fn has_existing(&mut self, id: &BlobId, plaintext_length: u64) -> bool {
+        if self.session.contains(id) || self.repo.has_blob(id) {
+            self.stats.blobs_deduplicated += 1;
+            self.stats.bytes_plaintext += plaintext_length;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Stores a blob encoded elsewhere (by [`Repository::encode_chunk`] on
     /// another thread). The caller decided it is new; a blob this session
     /// already stored is counted as deduplicated and dropped.

@@ -228,3 +228,78 @@ pub async fn absent_namespaces(
     }
     Ok(absent)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::discovery::ServedResource;
+    use crate::restore::diff::Change;
+
+    fn served(group: &str, kind: &str, plural: &str, namespaced: bool) -> ServedResource {
+        ServedResource {
+            group: group.into(),
+            version: "v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            namespaced,
+            verbs: vec!["get".into(), "create".into(), "patch".into()],
+        }
+    }
+
+    fn object(kind: &str, namespace: Option<&str>, name: &str) -> ObjectRef {
+        ObjectRef {
+            group: String::new(),
+            version: "v1".into(),
+            kind: kind.into(),
+            namespace: namespace.map(String::from),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn permissions_follow_what_each_object_needs_and_a_namespace_is_its_own_scope() {
+        let discovery = Discovery {
+            resources: vec![
+                served("", "ConfigMap", "configmaps", true),
+                served("", "Namespace", "namespaces", false),
+            ],
+            ..Default::default()
+        };
+        let present = |changes: Vec<Change>| Live::Present {
+            resource_version: "1".into(),
+            changes,
+        };
+        let same = present(Vec::new());
+        let differs = present(vec![Change {
+            path: "/data/a".into(),
+            live: None,
+            desired: serde_json::json!("b"),
+        }]);
+        let absent = Live::Absent;
+        let objects = vec![
+            (object("Namespace", None, "team-a"), &same),
+            (object("ConfigMap", Some("team-a"), "same"), &same),
+            (object("ConfigMap", Some("team-a"), "changed"), &differs),
+            (object("ConfigMap", Some("team-b"), "new"), &absent),
+        ];
+        let needed = needed_permissions(&objects, &discovery, |_, _| None, ExistingPolicy::Update);
+        let expect = |verb: &str, resource: &str, ns: &str| {
+            (
+                verb.to_string(),
+                String::new(),
+                resource.to_string(),
+                Some(ns.to_string()),
+            )
+        };
+        let wanted: BTreeSet<_> = [
+            // The unchanged Namespace: read in its own scope, never created.
+            expect("get", "namespaces", "team-a"),
+            expect("get", "configmaps", "team-a"),
+            expect("patch", "configmaps", "team-a"),
+            expect("get", "configmaps", "team-b"),
+            expect("create", "configmaps", "team-b"),
+        ]
+        .into();
+        assert_eq!(needed, wanted);
+    }
+}

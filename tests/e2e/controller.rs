@@ -289,20 +289,27 @@ async fn a_policy_backs_up_labelled_namespaces_on_schedule_and_retention_keeps_e
         .unwrap();
     let mut controller = setup.controller(None);
 
-    // Every snapshot each namespace's entry has named, in order seen.
+    // Every snapshot each namespace's entry has named, in order seen, and
+    // whether a run read the watch journal instead of LISTing.
     let seen: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+    let journaled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let observe = |needed: Vec<(String, usize)>| {
         let policies = policies.clone();
         let policy_name = policy_name.clone();
         let seen = seen.clone();
+        let journaled = journaled.clone();
         async move {
             eventually(
                 &format!("policy runs covering {needed:?}"),
                 Duration::from_secs(120),
                 || async {
                     let policy = policies.get(&policy_name).await.ok()?;
+                    let status = policy.status?;
+                    if status.last_run_kind.as_deref() == Some("Journaled") {
+                        journaled.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     let mut seen = seen.lock().unwrap();
-                    for run in policy.status?.namespaces {
+                    for run in status.namespaces {
                         if let Some(snapshot) = run.last_snapshot {
                             seen.entry(run.namespace).or_default().insert(snapshot);
                         }
@@ -336,6 +343,10 @@ async fn a_policy_backs_up_labelled_namespaces_on_schedule_and_retention_keeps_e
         (later.name.clone(), 3),
     ])
     .await;
+    assert!(
+        journaled.load(std::sync::atomic::Ordering::SeqCst),
+        "runs after the first read the watch journal"
+    );
     // A graceful stop lets a run in progress finish: afterwards nothing
     // changes the repository.
     assert!(

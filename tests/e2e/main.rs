@@ -5,6 +5,7 @@
 mod backup;
 mod controller;
 mod fidelity;
+mod journal;
 mod node;
 mod plan;
 mod restore;

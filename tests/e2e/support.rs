@@ -30,6 +30,9 @@ pub struct ClusterInfo {
     /// The cluster's real node (`NAME=new+node`), if it has one.
     #[serde(default)]
     pub node: Option<NodeInfo>,
+    /// The client URL of the cluster's etcd (tests compact it).
+    #[serde(default)]
+    pub etcd: Option<String>,
 }
 
 /// The one node of a `new+node` cluster: a kubelet with containerd on this
