@@ -126,18 +126,32 @@ pub async fn backup_namespace(
             .iter()
             .map(|f| format!("not readable with the requester's permissions: {f}")),
     );
-    Ok(Stored {
-        snapshot: outcome.snapshot.to_string(),
-        snapshot_name: request.snapshot_name.clone(),
-        objects: report.stats.objects as i64,
-        bytes_stored: outcome.write.bytes_stored as i64,
-        counts: report
-            .counts
-            .iter()
-            .map(|(k, v)| (k.clone(), *v as i64))
-            .collect(),
-        warnings,
-    })
+    let mut stored = Stored::of(
+        outcome.snapshot.to_string(),
+        request.snapshot_name.clone(),
+        report,
+    );
+    stored.bytes_stored = outcome.write.bytes_stored as i64;
+    stored.warnings = warnings;
+    Ok(stored)
+}
+
+impl Stored {
+    /// What a snapshot's report says was stored.
+    fn of(snapshot: String, snapshot_name: String, report: &crate::backup::BackupReport) -> Self {
+        Stored {
+            snapshot,
+            snapshot_name,
+            objects: report.stats.objects as i64,
+            bytes_stored: report.stats.bytes_stored as i64,
+            counts: report
+                .counts
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as i64))
+                .collect(),
+            warnings: report.warnings.clone(),
+        }
+    }
 }
 
 /// The snapshot a request wrote, if it got that far.
@@ -247,18 +261,7 @@ pub async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action,
         let report = crate::snapshot::load_report(&opened.repo, &snapshot)
             .await
             .map_err(|e| ControllerError::Other(e.to_string()))?;
-        let stored = Stored {
-            snapshot: id,
-            snapshot_name: snapshot.name.clone(),
-            objects: report.stats.objects as i64,
-            bytes_stored: report.stats.bytes_stored as i64,
-            counts: report
-                .counts
-                .iter()
-                .map(|(k, v)| (k.clone(), *v as i64))
-                .collect(),
-            warnings: report.warnings.clone(),
-        };
+        let stored = Stored::of(id, snapshot.name.clone(), &report);
         patch_status(
             &api,
             &name,
