@@ -506,22 +506,37 @@ async fn namespace_users_back_up_and_restore_their_namespace_and_cannot_reach_be
         }))
         .unwrap()
     };
+    // Planned first, applied once approved: exactly that plan.
     restores
         .create(
             &PostParams::default(),
-            &restore("back", json!({"backup": "mine"})),
+            &restore("back", json!({"backup": "mine", "approve": false})),
+        )
+        .await
+        .unwrap();
+    let planned = eventually("the plan", Duration::from_secs(120), || async {
+        let status = serde_json::to_value(restores.get("back").await.ok()?).ok()?["status"].clone();
+        (status["phase"] == "Planned").then_some(status)
+    })
+    .await;
+    assert_eq!(planned["actions"]["create"], 1, "{planned}");
+    let config_maps_a: Api<ConfigMap> = Api::namespaced(admin.clone(), &team_a.name);
+    assert!(
+        config_maps_a.get_opt("settings").await.unwrap().is_none(),
+        "nothing is written before the approval"
+    );
+    restores
+        .patch(
+            "back",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"approve": true}})),
         )
         .await
         .unwrap();
     let status = finished(&restores, "back").await;
     assert_eq!(status["phase"], "Completed", "{status}");
-    assert!(
-        Api::<ConfigMap>::namespaced(admin.clone(), &team_a.name)
-            .get_opt("settings")
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert_eq!(status["created"], 1, "{status}");
+    assert!(config_maps_a.get_opt("settings").await.unwrap().is_some());
 
     // What lies outside team-a, before the attempts to reach it.
     let outside = |admin: kube::Client, ns: String| async move {
