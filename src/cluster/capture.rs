@@ -27,6 +27,8 @@ struct RawList {
 struct RawListMeta {
     #[serde(default, rename = "continue")]
     continue_token: Option<String>,
+    #[serde(default, rename = "resourceVersion")]
+    resource_version: Option<String>,
 }
 
 /// Walks one collection page by page.
@@ -44,6 +46,13 @@ pub struct Pager<'a> {
     seen: Option<HashSet<String>>,
     returned: Vec<String>,
     pub restarts: u32,
+    /// The resourceVersion of the first page listed: a WATCH from it misses
+    /// nothing the listing did not see (after a restart the later pages
+    /// are newer, and their changes are replayed harmlessly).
+    pub list_resource_version: Option<String>,
+    /// Whether the API server's items carried apiVersion and kind (custom
+    /// resources do; built-in kinds' list items do not).
+    pub items_had_type_meta: bool,
 }
 
 impl<'a> Pager<'a> {
@@ -66,6 +75,8 @@ impl<'a> Pager<'a> {
             seen: None,
             returned: Vec::new(),
             restarts: 0,
+            list_resource_version: None,
+            items_had_type_meta: false,
         }
     }
 
@@ -127,6 +138,9 @@ impl<'a> Pager<'a> {
                     });
                 }
             };
+            if self.list_resource_version.is_none() {
+                self.list_resource_version = list.metadata.resource_version.clone();
+            }
             self.continue_token = list.metadata.continue_token.filter(|t| !t.is_empty());
             self.done = self.continue_token.is_none();
             let api_version = self.resource.api_version();
@@ -135,6 +149,9 @@ impl<'a> Pager<'a> {
                 let key = item_key(&item);
                 if self.seen.as_ref().is_some_and(|seen| seen.contains(&key)) {
                     continue;
+                }
+                if item.get("apiVersion").is_some() && item.get("kind").is_some() {
+                    self.items_had_type_meta = true;
                 }
                 set_type_meta(&mut item, &api_version, &self.resource.kind);
                 if self.seen.is_some() || !self.done {
@@ -160,7 +177,7 @@ fn item_key(item: &Value) -> String {
 }
 
 /// Percent-encodes a query value.
-pub(crate) fn encode(value: &str) -> String {
+fn encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
         match b {

@@ -18,10 +18,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::api::WatchParams;
 use kube::core::WatchEvent;
-use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cluster::capture::set_type_meta;
+use crate::cluster::capture::{Pager, set_type_meta};
 use crate::cluster::discovery::ServedResource;
 use crate::incremental::{CaptureCache, ObjectSource, SourceObject, Version, stub_of, version_of};
 
@@ -295,56 +294,20 @@ impl ObjectSource for Journal {
     }
 }
 
-#[derive(Deserialize)]
-struct RawList {
-    #[serde(default)]
-    metadata: RawListMeta,
-    #[serde(default)]
-    items: Vec<Value>,
-}
-
-#[derive(Default, Deserialize)]
-struct RawListMeta {
-    #[serde(default, rename = "continue")]
-    continue_token: Option<String>,
-    #[serde(default, rename = "resourceVersion")]
-    resource_version: Option<String>,
-}
-
 /// A whole collection and the resourceVersion to WATCH it from.
 async fn list(
     client: &kube::Client,
     collection: &Collection,
-) -> Result<(Vec<Value>, String), kube::Error> {
-    let resource = &collection.resource;
+) -> Result<(Vec<Value>, String), crate::cluster::ClusterError> {
+    let mut pager = Pager::new(client, &collection.resource, None, None, 500);
     let mut items = Vec::new();
-    let mut token: Option<String> = None;
-    let mut version = String::new();
-    loop {
-        let mut url = format!("{}?limit=500", resource.url_path(None));
-        if let Some(t) = &token {
-            url.push_str("&continue=");
-            url.push_str(&crate::cluster::capture::encode(t));
-        }
-        let request = http::Request::get(&url)
-            .body(Vec::new())
-            .map_err(kube::Error::HttpError)?;
-        let page: RawList = client.request(request).await?;
-        if version.is_empty() {
-            version = page.metadata.resource_version.clone().unwrap_or_default();
-        }
-        for mut item in page.items {
-            if item.get("apiVersion").is_some() && item.get("kind").is_some() {
-                collection.typed_items.store(true, Ordering::Relaxed);
-            }
-            set_type_meta(&mut item, &resource.api_version(), &resource.kind);
-            items.push(item);
-        }
-        token = page.metadata.continue_token.filter(|t| !t.is_empty());
-        if token.is_none() {
-            return Ok((items, version));
-        }
+    while let Some(page) = pager.next_page().await? {
+        items.extend(page);
     }
+    if pager.items_had_type_meta {
+        collection.typed_items.store(true, Ordering::Relaxed);
+    }
+    Ok((items, pager.list_resource_version.unwrap_or_default()))
 }
 
 type Interest = Arc<RwLock<Option<std::collections::BTreeSet<String>>>>;

@@ -101,9 +101,6 @@ pub struct Context {
     pub options: ControllerOptions,
     pub recorder: Recorder,
     pub metrics: metrics::Metrics,
-    /// Serializes work on one repository's retention with its backups of
-    /// the same policy run.
-    pub runs: tokio::sync::Mutex<()>,
     /// Repositories opened so far.
     pub repositories: repository::OpenedCache,
     /// Per policy (by uid): its watch journal and capture cache.
@@ -278,7 +275,6 @@ pub async fn run(
         options: options.clone(),
         recorder,
         metrics: metrics.clone(),
-        runs: tokio::sync::Mutex::new(()),
         journals: Default::default(),
         repositories: Default::default(),
     });
@@ -299,63 +295,18 @@ pub async fn run(
             let _ = work_stop.send(true);
         });
     }
-    let stopped = |rx: &watch::Receiver<bool>| {
-        let mut rx = rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
 
-    let client = conn.client.clone();
-    let config = kube::runtime::controller::Config::default().concurrency(options.concurrency);
-    let backups = Controller::new(
-        Api::<crd::Backup>::all(client.clone()),
-        watcher::Config::default().labels(&options.selector()),
-    )
-    .with_config(config.clone())
-    .graceful_shutdown_on(stopped(&work_stop_rx))
-    .run(
-        |o, c| backup::reconcile(o, c).boxed(),
-        error_policy,
-        context.clone(),
-    )
-    .for_each(log_result);
-    let restores = Controller::new(
-        Api::<crd::Restore>::all(client.clone()),
-        watcher::Config::default().labels(&options.selector()),
-    )
-    .with_config(config.clone())
-    .graceful_shutdown_on(stopped(&work_stop_rx))
-    .run(
-        |o, c| restore::reconcile(o, c).boxed(),
-        error_policy,
-        context.clone(),
-    )
-    .for_each(log_result);
-    let policies = Controller::new(
-        Api::<crd::BackupPolicy>::all(client.clone()),
-        watcher::Config::default().labels(&options.selector()),
-    )
-    .with_config(config.clone())
-    .graceful_shutdown_on(stopped(&work_stop_rx))
-    .run(
-        |o, c| policy::reconcile(o, c).boxed(),
-        error_policy,
-        context.clone(),
-    )
-    .for_each(log_result);
-    let repositories = Controller::new(
-        Api::<crd::Repository>::all(client.clone()),
-        watcher::Config::default().labels(&options.selector()),
-    )
-    .with_config(config)
-    .graceful_shutdown_on(stopped(&work_stop_rx))
-    .run(
-        |o, c| repository::reconcile(o, c).boxed(),
-        error_policy,
-        context.clone(),
-    )
-    .for_each(log_result);
+    let reconciling = || Reconciling {
+        client: conn.client.clone(),
+        selector: options.selector(),
+        config: kube::runtime::controller::Config::default().concurrency(options.concurrency),
+        stop: work_stop_rx.clone(),
+        context: context.clone(),
+    };
+    let backups = reconciling().run(|o, c| backup::reconcile(o, c).boxed());
+    let restores = reconciling().run(|o, c| restore::reconcile(o, c).boxed());
+    let policies = reconciling().run(|o, c| policy::reconcile(o, c).boxed());
+    let repositories = reconciling().run(|o, c| repository::reconcile(o, c).boxed());
     let coverage = policy::coverage_loop(context.clone(), work_stop_rx.clone());
     tokio::join!(backups, restores, policies, repositories, coverage);
     metrics.set_leader(false);
@@ -373,6 +324,52 @@ pub async fn run(
     }
     tracing::info!("stopped; all work in progress finished");
     Ok(())
+}
+
+/// What the four controllers share: the client, the label selector of
+/// this instance, the concurrency, and when to stop.
+struct Reconciling {
+    client: kube::Client,
+    selector: String,
+    config: kube::runtime::controller::Config,
+    stop: watch::Receiver<bool>,
+    context: Arc<Context>,
+}
+
+impl Reconciling {
+    /// A controller of every `K` this instance reconciles, until stopped;
+    /// work in progress finishes first.
+    fn run<K>(
+        self,
+        reconcile: impl FnMut(
+            Arc<K>,
+            Arc<Context>,
+        )
+            -> futures::future::BoxFuture<'static, Result<Action, ControllerError>>
+        + Send
+        + 'static,
+    ) -> impl std::future::Future<Output = ()>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let mut stop = self.stop;
+        Controller::new(
+            Api::<K>::all(self.client),
+            watcher::Config::default().labels(&self.selector),
+        )
+        .with_config(self.config)
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(reconcile, error_policy, self.context)
+        .for_each(log_result)
+    }
 }
 
 fn error_policy<K: ResourceExt>(

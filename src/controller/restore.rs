@@ -116,15 +116,12 @@ async fn source(
                 })?;
             // Only the controller writes status: this snapshot is the one
             // the Backup stored.
-            let snapshot = found
-                .status
-                .and_then(|s| s.snapshot.filter(|_| true))
-                .ok_or_else(|| {
-                    Refusal::new(
-                        "BackupNotCompleted",
-                        format!("Backup {backup} has no snapshot (it is not Completed)"),
-                    )
-                })?;
+            let snapshot = found.status.and_then(|s| s.snapshot).ok_or_else(|| {
+                Refusal::new(
+                    "BackupNotCompleted",
+                    format!("Backup {backup} has no snapshot (it is not Completed)"),
+                )
+            })?;
             Ok((found.spec.repository, snapshot))
         }
         (None, Some(snapshot)) => {
