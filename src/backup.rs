@@ -1360,6 +1360,15 @@ pub struct RetentionOutcome {
     pub bytes_freed: u64,
     /// What prune did with the data: deleted now, marked for a later prune.
     pub prune: crate::repo::PruneReport,
+    /// Volumes of the deleted snapshots kept as CSI snapshots in a cluster,
+    /// for the caller to release there (see
+    /// [`crate::mover::release_kept_snapshots`]).
+    #[serde(skip)]
+    pub kept_volume_snapshots: Vec<crate::mover::VolumeEntry>,
+    /// Deleted snapshots whose report could not be read: CSI snapshots they
+    /// kept, if any, are not known.
+    #[serde(skip)]
+    pub unreadable_reports: Vec<String>,
 }
 
 /// Deletes expired snapshots and all but the newest `keep_last`, then
@@ -1383,6 +1392,12 @@ pub async fn apply_retention(
             !crate::volume::is_volume_snapshot(&snapshot) && keep_last.is_some_and(|n| kept >= n);
         if expired || beyond {
             if !dry_run {
+                match crate::snapshot::kept_volume_snapshots(repo, &snapshot).await {
+                    Ok(kept) => outcome.kept_volume_snapshots.extend(kept),
+                    Err(e) => outcome
+                        .unreadable_reports
+                        .push(format!("{}: {e}", snapshot.name)),
+                }
                 repo.delete_snapshot(&id).await?;
             }
             outcome.deleted.push(snapshot.name);

@@ -134,6 +134,20 @@ pub async fn load_report(
     Ok(root.report)
 }
 
+/// The volumes of a snapshot whose data is a CSI snapshot kept in a
+/// cluster: what deleting the snapshot must release there.
+pub async fn kept_volume_snapshots(
+    repo: &Repository,
+    snapshot: &Snapshot,
+) -> Result<Vec<crate::mover::VolumeEntry>, RepoError> {
+    let report = load_report(repo, snapshot).await?;
+    Ok(report
+        .volumes
+        .into_iter()
+        .filter(|v| v.snapshot.is_some())
+        .collect())
+}
+
 /// Loads a snapshot's content, refusing formats this version cannot read.
 /// The caller holds a lock.
 pub async fn load_content(

@@ -1130,7 +1130,7 @@ async fn load_objects(repo: &Path, key: &Path) -> Result<Vec<Value>> {
             all_namespaces: true,
             ..Default::default()
         },
-        objects: Vec::new(),
+        ..Default::default()
     };
     Ok(ferry::restore::load_selected(&repository, SNAPSHOT, &subset).await?)
 }

@@ -84,20 +84,20 @@ build_kubernetes() {
 # driver and the pause program); their hash is part of the cache key.
 NODE_SOURCES="$here/node"
 NODE_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet
-  csi-provisioner csi-snapshotter snapshot-controller ferry-csi pause)
+  csi-provisioner csi-snapshotter snapshot-controller ferry-csi pause helm)
 
 node_stack_key() {
   local sources
   sources=$(cd "$NODE_SOURCES" && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
-  echo "kubernetes=$K8S_NEW_VERSION provisioner=$EXTERNAL_PROVISIONER_VERSION snapshotter=$EXTERNAL_SNAPSHOTTER_VERSION sources=$sources"
+  echo "kubernetes=$K8S_NEW_VERSION provisioner=$EXTERNAL_PROVISIONER_VERSION snapshotter=$EXTERNAL_SNAPSHOTTER_VERSION helm=$HELM_VERSION sources=$sources"
 }
 
 # build_node_stack: everything a 'new+node' cluster runs, in ONE 'go build'
 # so that the packages the binaries share (client-go, apimachinery, gRPC,
 # the CSI spec) compile once: the control plane, kubelet and kube-scheduler
 # of K8S_NEW_VERSION, the upstream external-provisioner, csi-snapshotter and
-# snapshot-controller, and this repository's test CSI driver and pause
-# program. Static binaries (no cgo), so the pause program runs in an image
+# snapshot-controller, helm, and this repository's test CSI driver and
+# pause program. Static binaries (no cgo), so the pause program runs in an image
 # with nothing else in it. The snapshot CRDs come from the snapshotter's
 # client module.
 build_node_stack() {
@@ -117,17 +117,18 @@ build_node_stack() {
   kubernetes_gomod "$version" ferry.dev/testenv/node "$work" \
     "github.com/kubernetes-csi/external-provisioner/v6 $EXTERNAL_PROVISIONER_VERSION" \
     "github.com/kubernetes-csi/external-snapshotter/v8 $EXTERNAL_SNAPSHOTTER_VERSION" \
-    "github.com/kubernetes-csi/external-snapshotter/client/v8 $EXTERNAL_SNAPSHOTTER_VERSION"
+    "github.com/kubernetes-csi/external-snapshotter/client/v8 $EXTERNAL_SNAPSHOTTER_VERSION" \
+    "helm.sh/helm/v3 $HELM_VERSION"
   log "node stack $version: building ${NODE_BINARIES[*]} in one go build (the longest step on a fresh machine)"
   (
     cd "$work"
-    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -ldflags "$(version_ldflags "$version")" -o "$out/bin/" \
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -ldflags "$(version_ldflags "$version") -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$out/bin/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
       github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner \
       github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
       github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller \
-      ./cmd/ferry-csi ./cmd/pause
+      helm.sh/helm/v3/cmd/helm ./cmd/ferry-csi ./cmd/pause
     local client
     client=$(GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/client/v8)
     cp "$client"/config/crd/*.storage.k8s.io_*.yaml "$out/crds/"

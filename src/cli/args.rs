@@ -336,6 +336,11 @@ pub enum BackupCommand {
     /// NAME is a snapshot name, its full id, or an unambiguous prefix of at
     /// least 8 characters of its id. A damaged manifest (listed as DAMAGED)
     /// is deleted by its id.
+    ///
+    /// Volumes the snapshot kept as CSI snapshots (method `snapshot`) are
+    /// deleted from the cluster too, through the current kubeconfig context,
+    /// when that is the cluster that holds them; otherwise they are named so
+    /// that they can be deleted there.
     Delete {
         name: String,
         #[command(flatten)]
@@ -343,6 +348,9 @@ pub enum BackupCommand {
         /// Free the data no snapshot references right away.
         #[arg(long)]
         prune: bool,
+        /// Leave the CSI snapshots the backup kept in the cluster.
+        #[arg(long)]
+        keep_volume_snapshots: bool,
     },
     /// Apply retention: delete expired snapshots (and beyond --keep-last),
     /// then free the data no remaining snapshot references.
@@ -363,6 +371,10 @@ snapshot manifest cannot be read; `ferry repo repair` fixes that."
         /// Show what would be deleted without deleting.
         #[arg(long)]
         dry_run: bool,
+        /// Leave the CSI snapshots that deleted backups kept in the cluster
+        /// (by default they are deleted with their backup).
+        #[arg(long)]
+        keep_volume_snapshots: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },

@@ -379,27 +379,54 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 );
             }
         }
-        BackupCommand::Delete { name, repo, prune } => {
+        BackupCommand::Delete {
+            name,
+            repo,
+            prune,
+            keep_volume_snapshots,
+        } => {
             let repository = repo::open(&repo).await?;
             let (id, snapshot) = repository.resolve_snapshot(&name).await?;
+            // Read before the delete: afterwards the report may be pruned.
+            let mut unreadable = Vec::new();
+            let kept = match &snapshot {
+                Some(s) => crate::snapshot::kept_volume_snapshots(&repository, s)
+                    .await
+                    .unwrap_or_else(|e| {
+                        unreadable.push(format!("{}: {e}", s.name));
+                        Vec::new()
+                    }),
+                None => Vec::new(),
+            };
             repository.delete_snapshot(&id).await?;
             match snapshot {
                 Some(snapshot) => eprintln!("deleted snapshot {} ({id})", snapshot.name),
                 None => eprintln!("deleted damaged snapshot manifest {id}"),
             }
+            let released =
+                release_kept_snapshots(global, &kept, &unreadable, keep_volume_snapshots).await;
             if prune {
                 let report = repository.prune(false).await?;
                 print_prune(&mut std::io::stderr(), &report, false)?;
             }
+            released?;
         }
         BackupCommand::Prune {
             repo,
             keep_last,
             dry_run,
+            keep_volume_snapshots,
             output,
         } => {
             let repository = repo::open(&repo).await?;
             let outcome = backup::apply_retention(&repository, keep_last, dry_run).await?;
+            let released = release_kept_snapshots(
+                global,
+                &outcome.kept_volume_snapshots,
+                &outcome.unreadable_reports,
+                keep_volume_snapshots,
+            )
+            .await;
             emit(output, &outcome, |out| {
                 for name in &outcome.deleted {
                     writeln!(
@@ -410,9 +437,63 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 }
                 print_prune(out, &outcome.prune, dry_run)
             })?;
+            released?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes from the cluster the CSI snapshots that deleted backups kept
+/// (unless `keep`), and says on stderr what was left and why. Fails, after
+/// doing all it can, when a kept snapshot could not be deleted.
+async fn release_kept_snapshots(
+    global: &GlobalArgs,
+    kept: &[crate::mover::VolumeEntry],
+    unreadable: &[String],
+    keep: bool,
+) -> anyhow::Result<()> {
+    for line in unreadable {
+        eprintln!(
+            "warning: the report of deleted snapshot {line}: CSI snapshots it kept, if any, are still in the cluster"
+        );
+    }
+    if kept.is_empty() {
+        return Ok(());
+    }
+    if keep {
+        eprintln!(
+            "left {} kept CSI snapshot(s) in the cluster (--keep-volume-snapshots)",
+            kept.len()
+        );
+        return Ok(());
+    }
+    let left = match connect(global).await {
+        Ok(conn) => crate::mover::release_kept_snapshots(&conn, kept).await,
+        Err(e) => kept
+            .iter()
+            .filter_map(|v| v.snapshot.as_ref().map(|k| (v, k)))
+            .map(|(v, k)| {
+                format!(
+                    "kept snapshot of {}/{} (VolumeSnapshotContent {}) was not deleted: {e:#}",
+                    v.namespace, v.claim, k.content
+                )
+            })
+            .collect(),
+    };
+    eprintln!(
+        "deleted {} kept CSI snapshot(s) from the cluster",
+        kept.len() - left.len()
+    );
+    for line in &left {
+        eprintln!("warning: {line}");
+    }
+    if !left.is_empty() {
+        anyhow::bail!(
+            "{} kept CSI snapshot(s) were not deleted (listed above); the backups themselves are deleted",
+            left.len()
+        );
+    }
+    Ok(())
 }
 
 fn print_prune(
@@ -609,7 +690,11 @@ fn restore_options(
         anyhow::bail!("--recreate-cascading only applies with --existing recreate");
     }
     Ok(crate::restore::RestoreOptions {
-        subset: crate::restore::Subset { selection, objects },
+        subset: crate::restore::Subset {
+            selection,
+            objects,
+            ..Default::default()
+        },
         namespace_mapping: crate::restore::mapping::NamespaceMapping::parse(
             &write.namespace_mapping,
         )?,
@@ -623,6 +708,7 @@ fn restore_options(
         },
         mover: None,
         skip_volume_data: write.no_volume_data,
+        target_profile: None,
     })
 }
 

@@ -87,7 +87,9 @@ pub async fn backup_namespace(
     options.label_selector = request.selector.map(str::to_string);
     options.labels = request.labels.clone();
     options.allow_empty = true;
-    let method = request.volume_method.unwrap_or("skip");
+    // As the CLI: every claim's data is protected unless asked otherwise,
+    // and a skipped claim is still recorded in the report.
+    let method = request.volume_method.unwrap_or("auto");
     let method: crate::mover::VolumeMethod = method
         .parse()
         .map_err(|e: String| ControllerError::Other(format!("volumeMethod: {e}")))?;
@@ -98,17 +100,15 @@ pub async fn backup_namespace(
             options.discovered = incremental.discovered.clone();
         }
     }
-    if method != crate::mover::VolumeMethod::Skip {
-        options.volumes = Some(VolumeSettings {
-            policy: crate::mover::VolumePolicy {
-                default: method,
-                per_class: BTreeMap::new(),
-                hooks: true,
-                extra_hooks: Vec::new(),
-            },
-            mover: Some(opened.mover.clone()),
-        });
-    }
+    options.volumes = Some(VolumeSettings {
+        policy: crate::mover::VolumePolicy {
+            default: method,
+            per_class: BTreeMap::new(),
+            hooks: true,
+            extra_hooks: Vec::new(),
+        },
+        mover: Some(opened.mover.clone()),
+    });
     let (conn, repo) = (conn.clone(), opened.repo.clone());
     let outcome = super::on_own_thread(move || async move {
         crate::backup::run(&conn, &repo, &options, Arc::new(Progress::default())).await

@@ -139,8 +139,11 @@ pub struct BackupPolicySpec {
     pub time_zone: Option<String>,
     #[serde(default)]
     pub retention: Retention,
-    /// How volume data is protected: auto, snapshot, snapshot-move, copy
-    /// or skip (default skip).
+    /// How volume data is protected: auto (the default: snapshot-move where
+    /// the claim's driver has a VolumeSnapshotClass, else copy), snapshot,
+    /// snapshot-move, copy or skip. A claim's or StorageClass's annotation
+    /// `backup.ferry.dev/volume-method` overrides it; skipped claims are
+    /// listed in the report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_method: Option<String>,
     /// No runs while set.
@@ -256,7 +259,8 @@ pub struct BackupSpec {
     /// Only objects with these labels; the whole namespace when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// auto, snapshot, snapshot-move, copy or skip (default skip).
+    /// auto (the default), snapshot, snapshot-move, copy or skip, as in a
+    /// BackupPolicy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_method: Option<String>,
     /// Set on the records of policy runs; the controller never runs them.

@@ -236,7 +236,7 @@ pub async fn reconcile(
                 run.namespaces.len() - failures,
                 run.deleted
             );
-            if let Some(w) = &run.prune_warning {
+            if let Some(w) = &run.retention_warning {
                 message.push_str("; ");
                 message.push_str(w);
             }
@@ -305,7 +305,7 @@ pub struct PolicyJournal {
 struct Run {
     namespaces: BTreeMap<String, Result<super::backup::Stored, String>>,
     deleted: usize,
-    prune_warning: Option<String>,
+    retention_warning: Option<String>,
     journaled: bool,
 }
 
@@ -403,7 +403,7 @@ async fn run(ctx: &Context, policy: &BackupPolicy) -> Result<Run, ControllerErro
         // What no namespace of this run used is gone from the cluster.
         cache.finish_run();
     }
-    let (deleted, prune_warning) = retention(ctx, policy, &opened, &namespaces).await?;
+    let (deleted, retention_warning) = retention(ctx, policy, &opened, &namespaces).await?;
     let interest: BTreeSet<String> = namespaces.iter().cloned().collect();
     match state {
         Some(mut state) if journaled => {
@@ -432,7 +432,7 @@ async fn run(ctx: &Context, policy: &BackupPolicy) -> Result<Run, ControllerErro
     Ok(Run {
         namespaces: results,
         deleted,
-        prune_warning,
+        retention_warning,
         journaled,
     })
 }
@@ -508,7 +508,9 @@ async fn record(
 }
 
 /// Applies the policy's retention to its snapshots of each protected
-/// namespace; deletes the records of deleted snapshots; prunes.
+/// namespace; deletes the records of deleted snapshots and the CSI
+/// snapshots they kept; prunes. Returns what was deleted and, joined, what
+/// was left for later or by hand.
 async fn retention(
     ctx: &Context,
     policy: &BackupPolicy,
@@ -522,6 +524,7 @@ async fn retention(
         .await
         .map_err(|e| ControllerError::Other(e.to_string()))?;
     let mut deleted = 0;
+    let mut warnings = Vec::new();
     for namespace in namespaces {
         let mine: Vec<(String, DateTime<Utc>)> = snapshots
             .iter()
@@ -541,11 +544,31 @@ async fn retention(
             .filter(|id| !keep.contains(id))
             .collect();
         for id in &doomed {
-            opened
+            let (snapshot_id, snapshot) = opened
                 .repo
-                .delete_snapshot(&crate::repo::SnapshotId(id.clone()))
+                .resolve_snapshot(id)
                 .await
                 .map_err(|e| ControllerError::Other(e.to_string()))?;
+            // CSI snapshots the backup kept go with it, read before the
+            // delete and released after it (a failure leaks, never breaks).
+            let kept = match &snapshot {
+                Some(s) => crate::snapshot::kept_volume_snapshots(&opened.repo, s)
+                    .await
+                    .unwrap_or_else(|e| {
+                        warnings.push(format!(
+                            "the report of {} is unreadable, CSI snapshots it kept stay: {e}",
+                            s.name
+                        ));
+                        Vec::new()
+                    }),
+                None => Vec::new(),
+            };
+            opened
+                .repo
+                .delete_snapshot(&snapshot_id)
+                .await
+                .map_err(|e| ControllerError::Other(e.to_string()))?;
+            warnings.extend(crate::mover::release_kept_snapshots(&ctx.conn, &kept).await);
             deleted += 1;
         }
         if doomed.is_empty() {
@@ -566,15 +589,12 @@ async fn retention(
     }
     // Prune waits for no one: if another backup or restore holds the
     // repository, the data is freed by a later run.
-    let prune_warning = if deleted > 0 {
-        match opened.repo.prune(false).await {
-            Ok(_) => None,
-            Err(e) => Some(format!("prune postponed: {e}")),
-        }
-    } else {
-        None
-    };
-    Ok((deleted, prune_warning))
+    if deleted > 0
+        && let Err(e) = opened.repo.prune(false).await
+    {
+        warnings.push(format!("prune postponed: {e}"));
+    }
+    Ok((deleted, (!warnings.is_empty()).then(|| warnings.join("; "))))
 }
 
 /// Every `check_interval`: counts the namespaces no policy protects and

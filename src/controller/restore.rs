@@ -137,6 +137,15 @@ async fn source(
     }
 }
 
+async fn target_profile(ctx: &Context) -> Result<crate::profile::ClusterProfile, String> {
+    let discovery = crate::cluster::discovery::discover(&ctx.conn.client)
+        .await
+        .map_err(|e| format!("discovery of the target: {e}"))?;
+    crate::cluster::profile::read_profile(&ctx.conn, &discovery)
+        .await
+        .map_err(|e| format!("reading the target's profile: {e}"))
+}
+
 fn options(restore: &Restore, namespace: &str) -> Result<RestoreOptions, Refusal> {
     let existing = match restore.spec.existing.as_deref() {
         None | Some("update") => ExistingPolicy::Update,
@@ -157,6 +166,9 @@ fn options(restore: &Restore, namespace: &str) -> Result<RestoreOptions, Refusal
                 ..Default::default()
             },
             objects: Vec::new(),
+            // The cluster is not the requester's to write: what their
+            // objects need of it must exist, as validation checks.
+            namespaced_only: true,
         },
         namespace_mapping: NamespaceMapping(restore.spec.namespace_mapping.clone()),
         transform: restore.spec.transform.as_ref().map(|text| TransformSource {
@@ -200,6 +212,13 @@ async fn plan_and_apply(
         .await
         .map_err(|e| Refusal::new("RepositoryUnavailable", e.to_string()))?;
     opts.mover = Some(opened.mover.clone());
+    // The cluster's classes and versions as the controller sees them: the
+    // requester may not list StorageClasses, yet their claims need one.
+    opts.target_profile = Some(
+        target_profile(ctx)
+            .await
+            .map_err(|e| Refusal::new("PlanFailed", e))?,
+    );
     let conn = ctx
         .connect_as(&requester)
         .await

@@ -261,3 +261,88 @@ pub(super) async fn bind_kept(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// Deletes a kept snapshot for good: its content's deletionPolicy becomes
+/// Delete, so the driver deletes the data, then the VolumeSnapshot (if it
+/// is still there and still bound to that content) and the content go.
+/// What is already gone counts as released.
+pub(super) async fn release(client: &kube::Client, kept: &KeptSnapshot) -> Result<(), String> {
+    let contents: Api<DynamicObject> =
+        Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
+    let content = match contents.get_opt(&kept.content).await {
+        Ok(content) => content,
+        Err(e) => {
+            return Err(format!(
+                "reading VolumeSnapshotContent {}: {e}",
+                kept.content
+            ));
+        }
+    };
+    if let Some(content) = &content {
+        // A content of the same name that holds another snapshot is not ours.
+        let handle = content.data["status"]["snapshotHandle"]
+            .as_str()
+            .or_else(|| content.data["spec"]["source"]["snapshotHandle"].as_str());
+        if handle.is_some_and(|h| h != kept.handle) {
+            return Err(format!(
+                "VolumeSnapshotContent {} now holds snapshot {}, not {}: left alone",
+                kept.content,
+                handle.unwrap_or_default(),
+                kept.handle
+            ));
+        }
+        contents
+            .patch(
+                &kept.content,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"deletionPolicy": "Delete"}})),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "setting deletionPolicy Delete on VolumeSnapshotContent {}: {e}",
+                    kept.content
+                )
+            })?;
+    }
+    if let Some((namespace, name)) = kept.volume_snapshot.split_once('/') {
+        let snapshots: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), namespace, &resource("VolumeSnapshot"));
+        match snapshots.get_opt(name).await {
+            Ok(Some(snapshot))
+                if snapshot.data["status"]["boundVolumeSnapshotContentName"]
+                    == json!(kept.content) =>
+            {
+                snapshots
+                    .delete(name, &DeleteParams::default())
+                    .await
+                    .map_err(|e| {
+                        format!("deleting VolumeSnapshot {}: {e}", kept.volume_snapshot)
+                    })?;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(format!(
+                    "reading VolumeSnapshot {}: {e}",
+                    kept.volume_snapshot
+                ));
+            }
+        }
+    }
+    if content.is_some() {
+        match contents
+            .delete(&kept.content, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => {
+                return Err(format!(
+                    "deleting VolumeSnapshotContent {}: {e}",
+                    kept.content
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -118,6 +118,39 @@ pub struct KeptSnapshot {
     pub restore_size: Option<String>,
 }
 
+/// Deletes the CSI snapshots that `entries` kept in the cluster of `conn`,
+/// when their application snapshot is deleted. Returns one line per kept
+/// snapshot that was not deleted: held by another cluster, or an error;
+/// each names what to delete by hand. Callers delete the application
+/// snapshot first, so a failure here leaks a CSI snapshot but never leaves
+/// a backup that names one that is gone.
+pub async fn release_kept_snapshots(
+    conn: &crate::cluster::connect::Connection,
+    entries: &[VolumeEntry],
+) -> Vec<String> {
+    let mut left = Vec::new();
+    for (entry, kept) in entries
+        .iter()
+        .filter_map(|e| e.snapshot.as_ref().map(|k| (e, k)))
+    {
+        let by_hand = format!(
+            "kept snapshot of {}/{} (VolumeSnapshotContent {}, VolumeSnapshot {})",
+            entry.namespace, entry.claim, kept.content, kept.volume_snapshot
+        );
+        if kept.server != conn.server {
+            left.push(format!(
+                "{by_hand} lives in the cluster at {}: delete it there",
+                kept.server
+            ));
+            continue;
+        }
+        if let Err(e) = csi::release(&conn.client, kept).await {
+            left.push(format!("{by_hand} was not deleted: {e}"));
+        }
+    }
+    left
+}
+
 /// One volume of an application snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -32,6 +32,12 @@ pub struct Subset {
     /// Single objects (`Kind/namespace/name` or `Kind/name`); empty = all selected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<String>,
+    /// Restore no cluster-scoped object but the selected Namespaces: what
+    /// the objects need of the cluster (a StorageClass, a ClusterRole)
+    /// must already be there, which validation checks. A namespace user's
+    /// restore is of this kind: the cluster is not theirs to write.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub namespaced_only: bool,
 }
 
 impl Subset {
@@ -164,8 +170,13 @@ pub fn select(
     subset: &Subset,
     labelled: Option<&HashSet<ObjectRef>>,
 ) -> Vec<CatalogEntry> {
+    let namespace_or_namespaced =
+        |o: &ObjectRef| o.namespace.is_some() || (o.kind == "Namespace" && o.group.is_empty());
     let Some(graph) = graph else {
         let mut all = entries;
+        if subset.namespaced_only {
+            all.retain(|e| namespace_or_namespaced(&e.object));
+        }
         all.sort_by(|a, b| a.object.cmp(&b.object));
         return all;
     };
@@ -180,8 +191,14 @@ pub fn select(
         .collect();
     let excluded = |o: &ObjectRef| subset.selection.kind_excluded(&o.group, &o.kind, "");
     let mut wanted: BTreeSet<ObjectRef> = graph.closure_where(&seeds, |edge, target| {
-        edge.kind != EdgeKind::Selects && target.namespace.is_none() && !excluded(target)
+        !subset.namespaced_only
+            && edge.kind != EdgeKind::Selects
+            && target.namespace.is_none()
+            && !excluded(target)
     });
+    if subset.namespaced_only {
+        wanted.retain(namespace_or_namespaced);
+    }
     // The Namespace of every selected object, also where a graph lacks the edge.
     let namespaces: BTreeSet<String> = wanted.iter().filter_map(|o| o.namespace.clone()).collect();
     let mut out: Vec<CatalogEntry> = entries
@@ -255,7 +272,7 @@ mod tests {
                 all_namespaces: namespaces.is_empty(),
                 ..Default::default()
             },
-            objects: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -275,6 +292,32 @@ mod tests {
                 "RoleBinding/team-a/read",
                 "Widget/team-a/w",
             ]
+        );
+    }
+
+    #[test]
+    fn a_namespaced_only_subset_leaves_the_cluster_objects_it_depends_on() {
+        let (entries, graph) = estate();
+        let mut s = subset(&["team-a"]);
+        s.namespaced_only = true;
+        let got = names(&select(entries.clone(), Some(&graph), &s, None));
+        assert_eq!(
+            got,
+            vec![
+                "ConfigMap/team-a/c",
+                "Namespace/team-a",
+                "RoleBinding/team-a/read",
+                "Widget/team-a/w",
+            ]
+        );
+        // Without a graph too.
+        let mut everything = subset(&[]);
+        everything.namespaced_only = true;
+        let got = names(&select(entries, None, &everything, None));
+        assert!(
+            got.iter()
+                .all(|o| !o.starts_with("Cluster") && !o.starts_with("CustomResource")),
+            "{got:?}"
         );
     }
 

@@ -111,6 +111,11 @@ pub struct RestoreOptions {
     pub mover: Option<crate::mover::MoverSettings>,
     /// Restore claims without their data.
     pub skip_volume_data: bool,
+    /// The target's profile, read beforehand by a reader with wider rights
+    /// than the restore's own credentials (a namespace user may not list
+    /// StorageClasses; the controller may). Read through the restore's
+    /// connection when unset.
+    pub target_profile: Option<ClusterProfile>,
 }
 
 /// What fills the restored claims of `snapshot`, if it has volume data;

@@ -30,7 +30,10 @@ pub(crate) async fn prepare(
     let (discovery, profile) = match view {
         TargetView::Cluster(conn) => {
             let discovery = discover(&conn.client).await?;
-            let profile = crate::cluster::profile::read_profile(conn, &discovery).await?;
+            let profile = match &opts.target_profile {
+                Some(profile) => profile.clone(),
+                None => crate::cluster::profile::read_profile(conn, &discovery).await?,
+            };
             (Some(discovery), profile)
         }
         TargetView::Profile(p) => (None, (**p).clone()),

@@ -5,6 +5,7 @@
 mod backup;
 mod controller;
 mod fidelity;
+mod in_cluster;
 mod journal;
 mod node;
 mod plan;

@@ -17,6 +17,9 @@ use serde::Deserialize;
 pub struct Env {
     pub clusters: BTreeMap<String, ClusterInfo>,
     pub s3: S3Info,
+    /// Client tools built with the components, by name (`helm`).
+    #[serde(default)]
+    pub tools: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

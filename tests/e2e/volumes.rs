@@ -72,7 +72,7 @@ async fn stateful_app(client: &kube::Client, node: &NodeInfo, ns: &str, files_an
     apply_manifests(client, &serde_yaml_ng::to_string(&statefulset).unwrap()).await;
 }
 
-async fn files_deployment(
+pub(crate) async fn files_deployment(
     client: &kube::Client,
     node: &NodeInfo,
     ns: &str,
@@ -106,7 +106,7 @@ async fn files_deployment(
 }
 
 /// The running Pod of `app` once Ready, and the lines its script printed.
-async fn app_output(client: &kube::Client, ns: &str, app: &str) -> (String, String) {
+pub(crate) async fn app_output(client: &kube::Client, ns: &str, app: &str) -> (String, String) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let name = eventually(&format!("a Pod of {ns}/{app}"), POD_TIMEOUT, || async {
         let list = pods
@@ -132,7 +132,7 @@ async fn app_output(client: &kube::Client, ns: &str, app: &str) -> (String, Stri
     (name, logs)
 }
 
-fn line<'a>(logs: &'a str, prefix: &str) -> &'a str {
+pub(crate) fn line<'a>(logs: &'a str, prefix: &str) -> &'a str {
     logs.lines()
         .find(|l| l.starts_with(prefix))
         .unwrap_or_else(|| panic!("no {prefix} line in: {logs}"))
@@ -210,7 +210,7 @@ fn volume<'a>(report: &'a Value, claim: &str) -> &'a Value {
 /// Deletes namespaces without waiting: their Pods stop sleeping on the node
 /// (a dropped TestNamespace deletes in the background only while the
 /// runtime still runs).
-async fn clean_up(client: &kube::Client, namespaces: &[&str]) {
+pub(crate) async fn clean_up(client: &kube::Client, namespaces: &[&str]) {
     let api: Api<Namespace> = Api::all(client.clone());
     for ns in namespaces {
         let _ = api.delete(ns, &DeleteParams::background()).await;
@@ -618,6 +618,35 @@ async fn node_a_kept_csi_snapshot_brings_back_a_deleted_namespace_with_a_local_r
         other_namespaces.get_opt(&ns.name).await.unwrap().is_none(),
         "refused before anything is written"
     );
+
+    // Deleting the backup deletes the CSI snapshot it kept: its content
+    // (left with deletionPolicy Retain when the namespace went) is deleted
+    // through the driver.
+    let content = entry["snapshot"]["content"].as_str().unwrap().to_string();
+    let out = ferry(&cluster.kubeconfig)
+        .args(["backup", "delete", "kept", "--repo", &repo])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("deleted 1 kept CSI snapshot(s)"),
+        "{stderr}"
+    );
+    let contents: Api<kube::api::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "snapshot.storage.k8s.io",
+            "v1",
+            "VolumeSnapshotContent",
+        )),
+    );
+    eventually(
+        &format!("VolumeSnapshotContent {content} to be deleted"),
+        POD_TIMEOUT,
+        || async { matches!(contents.get_opt(&content).await, Ok(None)).then_some(()) },
+    )
+    .await;
     clean_up(&client, &[&ns.name]).await;
     clean_up(&other.client().await, &[&ns.name]).await;
 }
