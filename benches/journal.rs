@@ -239,7 +239,10 @@ async fn main() -> Result<()> {
     let cache = Arc::new(CaptureCache::new());
     let journal = Journal::new(client.clone(), cache.clone());
     journal.keep_namespaces(Some(namespaces.iter().cloned().collect()));
-    journal.follow(&collections_to_capture(&discovered.0, &everything));
+    // What the controller follows (see controller::policy).
+    let mut followed = collections_to_capture(&discovered.0, &everything);
+    followed.extend(ferry::backup::cluster_collections_read(&discovered.0));
+    journal.follow(&followed);
     if !journal.wait_synced(Duration::from_secs(120)).await {
         bail!("the journal did not sync");
     }

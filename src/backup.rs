@@ -155,6 +155,9 @@ pub struct Progress {
 #[derive(Debug)]
 pub struct BackupOutcome {
     pub snapshot: SnapshotId,
+    /// What the snapshot holds, except the graph (`content.graph` is null:
+    /// it went to the repository as bytes; `snapshot::load_content` reads
+    /// it back).
     pub content: SnapshotContent,
     pub write: WriteStats,
 }
@@ -233,6 +236,35 @@ pub fn collections_to_capture<'a>(
             })
         })
         .filter(|r| selection.kind_selected(&r.group, &r.kind, &r.plural))
+        .collect()
+}
+
+/// Cluster-scoped kinds whose objects can point into a namespace: the
+/// dependency closure takes those that point into the selection.
+const POINTING_IN: [(&str, &str); 4] = [
+    ("rbac.authorization.k8s.io", "ClusterRoleBinding"),
+    (
+        "admissionregistration.k8s.io",
+        "ValidatingWebhookConfiguration",
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "MutatingWebhookConfiguration",
+    ),
+    ("apiregistration.k8s.io", "APIService"),
+];
+
+/// The cluster-scoped collections a namespaced backup reads whole, besides
+/// single objects it GETs: Namespaces, the kinds that point into
+/// namespaces, and CRDs. A source that follows them (the controller's
+/// journal) spares every backup those LISTs.
+pub fn cluster_collections_read(discovery: &Discovery) -> Vec<&ServedResource> {
+    [("", "Namespace")]
+        .into_iter()
+        .chain(POINTING_IN)
+        .chain([("apiextensions.k8s.io", "CustomResourceDefinition")])
+        .filter_map(|(group, kind)| discovery.by_group_kind(group, kind))
+        .filter(|r| r.can("list"))
         .collect()
 }
 
@@ -442,9 +474,47 @@ pub async fn run(
 
     // Namespaces themselves are part of the application.
     if let Some(ns_resource) = discovery.by_group_kind("", "Namespace") {
+        // The source's Namespaces, when it follows them: no GET each.
+        let mut followed: Option<BTreeMap<String, SourceObject>> = opts
+            .source
+            .as_ref()
+            .and_then(|s| s.objects(ns_resource, None))
+            .map(|objects| {
+                objects
+                    .into_iter()
+                    .filter_map(|o| {
+                        let name = o
+                            .selectable()
+                            .pointer("/metadata/name")?
+                            .as_str()?
+                            .to_string();
+                        namespace_set.contains(&name).then_some((name, o))
+                    })
+                    .collect()
+            });
         for ns in &namespaces {
+            if let Some(followed) = followed.as_mut() {
+                match followed.remove(ns) {
+                    Some(object) => {
+                        let _ = tx.send(source_item(object, opts)).await;
+                    }
+                    None => {
+                        missing_namespaces.push(ns.clone());
+                        report.warnings.push(format!(
+                            "namespace {ns} does not exist (or disappeared during the backup)"
+                        ));
+                    }
+                }
+                continue;
+            }
             match get_object(&conn.client, ns_resource, None, ns).await {
-                Ok(Some(obj)) => {
+                Ok(Some(mut obj)) => {
+                    // As the journal holds it: one blob either way.
+                    crate::cluster::capture::as_list_item(
+                        &mut obj,
+                        &ns_resource.api_version(),
+                        &ns_resource.kind,
+                    );
                     let _ = tx.send(normalize_item(obj, &opts.normalize)?).await;
                 }
                 Ok(None) => {
@@ -587,7 +657,8 @@ pub async fn run(
         profile,
         selection: serde_json::to_value(&opts.selection).unwrap_or(Value::Null),
         objects: catalog,
-        graph: graph.to_json(),
+        // Stored below straight from the graph, not built as a value.
+        graph: Value::Null,
         report,
     };
     // The large, usually unchanged parts (profile, catalog, graph) are blobs
@@ -605,9 +676,13 @@ pub async fn run(
     let objects_blob = writer
         .add(&encode("object catalog", &content.objects)?)
         .await?;
-    let graph_blob = writer
-        .add(&encode("application graph", &content.graph)?)
-        .await?;
+    let graph_bytes = graph
+        .to_json_bytes()
+        .map_err(|source| BackupError::Encode {
+            object: "application graph".into(),
+            source,
+        })?;
+    let graph_blob = writer.add(&graph_bytes).await?;
     let mut all_blobs: Vec<BlobId> = content.objects.iter().map(|e| e.blob).collect();
     all_blobs.extend([profile_blob, objects_blob, graph_blob]);
     all_blobs.extend(volume_blobs);
@@ -801,20 +876,7 @@ async fn capture_collection(
             if !namespaces.contains(ns) || !opts.selection.object_selected(selectable) {
                 continue;
             }
-            let item = match obj {
-                SourceObject::Raw(value) => capture_one((*value).clone(), opts),
-                SourceObject::Known { version, stub } => {
-                    match opts.cache.as_ref().and_then(|c| c.get(&version)) {
-                        Some(cached) => Item::Cached(cached),
-                        None => Item::Stale(format!(
-                            "{} (resourceVersion {}) is not in the capture cache",
-                            object_label(&stub),
-                            version.1
-                        )),
-                    }
-                }
-            };
-            if tx.send(item).await.is_err() {
+            if tx.send(source_item(obj, opts)).await.is_err() {
                 return Ok(());
             }
         }
@@ -842,6 +904,24 @@ async fn capture_collection(
         }
     }
     Ok(())
+}
+
+/// One object the source handed over: its body captured (through the
+/// cache), or a version only the cache can supply.
+fn source_item(obj: SourceObject, opts: &BackupOptions) -> Item {
+    match obj {
+        SourceObject::Raw(value) => capture_one((*value).clone(), opts),
+        SourceObject::Known { version, stub } => {
+            match opts.cache.as_ref().and_then(|c| c.get(&version)) {
+                Some(cached) => Item::Cached(cached),
+                None => Item::Stale(format!(
+                    "{} (resourceVersion {}) is not in the capture cache",
+                    object_label(&stub),
+                    version.1
+                )),
+            }
+        }
+    }
 }
 
 /// One object of a collection: from the capture cache when it has this
@@ -962,22 +1042,11 @@ async fn close_dependencies(
             _ => false,
         })
     };
-    for (group, kind) in [
-        ("rbac.authorization.k8s.io", "ClusterRoleBinding"),
-        (
-            "admissionregistration.k8s.io",
-            "ValidatingWebhookConfiguration",
-        ),
-        (
-            "admissionregistration.k8s.io",
-            "MutatingWebhookConfiguration",
-        ),
-        ("apiregistration.k8s.io", "APIService"),
-    ] {
+    for (group, kind) in POINTING_IN {
         let Some(resource) = discovery.by_group_kind(group, kind) else {
             continue;
         };
-        let mut pager = Pager::new(&conn.client, resource, None, None, DEFAULT_PAGE_SIZE);
+        let mut pager = DependencyPages::new(conn, resource, opts)?;
         loop {
             match pager.next_page().await {
                 Ok(Some(items)) => {
@@ -1021,6 +1090,54 @@ async fn close_dependencies(
     }
 }
 
+/// The pages of a cluster-wide collection the dependency closure reads:
+/// the backup's source (the controller's journal) when it follows that
+/// collection, else a paginated LIST. The journal holds these bodies:
+/// dependencies never enter the capture cache, so it never drops them.
+enum DependencyPages<'a> {
+    Source(Option<Vec<Value>>),
+    List(Pager<'a>),
+}
+
+impl<'a> DependencyPages<'a> {
+    fn new(
+        conn: &'a Connection,
+        resource: &'a ServedResource,
+        opts: &BackupOptions,
+    ) -> Result<Self, BackupError> {
+        let Some(objects) = opts.source.as_ref().and_then(|s| s.objects(resource, None)) else {
+            return Ok(Self::List(Pager::new(
+                &conn.client,
+                resource,
+                None,
+                None,
+                DEFAULT_PAGE_SIZE,
+            )));
+        };
+        let mut bodies = Vec::with_capacity(objects.len());
+        for object in objects {
+            match object {
+                SourceObject::Raw(value) => bodies.push((*value).clone()),
+                SourceObject::Known { version, stub } => {
+                    return Err(BackupError::Stale(vec![format!(
+                        "{} (resourceVersion {}) has no body in the journal",
+                        object_label(&stub),
+                        version.1
+                    )]));
+                }
+            }
+        }
+        Ok(Self::Source(Some(bodies)))
+    }
+
+    async fn next_page(&mut self) -> Result<Option<Vec<Value>>, ClusterError> {
+        match self {
+            Self::Source(bodies) => Ok(bodies.take()),
+            Self::List(pager) => pager.next_page().await,
+        }
+    }
+}
+
 /// CRDs the application needs without holding one of their resources: those
 /// its roles grant verbs on, its webhooks or APIServices serve, that carry
 /// its application labels, or whose conversion webhook a selected Service
@@ -1049,7 +1166,7 @@ async fn fetch_matching_crds(
         })
     };
     let mut stored = false;
-    let mut pager = Pager::new(&conn.client, resource, None, None, DEFAULT_PAGE_SIZE);
+    let mut pager = DependencyPages::new(conn, resource, opts)?;
     loop {
         let page = match pager.next_page().await {
             Ok(Some(page)) => page,

@@ -241,6 +241,17 @@ pub async fn get_object(
 /// Gives an object its `apiVersion` and `kind` (items of a LIST come
 /// without them), first in the map so stored and printed objects read like
 /// manifests.
+/// An object a GET returned, in the byte form an item of a LIST of its
+/// collection has (type meta first, apiVersion before kind), so that both
+/// ways of reading it store the same blob.
+pub(crate) fn as_list_item(obj: &mut Value, api_version: &str, kind: &str) {
+    if let Some(map) = obj.as_object_mut() {
+        map.shift_remove("apiVersion");
+        map.shift_remove("kind");
+    }
+    set_type_meta(obj, api_version, kind);
+}
+
 pub(crate) fn set_type_meta(obj: &mut Value, api_version: &str, kind: &str) {
     let Some(map) = obj.as_object_mut() else {
         return;

@@ -453,11 +453,10 @@ async fn follow_everything(
     let journal = Journal::new(ctx.conn.client.clone(), cache.clone());
     journal.keep_namespaces(Some(interest));
     let mut followed = crate::backup::collections_to_capture(&discovery, &everything);
-    // CRDs too: a changed one makes the next run full, with a new discovery.
-    if let Some(crds) = discovery.by_group_kind("apiextensions.k8s.io", "CustomResourceDefinition")
-    {
-        followed.push(crds);
-    }
+    // And what backups read cluster-wide (Namespaces, ClusterRoleBindings,
+    // webhooks, APIServices, CRDs): no backup LISTs them. A changed CRD
+    // also makes the next run full, with a new discovery.
+    followed.extend(crate::backup::cluster_collections_read(&discovery));
     journal.follow(&followed);
     Ok(PolicyJournal {
         journal,

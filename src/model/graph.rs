@@ -455,18 +455,35 @@ impl AppGraph {
 
     /// The compact, stable JSON form: sorted nodes, edges as index pairs.
     pub fn to_json(&self) -> Value {
+        serde_json::to_value(self.compact()).expect("a graph serializes")
+    }
+
+    /// The bytes of [`AppGraph::to_json`], written without building the
+    /// JSON value first (a backup stores them as they are).
+    pub fn to_json_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.compact())
+    }
+
+    /// The compact serialized form: nodes sorted by object, edges by
+    /// position of their ends.
+    fn compact(&self) -> CompactGraph<'_> {
         let nodes = self.nodes();
         let position: HashMap<&ObjectRef, usize> = nodes
             .iter()
             .enumerate()
             .map(|(i, n)| (&n.object, i))
             .collect();
-        let edges: Vec<Value> = self
+        let edges = self
             .edges()
             .into_iter()
-            .map(|(from, to, e)| serde_json::json!({"from": position[from], "to": position[to], "kind": e.kind, "path": e.path}))
+            .map(|(from, to, e)| CompactEdge {
+                from: position[from],
+                to: position[to],
+                kind: e.kind,
+                path: &e.path,
+            })
             .collect();
-        serde_json::json!({"nodes": nodes, "edges": edges})
+        CompactGraph { nodes, edges }
     }
 
     pub fn from_json(value: &Value) -> Result<AppGraph, ModelError> {
@@ -561,6 +578,21 @@ impl AppGraph {
         out.push_str("}\n");
         out
     }
+}
+
+/// [`AppGraph::to_json`]'s shape; field order is the stored byte order.
+#[derive(Serialize)]
+struct CompactGraph<'a> {
+    nodes: Vec<&'a Node>,
+    edges: Vec<CompactEdge<'a>>,
+}
+
+#[derive(Serialize)]
+struct CompactEdge<'a> {
+    from: usize,
+    to: usize,
+    kind: EdgeKind,
+    path: &'a str,
 }
 
 #[cfg(test)]
@@ -726,6 +758,30 @@ mod tests {
                 "Deployment/a/web"
             ]
         );
+    }
+
+    #[test]
+    fn stored_graph_bytes_are_those_of_the_json_form() {
+        let (mut g, _) = app();
+        g.resolve();
+        // The form snapshots have always stored: an unchanged application
+        // keeps deduplicating its graph blob.
+        let nodes = g.nodes();
+        let position: HashMap<&ObjectRef, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (&n.object, i))
+            .collect();
+        let edges: Vec<Value> = g
+            .edges()
+            .into_iter()
+            .map(|(from, to, e)| serde_json::json!({"from": position[from], "to": position[to], "kind": e.kind, "path": e.path}))
+            .collect();
+        let stored =
+            serde_json::to_vec(&serde_json::json!({"nodes": nodes, "edges": edges})).unwrap();
+        assert!(!edges.is_empty());
+        assert_eq!(g.to_json_bytes().unwrap(), stored);
+        assert_eq!(serde_json::to_vec(&g.to_json()).unwrap(), stored);
     }
 
     #[test]

@@ -814,9 +814,84 @@ impl Repository {
     }
 
     pub(crate) async fn reload_index(&self) -> Result<(), RepoError> {
+        if self.remembers() && self.extend_index().await? {
+            return Ok(());
+        }
         let index = self.read_index_files().await?;
         *self.inner.index.write().expect("index lock") = index;
         Ok(())
+    }
+
+    /// A long-lived handle's reload when the store only gained index files
+    /// since the index was read (the usual case between backups): their
+    /// packs are added to the index in memory, instead of rebuilding it
+    /// from every file, which grows with the repository. `false` (and
+    /// nothing changed) when anything else changed: a file gone (a prune
+    /// rewrote it), other deletion marks, damage; the caller rebuilds then.
+    async fn extend_index(&self) -> Result<bool, RepoError> {
+        let (marks, damaged_marks) = self.read_marks().await?;
+        let listed = self.inner.backend.list("index/").await?;
+        let marks_key = |marks: &[(String, DeletionMark)]| serde_json::to_vec(marks).ok();
+        let known: Vec<String> = {
+            let index = self.inner.index.read().expect("index lock");
+            let unchanged_marks = marks_key(&index.marks) == marks_key(&marks);
+            if !index.loaded
+                || !index.damaged_files.is_empty()
+                || !damaged_marks.is_empty()
+                || !unchanged_marks
+            {
+                return Ok(false);
+            }
+            index.files.clone()
+        };
+        let listed_paths: HashSet<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+        if !known.iter().all(|p| listed_paths.contains(p.as_str())) {
+            return Ok(false);
+        }
+        let known_set: HashSet<&str> = known.iter().map(String::as_str).collect();
+        let mut new_files = Vec::new();
+        for info in listed
+            .iter()
+            .filter(|f| !known_set.contains(f.path.as_str()))
+        {
+            let cached = self
+                .inner
+                .index_files
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&info.path)
+                .cloned();
+            let file = match cached {
+                Some(file) => file,
+                None => {
+                    let bytes = self.inner.backend.get(&info.path).await?;
+                    let Ok(file) = self.decode_json::<IndexFile>(&bytes).map(Arc::new) else {
+                        // Damaged: the full read reports it.
+                        return Ok(false);
+                    };
+                    self.inner
+                        .index_files
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(info.path.clone(), file.clone());
+                    file
+                }
+            };
+            new_files.push((info.path.clone(), file));
+        }
+        let mut index = self.inner.index.write().expect("index lock");
+        // Another reload of this handle got here first: start over.
+        if index.files != known {
+            return Ok(false);
+        }
+        for (path, file) in new_files {
+            for pack in &file.packs {
+                index.add_pack(pack);
+            }
+            index.files.push(path);
+        }
+        index.files.sort();
+        Ok(true)
     }
 
     fn decode_json<T: serde::de::DeserializeOwned>(&self, sealed: &[u8]) -> Result<T, String> {

@@ -1083,3 +1083,47 @@ async fn many_blobs_are_read_with_one_request_per_region_and_damage_stays_local(
     assert!(matches!(&read[2], Err(RepoError::BlobNotFound { blob }) if *blob == unknown));
     lock.release().await.unwrap();
 }
+
+/// The blobs and index files of a handle's index.
+fn view(r: &Repository) -> (Vec<String>, Vec<String>) {
+    let index = r.inner.index.read().unwrap();
+    let mut blobs: Vec<String> = index.blobs.keys().map(|b| b.to_string()).collect();
+    blobs.sort();
+    (blobs, index.files.clone())
+}
+
+/// A long-lived handle (the controller's) adds only new index files on
+/// reload, and ends with the index a fresh read gives, also after a prune
+/// rewrote the index files under it.
+#[tokio::test]
+async fn a_remembering_handle_extends_its_index_and_matches_a_full_read() {
+    let (_dir, repo, backend) = new_repo().await;
+    repo.remember_written_files();
+    let other = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    let (_, mine, _) = snapshot(&repo, "mine", &[b"a", b"b"]).await;
+    let (gone, _, _) = snapshot(&other, "theirs", &[b"c", b"d"]).await;
+    let (_, later, _) = snapshot(&other, "later", &[b"e"]).await;
+    let full_view = |r: Repository| async move {
+        let fresh = Repository::open(r.backend().clone(), &password("pw"))
+            .await
+            .unwrap();
+        let lock = fresh.lock_shared().await.unwrap();
+        let seen = view(&fresh);
+        lock.release().await.unwrap();
+        seen
+    };
+    // Extended: the other handle's two index files are added.
+    let lock = repo.lock_shared().await.unwrap();
+    assert!(repo.has_blob(&later[0]) && repo.has_blob(&mine[0]));
+    assert_eq!(view(&repo), full_view(repo.clone()).await);
+    lock.release().await.unwrap();
+    // A prune rewrites index files: the next reload is a full one.
+    other.delete_snapshot(&gone).await.unwrap();
+    other.prune(false).await.unwrap();
+    other.prune(false).await.unwrap();
+    let lock = repo.lock_shared().await.unwrap();
+    assert_eq!(view(&repo), full_view(repo.clone()).await);
+    lock.release().await.unwrap();
+}

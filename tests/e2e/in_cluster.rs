@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use ferry::controller::crd::{Backup, BackupPolicy, Repository, Restore};
 use ferry::controller::{CONTROLLER_NAME, LABEL_INSTANCE, LABEL_POLICY};
 
-use crate::node::{POD_TIMEOUT, namespace_for_pods};
+use crate::node::{POD_TIMEOUT, create, namespace_for_pods};
 use crate::support::*;
 use crate::volumes::{app_output, clean_up, files_deployment, line};
 
@@ -159,10 +159,9 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
     .await;
     let instance = json!({LABEL_INSTANCE: system.name});
     let repositories: Api<Repository> = Api::all(admin.clone());
-    repositories
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
+    create(
+        &repositories,
+        json!({
                 "apiVersion": "ferry.dev/v1alpha1", "kind": "Repository",
                 "metadata": {"name": system.name, "labels": instance},
                 "spec": {
@@ -172,18 +171,15 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
                     "keySecret": {"name": "repo-key", "namespace": system.name},
                     "initialize": true,
                 },
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
 
     // A policy on a short schedule protects the labelled namespace.
     let policies: Api<BackupPolicy> = Api::all(admin.clone());
-    policies
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
+    create(
+        &policies,
+        json!({
                 "apiVersion": "ferry.dev/v1alpha1", "kind": "BackupPolicy",
                 "metadata": {"name": system.name, "labels": instance},
                 "spec": {
@@ -192,11 +188,9 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
                     "namespaceSelector": {"matchLabels": {"protect": protect}},
                     "retention": {"keepLast": 3},
                 },
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
     let snapshot = eventually(
         "a scheduled backup of the application",
         Duration::from_secs(240),
@@ -250,20 +244,12 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
     let record_name = record.metadata.name.clone().unwrap();
     let record_status = serde_json::to_value(record.status.as_ref().unwrap()).unwrap();
     assert_eq!(record_status["phase"], "Completed", "{record_status}");
-    let mut describe = ferry(&cluster.kubeconfig);
-    with_s3(&mut describe);
-    let out = describe
-        .args(["backup", "describe", &snapshot, "--repo"])
-        .arg(format!("s3://{bucket}/repo"))
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let repo_url = format!("s3://{bucket}/repo");
+    let (ok, described, stderr) = output_json(
+        with_s3(&mut ferry(&cluster.kubeconfig))
+            .args(["backup", "describe", &snapshot, "--repo", &repo_url]),
     );
-    let described: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(ok, "{stderr}");
     let volumes = &described["content"]["report"]["volumes"];
     assert_eq!(volumes[0]["claim"], "files", "{volumes}");
     assert_eq!(

@@ -394,11 +394,12 @@ pub fn init_repo(kubeconfig: &Path, dir: &Path) -> String {
 
 /// `ferry ARGS -o json`: whether it succeeded, its JSON and its stderr.
 pub fn run_json(kubeconfig: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
-    let out = ferry(kubeconfig)
-        .args(args)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
+    output_json(ferry(kubeconfig).args(args))
+}
+
+/// Runs `cmd -o json`: whether it succeeded, its JSON and its stderr.
+pub fn output_json(cmd: &mut assert_cmd::Command) -> (bool, serde_json::Value, String) {
+    let out = cmd.args(["-o", "json"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.success(), value, stderr)
