@@ -62,6 +62,9 @@ pub struct BackupOptions {
     pub source: Option<Arc<dyn ObjectSource>>,
     /// Discovery and profile read earlier, instead of reading them again.
     pub discovered: Option<Arc<(Discovery, crate::profile::ClusterProfile)>>,
+    /// A transform plan recorded in the snapshot, for restores at the
+    /// disaster-recovery site (`ferry restore --recorded-transform`).
+    pub restore_transform: Option<String>,
 }
 
 /// How a backup protects volume data.
@@ -88,6 +91,7 @@ impl BackupOptions {
             cache: None,
             source: None,
             discovered: None,
+            restore_transform: None,
         }
     }
 }
@@ -660,6 +664,7 @@ pub async fn run(
         // Stored below straight from the graph, not built as a value.
         graph: Value::Null,
         report,
+        restore_transform: opts.restore_transform.clone(),
     };
     // The large, usually unchanged parts (profile, catalog, graph) are blobs
     // of their own, so an unchanged application deduplicates them and a
@@ -711,6 +716,7 @@ pub async fn run(
         objects: objects_blob,
         graph: graph_blob,
         report: content.report.clone(),
+        restore_transform: content.restore_transform.clone(),
     };
     let content_blob = writer.add(&encode("snapshot content", &root)?).await?;
     let refs_blob = writer.add(&encode_refs(&all_blobs)).await?;

@@ -35,6 +35,10 @@ pub struct SnapshotContent {
     /// The application graph in its compact serialized form.
     pub graph: Value,
     pub report: BackupReport,
+    /// The transform plan for restores at the disaster-recovery site
+    /// (`ferry restore --recorded-transform`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_transform: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -72,6 +76,10 @@ pub(crate) struct StoredContent {
     pub objects: BlobId,
     pub graph: BlobId,
     pub report: BackupReport,
+    /// The transform plan for restores at the disaster-recovery site, as
+    /// the BackupPolicy that made the snapshot gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_transform: Option<String>,
 }
 
 impl StoredContent {
@@ -125,22 +133,28 @@ pub async fn load_report(
     repo: &Repository,
     snapshot: &Snapshot,
 ) -> Result<BackupReport, RepoError> {
+    Ok(load_root(repo, snapshot).await?.report)
+}
+
+/// A snapshot's root blob, refused when it needs a newer reader.
+async fn load_root(repo: &Repository, snapshot: &Snapshot) -> Result<StoredContent, RepoError> {
     let name = &snapshot.name;
     let root: StoredContent = read_json(repo, &snapshot.content, || {
         format!("content of snapshot {name}")
     })
     .await?;
     root.check_readable()?;
-    Ok(root.report)
+    Ok(root)
 }
 
 /// The volumes of a snapshot whose data is a CSI snapshot kept in a
-/// cluster: what deleting the snapshot must release there.
+/// cluster: what deleting the snapshot must release there. Takes a shared
+/// lock of its own.
 pub async fn kept_volume_snapshots(
     repo: &Repository,
     snapshot: &Snapshot,
 ) -> Result<Vec<crate::mover::VolumeEntry>, RepoError> {
-    let report = load_report(repo, snapshot).await?;
+    let report = load_root_locked(repo, snapshot).await?.report;
     Ok(report
         .volumes
         .into_iter()
@@ -172,11 +186,7 @@ async fn load_parts(
     with_graph: bool,
 ) -> Result<SnapshotContent, RepoError> {
     let name = &snapshot.name;
-    let root: StoredContent = read_json(repo, &snapshot.content, || {
-        format!("content of snapshot {name}")
-    })
-    .await?;
-    root.check_readable()?;
+    let root = load_root(repo, snapshot).await?;
     Ok(SnapshotContent {
         format: root.format,
         name: root.name,
@@ -196,7 +206,29 @@ async fn load_parts(
             Value::Null
         },
         report: root.report,
+        restore_transform: root.restore_transform,
     })
+}
+
+/// The transform plan recorded in a snapshot for restores at the
+/// disaster-recovery site, if its BackupPolicy gave one. Takes a shared
+/// lock of its own.
+pub async fn load_restore_transform(
+    repo: &Repository,
+    snapshot: &Snapshot,
+) -> Result<Option<String>, RepoError> {
+    Ok(load_root_locked(repo, snapshot).await?.restore_transform)
+}
+
+/// [`load_root`] for callers that hold no lock.
+async fn load_root_locked(
+    repo: &Repository,
+    snapshot: &Snapshot,
+) -> Result<StoredContent, RepoError> {
+    let lock = repo.lock_shared().await?;
+    let result = load_root(repo, snapshot).await;
+    lock.release().await?;
+    result
 }
 
 #[cfg(test)]

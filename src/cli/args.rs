@@ -509,6 +509,11 @@ pub struct RestoreArgs {
     /// live cluster (`ferry cluster profile -o json > p.json`); no cluster is contacted.
     #[arg(long, value_name = "PROFILE.json", requires = "dry_run")]
     pub target_profile: Option<PathBuf>,
+    /// Rewrite the objects with the transform plan recorded in the snapshot
+    /// for restores at the disaster-recovery site (a BackupPolicy's
+    /// `spec.transform`); see `ferry backup describe`.
+    #[arg(long, conflicts_with_all = ["plan", "transform"])]
+    pub recorded_transform: bool,
     #[command(flatten)]
     pub repo: RepoArgs,
     #[command(flatten)]

@@ -789,6 +789,22 @@ async fn restore_command(global: &GlobalArgs, args: RestoreArgs) -> anyhow::Resu
     let mut options = restore_options(Some(&args.options), &args.write)?;
     let (repository, key) = repo::open_keyed(&args.repo).await?;
     options.mover = Some(repo::mover_settings(&args.repo, &key, &args.write.mover)?);
+    if args.recorded_transform {
+        let (_, found) = repository.find_snapshot(snapshot).await?;
+        let text = crate::snapshot::load_restore_transform(&repository, &found)
+            .await?
+            .with_context(|| {
+                format!(
+                    "snapshot {} recorded no transform plan (a BackupPolicy's spec.transform is recorded in each snapshot it makes)",
+                    found.name
+                )
+            })?;
+        options.transform = Some(crate::restore::TransformSource {
+            text,
+            name: format!("the transform plan recorded in snapshot {}", found.name),
+            base_dir: None,
+        });
+    }
     if let Some(path) = &args.target_profile {
         let profile: crate::profile::ClusterProfile = serde_json::from_slice(
             &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,

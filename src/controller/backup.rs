@@ -34,6 +34,8 @@ pub struct NamespaceBackup<'a> {
     pub labels: BTreeMap<String, String>,
     pub selector: Option<&'a str>,
     pub volume_method: Option<&'a str>,
+    /// Recorded in the snapshot for restores at the disaster-recovery site.
+    pub restore_transform: Option<&'a str>,
     /// The policy's capture cache, and its journal when this run reads
     /// collections from it.
     pub incremental: Option<Incremental>,
@@ -87,6 +89,7 @@ pub async fn backup_namespace(
     options.label_selector = request.selector.map(str::to_string);
     options.labels = request.labels.clone();
     options.allow_empty = true;
+    options.restore_transform = request.restore_transform.map(String::from);
     // As the CLI: every claim's data is protected unless asked otherwise,
     // and a skipped claim is still recorded in the report.
     let method = request.volume_method.unwrap_or("auto");
@@ -333,6 +336,7 @@ async fn run_as(
         labels,
         selector: backup.spec.selector.as_deref(),
         volume_method: backup.spec.volume_method.as_deref(),
+        restore_transform: None,
         incremental: None,
     };
     backup_namespace(&conn, opened, &request).await

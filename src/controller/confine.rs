@@ -34,25 +34,40 @@ pub fn check_request(
         }
     }
     if let Some(text) = transform {
-        match serde_yaml_ng::from_str::<crate::transform::TransformPlanConfig>(text) {
-            Err(e) => problems.push(format!("transform is not a transform plan: {e}")),
-            Ok(plan) => {
-                let builtins: Vec<&str> = crate::transform::builtin_rule_sets()
-                    .iter()
-                    .map(|(name, _)| *name)
-                    .collect();
-                for (i, step) in plan.spec.steps.iter().enumerate() {
-                    if let Some(rule_set) = &step.rule_set
-                        && !builtins.contains(&rule_set.as_str())
-                    {
-                        problems.push(format!(
-                            "transform steps[{i}] names rule set '{rule_set}': a Restore may use the built-in rule sets ({}), inline scripts and patches",
-                            builtins.join(", ")
-                        ));
-                    }
-                }
-            }
+        problems.extend(transform_problems(text, "a Restore"));
+    }
+    problems
+}
+
+/// What is wrong with a transform plan a resource carries: not a plan, a
+/// rule set other than the built-in ones (a path would be read from the
+/// controller's own files, and would not travel with a plan recorded in a
+/// snapshot), or a rule that does not compile. `who` names the resource
+/// kind in the messages.
+pub fn transform_problems(text: &str, who: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let plan = match serde_yaml_ng::from_str::<crate::transform::TransformPlanConfig>(text) {
+        Ok(plan) => plan,
+        Err(e) => return vec![format!("transform is not a transform plan: {e}")],
+    };
+    let builtins: Vec<&str> = crate::transform::builtin_rule_sets()
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    for (i, step) in plan.spec.steps.iter().enumerate() {
+        if let Some(rule_set) = &step.rule_set
+            && !builtins.contains(&rule_set.as_str())
+        {
+            problems.push(format!(
+                "transform steps[{i}] names rule set '{rule_set}': {who} may use the built-in rule sets ({}), inline scripts and patches",
+                builtins.join(", ")
+            ));
         }
+    }
+    if problems.is_empty()
+        && let Err(e) = crate::transform::TransformPlan::from_yaml(text, "transform", None)
+    {
+        problems.push(format!("transform does not compile: {e}"));
     }
     problems
 }
@@ -113,5 +128,34 @@ mod tests {
         let problems = check_request("a", &BTreeMap::new(), Some(&plan("/etc/passwd.rhai")));
         assert!(problems[0].contains("'/etc/passwd.rhai'"), "{problems:?}");
         assert!(!check_request("a", &BTreeMap::new(), Some("- not a plan")).is_empty());
+    }
+
+    #[test]
+    fn a_policys_transform_must_compile() {
+        let script = |body: &str| {
+            format!(
+                "apiVersion: ferry.dev/v1alpha1\nkind: TransformPlan\nmetadata: {{name: dr}}\nspec:\n  steps:\n  - script: |\n      fn kinds() {{ [\"ConfigMap\"] }}\n      fn transform(obj, params, target) {{ {body} }}\n"
+            )
+        };
+        assert_eq!(
+            transform_problems(
+                &script("obj.metadata.labels = #{site: \"dr\"}; obj"),
+                "a BackupPolicy"
+            ),
+            Vec::<String>::new()
+        );
+        let broken = transform_problems(&script("obj.metadata.labels = ; obj"), "a BackupPolicy");
+        assert!(
+            broken.len() == 1 && broken[0].starts_with("transform does not compile"),
+            "{broken:?}"
+        );
+        let file = transform_problems(
+            "apiVersion: ferry.dev/v1alpha1\nkind: TransformPlan\nmetadata: {name: x}\nspec:\n  steps:\n  - ruleSet: ./mine.rhai\n",
+            "a BackupPolicy",
+        );
+        assert!(
+            file[0].contains("a BackupPolicy may use the built-in rule sets"),
+            "{file:?}"
+        );
     }
 }

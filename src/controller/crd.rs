@@ -146,6 +146,13 @@ pub struct BackupPolicySpec {
     /// listed in the report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_method: Option<String>,
+    /// A transform plan (YAML, as a Restore's `transform`: built-in rule
+    /// sets, inline scripts and patches) for restores of these snapshots at
+    /// the disaster-recovery site: its storage classes, registries, zones.
+    /// Checked before each run and recorded in every snapshot;
+    /// `ferry restore SNAPSHOT --recorded-transform` applies it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<String>,
     /// No runs while set.
     #[serde(default)]
     pub suspend: bool,

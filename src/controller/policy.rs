@@ -312,6 +312,15 @@ struct Run {
 async fn run(ctx: &Context, policy: &BackupPolicy) -> Result<Run, ControllerError> {
     let policy_name = policy.name_any();
     let uid = policy.uid().unwrap_or_default();
+    if let Some(text) = &policy.spec.transform {
+        let problems = super::confine::transform_problems(text, "a BackupPolicy");
+        if !problems.is_empty() {
+            return Err(ControllerError::Other(format!(
+                "spec.transform: {}",
+                problems.join("; ")
+            )));
+        }
+    }
     let opened = super::repository::open(ctx, &policy.spec.repository).await?;
     let namespaces = protected_namespaces(ctx, policy).await?;
     let stamp = Utc::now().format("%Y%m%d-%H%M%S").to_string();
@@ -345,6 +354,7 @@ async fn run(ctx: &Context, policy: &BackupPolicy) -> Result<Run, ControllerErro
             labels,
             selector: policy.spec.selector.as_deref(),
             volume_method: policy.spec.volume_method.as_deref(),
+            restore_transform: policy.spec.transform.as_deref(),
             incremental: Some(Incremental {
                 cache: cache.clone(),
                 journal: state

@@ -23,6 +23,9 @@ use crate::support::*;
 
 const PASSWORD: &str = "correct horse battery staple";
 
+/// A BackupPolicy's plan for restores at the DR site: labels ConfigMaps.
+const DR_TRANSFORM: &str = "apiVersion: ferry.dev/v1alpha1\nkind: TransformPlan\nmetadata: {name: dr}\nspec:\n  steps:\n  - script: |\n      fn kinds() { [\"ConfigMap\"] }\n      fn transform(obj, params, target) { obj.metadata.labels = #{site: \"dr\"}; obj }\n";
+
 /// CRDs, the requester admission policy and the user roles, applied once
 /// per cluster (server-side apply: concurrent tests converge).
 async fn install(client: &kube::Client) {
@@ -279,6 +282,8 @@ async fn a_policy_backs_up_labelled_namespaces_on_schedule_and_retention_keeps_e
             "schedule": "*/4 * * * * *",
             "namespaceSelector": {"matchLabels": {"protect": protect}},
             "retention": {"keepLast": 2},
+            // For restores at the DR site: recorded in every snapshot.
+            "transform": DR_TRANSFORM,
         },
     }))
     .unwrap();
@@ -404,6 +409,60 @@ async fn a_policy_backs_up_labelled_namespaces_on_schedule_and_retention_keeps_e
     let status = policies.get(&policy_name).await.unwrap().status.unwrap();
     assert!(status.last_success_time.is_some());
     assert_eq!(status.protected_namespaces, Some(3));
+
+    // At the DR site (here: another namespace), a snapshot's recorded
+    // transform applies; a snapshot made by hand recorded none.
+    let kept = status
+        .namespaces
+        .iter()
+        .find(|r| r.namespace == first.name)
+        .and_then(|r| r.last_snapshot.clone())
+        .unwrap();
+    let dr = TestNamespace::adopt(&admin, &format!("{}-dr", first.name));
+    let repo = setup.repo_dir.to_str().unwrap();
+    let mapping = format!("{}={}", first.name, dr.name);
+    let (ok, _, stderr) = run_json(
+        &env().primary().kubeconfig,
+        &[
+            "restore",
+            &kept,
+            "--repo",
+            repo,
+            "--recorded-transform",
+            "--namespace-mapping",
+            &mapping,
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let restored = Api::<ConfigMap>::namespaced(admin.clone(), &dr.name)
+        .get("settings")
+        .await
+        .unwrap();
+    assert_eq!(
+        restored
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("site")
+            .map(String::as_str),
+        Some("dr"),
+        "the recorded transform labelled the restored ConfigMap"
+    );
+    let (ok, _, stderr) = run_json(
+        &env().primary().kubeconfig,
+        &[
+            "restore",
+            "by-hand",
+            "--repo",
+            repo,
+            "--recorded-transform",
+            "--dry-run",
+        ],
+    );
+    assert!(
+        !ok && stderr.contains("recorded no transform plan"),
+        "{stderr}"
+    );
     let _ = policies.delete(&policy_name, &Default::default()).await;
     setup.cleanup().await;
 }
