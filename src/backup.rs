@@ -243,6 +243,36 @@ pub fn collections_to_capture<'a>(
         .collect()
 }
 
+/// What determines a snapshot's catalog and graph blobs: its entries (each
+/// object and its blob, which fixes the object's graph node and
+/// references), and what the graph marks as provided by the cluster or
+/// skipped. Equal fingerprints, equal blobs.
+fn parts_fingerprint(catalog: &[CatalogEntry], report: &BackupReport) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for entry in catalog {
+        let o = &entry.object;
+        for part in [&o.group, &o.version, &o.kind, &o.name] {
+            hasher.update(part.as_bytes());
+            hasher.update(&[0]);
+        }
+        hasher.update(o.namespace.as_deref().unwrap_or("\u{1}").as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&entry.blob.0);
+        hasher.update(&entry.size.to_le_bytes());
+    }
+    hasher.update(b"\x01provided by the cluster\x01");
+    for provided in &report.provided_by_cluster {
+        hasher.update(provided.as_bytes());
+        hasher.update(&[0]);
+    }
+    hasher.update(b"\x01skipped\x01");
+    for skipped in &report.skipped {
+        hasher.update(skipped.object.as_bytes());
+        hasher.update(&[0]);
+    }
+    *hasher.finalize().as_bytes()
+}
+
 /// Cluster-scoped kinds whose objects can point into a namespace: the
 /// dependency closure takes those that point into the selection.
 const POINTING_IN: [(&str, &str); 4] = [
@@ -678,16 +708,38 @@ pub async fn run(
     let profile_blob = writer
         .add(&encode("cluster profile", &content.profile)?)
         .await?;
-    let objects_blob = writer
-        .add(&encode("object catalog", &content.objects)?)
-        .await?;
-    let graph_bytes = graph
-        .to_json_bytes()
-        .map_err(|source| BackupError::Encode {
-            object: "application graph".into(),
-            source,
-        })?;
-    let graph_blob = writer.add(&graph_bytes).await?;
+    // An unchanged namespace's catalog and graph come out byte for byte
+    // as in the policy's previous run: their blobs are reused instead of
+    // encoded again, while the repository still lets them be reused.
+    let fingerprint = opts
+        .cache
+        .as_ref()
+        .map(|_| parts_fingerprint(&content.objects, &content.report));
+    let reused = opts
+        .cache
+        .as_ref()
+        .zip(fingerprint.as_ref())
+        .and_then(|(cache, f)| cache.parts(f))
+        .filter(|(catalog, graph)| repo.has_blob(catalog) && repo.has_blob(graph));
+    let (objects_blob, graph_blob) = match reused {
+        Some(ids) => ids,
+        None => {
+            let objects_blob = writer
+                .add(&encode("object catalog", &content.objects)?)
+                .await?;
+            let graph_bytes = graph
+                .to_json_bytes()
+                .map_err(|source| BackupError::Encode {
+                    object: "application graph".into(),
+                    source,
+                })?;
+            let graph_blob = writer.add(&graph_bytes).await?;
+            if let (Some(cache), Some(f)) = (&opts.cache, fingerprint) {
+                cache.remember_parts(f, objects_blob, graph_blob);
+            }
+            (objects_blob, graph_blob)
+        }
+    };
     let mut all_blobs: Vec<BlobId> = content.objects.iter().map(|e| e.blob).collect();
     all_blobs.extend([profile_blob, objects_blob, graph_blob]);
     all_blobs.extend(volume_blobs);
@@ -1532,4 +1584,43 @@ pub async fn apply_retention(
     outcome.bytes_freed = report.bytes_removed;
     outcome.prune = report;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(kind: &str, name: &str, blob: u8) -> CatalogEntry {
+        CatalogEntry {
+            object: ObjectRef {
+                group: String::new(),
+                version: "v1".into(),
+                kind: kind.into(),
+                namespace: Some("a".into()),
+                name: name.into(),
+            },
+            blob: BlobId([blob; 32]),
+            size: 10,
+        }
+    }
+
+    #[test]
+    fn the_parts_fingerprint_changes_with_whatever_shapes_catalog_and_graph() {
+        let catalog = vec![entry("ConfigMap", "c", 1), entry("Secret", "s", 2)];
+        let report = BackupReport::default();
+        let base = parts_fingerprint(&catalog, &report);
+        assert_eq!(base, parts_fingerprint(&catalog.clone(), &report));
+        let mut changed = catalog.clone();
+        changed[1].blob = BlobId([3; 32]);
+        assert_ne!(base, parts_fingerprint(&changed, &report));
+        let mut moved = catalog.clone();
+        moved[0].object.namespace = Some("b".into());
+        assert_ne!(base, parts_fingerprint(&moved, &report));
+        let mut provided = BackupReport::default();
+        provided
+            .provided_by_cluster
+            .push("ServiceAccount/a/default (created by the cluster)".into());
+        assert_ne!(base, parts_fingerprint(&catalog, &provided));
+        assert_ne!(base, parts_fingerprint(&catalog[..1], &report));
+    }
 }

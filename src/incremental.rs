@@ -65,6 +65,10 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct CaptureCache {
     entries: Mutex<HashMap<Version, Entry>>,
+    /// The catalog and graph blobs of snapshots, by a fingerprint of what
+    /// determines them (see `backup::parts_fingerprint`), with the run that
+    /// last used them: an unchanged namespace does not encode them again.
+    parts: Mutex<HashMap<[u8; 32], (BlobId, BlobId, u64)>>,
     run: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -87,6 +91,26 @@ impl CaptureCache {
         let run = self.run.load(Ordering::Relaxed);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|_, e| e.run == run);
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        parts.retain(|_, (_, _, used)| *used == run);
+    }
+
+    /// The catalog and graph blobs stored for `fingerprint`, if a run made
+    /// them.
+    pub fn parts(&self, fingerprint: &[u8; 32]) -> Option<(BlobId, BlobId)> {
+        let run = self.run.load(Ordering::Relaxed);
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let (catalog, graph, used) = parts.get_mut(fingerprint)?;
+        *used = run;
+        Some((*catalog, *graph))
+    }
+
+    pub fn remember_parts(&self, fingerprint: [u8; 32], catalog: BlobId, graph: BlobId) {
+        let run = self.run.load(Ordering::Relaxed);
+        self.parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fingerprint, (catalog, graph, run));
     }
 
     pub fn get(&self, version: &Version) -> Option<Arc<Captured>> {
@@ -128,6 +152,7 @@ impl CaptureCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.parts.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub fn len(&self) -> usize {
