@@ -535,6 +535,10 @@ async fn retention(
     let mut deleted = 0;
     let mut warnings = Vec::new();
     for namespace in namespaces {
+        let listed: BTreeMap<String, &crate::repo::Snapshot> = snapshots
+            .iter()
+            .map(|(id, s)| (id.to_string(), s))
+            .collect();
         let mine: Vec<(String, DateTime<Utc>)> = snapshots
             .iter()
             .filter(|(_, s)| {
@@ -553,28 +557,21 @@ async fn retention(
             .filter(|id| !keep.contains(id))
             .collect();
         for id in &doomed {
-            let (snapshot_id, snapshot) = opened
-                .repo
-                .resolve_snapshot(id)
-                .await
-                .map_err(|e| ControllerError::Other(e.to_string()))?;
             // CSI snapshots the backup kept go with it, read before the
             // delete and released after it (a failure leaks, never breaks).
-            let kept = match &snapshot {
-                Some(s) => crate::snapshot::kept_volume_snapshots(&opened.repo, s)
-                    .await
-                    .unwrap_or_else(|e| {
-                        warnings.push(format!(
-                            "the report of {} is unreadable, CSI snapshots it kept stay: {e}",
-                            s.name
-                        ));
-                        Vec::new()
-                    }),
-                None => Vec::new(),
-            };
+            let snapshot = listed[id];
+            let kept = crate::snapshot::kept_volume_snapshots(&opened.repo, snapshot)
+                .await
+                .unwrap_or_else(|e| {
+                    warnings.push(format!(
+                        "the report of {} is unreadable, CSI snapshots it kept stay: {e}",
+                        snapshot.name
+                    ));
+                    Vec::new()
+                });
             opened
                 .repo
-                .delete_snapshot(&snapshot_id)
+                .delete_snapshot(&crate::repo::SnapshotId(id.clone()))
                 .await
                 .map_err(|e| ControllerError::Other(e.to_string()))?;
             warnings.extend(crate::mover::release_kept_snapshots(&ctx.conn, &kept).await);

@@ -585,16 +585,7 @@ async fn edit_only_user_backs_up_its_namespace_and_is_told_what_it_could_not_rea
     let admin = cluster.client().await;
     let ns = deploy_multitier(&admin, "t-bkrbac").await;
     // user-1 gets nothing but 'edit' in this namespace.
-    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "user-1-edit"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "user-1"}]
-    }))
-    .unwrap();
-    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), &ns.name)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
+    crate::support::grant_edit(&admin, &ns.name, "user-1").await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = cluster.kubeconfig_for("user-1", dir.path());
     let repo = dir.path().join("repo");

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -475,16 +475,7 @@ async fn namespace_users_back_up_and_restore_their_namespace_and_cannot_reach_be
     let team_a = TestNamespace::create(&admin, "t-team-a").await;
     let team_b = TestNamespace::create(&admin, "t-team-b").await;
     // user-5 may edit team-a and nothing else.
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "user-5-edit"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "user-5"}],
-    }))
-    .unwrap();
-    Api::<RoleBinding>::namespaced(admin.clone(), &team_a.name)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
+    grant_edit(&admin, &team_a.name, "user-5").await;
     config_map(&admin, &team_a.name, "settings").await;
     config_map(&admin, &team_b.name, "theirs").await;
     let _controller = setup.controller(None);

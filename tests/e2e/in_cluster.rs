@@ -10,7 +10,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret};
-use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -282,16 +281,7 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
     .await;
 
     // A user with `edit` in the namespace, and nothing else, restores it.
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "user-6-edit"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "user-6"}],
-    }))
-    .unwrap();
-    Api::<RoleBinding>::namespaced(admin.clone(), &app.name)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
+    grant_edit(&admin, &app.name, "user-6").await;
     let user = cluster.client_as("user-6").await;
     let restores: Api<Restore> = Api::namespaced(user.clone(), &app.name);
     let restore: Restore = serde_json::from_value(json!({

@@ -312,6 +312,22 @@ pub async fn fresh_bucket(prefix: &str) -> String {
     name
 }
 
+/// Gives token user `user` the built-in `edit` role in `namespace`, and
+/// nothing else.
+pub async fn grant_edit(admin: &kube::Client, namespace: &str, user: &str) {
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{user}-edit")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        }))
+        .expect("a RoleBinding");
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap_or_else(|e| panic!("binding {user} to edit in {namespace}: {e}"));
+}
+
 /// Applies a multi-document YAML manifest with server-side apply.
 pub async fn apply_manifests(client: &kube::Client, yaml: &str) {
     ferry::cluster::apply::apply_manifests(client, yaml, "ferry-test")
