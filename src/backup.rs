@@ -203,6 +203,8 @@ pub enum BackupError {
     Volumes(#[from] crate::mover::MoverError),
     #[error("the journal and capture cache are out of step with the repository ({}); no snapshot was written. A full backup heals it", .0.join("; "))]
     Stale(Vec<String>),
+    #[error("looking for leaked kept CSI snapshots: {0}")]
+    Sweep(String),
 }
 
 /// Kinds whose objects are all skipped by normalization: not listing them
@@ -637,6 +639,7 @@ pub async fn run(
                 &settings.policy,
                 settings.mover.as_ref(),
                 &opts.name,
+                repo.id(),
                 &mut report.warnings,
             )
             .await?;
@@ -1540,6 +1543,10 @@ pub struct RetentionOutcome {
     /// [`crate::mover::release_kept_snapshots`]).
     #[serde(skip)]
     pub kept_volume_snapshots: Vec<crate::mover::VolumeEntry>,
+    /// Kept CSI snapshots of this repository that no snapshot names (a
+    /// backup or delete killed midway), released by the sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swept_volume_snapshots: Option<crate::mover::SweepOutcome>,
     /// Deleted snapshots whose report could not be read: CSI snapshots they
     /// kept, if any, are not known.
     #[serde(skip)]
@@ -1584,6 +1591,28 @@ pub async fn apply_retention(
     outcome.bytes_freed = report.bytes_removed;
     outcome.prune = report;
     Ok(outcome)
+}
+
+/// Releases the kept CSI snapshots in the cluster of `conn` that are
+/// labelled for this repository but named by none of its snapshots (see
+/// [`crate::mover::sweep_kept_snapshots`]). Holds the exclusive lock from
+/// reading the snapshots to the last release, so that no backup keeps a
+/// snapshot it has not yet recorded meanwhile.
+pub async fn sweep_kept_snapshots(
+    repo: &Repository,
+    conn: &Connection,
+    dry_run: bool,
+) -> Result<crate::mover::SweepOutcome, BackupError> {
+    let lock = repo.lock_exclusive().await?;
+    let result = async {
+        let referenced = crate::snapshot::kept_contents_locked(repo).await?;
+        crate::mover::sweep_kept_snapshots(conn, repo.id(), &referenced, dry_run)
+            .await
+            .map_err(BackupError::Sweep)
+    }
+    .await;
+    lock.release().await?;
+    result
 }
 
 #[cfg(test)]

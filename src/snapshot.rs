@@ -162,6 +162,29 @@ pub async fn kept_volume_snapshots(
         .collect())
 }
 
+/// The VolumeSnapshotContents and VolumeGroupSnapshotContents that the
+/// repository's application snapshots name as kept. The caller holds a
+/// lock; an unreadable report is an error (what it names is not known).
+pub async fn kept_contents_locked(
+    repo: &Repository,
+) -> Result<std::collections::BTreeSet<String>, RepoError> {
+    let mut contents = std::collections::BTreeSet::new();
+    for (_, snapshot) in repo.list_snapshots().await? {
+        if crate::volume::is_volume_snapshot(&snapshot) {
+            continue;
+        }
+        for volume in load_root(repo, &snapshot).await?.report.volumes {
+            if let Some(kept) = volume.snapshot {
+                contents.insert(kept.content);
+                if let Some(group) = kept.group {
+                    contents.insert(group.content);
+                }
+            }
+        }
+    }
+    Ok(contents)
+}
+
 /// Loads a snapshot's content, refusing formats this version cannot read.
 /// The caller holds a lock.
 pub async fn load_content(

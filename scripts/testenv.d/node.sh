@@ -116,7 +116,7 @@ api_yaml() { # api_yaml CLUSTER_DIR PATH FILE: POST a YAML document
 
 # node_cluster_objects DIR: what the API needs before the node starts: the
 # API server's access to kubelets, the CSI user's role, the snapshot CRDs,
-# the CSIDriver and the two classes.
+# the CSIDriver, the storage class and the (group) snapshot classes.
 node_cluster_objects() {
   local d=$1 crds=$2
   api "$d" POST /apis/rbac.authorization.k8s.io/v1/clusterrolebindings \
@@ -161,6 +161,11 @@ YAML
   wait_until 30 "VolumeSnapshotClass CRD of $(basename "$d")" "$d/apiserver.log" "$d/apiserver.pid" \
     api "$d" POST /apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses \
     '{"apiVersion":"snapshot.storage.k8s.io/v1","kind":"VolumeSnapshotClass","metadata":{"name":"'"$CSI_SNAPSHOT_CLASS"'","annotations":{"snapshot.storage.kubernetes.io/is-default-class":"true"}},"driver":"'"$CSI_DRIVER"'","deletionPolicy":"Delete"}'
+  # The driver serves the CSI group controller: crash-consistent snapshots
+  # of several volumes at once (VolumeGroupSnapshot).
+  wait_until 30 "VolumeGroupSnapshotClass CRD of $(basename "$d")" "$d/apiserver.log" "$d/apiserver.pid" \
+    api "$d" POST /apis/groupsnapshot.storage.k8s.io/v1/volumegroupsnapshotclasses \
+    '{"apiVersion":"groupsnapshot.storage.k8s.io/v1","kind":"VolumeGroupSnapshotClass","metadata":{"name":"'"$CSI_SNAPSHOT_CLASS"'","annotations":{"groupsnapshot.storage.kubernetes.io/is-default-class":"true"}},"driver":"'"$CSI_DRIVER"'","deletionPolicy":"Delete"}'
 }
 
 # node_images DIR BIN FERRY_BINARY: the pause, busybox and Ferry images as

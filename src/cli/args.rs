@@ -361,7 +361,13 @@ prune deletes them once every command that was running when they were marked has
 (its lock is gone), unless a snapshot needs them again. Running prune twice in a row with \
 nothing else running therefore frees everything unreferenced, including the data of \
 snapshots removed with `ferry backup delete`. Prune deletes nothing while an index file or \
-snapshot manifest cannot be read; `ferry repo repair` fixes that."
+snapshot manifest cannot be read; `ferry repo repair` fixes that.
+
+CSI snapshots kept in the cluster of the current context are labelled \
+ferry.dev/kept-by=REPOSITORY-ID. Prune also releases those of this repository that no \
+snapshot names: left by a backup killed before its snapshot was written, or by a delete \
+killed before it released them. It holds the repository's exclusive lock meanwhile, so a \
+running backup's snapshots are never taken for leaks."
     )]
     Prune {
         #[command(flatten)]
@@ -372,7 +378,8 @@ snapshot manifest cannot be read; `ferry repo repair` fixes that."
         #[arg(long)]
         dry_run: bool,
         /// Leave the CSI snapshots that deleted backups kept in the cluster
-        /// (by default they are deleted with their backup).
+        /// (by default they are deleted with their backup), and leaked ones
+        /// too.
         #[arg(long)]
         keep_volume_snapshots: bool,
         #[arg(short, long, value_enum, default_value_t)]

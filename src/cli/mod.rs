@@ -403,6 +403,7 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 Some(snapshot) => eprintln!("deleted snapshot {} ({id})", snapshot.name),
                 None => eprintln!("deleted damaged snapshot manifest {id}"),
             }
+            crate::failpoint::stop_here("delete-before-release").await;
             let released =
                 release_kept_snapshots(global, &kept, &unreadable, keep_volume_snapshots).await;
             if prune {
@@ -419,7 +420,7 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
             output,
         } => {
             let repository = repo::open(&repo).await?;
-            let outcome = backup::apply_retention(&repository, keep_last, dry_run).await?;
+            let mut outcome = backup::apply_retention(&repository, keep_last, dry_run).await?;
             let released = release_kept_snapshots(
                 global,
                 &outcome.kept_volume_snapshots,
@@ -427,6 +428,11 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 keep_volume_snapshots,
             )
             .await;
+            let swept = if keep_volume_snapshots {
+                Ok(())
+            } else {
+                sweep_kept_snapshots(global, &repository, dry_run, &mut outcome).await
+            };
             emit(output, &outcome, |out| {
                 for name in &outcome.deleted {
                     writeln!(
@@ -435,12 +441,51 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                         if dry_run { "would delete" } else { "deleted" }
                     )?;
                 }
+                if let Some(swept) = &outcome.swept_volume_snapshots {
+                    for what in &swept.released {
+                        writeln!(
+                            out,
+                            "{} leaked kept CSI {what}",
+                            if dry_run { "would release" } else { "released" }
+                        )?;
+                    }
+                }
                 print_prune(out, &outcome.prune, dry_run)
             })?;
             released?;
+            swept?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Releases the kept CSI snapshots of the current cluster that are labelled
+/// for `repository` and named by none of its snapshots. Without a reachable
+/// cluster there is nothing to look at: a note says so. Fails when a leaked
+/// snapshot could not be released.
+async fn sweep_kept_snapshots(
+    global: &GlobalArgs,
+    repository: &crate::repo::Repository,
+    dry_run: bool,
+    outcome: &mut backup::RetentionOutcome,
+) -> anyhow::Result<()> {
+    let conn = match connect(global).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            eprintln!("note: leaked kept CSI snapshots were not looked for: {e:#}");
+            return Ok(());
+        }
+    };
+    let swept = backup::sweep_kept_snapshots(repository, &conn, dry_run).await?;
+    for line in &swept.failed {
+        eprintln!("warning: leaked kept CSI {line}");
+    }
+    let failed = swept.failed.len();
+    outcome.swept_volume_snapshots = Some(swept);
+    if failed > 0 {
+        anyhow::bail!("{failed} leaked kept CSI snapshot(s) were not released (listed above)");
+    }
+    Ok(())
 }
 
 /// Deletes from the cluster the CSI snapshots that deleted backups kept
@@ -482,7 +527,7 @@ async fn release_kept_snapshots(
     };
     eprintln!(
         "deleted {} kept CSI snapshot(s) from the cluster",
-        kept.len() - left.len()
+        kept.len().saturating_sub(left.len())
     );
     for line in &left {
         eprintln!("warning: {line}");
@@ -538,6 +583,15 @@ fn print_prune(
     Ok(())
 }
 
+/// ", group NS/NAME" for a volume snapshotted with its volume group.
+fn in_group(volume: &crate::mover::VolumeEntry) -> String {
+    volume
+        .group
+        .as_ref()
+        .map(|g| format!(", group {g}"))
+        .unwrap_or_default()
+}
+
 fn print_report(
     out: &mut dyn Write,
     name: &str,
@@ -573,16 +627,17 @@ fn print_report(
                         human_bytes(s.bytes),
                         format!("{} files, {}", s.files_read, human_bytes(s.bytes_read)),
                         format!(
-                            "{} new chunks, {:.1}s",
+                            "{} new chunks, {:.1}s{}",
                             s.chunks_new,
-                            s.duration_ms as f64 / 1000.0
+                            s.duration_ms as f64 / 1000.0,
+                            in_group(v)
                         ),
                     ),
                     (None, None, Some(kept)) => (
                         String::new(),
                         kept.restore_size.clone().unwrap_or_default(),
                         String::new(),
-                        format!("kept as {}", kept.volume_snapshot),
+                        format!("kept as {}{}", kept.volume_snapshot, in_group(v)),
                     ),
                     _ => Default::default(),
                 };

@@ -95,6 +95,9 @@ pub fn controller_rbac(namespace: &str) -> Vec<Value> {
                 {"apiGroups": ["snapshot.storage.k8s.io"],
                  "resources": ["volumesnapshots", "volumesnapshotcontents"],
                  "verbs": ["create", "delete", "patch", "update"]},
+                {"apiGroups": ["groupsnapshot.storage.k8s.io"],
+                 "resources": ["volumegroupsnapshots", "volumegroupsnapshotcontents"],
+                 "verbs": ["create", "delete", "patch", "update"]},
             ],
         }),
         json!({

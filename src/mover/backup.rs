@@ -2,7 +2,7 @@
 //! pre-backup hooks, snapshot or copy, run the post-backup hooks, then move
 //! snapshots into the repository.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
@@ -12,8 +12,8 @@ use kube::api::Api;
 use super::hooks::{self, Hook, HookPhase};
 use super::pods::{self, DATA, MoverJob};
 use super::{
-    ANNOTATION_METHOD, MoverError, MoverSettings, VolumeEntry, VolumeMethod, VolumePolicy, csi,
-    suffix,
+    ANNOTATION_METHOD, LABEL_VOLUME_GROUP, LABEL_VOLUME_GROUP_VELERO, MoverError, MoverSettings,
+    VolumeEntry, VolumeMethod, VolumePolicy, csi, suffix,
 };
 use crate::cluster::Connection;
 use crate::volume::VolumeStats;
@@ -25,13 +25,116 @@ struct Claim {
     object: PersistentVolumeClaim,
     method: VolumeMethod,
     snapshot_class: Option<String>,
+    /// The CSI driver of its volume.
+    driver: Option<String>,
     /// Node of a running Pod that mounts it.
     node: Option<String>,
 }
 
+/// Claims of one namespace labelled into the same volume group, to be
+/// snapshotted together by one VolumeGroupSnapshot.
+#[derive(Debug, Clone, PartialEq)]
+struct Group {
+    namespace: String,
+    /// The label that makes the group, and its value.
+    key: &'static str,
+    value: String,
+    class: String,
+    /// Indexes of the member claims in the protected list.
+    members: Vec<usize>,
+}
+
+impl Group {
+    fn describe(&self, claims: &[Claim]) -> String {
+        let names: Vec<&str> = self
+            .members
+            .iter()
+            .map(|&i| claims[i].name.as_str())
+            .collect();
+        format!(
+            "{}/{} (volume group {}={})",
+            self.namespace,
+            names.join(","),
+            self.key,
+            self.value
+        )
+    }
+}
+
+/// The group label of a claim: Ferry's, else Velero's.
+fn group_label(claim: &PersistentVolumeClaim) -> Option<(&'static str, String)> {
+    let labels = claim.metadata.labels.as_ref()?;
+    [LABEL_VOLUME_GROUP, LABEL_VOLUME_GROUP_VELERO]
+        .into_iter()
+        .find_map(|key| {
+            labels
+                .get(key)
+                .filter(|v| !v.is_empty())
+                .map(|v| (key, v.clone()))
+        })
+}
+
+/// Groups the snapshotted claims that carry a group label. A group whose
+/// claims use different drivers, or whose driver has no
+/// VolumeGroupSnapshotClass (`group_classes`, by driver), falls back to one
+/// snapshot per claim with a warning: never silently.
+fn plan_groups(
+    claims: &[Claim],
+    group_classes: &BTreeMap<String, Option<String>>,
+    warnings: &mut Vec<String>,
+) -> Vec<Group> {
+    let mut by_label: BTreeMap<(String, &'static str, String), Vec<usize>> = BTreeMap::new();
+    for (index, claim) in claims.iter().enumerate() {
+        if !matches!(
+            claim.method,
+            VolumeMethod::Snapshot | VolumeMethod::SnapshotMove
+        ) {
+            continue;
+        }
+        if let Some((key, value)) = group_label(&claim.object) {
+            by_label
+                .entry((claim.namespace.clone(), key, value))
+                .or_default()
+                .push(index);
+        }
+    }
+    let mut groups = Vec::new();
+    for ((namespace, key, value), members) in by_label {
+        let drivers: HashSet<Option<&String>> =
+            members.iter().map(|&i| claims[i].driver.as_ref()).collect();
+        let class = match drivers.into_iter().collect::<Vec<_>>().as_slice() {
+            [Some(driver)] => group_classes.get(*driver).cloned().flatten().ok_or_else(|| {
+                format!("CSI driver {driver} has no VolumeGroupSnapshotClass (or the cluster serves no group snapshots)")
+            }),
+            _ => Err("its claims use different CSI drivers".to_string()),
+        };
+        match class {
+            Ok(class) => groups.push(Group {
+                namespace,
+                key,
+                value,
+                class,
+                members,
+            }),
+            Err(why) => {
+                let names: Vec<&str> = members.iter().map(|&i| claims[i].name.as_str()).collect();
+                warnings.push(format!(
+                    "volume group {key}={value} in {namespace}: {why}; claims {} are snapshotted one by one, not at one instant",
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    groups
+}
+
 /// Protects the data of `claims` by the policy; returns one entry per claim.
 /// `previous` are the volume entries of the previous backup, whose data are
-/// the parents of this one's (unchanged files are not read again).
+/// the parents of this one's (unchanged files are not read again). Kept CSI
+/// snapshots are labelled with `repository_id`, so that one the repository
+/// never came to reference (a backup killed before its snapshot was
+/// written) is found and released by the next prune.
+#[allow(clippy::too_many_arguments)]
 pub async fn backup_volumes(
     conn: &Connection,
     claims: &[(String, String)],
@@ -39,6 +142,7 @@ pub async fn backup_volumes(
     policy: &VolumePolicy,
     mover: Option<&MoverSettings>,
     label: &str,
+    repository_id: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<VolumeEntry>, MoverError> {
     let client = &conn.client;
@@ -60,6 +164,7 @@ pub async fn backup_volumes(
             snapshot: None,
             skipped: Some(why),
             stats: None,
+            group: None,
         };
         let object = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
             .get(name)
@@ -148,6 +253,7 @@ pub async fn backup_volumes(
             object,
             method,
             snapshot_class,
+            driver,
             node,
         });
     }
@@ -189,25 +295,91 @@ pub async fn backup_volumes(
         })
         .collect();
 
+    let mut group_classes: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for claim in &protected {
+        if let Some(driver) = &claim.driver
+            && group_label(&claim.object).is_some()
+            && !group_classes.contains_key(driver)
+        {
+            let class = csi::group_class_for(client, driver).await;
+            group_classes.insert(driver.clone(), class);
+        }
+    }
+    let groups = plan_groups(&protected, &group_classes, warnings);
+    let grouped: HashSet<usize> = groups
+        .iter()
+        .flat_map(|g| g.members.iter().copied())
+        .collect();
+    let timeout = mover
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(600), |m| m.timeout);
+
     run_hooks(client, &hooked, HookPhase::Pre, warnings).await?;
-    // Snapshots and live copies happen while the application is quiesced.
-    let first: Vec<Result<(usize, Taken), MoverError>> =
-        futures::stream::iter(protected.iter().enumerate())
-            .map(|(index, claim)| {
-                let mover = mover.as_ref();
-                let parents = &parents;
-                async move {
-                    let taken = first_step(conn, claim, mover, parents, label).await;
-                    taken.map(|t| (index, t))
-                }
-            })
-            .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
-            .collect()
-            .await;
-    // The application resumes even if a snapshot failed.
-    let post = run_hooks(client, &hooked, HookPhase::Post, warnings).await;
+    // Snapshots and live copies happen while the application is quiesced;
+    // each group first, at one instant for all its claims.
     let mut taken: Vec<Option<Taken>> = (0..protected.len()).map(|_| None).collect();
     let mut failure = None;
+    let mut taken_groups: Vec<(&Group, String)> = Vec::new();
+    for group in &groups {
+        let names: Vec<String> = group
+            .members
+            .iter()
+            .map(|&i| protected[i].name.clone())
+            .collect();
+        let name = format!(
+            "ferry-{}",
+            suffix(&[label, &group.namespace, group.key, &group.value])
+        );
+        let request = csi::GroupRequest {
+            namespace: &group.namespace,
+            key: group.key,
+            value: &group.value,
+            class: &group.class,
+            claims: &names,
+        };
+        match csi::take_group(client, &request, &name, label, timeout).await {
+            Ok(mut members) => {
+                for &index in &group.members {
+                    let mut kept = members
+                        .remove(&protected[index].name)
+                        .expect("take_group returns every claim");
+                    kept.server = conn.server.clone();
+                    taken[index] = Some(Taken::Snapshot(Box::new(kept)));
+                }
+                taken_groups.push((group, name));
+            }
+            Err(message) => {
+                failure = Some(MoverError::Volume {
+                    volume: group.describe(&protected),
+                    message,
+                });
+                break;
+            }
+        }
+    }
+    let first: Vec<Result<(usize, Taken), MoverError>> = if failure.is_some() {
+        Vec::new()
+    } else {
+        futures::stream::iter(
+            protected
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| !grouped.contains(index)),
+        )
+        .map(|(index, claim)| {
+            let mover = mover.as_ref();
+            let parents = &parents;
+            async move {
+                let taken = first_step(conn, claim, mover, parents, label).await;
+                taken.map(|t| (index, t))
+            }
+        })
+        .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
+        .collect()
+        .await
+    };
+    // The application resumes even if a snapshot failed.
+    let post = run_hooks(client, &hooked, HookPhase::Post, warnings).await;
     for result in first {
         match result {
             Ok((index, t)) => taken[index] = Some(t),
@@ -217,10 +389,14 @@ pub async fn backup_volumes(
     if let Some(e) = failure {
         for t in taken.iter().flatten() {
             if let Taken::Snapshot(s) = t
+                && s.group.is_none()
                 && let Some((ns, name)) = s.volume_snapshot.split_once('/')
             {
                 csi::delete(client, ns, name).await;
             }
+        }
+        for (group, name) in &taken_groups {
+            csi::delete_group(client, &group.namespace, name).await;
         }
         return Err(e);
     }
@@ -239,6 +415,7 @@ pub async fn backup_volumes(
                         mover,
                         parents,
                         label,
+                        repository_id,
                     )
                     .await
                 }
@@ -246,6 +423,17 @@ pub async fn backup_volumes(
             .buffer_unordered(mover.as_ref().map_or(4, |m| m.concurrency.max(1)))
             .collect()
             .await;
+    // A group whose members were all moved is deleted whole (members cannot
+    // go one by one); one with a kept member stays as the recovery point.
+    for (group, name) in &taken_groups {
+        let kept = group
+            .members
+            .iter()
+            .any(|&i| protected[i].method == VolumeMethod::Snapshot);
+        if !kept {
+            csi::delete_group(client, &group.namespace, name).await;
+        }
+    }
     for entry in moved {
         entries.push(entry?);
     }
@@ -355,7 +543,7 @@ async fn run_hooks(
 }
 
 enum Taken {
-    Snapshot(super::KeptSnapshot),
+    Snapshot(Box<super::KeptSnapshot>),
     Copied(Box<VolumeEntry>),
 }
 
@@ -383,7 +571,7 @@ async fn first_step(
             .await
             .map_err(fail)?;
             kept.server = conn.server.clone();
-            Ok(Taken::Snapshot(kept))
+            Ok(Taken::Snapshot(Box::new(kept)))
         }
         VolumeMethod::Copy => {
             let mover = mover.expect("copy needs a mover");
@@ -412,11 +600,12 @@ async fn second_step(
     mover: Option<&MoverSettings>,
     parents: &HashMap<(String, String), String>,
     label: &str,
+    repository_id: &str,
 ) -> Result<VolumeEntry, MoverError> {
     let fail = |m: String| MoverError::volume(&claim.namespace, &claim.name, m);
     let kept = match taken {
         Taken::Copied(entry) => return Ok(*entry),
-        Taken::Snapshot(kept) => kept,
+        Taken::Snapshot(kept) => *kept,
     };
     let (_, snapshot_name) = kept
         .volume_snapshot
@@ -424,7 +613,12 @@ async fn second_step(
         .expect("namespace/name");
     let snapshot_name = snapshot_name.to_string();
     if claim.method == VolumeMethod::Snapshot {
-        csi::retain(&conn.client, &kept.content)
+        if let Some(group) = &kept.group {
+            csi::retain_group(&conn.client, &group.content, repository_id)
+                .await
+                .map_err(fail)?;
+        }
+        csi::retain(&conn.client, &kept.content, repository_id)
             .await
             .map_err(fail)?;
         return Ok(VolumeEntry {
@@ -433,6 +627,7 @@ async fn second_step(
             method: VolumeMethod::Snapshot,
             storage_class: class_of(&claim.object),
             root: None,
+            group: kept.group.as_ref().map(|g| g.volume_group_snapshot.clone()),
             snapshot: Some(kept),
             skipped: None,
             stats: None,
@@ -455,9 +650,12 @@ async fn second_step(
     }
     .await;
     csi::delete_claim(&conn.client, &claim.namespace, &clone).await;
-    csi::delete(&conn.client, &claim.namespace, &snapshot_name).await;
+    if kept.group.is_none() {
+        csi::delete(&conn.client, &claim.namespace, &snapshot_name).await;
+    }
     let mut entry = result.map_err(fail)?;
     entry.method = VolumeMethod::SnapshotMove;
+    entry.group = kept.group.map(|g| g.volume_group_snapshot);
     Ok(entry)
 }
 
@@ -528,12 +726,93 @@ async fn move_claim(
         snapshot: None,
         skipped: None,
         stats,
+        group: None,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claim(name: &str, method: VolumeMethod, driver: &str, labels: &[(&str, &str)]) -> Claim {
+        let object: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop",
+                         "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string()))
+                             .collect::<BTreeMap<_, _>>()}
+        }))
+        .unwrap();
+        Claim {
+            namespace: "shop".into(),
+            name: name.into(),
+            object,
+            method,
+            snapshot_class: Some("snap".into()),
+            driver: Some(driver.into()),
+            node: None,
+        }
+    }
+
+    #[test]
+    fn labelled_snapshotted_claims_form_groups_and_every_fallback_is_said() {
+        use VolumeMethod::*;
+        let claims = vec![
+            claim("a", SnapshotMove, "csi-1", &[(LABEL_VOLUME_GROUP, "db")]),
+            claim("b", Snapshot, "csi-1", &[(LABEL_VOLUME_GROUP, "db")]),
+            // Velero's label makes its own group.
+            claim(
+                "c",
+                SnapshotMove,
+                "csi-1",
+                &[(LABEL_VOLUME_GROUP_VELERO, "db")],
+            ),
+            // A copied claim is never part of a snapshot group.
+            claim("d", Copy, "csi-1", &[(LABEL_VOLUME_GROUP, "db")]),
+            claim("e", SnapshotMove, "csi-1", &[]),
+            // A group across drivers cannot be one group snapshot.
+            claim("f", SnapshotMove, "csi-1", &[(LABEL_VOLUME_GROUP, "mixed")]),
+            claim("g", SnapshotMove, "csi-2", &[(LABEL_VOLUME_GROUP, "mixed")]),
+            // A driver without a group class.
+            claim("h", SnapshotMove, "csi-3", &[(LABEL_VOLUME_GROUP, "logs")]),
+        ];
+        let classes: BTreeMap<String, Option<String>> = [
+            ("csi-1".to_string(), Some("group".to_string())),
+            ("csi-2".to_string(), Some("group".to_string())),
+            ("csi-3".to_string(), None),
+        ]
+        .into();
+        let mut warnings = Vec::new();
+        let groups = plan_groups(&claims, &classes, &mut warnings);
+        let members: Vec<(&str, &str, Vec<usize>)> = groups
+            .iter()
+            .map(|g| (g.key, g.value.as_str(), g.members.clone()))
+            .collect();
+        assert_eq!(
+            members,
+            vec![
+                (LABEL_VOLUME_GROUP, "db", vec![0, 1]),
+                (LABEL_VOLUME_GROUP_VELERO, "db", vec![2]),
+            ]
+        );
+        assert_eq!(groups[0].class, "group");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("different CSI drivers") && w.contains("claims f, g")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("csi-3 has no VolumeGroupSnapshotClass")
+                    && w.contains("claims h")),
+            "{warnings:?}"
+        );
+        assert_eq!(
+            groups[0].describe(&claims),
+            "shop/a,b (volume group ferry.dev/volume-group=db)"
+        );
+    }
 
     #[test]
     fn auto_prefers_moving_a_snapshot_and_never_silently_skips_an_explicit_choice() {

@@ -32,6 +32,16 @@ pub use restore::VolumeFiller;
 pub const ANNOTATION_METHOD: &str = "backup.ferry.dev/volume-method";
 /// Label on everything Ferry creates to move data.
 pub const LABEL_MOVER: &str = "ferry.dev/mover";
+/// Label on the VolumeSnapshotContents (and group contents) of kept CSI
+/// snapshots: the id of the repository whose snapshots reference them.
+pub const LABEL_KEPT_BY: &str = "ferry.dev/kept-by";
+/// Label on PersistentVolumeClaims whose snapshots must be crash-consistent
+/// together: claims of a namespace with the same value are snapshotted by
+/// one VolumeGroupSnapshot where the driver serves them.
+pub const LABEL_VOLUME_GROUP: &str = "ferry.dev/volume-group";
+/// Velero's label of the same meaning, honoured so that applications
+/// labelled for Velero keep their groups.
+pub const LABEL_VOLUME_GROUP_VELERO: &str = "velero.io/volume-group";
 
 /// How a volume's data is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -116,6 +126,23 @@ pub struct KeptSnapshot {
     pub class: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_size: Option<String>,
+    /// The group snapshot this one is a member of: it is kept and released
+    /// with the whole group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<KeptGroup>,
+}
+
+/// A CSI volume group snapshot kept in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptGroup {
+    /// `namespace/name` of the VolumeGroupSnapshot.
+    pub volume_group_snapshot: String,
+    /// The VolumeGroupSnapshotContent.
+    pub content: String,
+    /// The driver's group snapshot id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub handle: String,
 }
 
 /// Deletes the CSI snapshots that `entries` kept in the cluster of `conn`,
@@ -129,6 +156,22 @@ pub async fn release_kept_snapshots(
     entries: &[VolumeEntry],
 ) -> Vec<String> {
     let mut left = Vec::new();
+    // A group goes first and whole: its members cannot be deleted one by
+    // one while it exists; then each member's own objects are released.
+    let groups: std::collections::BTreeSet<&KeptGroup> = entries
+        .iter()
+        .filter_map(|e| e.snapshot.as_ref())
+        .filter(|k| k.server == conn.server)
+        .filter_map(|k| k.group.as_ref())
+        .collect();
+    for group in groups {
+        if let Err(e) = csi::release_group(&conn.client, group).await {
+            left.push(format!(
+                "kept group snapshot {} (VolumeGroupSnapshotContent {}) was not deleted: {e}",
+                group.volume_group_snapshot, group.content
+            ));
+        }
+    }
     for (entry, kept) in entries
         .iter()
         .filter_map(|e| e.snapshot.as_ref().map(|k| (e, k)))
@@ -151,6 +194,63 @@ pub async fn release_kept_snapshots(
     left
 }
 
+/// What a sweep of leaked kept CSI snapshots found.
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SweepOutcome {
+    /// Kept snapshots and group snapshots no snapshot of the repository
+    /// references: released (or, in a dry run, to be released).
+    pub released: Vec<String>,
+    /// Those that could not be released, with the reason.
+    pub failed: Vec<String>,
+}
+
+/// Releases the kept CSI snapshots of the cluster of `conn` that are
+/// labelled for the repository `repository_id` but whose content is not in
+/// `referenced` (the contents its snapshots name): left behind by a backup
+/// killed before its snapshot was written, or a delete killed before it
+/// released them. The caller holds the repository's exclusive lock, so no
+/// backup is between keeping a snapshot and writing the snapshot that
+/// names it.
+pub async fn sweep_kept_snapshots(
+    conn: &crate::cluster::connect::Connection,
+    repository_id: &str,
+    referenced: &std::collections::BTreeSet<String>,
+    dry_run: bool,
+) -> Result<SweepOutcome, String> {
+    let (singles, groups) = csi::kept_by(&conn.client, repository_id).await?;
+    let mut outcome = SweepOutcome::default();
+    for group in groups.iter().filter(|g| !referenced.contains(&g.content)) {
+        let what = format!(
+            "group snapshot {} (VolumeGroupSnapshotContent {})",
+            group.volume_group_snapshot, group.content
+        );
+        if dry_run {
+            outcome.released.push(what);
+            continue;
+        }
+        match csi::release_group(&conn.client, group).await {
+            Ok(()) => outcome.released.push(what),
+            Err(e) => outcome.failed.push(format!("{what}: {e}")),
+        }
+    }
+    for kept in singles.iter().filter(|k| !referenced.contains(&k.content)) {
+        let what = format!(
+            "snapshot {} (VolumeSnapshotContent {})",
+            kept.volume_snapshot, kept.content
+        );
+        if dry_run {
+            outcome.released.push(what);
+            continue;
+        }
+        match csi::release(&conn.client, kept).await {
+            Ok(()) => outcome.released.push(what),
+            Err(e) => outcome.failed.push(format!("{what}: {e}")),
+        }
+    }
+    Ok(outcome)
+}
+
 /// One volume of an application snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -171,6 +271,10 @@ pub struct VolumeEntry {
     pub skipped: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<VolumeStats>,
+    /// `namespace/name` of the VolumeGroupSnapshot that took this volume's
+    /// snapshot at one instant with the rest of its group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

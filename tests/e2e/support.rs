@@ -409,6 +409,15 @@ pub fn init_repo(kubeconfig: &Path, dir: &Path) -> String {
 }
 
 /// `ferry ARGS -o json`: whether it succeeded, its JSON and its stderr.
+/// `ferry ARGS`, which must succeed; returns its stdout and stderr.
+pub fn run_ok(kubeconfig: &Path, args: &[&str]) -> (String, String) {
+    let out = ferry(kubeconfig).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "ferry {args:?}: {stdout}{stderr}");
+    (stdout, stderr)
+}
+
 pub fn run_json(kubeconfig: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
     output_json(ferry(kubeconfig).args(args))
 }

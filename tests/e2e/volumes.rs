@@ -623,12 +623,10 @@ async fn node_a_kept_csi_snapshot_brings_back_a_deleted_namespace_with_a_local_r
     // (left with deletionPolicy Retain when the namespace went) is deleted
     // through the driver.
     let content = entry["snapshot"]["content"].as_str().unwrap().to_string();
-    let out = ferry(&cluster.kubeconfig)
-        .args(["backup", "delete", "kept", "--repo", &repo])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (_, stderr) = crate::support::run_ok(
+        &cluster.kubeconfig,
+        &["backup", "delete", "kept", "--repo", &repo],
+    );
     assert!(
         stderr.contains("deleted 1 kept CSI snapshot(s)"),
         "{stderr}"
@@ -649,4 +647,327 @@ async fn node_a_kept_csi_snapshot_brings_back_a_deleted_namespace_with_a_local_r
     .await;
     clean_up(&client, &[&ns.name]).await;
     clean_up(&other.client().await, &[&ns.name]).await;
+}
+
+fn group_api(client: &kube::Client, ns: Option<&str>, kind: &str) -> Api<kube::api::DynamicObject> {
+    let resource = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+        if kind.contains("Group") {
+            "groupsnapshot.storage.k8s.io"
+        } else {
+            "snapshot.storage.k8s.io"
+        },
+        "v1",
+        kind,
+    ));
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    }
+}
+
+#[tokio::test]
+async fn node_claims_of_a_volume_group_are_snapshotted_together_moved_kept_and_released() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-group").await;
+    // Two claims of one application labelled into one group.
+    files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+    let logs_claim = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "logs", "namespace": ns.name,
+                     "labels": {"ferry.dev/volume-group": "app"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                 "resources": {"requests": {"storage": "64Mi"}}}
+    });
+    let logs_app = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "logs", "namespace": ns.name},
+        "spec": {
+            "replicas": 1, "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "logs"}},
+            "template": pod_template(node, "logs",
+                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "logs"}}]), json!({}))
+        }
+    });
+    let yaml = format!(
+        "{}---\n{}",
+        serde_yaml_ng::to_string(&logs_claim).unwrap(),
+        serde_yaml_ng::to_string(&logs_app).unwrap()
+    );
+    apply_manifests(&client, &yaml).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
+    claims
+        .patch(
+            "files",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"labels": {"ferry.dev/volume-group": "app"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let (_, files_before) = app_output(&client, &ns.name, "files").await;
+    let (_, logs_before) = app_output(&client, &ns.name, "logs").await;
+
+    // snapshot-move: one VolumeGroupSnapshot for both claims, deleted whole
+    // once both are in the repository.
+    let repo = Repo::new(node, "vol-group").await;
+    let (ok, moved, stderr) = repo.run(cluster, &["backup", "create", "moved", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+    let (files, logs) = (volume(&moved, "files"), volume(&moved, "logs"));
+    assert_eq!(files["method"], "snapshot-move", "{files}");
+    assert_eq!(logs["method"], "snapshot-move", "{logs}");
+    assert!(
+        files["group"].is_string() && files["group"] == logs["group"],
+        "one group took both: {files} {logs}"
+    );
+    let groups = group_api(&client, Some(&ns.name), "VolumeGroupSnapshot");
+    let snapshots = group_api(&client, Some(&ns.name), "VolumeSnapshot");
+    eventually(
+        "the moved group snapshot and its members to be gone",
+        POD_TIMEOUT,
+        || async {
+            let left = groups.list(&Default::default()).await.ok()?.items.len()
+                + snapshots.list(&Default::default()).await.ok()?.items.len();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+
+    // A local repository: the group is kept in the cluster, its members
+    // recorded with it.
+    let dir = tempfile::tempdir().unwrap();
+    let local = crate::support::init_repo(&cluster.kubeconfig, dir.path());
+    let (ok, kept, stderr) = crate::support::run_json(
+        &cluster.kubeconfig,
+        &["backup", "create", "kept", "-n", &ns.name, "--repo", &local],
+    );
+    assert!(ok, "{stderr}");
+    let (files, logs) = (volume(&kept, "files"), volume(&kept, "logs"));
+    assert_eq!(files["method"], "snapshot", "{files}");
+    let group_content = files["snapshot"]["group"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a kept member names its group: {files}"))
+        .to_string();
+    assert_eq!(logs["snapshot"]["group"]["content"], group_content.as_str());
+    assert_ne!(files["snapshot"]["handle"], logs["snapshot"]["handle"]);
+    let group_name = files["group"]
+        .as_str()
+        .unwrap()
+        .split_once('/')
+        .unwrap()
+        .1
+        .to_string();
+    let group = groups.get(&group_name).await.unwrap();
+    assert_eq!(group.data["status"]["readyToUse"], true, "{:?}", group.data);
+    let (text, _) = crate::support::run_ok(
+        &cluster.kubeconfig,
+        &["backup", "describe", "kept", "--repo", &local],
+    );
+    assert!(
+        text.contains(&format!("group {}", files["group"].as_str().unwrap())),
+        "{text}"
+    );
+
+    // The namespace is lost: both claims come back from the kept members,
+    // and from the moved data into a clone.
+    delete_namespace(&client, &ns.name).await;
+    let (ok, restored, stderr) =
+        crate::support::run_json(&cluster.kubeconfig, &["restore", "kept", "--repo", &local]);
+    assert!(ok, "{stderr}\n{restored}");
+    for (app, before) in [("files", &files_before), ("logs", &logs_before)] {
+        let (_, after) = app_output(&client, &ns.name, app).await;
+        assert!(after.contains("FOUND"), "{app}: {after}");
+        assert_eq!(line(&after, "SUMS"), line(before, "SUMS"), "{app}");
+    }
+    let clone = format!("{}-clone", ns.name);
+    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
+    let mapping = format!("{}={clone}", ns.name);
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &["restore", "moved", "--namespace-mapping", &mapping],
+    );
+    assert!(ok, "restore into {clone}: {stderr}");
+    for (app, before) in [("files", &files_before), ("logs", &logs_before)] {
+        let (_, after) = app_output(&client, &clone, app).await;
+        assert!(after.contains("FOUND"), "{app}: {after}");
+        assert_eq!(line(&after, "SUMS"), line(before, "SUMS"), "{app}");
+    }
+
+    // Deleting the backup releases the group through the driver, and the
+    // contents of its members.
+    let member_contents: Vec<String> = [files, logs]
+        .iter()
+        .map(|v| v["snapshot"]["content"].as_str().unwrap().to_string())
+        .collect();
+    let (_, stderr) = crate::support::run_ok(
+        &cluster.kubeconfig,
+        &["backup", "delete", "kept", "--repo", &local],
+    );
+    assert!(
+        stderr.contains("deleted 2 kept CSI snapshot(s)"),
+        "{stderr}"
+    );
+    let group_contents = group_api(&client, None, "VolumeGroupSnapshotContent");
+    let contents = group_api(&client, None, "VolumeSnapshotContent");
+    eventually(
+        "the kept group and its members to be deleted",
+        POD_TIMEOUT,
+        || async {
+            let mut gone = matches!(group_contents.get_opt(&group_content).await, Ok(None));
+            for content in &member_contents {
+                gone &= matches!(contents.get_opt(content).await, Ok(None));
+            }
+            gone.then_some(())
+        },
+    )
+    .await;
+    clean_up(&client, &[&ns.name, &clone]).await;
+}
+
+/// Runs `ferry ARGS` with the failure point `point` armed, waits until it
+/// stops there, and kills it (SIGKILL: no cleanup of any kind).
+fn kill_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/tmp")
+        .env("KUBECONFIG", kubeconfig)
+        .env("FERRY_PASSWORD", "correct horse battery staple")
+        .env("FERRY_FAILPOINTS", point)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.contains(&format!("failpoint {point} reached")) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return;
+        }
+        seen.push(line);
+    }
+    panic!(
+        "ferry {args:?} ended before failpoint {point}: {:?}\n{}",
+        child.wait(),
+        seen.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-leak").await;
+    files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+    app_output(&client, &ns.name, "files").await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = crate::support::init_repo(&cluster.kubeconfig, dir.path());
+    let contents = group_api(&client, None, "VolumeSnapshotContent");
+    let labelled = || async {
+        let mut names: Vec<String> = contents
+            .list(&ListParams::default().labels("ferry.dev/kept-by"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|c| c.data["spec"]["volumeSnapshotRef"]["namespace"] == ns.name.as_str())
+            .filter_map(|c| c.metadata.name)
+            .collect();
+        names.sort();
+        names
+    };
+
+    // A backup killed after it kept its CSI snapshot, before its snapshot
+    // was written: the kept snapshot is named by nothing.
+    kill_at(
+        &cluster.kubeconfig,
+        "backup-before-snapshot",
+        &[
+            "backup", "create", "killed", "-n", &ns.name, "--repo", &repo,
+        ],
+    );
+    let leaked_by_backup = labelled().await;
+    assert_eq!(leaked_by_backup.len(), 1, "{leaked_by_backup:?}");
+    // A delete killed after the snapshot went, before it released the CSI
+    // snapshot.
+    let (ok, deleted, stderr) = crate::support::run_json(
+        &cluster.kubeconfig,
+        &[
+            "backup", "create", "deleted", "-n", &ns.name, "--repo", &repo,
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let deleted_content = volume(&deleted, "files")["snapshot"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    kill_at(
+        &cluster.kubeconfig,
+        "delete-before-release",
+        &["backup", "delete", "deleted", "--repo", &repo],
+    );
+    // A live backup's kept snapshot is never taken for a leak.
+    let (ok, live, stderr) = crate::support::run_json(
+        &cluster.kubeconfig,
+        &["backup", "create", "live", "-n", &ns.name, "--repo", &repo],
+    );
+    assert!(ok, "{stderr}");
+    let live_content = volume(&live, "files")["snapshot"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(labelled().await.len(), 3);
+
+    // The killed backup left its shared lock behind; prune removes a dead
+    // process's lock of this host.
+    let (ok, dry, stderr) = crate::support::run_json(
+        &cluster.kubeconfig,
+        &["backup", "prune", "--dry-run", "--repo", &repo],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        dry["sweptVolumeSnapshots"]["released"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{dry}"
+    );
+    assert_eq!(labelled().await.len(), 3, "a dry run releases nothing");
+    let (ok, pruned, stderr) =
+        crate::support::run_json(&cluster.kubeconfig, &["backup", "prune", "--repo", &repo]);
+    assert!(ok, "{stderr}");
+    let released = pruned["sweptVolumeSnapshots"]["released"].to_string();
+    assert!(
+        released.contains(&leaked_by_backup[0]) && released.contains(&deleted_content),
+        "{pruned}"
+    );
+    assert!(!released.contains(&live_content), "{pruned}");
+    eventually(
+        "only the live backup's kept snapshot to remain",
+        POD_TIMEOUT,
+        || async { (labelled().await == vec![live_content.clone()]).then_some(()) },
+    )
+    .await;
+    // The live backup still restores from it.
+    delete_namespace(&client, &ns.name).await;
+    let (ok, restored, stderr) =
+        crate::support::run_json(&cluster.kubeconfig, &["restore", "live", "--repo", &repo]);
+    assert!(ok, "{stderr}\n{restored}");
+    let (_, after) = app_output(&client, &ns.name, "files").await;
+    assert!(after.contains("FOUND"), "{after}");
+    crate::support::run_ok(
+        &cluster.kubeconfig,
+        &["backup", "delete", "live", "--repo", &repo],
+    );
+    eventually("no kept snapshot to remain", POD_TIMEOUT, || async {
+        labelled().await.is_empty().then_some(())
+    })
+    .await;
+    clean_up(&client, &[&ns.name]).await;
 }

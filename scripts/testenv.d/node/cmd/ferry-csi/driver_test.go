@@ -30,6 +30,7 @@ func client(t *testing.T) (*grpc.ClientConn, *Store) {
 		csi.RegisterControllerServer(s, driver)
 		csi.RegisterNodeServer(s, driver)
 		csi.RegisterSnapshotMetadataServer(s, driver)
+		csi.RegisterGroupControllerServer(s, driver)
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -247,5 +248,76 @@ func TestBlockSnapshotMetadata(t *testing.T) {
 	}
 	if status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("block metadata of a filesystem snapshot: %v, want InvalidArgument", err)
+	}
+}
+
+func TestVolumeGroupSnapshot(t *testing.T) {
+	conn, store := client(t)
+	ctx := context.Background()
+	ctl := csi.NewControllerClient(conn)
+	group := csi.NewGroupControllerClient(conn)
+
+	caps, err := group.GroupControllerGetCapabilities(ctx, &csi.GroupControllerGetCapabilitiesRequest{})
+	if err != nil || caps.Capabilities[0].GetRpc().GetType() != csi.GroupControllerServiceCapability_RPC_CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT {
+		t.Fatalf("group capabilities: %v, %v", caps, err)
+	}
+	for _, name := range []string{"pvc-a", "pvc-b"} {
+		if _, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: capability(false)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(store.DataPath("volumes", name, Filesystem), "f"), []byte(name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	req := &csi.CreateVolumeGroupSnapshotRequest{Name: "group-1", SourceVolumeIds: []string{"pvc-b", "pvc-a"}}
+	created, err := group.CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := created.GroupSnapshot
+	if !g.ReadyToUse || len(g.Snapshots) != 2 {
+		t.Fatalf("group snapshot: %v", g)
+	}
+	ids := map[string]string{}
+	for _, s := range g.Snapshots {
+		if s.GroupSnapshotId != "group-1" {
+			t.Fatalf("member %s names group %q", s.SnapshotId, s.GroupSnapshotId)
+		}
+		ids[s.SourceVolumeId] = s.SnapshotId
+	}
+	// Each member holds its own volume's data and restores like any snapshot.
+	restored, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-c", VolumeCapabilities: capability(false),
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: ids["pvc-b"]}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(store.DataPath("volumes", restored.Volume.VolumeId, Filesystem), "f"))
+	if err != nil || string(got) != "pvc-b" {
+		t.Fatalf("volume from member snapshot holds %q (%v)", got, err)
+	}
+	// A retry returns the same group; the name with other volumes is refused.
+	again, err := group.CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil || len(again.GroupSnapshot.Snapshots) != 2 {
+		t.Fatalf("retried CreateVolumeGroupSnapshot: %v, %v", again, err)
+	}
+	_, err = group.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "group-1", SourceVolumeIds: []string{"pvc-a"}})
+	if status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("group name reused for other volumes: %v, want AlreadyExists", err)
+	}
+	if _, err := group.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: "group-1"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ { // the second delete finds nothing and succeeds
+		if _, err := group.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "group-1"}); err != nil {
+			t.Fatalf("DeleteVolumeGroupSnapshot: %v", err)
+		}
+	}
+	if snap, err := store.GetSnapshot(ids["pvc-a"]); err != nil || snap != nil {
+		t.Fatalf("member snapshot outlived its group: %v, %v", snap, err)
+	}
+	_, err = group.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: "group-1"})
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("deleted group: %v, want NotFound", err)
 	}
 }

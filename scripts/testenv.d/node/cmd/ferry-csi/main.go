@@ -55,6 +55,7 @@ func main() {
 		csi.RegisterControllerServer(s, driver)
 		csi.RegisterNodeServer(s, driver)
 		csi.RegisterSnapshotMetadataServer(s, driver)
+		csi.RegisterGroupControllerServer(s, driver)
 	})
 	if err != nil {
 		log.Fatalf("CSI endpoint %s: %v", *endpoint, err)

@@ -47,7 +47,7 @@ type Snapshot struct {
 //
 //	volumes/ID.json    the record     volumes/ID/   data (filesystem)
 //	snapshots/ID.json  the record     volumes/ID.img data (block)
-//	                                  snapshots/ID/ or snapshots/ID.img
+//	groups/ID.json     a group of snapshots  snapshots/ID/ or snapshots/ID.img
 //
 // One mutex serialises changes: the test node makes few volumes, and
 // serial changes make every CSI call idempotent without further thought.
@@ -62,7 +62,7 @@ var validID = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$`)
 
 // OpenStore creates the store's directories under root.
 func OpenStore(root string) (*Store, error) {
-	for _, dir := range []string{"volumes", "snapshots"} {
+	for _, dir := range []string{"volumes", "snapshots", "groups"} {
 		if err := os.MkdirAll(filepath.Join(root, dir), 0o755); err != nil {
 			return nil, err
 		}
@@ -279,6 +279,10 @@ func (s *Store) DeleteVolume(id string) error {
 func (s *Store) CreateSnapshot(id, volumeID string) (*Snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.createSnapshotLocked(id, volumeID)
+}
+
+func (s *Store) createSnapshotLocked(id, volumeID string) (*Snapshot, error) {
 	if existing, err := s.GetSnapshot(id); err != nil || existing != nil {
 		if existing != nil && existing.SourceVolumeID != volumeID {
 			return nil, errAlreadyExists
@@ -310,6 +314,10 @@ func (s *Store) CreateSnapshot(id, volumeID string) (*Snapshot, error) {
 func (s *Store) DeleteSnapshot(id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.deleteSnapshotLocked(id)
+}
+
+func (s *Store) deleteSnapshotLocked(id string) error {
 	snap, err := s.GetSnapshot(id)
 	if err != nil || snap == nil {
 		return err
