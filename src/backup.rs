@@ -1603,6 +1603,14 @@ pub async fn sweep_kept_snapshots(
     conn: &Connection,
     dry_run: bool,
 ) -> Result<crate::mover::SweepOutcome, BackupError> {
+    // Cheap first look, without the lock: what is labelled only later
+    // belongs to a backup that is running, not to a leak.
+    if !crate::mover::has_kept_snapshots(conn, repo.id())
+        .await
+        .map_err(BackupError::Sweep)?
+    {
+        return Ok(Default::default());
+    }
     let lock = repo.lock_exclusive().await?;
     let result = async {
         let referenced = crate::snapshot::kept_contents_locked(repo).await?;

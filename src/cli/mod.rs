@@ -506,6 +506,17 @@ async fn release_kept_snapshots(
         return Ok(());
     }
     if keep {
+        // Left to the user: a later prune must not take them for leaks.
+        match connect(global).await {
+            Ok(conn) => {
+                for line in crate::mover::disown_kept_snapshots(&conn, kept).await {
+                    eprintln!("warning: {line}; a later prune may release it");
+                }
+            }
+            Err(e) => eprintln!(
+                "warning: the kept CSI snapshots still name this repository ({e:#}); a later prune from their cluster may release them"
+            ),
+        }
         eprintln!(
             "left {} kept CSI snapshot(s) in the cluster (--keep-volume-snapshots)",
             kept.len()

@@ -600,6 +600,19 @@ async fn retention(
     {
         warnings.push(format!("prune postponed: {e}"));
     }
+    // Kept CSI snapshots that no snapshot of the repository names (a
+    // backup or delete killed midway) are released; while another session
+    // holds the repository, a later run looks.
+    match crate::backup::sweep_kept_snapshots(&opened.repo, &ctx.conn, false).await {
+        Ok(swept) => {
+            for what in &swept.released {
+                tracing::info!(policy = %policy_name, "released leaked kept CSI {what}");
+            }
+            warnings.extend(swept.failed.iter().map(|f| format!("leaked kept CSI {f}")));
+        }
+        Err(crate::backup::BackupError::Repo(crate::repo::RepoError::Locked { .. })) => {}
+        Err(e) => warnings.push(e.to_string()),
+    }
     Ok((deleted, (!warnings.is_empty()).then(|| warnings.join("; "))))
 }
 

@@ -174,6 +174,36 @@ fn kept_patch(repository_id: &str) -> Value {
     })
 }
 
+/// Drops the `ferry.dev/kept-by` label of a kept content (of
+/// `VolumeSnapshotContent` or, with `group`, `VolumeGroupSnapshotContent`):
+/// the user keeps it, and no sweep takes it for a leak.
+pub(super) async fn disown(
+    client: &kube::Client,
+    content: &str,
+    group: bool,
+) -> Result<(), String> {
+    let kind = if group {
+        group_resource("VolumeGroupSnapshotContent")
+    } else {
+        resource("VolumeSnapshotContent")
+    };
+    match Api::<DynamicObject>::all_with(client.clone(), &kind)
+        .patch(
+            content,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {LABEL_KEPT_BY: null}}})),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(format!(
+            "removing label {LABEL_KEPT_BY} from {} {content}: {e}",
+            kind.kind
+        )),
+    }
+}
+
 /// The kept snapshot and group snapshot contents labelled for the
 /// repository `repository_id`, as records [`release`] and
 /// [`release_group`] take.

@@ -251,6 +251,44 @@ pub async fn sweep_kept_snapshots(
     Ok(outcome)
 }
 
+/// Hands the CSI snapshots that `entries` kept over to the user: their
+/// contents lose the label that ties them to the repository, so no sweep
+/// releases them once their backup is gone. Returns a line per content
+/// that kept its label.
+pub async fn disown_kept_snapshots(
+    conn: &crate::cluster::connect::Connection,
+    entries: &[VolumeEntry],
+) -> Vec<String> {
+    let mut contents: std::collections::BTreeSet<(String, bool)> = Default::default();
+    for kept in entries
+        .iter()
+        .filter_map(|e| e.snapshot.as_ref())
+        .filter(|k| k.server == conn.server)
+    {
+        contents.insert((kept.content.clone(), false));
+        if let Some(group) = &kept.group {
+            contents.insert((group.content.clone(), true));
+        }
+    }
+    let mut left = Vec::new();
+    for (content, group) in contents {
+        if let Err(e) = csi::disown(&conn.client, &content, group).await {
+            left.push(e);
+        }
+    }
+    left
+}
+
+/// Whether the cluster of `conn` holds any kept CSI snapshot labelled for
+/// the repository `repository_id`: a sweep has nothing to look at without.
+pub async fn has_kept_snapshots(
+    conn: &crate::cluster::connect::Connection,
+    repository_id: &str,
+) -> Result<bool, String> {
+    let (singles, groups) = csi::kept_by(&conn.client, repository_id).await?;
+    Ok(!singles.is_empty() || !groups.is_empty())
+}
+
 /// One volume of an application snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -923,6 +923,34 @@ async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune
         .unwrap()
         .to_string();
     assert_eq!(labelled().await.len(), 3);
+    // A snapshot the user keeps on delete is handed over, never swept.
+    let (ok, handed, stderr) = crate::support::run_json(
+        &cluster.kubeconfig,
+        &[
+            "backup", "create", "handed", "-n", &ns.name, "--repo", &repo,
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let handed_content = volume(&handed, "files")["snapshot"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    crate::support::run_ok(
+        &cluster.kubeconfig,
+        &[
+            "backup",
+            "delete",
+            "handed",
+            "--keep-volume-snapshots",
+            "--repo",
+            &repo,
+        ],
+    );
+    assert_eq!(
+        labelled().await.len(),
+        3,
+        "the handed-over content lost its label"
+    );
 
     // The killed backup left its shared lock behind; prune removes a dead
     // process's lock of this host.
@@ -954,6 +982,22 @@ async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune
         || async { (labelled().await == vec![live_content.clone()]).then_some(()) },
     )
     .await;
+    assert!(!released.contains(&handed_content), "{pruned}");
+    let handed = contents.get(&handed_content).await.unwrap();
+    assert_eq!(handed.data["spec"]["deletionPolicy"], "Retain");
+    // The user deletes it.
+    contents
+        .patch(
+            &handed_content,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"deletionPolicy": "Delete"}})),
+        )
+        .await
+        .unwrap();
+    contents
+        .delete(&handed_content, &DeleteParams::default())
+        .await
+        .unwrap();
     // The live backup still restores from it.
     delete_namespace(&client, &ns.name).await;
     let (ok, restored, stderr) =
