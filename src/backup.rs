@@ -154,6 +154,8 @@ pub struct Progress {
     pub collections_done: AtomicUsize,
     pub objects: AtomicUsize,
     pub bytes: AtomicU64,
+    /// Volume data moved by mover Pods.
+    pub volumes: crate::mover::MoverProgress,
 }
 
 #[derive(Debug)]
@@ -203,7 +205,7 @@ pub enum BackupError {
     Volumes(#[from] crate::mover::MoverError),
     #[error("the journal and capture cache are out of step with the repository ({}); no snapshot was written. A full backup heals it", .0.join("; "))]
     Stale(Vec<String>),
-    #[error("looking for leaked kept CSI snapshots: {0}")]
+    #[error("{0}")]
     Sweep(String),
 }
 
@@ -638,8 +640,11 @@ pub async fn run(
                 &previous,
                 &settings.policy,
                 settings.mover.as_ref(),
-                &opts.name,
-                repo.id(),
+                &crate::mover::VolumeRun {
+                    label: &opts.name,
+                    repository_id: repo.id(),
+                    progress: Some(&progress.volumes),
+                },
                 &mut report.warnings,
             )
             .await?;

@@ -31,9 +31,10 @@ impl BackupBar {
                 shown.set_position(progress.collections_done.load(Ordering::Relaxed) as u64);
                 let bytes = progress.bytes.load(Ordering::Relaxed);
                 shown.set_message(format!(
-                    "{} objects, {}",
+                    "{} objects, {}{}",
                     progress.objects.load(Ordering::Relaxed),
-                    super::output::human_bytes(bytes)
+                    super::output::human_bytes(bytes),
+                    volumes_message(&progress.volumes)
                 ));
                 tokio::time::sleep(Duration::from_millis(120)).await;
             }
@@ -47,6 +48,21 @@ impl BackupBar {
     }
 }
 
+/// "; volumes 1/3, 120 MiB of 1.2 GiB" while movers run.
+fn volumes_message(volumes: &crate::mover::MoverProgress) -> String {
+    let total = volumes.volumes_total.load(Ordering::Relaxed);
+    if total == 0 {
+        return String::new();
+    }
+    let (done, of) = volumes.bytes();
+    format!(
+        "; volumes {}/{total}, {} of {}",
+        volumes.volumes_done.load(Ordering::Relaxed),
+        super::output::human_bytes(done),
+        super::output::human_bytes(of)
+    )
+}
+
 /// Renders a restore's progress until finished.
 pub struct RestoreBar {
     bar: ProgressBar,
@@ -58,7 +74,7 @@ impl RestoreBar {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
         bar.set_style(
             ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} objects",
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} objects{msg}",
             )
             .expect("static template")
             .progress_chars("=> "),
@@ -68,6 +84,7 @@ impl RestoreBar {
             loop {
                 shown.set_length(progress.total.load(Ordering::Relaxed) as u64);
                 shown.set_position(progress.done.load(Ordering::Relaxed) as u64);
+                shown.set_message(volumes_message(&progress.volumes));
                 tokio::time::sleep(Duration::from_millis(120)).await;
             }
         });
@@ -88,6 +105,9 @@ pub struct VolumeBar {
 
 impl VolumeBar {
     pub fn start(progress: Arc<crate::volume::VolumeProgress>) -> Self {
+        if std::env::var_os(crate::mover::PROGRESS_ENV).is_some() {
+            return Self::lines(progress);
+        }
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
         bar.set_style(
             ProgressStyle::with_template(
@@ -109,6 +129,21 @@ impl VolumeBar {
             }
         });
         VolumeBar { bar, ticker }
+    }
+
+    /// In a mover Pod: a progress line on stderr every second, which the
+    /// CLI that started the Pod reads from its log.
+    fn lines(progress: Arc<crate::volume::VolumeProgress>) -> Self {
+        let ticker = tokio::spawn(async move {
+            loop {
+                eprintln!("{}", crate::mover::progress_line(&progress));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        VolumeBar {
+            bar: ProgressBar::hidden(),
+            ticker,
+        }
     }
 
     pub fn finish(self) {

@@ -3,6 +3,7 @@
 //! snapshots into the repository.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
@@ -13,7 +14,7 @@ use super::hooks::{self, Hook, HookPhase};
 use super::pods::{self, DATA, MoverJob};
 use super::{
     ANNOTATION_METHOD, LABEL_VOLUME_GROUP, LABEL_VOLUME_GROUP_VELERO, MoverError, MoverSettings,
-    VolumeEntry, VolumeMethod, VolumePolicy, csi, suffix,
+    VolumeEntry, VolumeMethod, VolumePolicy, VolumeRun, csi, suffix,
 };
 use crate::cluster::Connection;
 use crate::volume::VolumeStats;
@@ -130,22 +131,18 @@ fn plan_groups(
 
 /// Protects the data of `claims` by the policy; returns one entry per claim.
 /// `previous` are the volume entries of the previous backup, whose data are
-/// the parents of this one's (unchanged files are not read again). Kept CSI
-/// snapshots are labelled with `repository_id`, so that one the repository
-/// never came to reference (a backup killed before its snapshot was
-/// written) is found and released by the next prune.
-#[allow(clippy::too_many_arguments)]
+/// the parents of this one's (unchanged files are not read again).
 pub async fn backup_volumes(
     conn: &Connection,
     claims: &[(String, String)],
     previous: &[VolumeEntry],
     policy: &VolumePolicy,
     mover: Option<&MoverSettings>,
-    label: &str,
-    repository_id: &str,
+    run: &VolumeRun<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<VolumeEntry>, MoverError> {
     let client = &conn.client;
+    let label = run.label;
     let mut entries: Vec<VolumeEntry> = Vec::new();
     let mut protected: Vec<Claim> = Vec::new();
     let mut pods_by_namespace: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
@@ -306,6 +303,13 @@ pub async fn backup_volumes(
         }
     }
     let groups = plan_groups(&protected, &group_classes, warnings);
+    if let Some(progress) = run.progress {
+        let moved = protected
+            .iter()
+            .filter(|c| matches!(c.method, VolumeMethod::Copy | VolumeMethod::SnapshotMove))
+            .count();
+        progress.volumes_total.fetch_add(moved, Ordering::Relaxed);
+    }
     let grouped: HashSet<usize> = groups
         .iter()
         .flat_map(|g| g.members.iter().copied())
@@ -370,7 +374,7 @@ pub async fn backup_volumes(
             let mover = mover.as_ref();
             let parents = &parents;
             async move {
-                let taken = first_step(conn, claim, mover, parents, label).await;
+                let taken = first_step(conn, claim, mover, parents, run).await;
                 taken.map(|t| (index, t))
             }
         })
@@ -414,8 +418,7 @@ pub async fn backup_volumes(
                         taken.expect("every claim was taken"),
                         mover,
                         parents,
-                        label,
-                        repository_id,
+                        run,
                     )
                     .await
                 }
@@ -552,8 +555,9 @@ async fn first_step(
     claim: &Claim,
     mover: Option<&MoverSettings>,
     parents: &HashMap<(String, String), String>,
-    label: &str,
+    run: &VolumeRun<'_>,
 ) -> Result<Taken, MoverError> {
+    let label = run.label;
     let fail = |m: String| MoverError::volume(&claim.namespace, &claim.name, m);
     match claim.method {
         VolumeMethod::Snapshot | VolumeMethod::SnapshotMove => {
@@ -583,7 +587,7 @@ async fn first_step(
                 false,
                 mover,
                 parents,
-                label,
+                run,
             )
             .await
             .map_err(fail)?;
@@ -599,9 +603,9 @@ async fn second_step(
     taken: Taken,
     mover: Option<&MoverSettings>,
     parents: &HashMap<(String, String), String>,
-    label: &str,
-    repository_id: &str,
+    run: &VolumeRun<'_>,
 ) -> Result<VolumeEntry, MoverError> {
+    let (label, repository_id) = (run.label, run.repository_id);
     let fail = |m: String| MoverError::volume(&claim.namespace, &claim.name, m);
     let kept = match taken {
         Taken::Copied(entry) => return Ok(*entry),
@@ -646,7 +650,7 @@ async fn second_step(
             label,
         )
         .await?;
-        move_claim(conn, claim, &clone, None, true, mover, parents, label).await
+        move_claim(conn, claim, &clone, None, true, mover, parents, run).await
     }
     .await;
     csi::delete_claim(&conn.client, &claim.namespace, &clone).await;
@@ -677,7 +681,7 @@ async fn move_claim(
     from_snapshot: bool,
     mover: &MoverSettings,
     parents: &HashMap<(String, String), String>,
-    label: &str,
+    run: &VolumeRun<'_>,
 ) -> Result<VolumeEntry, String> {
     let mut args: Vec<String> = [
         "volume",
@@ -708,10 +712,15 @@ async fn move_claim(
             read_only: true,
             node,
             args,
-            label,
+            label: run.label,
+            progress: run.progress.map(|p| p.track()),
         },
     )
-    .await?;
+    .await;
+    if let Some(progress) = run.progress {
+        progress.volumes_done.fetch_add(1, Ordering::Relaxed);
+    }
+    let result = result?;
     let root = result["root"]
         .as_str()
         .and_then(|r| r.parse().ok())

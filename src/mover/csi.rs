@@ -215,11 +215,13 @@ pub(super) async fn kept_by(
     let params = kube::api::ListParams::default().labels(&selector);
     let contents: Api<DynamicObject> =
         Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
-    let singles = contents
-        .list(&params)
-        .await
-        .map_err(|e| format!("listing VolumeSnapshotContents ({selector}): {e}"))?
-        .items
+    // A cluster that serves no snapshots has none to leak.
+    let listed = match contents.list(&params).await {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+        Err(e) => return Err(format!("listing VolumeSnapshotContents ({selector}): {e}")),
+    };
+    let singles = listed
         .into_iter()
         .map(|c| {
             let reference = &c.data["spec"]["volumeSnapshotRef"];
@@ -242,7 +244,6 @@ pub(super) async fn kept_by(
             }
         })
         .collect();
-    // A cluster that serves no group snapshots has none to leak.
     let groups = match Api::<DynamicObject>::all_with(
         client.clone(),
         &group_resource("VolumeGroupSnapshotContent"),

@@ -17,12 +17,16 @@ mod pods;
 mod restore;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use serde_json::json;
+
 use crate::repo::BlobId;
-use crate::volume::VolumeStats;
+use crate::volume::{VolumeProgress, VolumeStats};
 
 pub use backup::backup_volumes;
 pub use hooks::{Hook, HookPhase, OnError, hooks_of};
@@ -110,6 +114,95 @@ pub struct MoverSettings {
     pub timeout: Duration,
     /// Movers at once.
     pub concurrency: usize,
+}
+
+/// Set in a mover Pod's environment: `ferry volume backup|restore` then
+/// prints its progress to stderr every second as a line
+/// `PROGRESS_PREFIX{"bytesDone":…,"bytesTotal":…,"filesDone":…}`, which
+/// the CLI reads from the Pod's log. (An environment variable, not a flag:
+/// an older image ignores it.)
+pub const PROGRESS_ENV: &str = "FERRY_PROGRESS_LINES";
+pub const PROGRESS_PREFIX: &str = "ferry-progress ";
+
+/// The progress line of a mover's counters.
+pub fn progress_line(progress: &VolumeProgress) -> String {
+    format!(
+        "{PROGRESS_PREFIX}{}",
+        json!({
+            "bytesDone": progress.bytes_done.load(Ordering::Relaxed),
+            "bytesTotal": progress.bytes_total.load(Ordering::Relaxed),
+            "filesDone": progress.files_done.load(Ordering::Relaxed),
+        })
+    )
+}
+
+/// Reads the last progress line of a mover's log into `progress`.
+pub fn read_progress(log: &str, progress: &VolumeProgress) -> bool {
+    let Some(line) = log
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(PROGRESS_PREFIX))
+    else {
+        return false;
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+        return false;
+    };
+    let field = |name: &str| value[name].as_u64().unwrap_or_default();
+    progress
+        .bytes_done
+        .store(field("bytesDone"), Ordering::Relaxed);
+    progress
+        .bytes_total
+        .store(field("bytesTotal"), Ordering::Relaxed);
+    progress
+        .files_done
+        .store(field("filesDone"), Ordering::Relaxed);
+    true
+}
+
+/// Live counters of the movers of one backup or restore, for its progress
+/// bar: volumes to move and moved, and the bytes of each mover so far.
+#[derive(Debug, Default)]
+pub struct MoverProgress {
+    pub volumes_total: AtomicUsize,
+    pub volumes_done: AtomicUsize,
+    movers: Mutex<Vec<Arc<VolumeProgress>>>,
+}
+
+impl MoverProgress {
+    /// Counters for one more mover.
+    pub(crate) fn track(&self) -> Arc<VolumeProgress> {
+        let progress = Arc::new(VolumeProgress::default());
+        self.movers
+            .lock()
+            .expect("mover progress lock")
+            .push(progress.clone());
+        progress
+    }
+
+    /// Bytes done and to do, over every mover so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        let movers = self.movers.lock().expect("mover progress lock");
+        movers.iter().fold((0, 0), |(done, total), p| {
+            (
+                done + p.bytes_done.load(Ordering::Relaxed),
+                total + p.bytes_total.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+/// What a backup's volume step needs besides the claims: the run's mover
+/// label, the repository whose label kept snapshots get, and where
+/// progress goes.
+pub struct VolumeRun<'a> {
+    /// Value of the mover label (the backup's name).
+    pub label: &'a str,
+    /// Kept CSI snapshots are labelled with it, so that one the repository
+    /// never came to reference is found and released by the next prune.
+    pub repository_id: &'a str,
+    pub progress: Option<&'a MoverProgress>,
 }
 
 /// A CSI snapshot kept in the cluster.
@@ -348,4 +441,37 @@ fn suffix(parts: &[&str]) -> String {
     }
     hasher.update(&rand::random::<[u8; 8]>());
     hasher.finalize().to_hex()[..10].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_movers_progress_line_is_read_back_from_the_end_of_its_log() {
+        let sent = VolumeProgress::default();
+        sent.bytes_done.store(7 << 20, Ordering::Relaxed);
+        sent.bytes_total.store(9 << 20, Ordering::Relaxed);
+        sent.files_done.store(42, Ordering::Relaxed);
+        let older = VolumeProgress::default();
+        let log = format!(
+            "{}\nwarning: something\n{}\n",
+            progress_line(&older),
+            progress_line(&sent)
+        );
+        let read = VolumeProgress::default();
+        assert!(read_progress(&log, &read));
+        assert_eq!(read.bytes_done.load(Ordering::Relaxed), 7 << 20);
+        assert_eq!(read.bytes_total.load(Ordering::Relaxed), 9 << 20);
+        assert_eq!(read.files_done.load(Ordering::Relaxed), 42);
+        assert!(!read_progress("no progress yet\n", &read));
+        assert!(!read_progress("ferry-progress {broken\n", &read));
+
+        let movers = MoverProgress::default();
+        let (a, b) = (movers.track(), movers.track());
+        a.bytes_done.store(1, Ordering::Relaxed);
+        b.bytes_done.store(2, Ordering::Relaxed);
+        b.bytes_total.store(5, Ordering::Relaxed);
+        assert_eq!(movers.bytes(), (3, 5));
+    }
 }

@@ -3,14 +3,16 @@
 //! that is owned by the Pod (deleted with it).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, LogParams, PostParams};
 use serde_json::{Value, json};
 
-use super::{LABEL_MOVER, MoverSettings, suffix};
+use super::{LABEL_MOVER, MoverSettings, PROGRESS_ENV, read_progress, suffix};
+use crate::volume::VolumeProgress;
 
 /// Where the repository key is mounted, when it is a key file.
 const KEY_DIR: &str = "/var/run/ferry-key";
@@ -28,6 +30,8 @@ pub(super) struct MoverJob<'a> {
     pub args: Vec<String>,
     /// Value of the mover label (the backup or restore it serves).
     pub label: &'a str,
+    /// Where the mover's progress lines go, read from its log while it runs.
+    pub progress: Option<Arc<VolumeProgress>>,
 }
 
 /// Runs one mover to completion and returns the JSON it wrote as its
@@ -65,6 +69,9 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
         "name": "data",
         "persistentVolumeClaim": {"claimName": job.claim, "readOnly": job.read_only}
     })];
+    if job.progress.is_some() {
+        env.push(json!({"name": PROGRESS_ENV, "value": "1"}));
+    }
     for key in settings.secret.keys().filter(|k| *k != "FERRY_KEY") {
         env.push(json!({"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}));
     }
@@ -196,6 +203,19 @@ async fn run_named(
                     .or(status.message)
                     .unwrap_or_else(|| "failed".into());
                 return Err(format!("mover Pod {name} failed: {}", message.trim()));
+            }
+            Some("Running") => {
+                if let Some(progress) = &job.progress {
+                    // The last lines of the log hold the newest progress;
+                    // a log not readable yet is read on the next round.
+                    let params = LogParams {
+                        tail_lines: Some(4),
+                        ..Default::default()
+                    };
+                    if let Ok(log) = pods.logs(name, &params).await {
+                        read_progress(&log, progress);
+                    }
+                }
             }
             _ => {}
         }

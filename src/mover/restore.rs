@@ -22,6 +22,8 @@ pub struct VolumeFiller {
     pub mover: Option<MoverSettings>,
     /// Value of the mover label.
     pub label: String,
+    /// Where the movers' progress goes.
+    pub progress: Option<std::sync::Arc<super::MoverProgress>>,
 }
 
 impl VolumeFiller {
@@ -100,7 +102,7 @@ impl VolumeFiller {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        pods::run(
+        let result = pods::run(
             &conn.client,
             mover,
             MoverJob {
@@ -110,10 +112,16 @@ impl VolumeFiller {
                 node: None,
                 args,
                 label: &self.label,
+                progress: self.progress.as_ref().map(|p| p.track()),
             },
         )
-        .await
-        .map(|_| ())
+        .await;
+        if let Some(progress) = &self.progress {
+            progress
+                .volumes_done
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        result.map(|_| ())
     }
 }
 
@@ -198,6 +206,12 @@ impl AfterWave for VolumeFiller {
                     "{object}: the claim exists in the target, so its data was not restored (delete it first, or restore with --existing recreate)"
                 )),
             }
+        }
+        if let Some(progress) = &self.progress {
+            progress.volumes_total.fetch_add(
+                to_fill.iter().filter(|(_, e)| e.root.is_some()).count(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         let concurrency = self.mover.as_ref().map_or(1, |m| m.concurrency.max(1));
         let results: Vec<Result<(), String>> = futures::stream::iter(to_fill)

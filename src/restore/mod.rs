@@ -128,6 +128,7 @@ async fn volume_filler(
     snapshot: &str,
     mapping: &NamespaceMapping,
     mover: Option<&crate::mover::MoverSettings>,
+    observer: &dyn Observer,
 ) -> Result<Option<crate::mover::VolumeFiller>, RestoreError> {
     let (_, found) = repo.find_snapshot(snapshot).await?;
     let report = crate::snapshot::load_report(repo, &found).await?;
@@ -139,6 +140,7 @@ async fn volume_filler(
         namespaces: mapping.0.clone(),
         mover: mover.cloned(),
         label: found.name,
+        progress: observer.mover_progress(),
     };
     let claims: Vec<(&ObjectRef, Action)> = plan.items().map(|i| (&i.object, i.action)).collect();
     let problems = filler.preflight(conn, &claims);
@@ -254,6 +256,7 @@ pub async fn run(
                     snapshot,
                     &opts.namespace_mapping,
                     opts.mover.as_ref(),
+                    observer,
                 )
                 .await?
             };
@@ -385,7 +388,16 @@ pub async fn run_saved(
                 Bodies::Held(held)
             }
         };
-        let filler = volume_filler(conn, repo, plan, &header.snapshot_id, &mapping, mover).await?;
+        let filler = volume_filler(
+            conn,
+            repo,
+            plan,
+            &header.snapshot_id,
+            &mapping,
+            mover,
+            observer,
+        )
+        .await?;
         let options = apply::ApplyOptions {
             concurrency,
             saved: true,

@@ -25,6 +25,12 @@ pub enum Event<'a> {
 /// Receives a restore's events, from any task.
 pub trait Observer: Send + Sync {
     fn event(&self, event: Event<'_>);
+
+    /// Where the mover Pods that fill claims report their progress, if
+    /// anywhere.
+    fn mover_progress(&self) -> Option<std::sync::Arc<crate::mover::MoverProgress>> {
+        None
+    }
 }
 
 /// Ignores every event.
@@ -40,6 +46,8 @@ pub struct Progress {
     pub total: AtomicUsize,
     pub done: AtomicUsize,
     pub failed: AtomicUsize,
+    /// Volume data restored by mover Pods.
+    pub volumes: std::sync::Arc<crate::mover::MoverProgress>,
 }
 
 impl Observer for Progress {
@@ -54,6 +62,10 @@ impl Observer for Progress {
                 }
             }
         }
+    }
+
+    fn mover_progress(&self) -> Option<std::sync::Arc<crate::mover::MoverProgress>> {
+        Some(self.volumes.clone())
     }
 }
 

@@ -547,6 +547,19 @@ async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository
         },
     )
     .await;
+    // The mover reports its progress in its log every second, for the
+    // CLI's progress bar: past the first pack, some bytes are done.
+    eventually("the mover to report progress", POD_TIMEOUT, || async {
+        let logs = pods.logs(&mover, &LogParams::default()).await.ok()?;
+        let progress = ferry::volume::VolumeProgress::default();
+        (ferry::mover::read_progress(&logs, &progress)
+            && progress
+                .bytes_done
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0)
+        .then_some(())
+    })
+    .await;
     pods.delete(
         &mover,
         &DeleteParams {
