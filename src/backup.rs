@@ -201,12 +201,20 @@ pub enum BackupError {
     },
     #[error("the snapshot writer stopped unexpectedly: {0}")]
     Writer(String),
-    #[error("{0}; no snapshot was written")]
-    Volumes(#[from] crate::mover::MoverError),
+    // Not a `source`: the message is the mover's error, and a chain would
+    // print it twice.
+    #[error("{0}")]
+    Volumes(crate::mover::MoverError),
     #[error("the journal and capture cache are out of step with the repository ({}); no snapshot was written. A full backup heals it", .0.join("; "))]
     Stale(Vec<String>),
     #[error("{0}")]
     Sweep(String),
+}
+
+impl From<crate::mover::MoverError> for BackupError {
+    fn from(e: crate::mover::MoverError) -> Self {
+        BackupError::Volumes(e)
+    }
 }
 
 /// Kinds whose objects are all skipped by normalization: not listing them

@@ -500,6 +500,11 @@ pub struct MoverArgs {
     /// Mover Pods running at once.
     #[arg(long, default_value_t = 4)]
     pub mover_concurrency: usize,
+    /// Mover Pods running at once on one node, counting those of every
+    /// backup and restore (0: no bound). The scheduler holds the others
+    /// Pending until a slot of the node is free.
+    #[arg(long, default_value_t = 2)]
+    pub mover_concurrency_per_node: usize,
 }
 
 #[derive(Debug, Args)]

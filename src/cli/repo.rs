@@ -199,5 +199,6 @@ pub fn mover_settings(
         unreachable,
         timeout: mover.mover_timeout,
         concurrency: mover.mover_concurrency.max(1),
+        per_node: mover.mover_concurrency_per_node,
     })
 }

@@ -45,6 +45,7 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
             mover_s3_endpoint: None,
             mover_timeout: std::time::Duration::from_secs(60),
             mover_concurrency: 1,
+            mover_concurrency_per_node: 2,
         },
     };
     let options = restore_options(Some(&args.options), &write)?;

@@ -219,6 +219,7 @@ async fn open_uncached(
             unreachable,
             timeout: Duration::from_secs(600),
             concurrency: 2,
+            per_node: 2,
         },
     })
 }

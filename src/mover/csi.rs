@@ -12,6 +12,33 @@ use serde_json::{Value, json};
 
 use super::{KeptGroup, KeptSnapshot, LABEL_KEPT_BY, LABEL_MOVER};
 
+/// How long an error in a snapshot's status may last before the wait
+/// gives up: the error is the controller's last failed attempt, and it
+/// retries (a conflicting status update, say, is gone a moment later).
+const ERROR_GRACE: Duration = Duration::from_secs(30);
+
+/// Tells a passing error in a snapshot's status from a lasting one.
+#[derive(Default)]
+struct StatusError {
+    since: Option<Instant>,
+}
+
+impl StatusError {
+    /// The error of `status`, once it has lasted [`ERROR_GRACE`].
+    fn lasting(&mut self, status: &Value) -> Option<String> {
+        match status["error"]["message"].as_str() {
+            None => {
+                self.since = None;
+                None
+            }
+            Some(message) => {
+                let since = *self.since.get_or_insert_with(Instant::now);
+                (since.elapsed() > ERROR_GRACE).then(|| message.to_string())
+            }
+        }
+    }
+}
+
 fn resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "snapshot.storage.k8s.io",
@@ -85,6 +112,7 @@ pub(super) async fn take(
         .await
         .map_err(|e| format!("creating VolumeSnapshot {name}: {e}"))?;
     let started = Instant::now();
+    let mut error = StatusError::default();
     let ready = loop {
         let current = snapshots
             .get(name)
@@ -94,7 +122,7 @@ pub(super) async fn take(
         if status["readyToUse"] == json!(true) {
             break current;
         }
-        if let Some(message) = status["error"]["message"].as_str() {
+        if let Some(message) = error.lasting(status) {
             return Err(format!("VolumeSnapshot {name} failed: {message}"));
         }
         if started.elapsed() > timeout {
@@ -379,6 +407,7 @@ pub(super) async fn bind_kept(
         .await
         .map_err(|e| format!("creating VolumeSnapshot {namespace}/{name}: {e}"))?;
     let started = Instant::now();
+    let mut error = StatusError::default();
     loop {
         let current = snapshots
             .get(name)
@@ -387,7 +416,7 @@ pub(super) async fn bind_kept(
         if current.data["status"]["readyToUse"] == json!(true) {
             return Ok(());
         }
-        if let Some(message) = current.data["status"]["error"]["message"].as_str() {
+        if let Some(message) = error.lasting(&current.data["status"]) {
             return Err(format!(
                 "VolumeSnapshot {namespace}/{name} failed: {message}"
             ));
@@ -592,6 +621,7 @@ async fn wait_for_members(
     let contents: Api<DynamicObject> =
         Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
     let started = Instant::now();
+    let mut error = StatusError::default();
     let too_late = |what: &str| {
         format!(
             "VolumeGroupSnapshot {namespace}/{name}: {what} within {}",
@@ -604,7 +634,9 @@ async fn wait_for_members(
             .await
             .map_err(|e| format!("reading VolumeGroupSnapshot {namespace}/{name}: {e}"))?;
         let status = &group.data["status"];
-        if let Some(message) = status["error"]["message"].as_str() {
+        if status["readyToUse"] != json!(true)
+            && let Some(message) = error.lasting(status)
+        {
             return Err(format!(
                 "VolumeGroupSnapshot {namespace}/{name} failed: {message}"
             ));

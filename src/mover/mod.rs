@@ -36,6 +36,10 @@ pub use restore::VolumeFiller;
 pub const ANNOTATION_METHOD: &str = "backup.ferry.dev/volume-method";
 /// Label on everything Ferry creates to move data.
 pub const LABEL_MOVER: &str = "ferry.dev/mover";
+/// Label of a mover Pod's slot on its node: no two mover Pods of the same
+/// slot share a node, so a node runs at most as many movers as there are
+/// slots.
+pub const LABEL_MOVER_SLOT: &str = "ferry.dev/mover-slot";
 /// Label on the VolumeSnapshotContents (and group contents) of kept CSI
 /// snapshots: the id of the repository whose snapshots reference them.
 pub const LABEL_KEPT_BY: &str = "ferry.dev/kept-by";
@@ -114,6 +118,9 @@ pub struct MoverSettings {
     pub timeout: Duration,
     /// Movers at once.
     pub concurrency: usize,
+    /// Movers at once on one node, over every run of every Ferry (0: no
+    /// bound); the scheduler enforces it (see [`pods`]).
+    pub per_node: usize,
 }
 
 /// Set in a mover Pod's environment: `ferry volume backup|restore` then

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use k8s_openapi::ByteString;
@@ -11,13 +12,15 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, LogParams, PostParams};
 use serde_json::{Value, json};
 
-use super::{LABEL_MOVER, MoverSettings, PROGRESS_ENV, read_progress, suffix};
+use super::{LABEL_MOVER, LABEL_MOVER_SLOT, MoverSettings, PROGRESS_ENV, read_progress, suffix};
 use crate::volume::VolumeProgress;
 
 /// Where the repository key is mounted, when it is a key file.
 const KEY_DIR: &str = "/var/run/ferry-key";
 /// The claim's mount point in the mover.
 pub(super) const DATA: &str = "/data";
+/// The slot the next mover Pod of this process takes, modulo the slots.
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
 pub(super) struct MoverJob<'a> {
     pub namespace: &'a str,
@@ -101,15 +104,34 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
         }],
         "volumes": volumes
     });
-    if let Some(node) = &job.node {
+    let mut labels = json!({LABEL_MOVER: job.label, "app.kubernetes.io/managed-by": "ferry"});
+    if settings.per_node > 0 {
+        // At most `per_node` movers on a node: each takes one of that many
+        // slots, and no two Pods of a slot share a node (required
+        // anti-affinity over every namespace). The scheduler keeps a mover
+        // Pending until its slot is free on a node that can mount the
+        // claim. A live claim's node is required by affinity, not
+        // nodeName, so that the scheduler sees it too.
+        let slot = (NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % settings.per_node).to_string();
+        labels[LABEL_MOVER_SLOT] = json!(slot);
+        spec["affinity"] = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchLabels": {LABEL_MOVER_SLOT: slot}},
+            "namespaceSelector": {},
+            "topologyKey": "kubernetes.io/hostname"
+        }]}});
+        if let Some(node) = &job.node {
+            spec["affinity"]["nodeAffinity"] = json!({"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": [node]}
+                ]}]
+            }});
+        }
+    } else if let Some(node) = &job.node {
         spec["nodeName"] = json!(node);
     }
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": {LABEL_MOVER: job.label, "app.kubernetes.io/managed-by": "ferry"}
-        },
+        "metadata": {"name": name, "labels": labels},
         "spec": spec
     })
 }
@@ -239,5 +261,69 @@ async fn run_named(
             ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(per_node: usize) -> MoverSettings {
+        MoverSettings {
+            image: "ferry:test".into(),
+            env: BTreeMap::new(),
+            secret: BTreeMap::new(),
+            unreachable: None,
+            timeout: std::time::Duration::from_secs(60),
+            concurrency: 4,
+            per_node,
+        }
+    }
+
+    fn job(node: Option<&str>) -> MoverJob<'static> {
+        MoverJob {
+            namespace: "shop",
+            claim: "data",
+            read_only: true,
+            node: node.map(String::from),
+            args: Vec::new(),
+            label: "nightly",
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn movers_take_per_node_slots_the_scheduler_enforces() {
+        let slots: std::collections::BTreeSet<String> = (0..6)
+            .map(|_| {
+                let spec = pod_spec(&settings(2), &job(Some("node-1")), "m");
+                let slot = spec["metadata"]["labels"][LABEL_MOVER_SLOT]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let term = &spec["spec"]["affinity"]["podAntiAffinity"]
+                    ["requiredDuringSchedulingIgnoredDuringExecution"][0];
+                assert_eq!(term["labelSelector"]["matchLabels"][LABEL_MOVER_SLOT], slot.as_str());
+                assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+                assert_eq!(term["namespaceSelector"], json!({}), "every namespace's movers count");
+                // The live claim's node is required through the scheduler.
+                assert!(spec["spec"]["nodeName"].is_null());
+                assert_eq!(
+                    spec["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                        ["nodeSelectorTerms"][0]["matchFields"][0]["values"][0],
+                    "node-1"
+                );
+                slot
+            })
+            .collect();
+        assert_eq!(slots, ["0", "1"].into_iter().map(String::from).collect());
+
+        // Without a bound: no slots, and a live claim's node by name.
+        let spec = pod_spec(&settings(0), &job(Some("node-1")), "m");
+        assert!(spec["spec"]["affinity"].is_null());
+        assert_eq!(spec["spec"]["nodeName"], "node-1");
+        assert!(spec["metadata"]["labels"][LABEL_MOVER_SLOT].is_null());
+        let spec = pod_spec(&settings(2), &job(None), "m");
+        assert!(spec["spec"]["affinity"]["nodeAffinity"].is_null());
     }
 }

@@ -1028,3 +1028,120 @@ async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune
     .await;
     clean_up(&client, &[&ns.name]).await;
 }
+
+// Two workers: the watcher runs while the test thread waits for `ferry`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_movers_beyond_the_per_node_bound_wait_pending_for_a_slot() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-slots").await;
+    let claims: Vec<String> = (0..3)
+        .map(|i| {
+            serde_yaml_ng::to_string(&json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": format!("data-{i}"), "namespace": ns.name,
+                             "annotations": {"backup.ferry.dev/volume-method": "copy"}},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                         "resources": {"requests": {"storage": "16Mi"}}}
+            }))
+            .unwrap()
+        })
+        .collect();
+    apply_manifests(&client, &claims.join("---\n")).await;
+    let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the claims to be bound", POD_TIMEOUT, || async {
+        let list = claims_api.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+            .then_some(())
+    })
+    .await;
+    let repo = Repo::new(node, "vol-slots").await;
+
+    // Watch the movers while the backup runs: how many ran at once on the
+    // node, and whether the scheduler held one back for its slot.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (mut most_running, mut held_back) = (0, false);
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(list) = pods
+                    .list(&ListParams::default().labels("ferry.dev/mover=slots"))
+                    .await
+                {
+                    let running = list
+                        .items
+                        .iter()
+                        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+                        .filter(|p| p.metadata.deletion_timestamp.is_none())
+                        .filter(|p| {
+                            !matches!(
+                                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                                Some("Succeeded" | "Failed")
+                            )
+                        })
+                        .count();
+                    most_running = most_running.max(running);
+                    for p in &list.items {
+                        let status = p.status.clone().unwrap_or_default();
+                        for c in status.conditions.unwrap_or_default() {
+                            seen.insert(format!(
+                                "{:?} {} {} {:?} {:?}",
+                                status.phase, c.type_, c.status, c.reason, c.message
+                            ));
+                        }
+                    }
+                    held_back |= list.items.iter().any(|p| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| {
+                                    c.type_ == "PodScheduled"
+                                        && c.reason.as_deref() == Some("Unschedulable")
+                                        && c.message
+                                            .as_deref()
+                                            .is_some_and(|m| m.contains("anti-affinity"))
+                                })
+                            })
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (most_running, held_back, seen)
+        })
+    };
+    let (ok, backup, stderr) = repo.run(
+        cluster,
+        &[
+            "backup",
+            "create",
+            "slots",
+            "-n",
+            &ns.name,
+            "--mover-concurrency",
+            "3",
+            "--mover-concurrency-per-node",
+            "1",
+        ],
+    );
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(ok, "{stderr}");
+    for i in 0..3 {
+        assert_eq!(volume(&backup, &format!("data-{i}"))["method"], "copy");
+    }
+    let (most_running, held_back, seen) = watcher.await.unwrap();
+    assert!(
+        most_running <= 1,
+        "{most_running} movers were on the node at once: {seen:#?}"
+    );
+    assert!(
+        held_back,
+        "three movers at once, one slot: the scheduler held some back: {seen:#?}"
+    );
+    clean_up(&client, &[&ns.name]).await;
+}
