@@ -69,6 +69,14 @@ pub struct RepositorySpec {
     /// not the one the controller uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mover_s3_endpoint: Option<String>,
+    /// Mover Pods one backup or restore runs at once (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mover_concurrency: Option<u32>,
+    /// Mover Pods on one node at once, counting those of every backup and
+    /// restore (default 2; 0: no bound). The scheduler holds the others
+    /// Pending until a slot of the node is free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mover_concurrency_per_node: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]

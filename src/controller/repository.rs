@@ -218,8 +218,8 @@ async fn open_uncached(
             secret: secret_env,
             unreachable,
             timeout: Duration::from_secs(600),
-            concurrency: 2,
-            per_node: 2,
+            concurrency: spec.mover_concurrency.map_or(2, |n| n.max(1) as usize),
+            per_node: spec.mover_concurrency_per_node.map_or(2, |n| n as usize),
         },
     })
 }

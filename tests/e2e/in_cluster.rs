@@ -169,6 +169,8 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
                     "credentialsSecret": {"name": "s3", "namespace": system.name},
                     "keySecret": {"name": "repo-key", "namespace": system.name},
                     "initialize": true,
+                    // One mover at a time, and one per node.
+                    "moverConcurrency": 1, "moverConcurrencyPerNode": 1,
                 },
         }),
     )
