@@ -47,6 +47,14 @@ fn resource(kind: &str) -> ApiResource {
     ))
 }
 
+fn group_resource(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "groupsnapshot.storage.k8s.io",
+        "v1",
+        kind,
+    ))
+}
+
 /// The VolumeSnapshotClass for `driver`: the default one of the driver if
 /// marked, else the first. `None` when the cluster has none (or no
 /// snapshot API at all).
@@ -534,14 +542,6 @@ async fn release_kept(
         }
     }
     Ok(())
-}
-
-fn group_resource(kind: &str) -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "groupsnapshot.storage.k8s.io",
-        "v1",
-        kind,
-    ))
 }
 
 /// The VolumeGroupSnapshotClass for `driver`, chosen as [`class_for`]

@@ -325,28 +325,26 @@ pub async fn sweep_kept_snapshots(
             "group snapshot {} (VolumeGroupSnapshotContent {})",
             group.volume_group_snapshot, group.content
         );
-        if dry_run {
-            outcome.released.push(what);
-            continue;
-        }
-        match csi::release_group(&conn.client, group).await {
-            Ok(()) => outcome.released.push(what),
-            Err(e) => outcome.failed.push(format!("{what}: {e}")),
-        }
+        settle(
+            &mut outcome,
+            what,
+            dry_run,
+            csi::release_group(&conn.client, group),
+        )
+        .await;
     }
     for kept in singles.iter().filter(|k| !referenced.contains(&k.content)) {
         let what = format!(
             "snapshot {} (VolumeSnapshotContent {})",
             kept.volume_snapshot, kept.content
         );
-        if dry_run {
-            outcome.released.push(what);
-            continue;
-        }
-        match csi::release(&conn.client, kept).await {
-            Ok(()) => outcome.released.push(what),
-            Err(e) => outcome.failed.push(format!("{what}: {e}")),
-        }
+        settle(
+            &mut outcome,
+            what,
+            dry_run,
+            csi::release(&conn.client, kept),
+        )
+        .await;
     }
     Ok(outcome)
 }
@@ -387,6 +385,24 @@ pub async fn has_kept_snapshots(
 ) -> Result<bool, String> {
     let (singles, groups) = csi::kept_by(&conn.client, repository_id).await?;
     Ok(!singles.is_empty() || !groups.is_empty())
+}
+
+/// Records `what` as released: in a dry run without running `release`
+/// (a future does nothing until awaited), else by its outcome.
+async fn settle(
+    outcome: &mut SweepOutcome,
+    what: String,
+    dry_run: bool,
+    release: impl std::future::Future<Output = Result<(), String>>,
+) {
+    if dry_run {
+        outcome.released.push(what);
+        return;
+    }
+    match release.await {
+        Ok(()) => outcome.released.push(what),
+        Err(e) => outcome.failed.push(format!("{what}: {e}")),
+    }
 }
 
 /// One volume of an application snapshot.

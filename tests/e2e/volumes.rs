@@ -644,14 +644,7 @@ async fn node_a_kept_csi_snapshot_brings_back_a_deleted_namespace_with_a_local_r
         stderr.contains("deleted 1 kept CSI snapshot(s)"),
         "{stderr}"
     );
-    let contents: Api<kube::api::DynamicObject> = Api::all_with(
-        client.clone(),
-        &kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-            "snapshot.storage.k8s.io",
-            "v1",
-            "VolumeSnapshotContent",
-        )),
-    );
+    let contents = snapshot_api(&client, None, "VolumeSnapshotContent");
     eventually(
         &format!("VolumeSnapshotContent {content} to be deleted"),
         POD_TIMEOUT,
@@ -662,7 +655,13 @@ async fn node_a_kept_csi_snapshot_brings_back_a_deleted_namespace_with_a_local_r
     clean_up(&other.client().await, &[&ns.name]).await;
 }
 
-fn group_api(client: &kube::Client, ns: Option<&str>, kind: &str) -> Api<kube::api::DynamicObject> {
+/// The snapshot.storage.k8s.io (or, for `*Group*` kinds,
+/// groupsnapshot.storage.k8s.io) objects of `kind`, in `ns` or cluster-wide.
+fn snapshot_api(
+    client: &kube::Client,
+    ns: Option<&str>,
+    kind: &str,
+) -> Api<kube::api::DynamicObject> {
     let resource = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
         if kind.contains("Group") {
             "groupsnapshot.storage.k8s.io"
@@ -734,8 +733,8 @@ async fn node_claims_of_a_volume_group_are_snapshotted_together_moved_kept_and_r
         files["group"].is_string() && files["group"] == logs["group"],
         "one group took both: {files} {logs}"
     );
-    let groups = group_api(&client, Some(&ns.name), "VolumeGroupSnapshot");
-    let snapshots = group_api(&client, Some(&ns.name), "VolumeSnapshot");
+    let groups = snapshot_api(&client, Some(&ns.name), "VolumeGroupSnapshot");
+    let snapshots = snapshot_api(&client, Some(&ns.name), "VolumeSnapshot");
     eventually(
         "the moved group snapshot and its members to be gone",
         POD_TIMEOUT,
@@ -821,8 +820,8 @@ async fn node_claims_of_a_volume_group_are_snapshotted_together_moved_kept_and_r
         stderr.contains("deleted 2 kept CSI snapshot(s)"),
         "{stderr}"
     );
-    let group_contents = group_api(&client, None, "VolumeGroupSnapshotContent");
-    let contents = group_api(&client, None, "VolumeSnapshotContent");
+    let group_contents = snapshot_api(&client, None, "VolumeGroupSnapshotContent");
+    let contents = snapshot_api(&client, None, "VolumeSnapshotContent");
     eventually(
         "the kept group and its members to be deleted",
         POD_TIMEOUT,
@@ -881,7 +880,7 @@ async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune
     app_output(&client, &ns.name, "files").await;
     let dir = tempfile::tempdir().unwrap();
     let repo = crate::support::init_repo(&cluster.kubeconfig, dir.path());
-    let contents = group_api(&client, None, "VolumeSnapshotContent");
+    let contents = snapshot_api(&client, None, "VolumeSnapshotContent");
     let labelled = || async {
         let mut names: Vec<String> = contents
             .list(&ListParams::default().labels("ferry.dev/kept-by"))
