@@ -837,9 +837,9 @@ async fn node_claims_of_a_volume_group_are_snapshotted_together_moved_kept_and_r
     clean_up(&client, &[&ns.name, &clone]).await;
 }
 
-/// Runs `ferry ARGS` with the failure point `point` armed, waits until it
-/// stops there, and kills it (SIGKILL: no cleanup of any kind).
-fn kill_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) {
+/// Runs `ferry ARGS` with the failure point `point` armed and returns it
+/// once it is stopped there, alive.
+fn stop_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) -> std::process::Child {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
         .env_clear()
@@ -858,9 +858,7 @@ fn kill_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) {
     for line in stderr.lines() {
         let line = line.unwrap();
         if line.contains(&format!("failpoint {point} reached")) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return;
+            return child;
         }
         seen.push(line);
     }
@@ -869,6 +867,13 @@ fn kill_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) {
         child.wait(),
         seen.join("\n")
     );
+}
+
+/// [`stop_at`], then SIGKILL: no cleanup of any kind.
+fn kill_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) {
+    let mut child = stop_at(kubeconfig, point, args);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[tokio::test]
@@ -895,9 +900,10 @@ async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune
         names
     };
 
-    // A backup killed after it kept its CSI snapshot, before its snapshot
-    // was written: the kept snapshot is named by nothing.
-    kill_at(
+    // A backup stopped after it kept its CSI snapshot, before its snapshot
+    // was written, and still running: a prune meanwhile must not take the
+    // kept snapshot for a leak (the backup's lock keeps it out).
+    let mut paused = stop_at(
         &cluster.kubeconfig,
         "backup-before-snapshot",
         &[
@@ -906,6 +912,22 @@ async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune
     );
     let leaked_by_backup = labelled().await;
     assert_eq!(leaked_by_backup.len(), 1, "{leaked_by_backup:?}");
+    let out = ferry(&cluster.kubeconfig)
+        .args(["backup", "prune", "--repo", &repo])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("released"),
+        "{out:?}"
+    );
+    assert_eq!(
+        labelled().await,
+        leaked_by_backup,
+        "a running backup's kept snapshot stays"
+    );
+    // Killed there, it leaves the kept snapshot named by nothing.
+    paused.kill().unwrap();
+    paused.wait().unwrap();
     // A delete killed after the snapshot went, before it released the CSI
     // snapshot.
     let (ok, deleted, stderr) = crate::support::run_json(
