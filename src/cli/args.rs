@@ -611,21 +611,28 @@ pub struct MigrateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Back up a directory: files are cut into content-defined chunks,
-    /// deduplicated against everything in the repository, compressed and
-    /// encrypted; metadata (mode, owner, times, links, xattrs, holes) is kept.
+    /// Back up a directory, a block device or a disk image file: data is
+    /// cut into content-defined chunks, deduplicated against everything in
+    /// the repository, compressed and encrypted; metadata (mode, owner,
+    /// times, links, xattrs, holes) is kept.
     #[command(
         after_help = "The newest volume snapshot of the same source (HOST:DIR unless \
 --source says otherwise) is the parent: a file whose size, modification time, change time and \
 inode are unchanged since it is taken over without being read. --ignore-inode compares size \
 and modification time only, for directories that are fresh copies each time (a volume made \
 from a snapshot).\n\n\
+A block device or a disk image file is backed up whole, as a block volume: every byte is read \
+(chunks already in the repository are not stored again) and zeroed regions store nothing. \
+`ferry volume restore` writes it back into a block device of at least its size, or into an \
+image file.\n\n\
 Examples:\n  \
   ferry volume backup /var/lib/postgresql --repo /backups\n  \
-  ferry volume backup /data --repo s3://bucket/ferry --name data-nightly -o json"
+  ferry volume backup /data --repo s3://bucket/ferry --name data-nightly -o json\n  \
+  ferry volume backup /dev/vdb --repo /backups --name vm-disk"
     )]
     Backup {
-        /// The directory to back up.
+        /// The directory, block device or disk image file to back up.
+        #[arg(value_name = "DIR|DEVICE")]
         dir: std::path::PathBuf,
         #[command(flatten)]
         repo: RepoArgs,
@@ -660,19 +667,28 @@ Examples:\n  \
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
-    /// Restore a volume snapshot (or one path of it) into a directory.
+    /// Restore a volume snapshot (or one path of it) into a directory; a
+    /// block volume into a block device or an image file.
     #[command(
         after_help = "SNAPSHOT:PATH restores one directory or file of the snapshot. \
 Existing files of the same names in DIR are replaced; other files are left alone. Owners are \
 restored when running as root.\n\n\
+A block volume (the backup of a device) is written into TARGET when it is a block device at \
+least as large as the volume: every byte up to the volume's size is written or zeroed. Any \
+other TARGET that is not a directory becomes an image file of the volume (holes where it was \
+zero); into a directory it is restored as the file `device`.\n\n\
 Examples:\n  \
   ferry volume restore data-nightly /restore/data\n  \
-  ferry volume restore data-nightly:/etc/app/config.yaml /tmp/config"
+  ferry volume restore data-nightly:/etc/app/config.yaml /tmp/config\n  \
+  ferry volume restore vm-disk /dev/vdc\n  \
+  ferry volume restore vm-disk /tmp/vm-disk.img"
     )]
     Restore {
         /// Snapshot name or id, optionally followed by :PATH.
         snapshot: String,
-        /// Where to restore (created if missing).
+        /// Where to restore: a directory (created if missing); for a block
+        /// volume, a block device or an image file.
+        #[arg(value_name = "TARGET")]
         dir: std::path::PathBuf,
         #[command(flatten)]
         repo: RepoArgs,

@@ -642,7 +642,11 @@ fn print_report(
                 let (files, size, read, detail) = match (&v.stats, &v.skipped, &v.snapshot) {
                     (_, Some(why), _) => (String::new(), String::new(), String::new(), why.clone()),
                     (Some(s), _, _) => (
-                        s.files.to_string(),
+                        if v.block {
+                            "device".to_string()
+                        } else {
+                            s.files.to_string()
+                        },
                         human_bytes(s.bytes),
                         format!("{} files, {}", s.files_read, human_bytes(s.bytes_read)),
                         format!(

@@ -24,6 +24,9 @@ struct BackupOutput {
     root: String,
     parent: Option<String>,
     source: String,
+    /// The backup of a block device or disk image (a block volume).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    block: bool,
     stats: volume::VolumeStats,
     warnings: Vec<String>,
 }
@@ -104,19 +107,18 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 let parent_id = parent.as_ref().map(|(id, _)| id.0.clone());
                 let progress = Arc::new(VolumeProgress::default());
                 let bar = VolumeBar::start(progress.clone());
-                let backup = volume::backup_dir(
-                    &repository,
-                    &lock,
-                    &dir,
-                    VolumeBackupOptions {
-                        source: source.clone(),
-                        parent: parent.map(|(_, root)| root),
-                        ignore_inode,
-                        workers: None,
-                        progress: Some(progress),
-                    },
-                )
-                .await;
+                let options = VolumeBackupOptions {
+                    source: source.clone(),
+                    parent: parent.map(|(_, root)| root),
+                    ignore_inode,
+                    workers: None,
+                    progress: Some(progress),
+                };
+                let backup = if dir.is_dir() {
+                    volume::backup_dir(&repository, &lock, &dir, options).await
+                } else {
+                    volume::backup_device(&repository, &lock, &dir, options).await
+                };
                 bar.finish();
                 let backup = backup?;
                 let snapshot = if root_only {
@@ -139,6 +141,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     root: backup.root_blob.to_string(),
                     parent: parent_id,
                     source: source.clone(),
+                    block: backup.root.block,
                     stats: backup.root.stats.clone(),
                     warnings: backup.warnings,
                 })
@@ -153,6 +156,22 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             emit(output, &out, |w| {
                 let s = &out.stats;
                 let seconds = s.duration_ms as f64 / 1000.0;
+                if out.block {
+                    return writeln!(
+                        w,
+                        "{} {}: block device of {} in {:.1}s ({} new chunks, {} stored)",
+                        if out.snapshot.is_some() {
+                            "snapshot"
+                        } else {
+                            "volume root"
+                        },
+                        out.snapshot.as_deref().unwrap_or(&out.root),
+                        human_bytes(s.bytes),
+                        seconds,
+                        s.chunks_new,
+                        human_bytes(s.bytes_stored)
+                    );
+                }
                 writeln!(
                     w,
                     "{} {}: {} files, {} dirs, {} in {:.1}s ({} files read, {} unchanged; {} new chunks, {} stored)",
@@ -202,17 +221,24 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 let bar = VolumeBar::start(progress.clone());
                 // SAFETY: geteuid has no preconditions.
                 let root_user = unsafe { libc::geteuid() } == 0;
-                let stats = volume::restore_dir(
-                    &repository,
-                    &volume_root,
-                    &dir,
-                    VolumeRestoreOptions {
-                        subpath,
-                        owners: root_user,
-                        progress: Some(progress),
-                    },
-                )
-                .await;
+                let options = VolumeRestoreOptions {
+                    subpath,
+                    owners: root_user,
+                    progress: Some(progress),
+                };
+                let into_device = std::fs::metadata(&dir)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+                let stats = if volume_root.block && options.subpath.is_none() && !dir.is_dir() {
+                    volume::restore_image(&repository, &volume_root, &dir, options).await
+                } else if into_device {
+                    bar.finish();
+                    anyhow::bail!(
+                        "{} is a block device and the volume holds files: restore it into a directory",
+                        dir.display()
+                    );
+                } else {
+                    volume::restore_dir(&repository, &volume_root, &dir, options).await
+                };
                 bar.finish();
                 Ok::<_, anyhow::Error>(stats?)
             }

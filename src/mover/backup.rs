@@ -11,7 +11,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
 
 use super::hooks::{self, Hook, HookPhase};
-use super::pods::{self, DATA, MoverJob};
+use super::pods::{self, DATA, DEVICE, MoverJob};
 use super::{
     ANNOTATION_METHOD, LABEL_VOLUME_GROUP, LABEL_VOLUME_GROUP_VELERO, MoverError, MoverSettings,
     VolumeEntry, VolumeMethod, VolumePolicy, VolumeRun, csi, suffix,
@@ -162,6 +162,7 @@ pub async fn backup_volumes(
             skipped: Some(why),
             stats: None,
             group: None,
+            block: false,
         };
         let object = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
             .get(name)
@@ -229,14 +230,6 @@ pub async fn backup_volumes(
                 class,
                 format!("the policy says skip ({ANNOTATION_METHOD} or --volume-method)"),
             ));
-            continue;
-        }
-        if spec.volume_mode.as_deref() == Some("Block") && method != VolumeMethod::Snapshot {
-            let why =
-                "a block-mode volume has no files to move; use --volume-method snapshot for it"
-                    .to_string();
-            warnings.push(format!("volume {namespace}/{name} is not protected: {why}"));
-            entries.push(skipped(VolumeMethod::Skip, class, why));
             continue;
         }
         let node = pods_by_namespace[namespace]
@@ -635,6 +628,7 @@ async fn second_step(
             snapshot: Some(kept),
             skipped: None,
             stats: None,
+            block: is_block(&claim.object),
         });
     }
     let mover = mover.expect("snapshot-move needs a mover");
@@ -663,6 +657,10 @@ async fn second_step(
     Ok(entry)
 }
 
+fn is_block(claim: &PersistentVolumeClaim) -> bool {
+    claim.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block")
+}
+
 fn class_of(claim: &PersistentVolumeClaim) -> Option<String> {
     claim
         .spec
@@ -683,10 +681,11 @@ async fn move_claim(
     parents: &HashMap<(String, String), String>,
     run: &VolumeRun<'_>,
 ) -> Result<VolumeEntry, String> {
+    let block = is_block(&claim.object);
     let mut args: Vec<String> = [
         "volume",
         "backup",
-        DATA,
+        if block { DEVICE } else { DATA },
         "--root-only",
         "--source",
         &format!("{}/{}", claim.namespace, claim.name),
@@ -696,11 +695,15 @@ async fn move_claim(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    if from_snapshot {
+    if from_snapshot && !block {
         // A volume made from a snapshot has new inodes and change times.
         args.push("--ignore-inode".into());
     }
-    if let Some(parent) = parents.get(&(claim.namespace.clone(), claim.name.clone())) {
+    // A device is read whole (its chunks deduplicate): no parent to compare.
+    if let Some(parent) = parents
+        .get(&(claim.namespace.clone(), claim.name.clone()))
+        .filter(|_| !block)
+    {
         args.extend(["--parent-root".into(), parent.clone()]);
     }
     let result = pods::run(
@@ -710,6 +713,7 @@ async fn move_claim(
             namespace: &claim.namespace,
             claim: mount,
             read_only: true,
+            block,
             node,
             args,
             label: run.label,
@@ -736,6 +740,7 @@ async fn move_claim(
         skipped: None,
         stats,
         group: None,
+        block,
     })
 }
 

@@ -429,6 +429,10 @@ pub struct VolumeEntry {
     /// snapshot at one instant with the rest of its group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A block-mode claim: its data is the device's content, and a mover
+    /// attaches the restored claim as a device.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

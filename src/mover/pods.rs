@@ -19,6 +19,8 @@ use crate::volume::VolumeProgress;
 const KEY_DIR: &str = "/var/run/ferry-key";
 /// The claim's mount point in the mover.
 pub(super) const DATA: &str = "/data";
+/// Where a block-mode claim's device appears in the mover.
+pub(super) const DEVICE: &str = "/dev/ferry-volume";
 /// The slot the next mover Pod of this process takes, modulo the slots.
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
@@ -26,6 +28,9 @@ pub(super) struct MoverJob<'a> {
     pub namespace: &'a str,
     pub claim: &'a str,
     pub read_only: bool,
+    /// The claim is in block mode: it is attached as a device at
+    /// [`DEVICE`], not mounted.
+    pub block: bool,
     /// Run on this node (a live ReadWriteOnce volume is mounted where its
     /// workload runs).
     pub node: Option<String>,
@@ -67,7 +72,13 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
         .iter()
         .map(|(k, v)| json!({"name": k, "value": v}))
         .collect();
-    let mut mounts = vec![json!({"name": "data", "mountPath": DATA, "readOnly": job.read_only})];
+    let mut mounts = Vec::new();
+    let mut devices = Vec::new();
+    if job.block {
+        devices.push(json!({"name": "data", "devicePath": DEVICE}));
+    } else {
+        mounts.push(json!({"name": "data", "mountPath": DATA, "readOnly": job.read_only}));
+    }
     let mut volumes = vec![json!({
         "name": "data",
         "persistentVolumeClaim": {"claimName": job.claim, "readOnly": job.read_only}
@@ -98,6 +109,7 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
             "args": args,
             "env": env,
             "volumeMounts": mounts,
+            "volumeDevices": devices,
             "terminationMessagePolicy": "FallbackToLogsOnError",
             // Files of every owner are read and restored with their owners.
             "securityContext": {"runAsUser": 0, "runAsGroup": 0}
@@ -285,6 +297,7 @@ mod tests {
             namespace: "shop",
             claim: "data",
             read_only: true,
+            block: false,
             node: node.map(String::from),
             args: Vec::new(),
             label: "nightly",

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::pods::{self, DATA, MoverJob};
+use super::pods::{self, DATA, DEVICE, MoverJob};
 use super::{MoverSettings, VolumeEntry, csi};
 use crate::cluster::Connection;
 use crate::model::ObjectRef;
@@ -93,7 +93,7 @@ impl VolumeFiller {
             "volume",
             "restore",
             "-",
-            DATA,
+            if entry.block { DEVICE } else { DATA },
             "--root",
             &root.to_string(),
             "-o",
@@ -109,6 +109,7 @@ impl VolumeFiller {
                 namespace,
                 claim: &claim.name,
                 read_only: false,
+                block: entry.block,
                 node: None,
                 args,
                 label: &self.label,

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc as async_mpsc;
 
 use super::chunker::Chunker;
-use super::tree::{Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};
+use super::tree::{DEVICE_ENTRY, Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};
 use super::{VolumeError, VolumeProgress, VolumeStats, read_trees};
 use crate::repo::{BlobId, PackWriter, RepoLock, Repository, WriteStats, encode_refs};
 
@@ -94,6 +94,112 @@ pub async fn backup_dir(
             .await
             .expect("walk task")?
     };
+    store_walk(repo, lock, walk, &options, started, false).await
+}
+
+/// Backs up the whole content of the block device (or disk image file)
+/// `device`: a tree of one file, [`DEVICE_ENTRY`], read like any file, so
+/// its chunks deduplicate against earlier backups and zeroed regions are
+/// stored as holes. Without changed-block tracking every byte is read; an
+/// unchanged device stores no new chunk. The caller holds a shared lock.
+pub async fn backup_device(
+    repo: &Repository,
+    lock: &RepoLock,
+    device: &Path,
+    options: VolumeBackupOptions,
+) -> Result<VolumeBackup, VolumeError> {
+    let started = Instant::now();
+    let walk = {
+        let device = device.to_path_buf();
+        tokio::task::spawn_blocking(move || walk_device(&device))
+            .await
+            .expect("walk task")?
+    };
+    store_walk(repo, lock, walk, &options, started, true).await
+}
+
+/// The size of a block device or file: where its end is.
+pub(super) fn content_size(path: &Path) -> Result<u64, VolumeError> {
+    use std::io::Seek;
+    let mut file = File::open(path).map_err(|e| VolumeError::io(path, e))?;
+    file.seek(std::io::SeekFrom::End(0))
+        .map_err(|e| VolumeError::io(path, e))
+}
+
+/// The walk of a device: a top directory made up from the device's owner
+/// and times, holding one file with the device's content.
+fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
+    // A device is often named by a symbolic link (/dev/disk/by-id/...).
+    let device = std::fs::canonicalize(device).map_err(|e| VolumeError::io(device, e))?;
+    let metadata = std::fs::metadata(&device).map_err(|e| VolumeError::io(&device, e))?;
+    let kind = metadata.file_type();
+    if !kind.is_block_device() && !kind.is_file() {
+        return Err(VolumeError::io(
+            &device,
+            "not a block device or disk image file",
+        ));
+    }
+    let size = content_size(&device)?;
+    let mtime = timestamp(metadata.mtime(), metadata.mtime_nsec());
+    let node = |name: &str, kind: NodeKind, mode: u32, size: u64| Node {
+        name: Name(name.into()),
+        kind,
+        mode,
+        uid: metadata.uid(),
+        gid: metadata.gid(),
+        size,
+        mtime,
+        // A device node's change time and inode say nothing of its
+        // content: it is always read.
+        ctime: mtime,
+        inode: 0,
+        links: 1,
+        content: Vec::new(),
+        subtree: None,
+        target: None,
+        rdev: 0,
+        xattrs: Vec::new(),
+    };
+    Ok(Walk {
+        top: node("", NodeKind::Dir, 0o755, 0),
+        dirs: vec![WalkedDir {
+            rel: PathBuf::new(),
+            entries: vec![node(
+                DEVICE_ENTRY,
+                NodeKind::File,
+                metadata.mode() & 0o777,
+                size,
+            )],
+            parent: None,
+        }],
+        jobs: if size > 0 {
+            vec![FileJob {
+                dir: 0,
+                entry: 0,
+                path: device,
+            }]
+        } else {
+            Vec::new()
+        },
+        aliases: Vec::new(),
+        reused_chunks: Vec::new(),
+        stats: VolumeStats {
+            files: 1,
+            bytes: size,
+            ..Default::default()
+        },
+    })
+}
+
+/// Reads, encodes and stores what a walk found, then the trees and root.
+async fn store_walk(
+    repo: &Repository,
+    lock: &RepoLock,
+    walk: Walk,
+    options: &VolumeBackupOptions,
+    started: Instant,
+    block: bool,
+) -> Result<VolumeBackup, VolumeError> {
     let progress = options.progress.clone().unwrap_or_default();
     progress.bytes_total.store(
         walk.jobs
@@ -108,7 +214,7 @@ pub async fn backup_dir(
         .max(1);
     let writer = repo.writer(lock);
     let (read, writer) = read_files(repo, writer, &walk, workers, progress).await?;
-    assemble(writer, walk, read, &options, started).await
+    assemble(writer, walk, read, options, started, block).await
 }
 
 fn timestamp(seconds: i64, nanos: i64) -> (i64, u32) {
@@ -567,6 +673,7 @@ async fn assemble(
     read: ReadOutcome,
     options: &VolumeBackupOptions,
     started: Instant,
+    block: bool,
 ) -> Result<VolumeBackup, VolumeError> {
     let mut vanished: Vec<(usize, usize)> = Vec::new();
     let mut all_chunks: Vec<BlobId> = std::mem::take(&mut walk.reused_chunks);
@@ -592,6 +699,12 @@ async fn assemble(
         let node = &mut walk.dirs[dir].entries[entry];
         node.content = content;
         node.size = size;
+    }
+    if block && !vanished.is_empty() {
+        return Err(VolumeError::io(
+            Path::new(&options.source),
+            "the device was removed while it was read",
+        ));
     }
     walk.stats.files -= vanished.len() as u64;
     let vanished: HashSet<(usize, usize)> = vanished.into_iter().collect();
@@ -633,6 +746,7 @@ async fn assemble(
         created: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
         tree: top_tree.expect("the top directory is walked"),
         top: walk.top,
+        block,
         refs,
         stats,
     };

@@ -17,6 +17,12 @@
 //! that comparison for sources that are fresh copies each time (a volume
 //! made from a snapshot).
 //!
+//! A block device (or a disk image file) is backed up as a tree of one
+//! file, [`DEVICE_ENTRY`], holding its whole content: the same chunks,
+//! deduplication and holes (unwritten, zeroed regions store nothing), and
+//! the same verify and locate. It is restored into a device of at least its
+//! size, every byte written or zeroed, or into an image file.
+//!
 //! The work is a pipeline: one thread walks and reads the files, cuts and
 //! hashes the chunks and decides which are new; a worker per core
 //! compresses and seals the new ones; the pack writer uploads packs.
@@ -36,9 +42,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId};
 
-pub use backup::{VolumeBackup, VolumeBackupOptions, backup_dir};
-pub use restore::{RestoreStats, VolumeRestoreOptions, restore_dir};
-pub use tree::{Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};
+pub use backup::{VolumeBackup, VolumeBackupOptions, backup_device, backup_dir};
+pub use restore::{RestoreStats, VolumeRestoreOptions, restore_dir, restore_image};
+pub use tree::{DEVICE_ENTRY, Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};
 
 /// Label of a snapshot that holds one volume's data (`ferry volume backup`).
 pub const LABEL_KIND: &str = "ferry.dev/kind";

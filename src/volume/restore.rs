@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,7 +16,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::tree::{Node, NodeKind, Piece, Tree, VolumeRoot};
+use super::tree::{DEVICE_ENTRY, Node, NodeKind, Piece, Tree, VolumeRoot};
 use super::{VolumeError, VolumeProgress, read_trees};
 use crate::repo::{BlobId, Repository};
 
@@ -146,72 +146,17 @@ pub async fn restore_dir(
             .await
             .expect("restore task")?
     };
-    // The pieces to write, in file order: (item, offset, chunk).
-    let mut batches: Vec<Vec<(usize, u64, BlobId)>> = Vec::new();
-    let mut current = Vec::new();
-    let mut current_bytes = 0;
-    for (index, item) in items.iter().enumerate() {
-        if item.node.kind != NodeKind::File || linked.contains(&index) {
-            continue;
-        }
-        let mut offset = 0;
-        for piece in &item.node.content {
-            match piece {
-                Piece::Zeros(n) => offset += n,
-                Piece::Chunk(id) => {
-                    let length = repo.raw_length(id).unwrap_or(0) as u64;
-                    current.push((index, offset, *id));
-                    current_bytes += length;
-                    offset += length;
-                    if current_bytes >= BATCH_BYTES {
-                        batches.push(std::mem::take(&mut current));
-                        current_bytes = 0;
-                    }
-                }
-            }
-        }
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    let mut reads = futures::stream::iter(batches)
-        .map(|batch| async move {
-            let mut unique: Vec<BlobId> = batch.iter().map(|(_, _, id)| *id).collect();
-            unique.sort();
-            unique.dedup();
-            let data = repo.read_blobs(&unique).await;
-            (batch, unique, data)
-        })
-        .buffered(2);
-    while let Some((batch, unique, data)) = reads.next().await {
-        let mut chunks: HashMap<BlobId, Vec<u8>> = HashMap::with_capacity(unique.len());
-        for (id, result) in unique.into_iter().zip(data) {
-            match result {
-                Ok(bytes) => {
-                    chunks.insert(id, bytes);
-                }
-                Err(e) => {
-                    let (index, _, _) = batch
-                        .iter()
-                        .find(|(_, _, b)| *b == id)
-                        .expect("the batch names the chunk");
-                    return Err(VolumeError::Damaged {
-                        path: Path::new("/").join(&items[*index].rel),
-                        message: e.to_string(),
-                    });
-                }
-            }
-        }
-        stats.chunks_read += chunks.len() as u64;
-        let items = items.clone();
-        let target = target.to_path_buf();
-        let progress = progress.clone();
-        tokio::task::spawn_blocking(move || {
-            write_batch(&target, &items, &batch, &chunks, &progress)
-        })
-        .await
-        .expect("write task")?;
-    }
+    let sink = Arc::new(Sink {
+        paths: items.iter().map(|i| target.join(&i.rel)).collect(),
+        shown: items.iter().map(|i| Path::new("/").join(&i.rel)).collect(),
+        holes: true,
+    });
+    let files = items
+        .iter()
+        .enumerate()
+        .filter(|(index, item)| item.node.kind == NodeKind::File && !linked.contains(index))
+        .map(|(index, item)| (index, item.node.content.as_slice()));
+    stats.chunks_read = write_contents(repo, sink, files, &progress).await?;
     let items_for_metadata = items.clone();
     let target_for_metadata = target.to_path_buf();
     let owners = options.owners;
@@ -339,39 +284,278 @@ fn remove_if_not_file(path: &Path) -> Result<(), VolumeError> {
     }
 }
 
+/// Where the contents of a restore go.
+struct Sink {
+    /// The path of each content, by index.
+    paths: Vec<PathBuf>,
+    /// Its path as errors name it (in the volume).
+    shown: Vec<PathBuf>,
+    /// Files created at full length and sparse: zeros are left as holes.
+    /// Otherwise (a device, whose old blocks are not zero) every zero run
+    /// is zeroed and every byte of a chunk written.
+    holes: bool,
+}
+
+/// Writes the contents `files` (index into `sink`, pieces) a batch of
+/// chunks at a time: each batch read with few requests while the one
+/// before it is written. Returns the chunks read.
+async fn write_contents<'a>(
+    repo: &Repository,
+    sink: Arc<Sink>,
+    files: impl Iterator<Item = (usize, &'a [Piece])>,
+    progress: &Arc<VolumeProgress>,
+) -> Result<u64, VolumeError> {
+    // The pieces to write, in file order: (content, offset, chunk).
+    let mut batches: Vec<Vec<(usize, u64, BlobId)>> = Vec::new();
+    let mut zeros: Vec<(usize, u64, u64)> = Vec::new();
+    let mut current = Vec::new();
+    let mut current_bytes = 0;
+    for (index, pieces) in files {
+        let mut offset = 0;
+        for piece in pieces {
+            match piece {
+                Piece::Zeros(n) => {
+                    if !sink.holes {
+                        zeros.push((index, offset, *n));
+                    }
+                    offset += n;
+                }
+                Piece::Chunk(id) => {
+                    let length = repo.raw_length(id).unwrap_or(0) as u64;
+                    current.push((index, offset, *id));
+                    current_bytes += length;
+                    offset += length;
+                    if current_bytes >= BATCH_BYTES {
+                        batches.push(std::mem::take(&mut current));
+                        current_bytes = 0;
+                    }
+                }
+            }
+        }
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    if !zeros.is_empty() {
+        let sink = sink.clone();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || {
+            for (index, offset, length) in zeros {
+                let path = &sink.paths[index];
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| VolumeError::io(path, e))?;
+                zero_range(&file, offset, length).map_err(|e| VolumeError::io(path, e))?;
+                progress.bytes_done.fetch_add(length, Ordering::Relaxed);
+            }
+            Ok::<_, VolumeError>(())
+        })
+        .await
+        .expect("zeroing task")?;
+    }
+    let mut chunks_read = 0;
+    let mut reads = futures::stream::iter(batches)
+        .map(|batch| async move {
+            let mut unique: Vec<BlobId> = batch.iter().map(|(_, _, id)| *id).collect();
+            unique.sort();
+            unique.dedup();
+            let data = repo.read_blobs(&unique).await;
+            (batch, unique, data)
+        })
+        .buffered(2);
+    while let Some((batch, unique, data)) = reads.next().await {
+        let mut chunks: HashMap<BlobId, Vec<u8>> = HashMap::with_capacity(unique.len());
+        for (id, result) in unique.into_iter().zip(data) {
+            match result {
+                Ok(bytes) => {
+                    chunks.insert(id, bytes);
+                }
+                Err(e) => {
+                    let (index, _, _) = batch
+                        .iter()
+                        .find(|(_, _, b)| *b == id)
+                        .expect("the batch names the chunk");
+                    return Err(VolumeError::Damaged {
+                        path: sink.shown[*index].clone(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        chunks_read += chunks.len() as u64;
+        let sink = sink.clone();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || write_batch(&sink, &batch, &chunks, &progress))
+            .await
+            .expect("write task")?;
+    }
+    Ok(chunks_read)
+}
+
 fn write_batch(
-    target: &Path,
-    items: &[Item],
+    sink: &Sink,
     batch: &[(usize, u64, BlobId)],
     chunks: &HashMap<BlobId, Vec<u8>>,
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
     let mut open: Option<(usize, std::fs::File)> = None;
     for (index, offset, id) in batch {
-        let path = target.join(&items[*index].rel);
+        let path = &sink.paths[*index];
         if open.as_ref().map(|(i, _)| i) != Some(index) {
             let file = OpenOptions::new()
                 .write(true)
-                .open(&path)
-                .map_err(|e| VolumeError::io(&path, e))?;
+                .open(path)
+                .map_err(|e| VolumeError::io(path, e))?;
             open = Some((*index, file));
         }
         let (_, file) = open.as_ref().expect("opened above");
         let data = &chunks[id];
-        // Blocks of zeros inside a chunk stay holes, as they were in a
-        // sparse file (the file was created at its full length).
-        for (i, block) in data.chunks(HOLE_BLOCK).enumerate() {
-            if block[0] == 0 && block.iter().all(|b| *b == 0) {
-                continue;
+        if sink.holes {
+            // Blocks of zeros inside a chunk stay holes, as they were in a
+            // sparse file (the file was created at its full length).
+            for (i, block) in data.chunks(HOLE_BLOCK).enumerate() {
+                if block[0] == 0 && block.iter().all(|b| *b == 0) {
+                    continue;
+                }
+                file.write_all_at(block, offset + (i * HOLE_BLOCK) as u64)
+                    .map_err(|e| VolumeError::io(path, e))?;
             }
-            file.write_all_at(block, offset + (i * HOLE_BLOCK) as u64)
-                .map_err(|e| VolumeError::io(&path, e))?;
+        } else {
+            file.write_all_at(data, *offset)
+                .map_err(|e| VolumeError::io(path, e))?;
         }
         progress
             .bytes_done
             .fetch_add(data.len() as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// Zeroes `length` bytes of `file` from `offset`: the aligned middle by
+/// fallocate (a device's write-zeroes, nothing written where the storage
+/// supports it), the rest, or all of it where fallocate is refused, by
+/// writing zeros.
+pub(super) fn zero_range(file: &std::fs::File, offset: u64, length: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const ALIGN: u64 = 4096;
+    let end = offset + length;
+    let (start_aligned, end_aligned) = (offset.div_ceil(ALIGN) * ALIGN, end / ALIGN * ALIGN);
+    let write_zeros = |from: u64, to: u64| -> std::io::Result<()> {
+        let zeros = vec![0u8; (to - from).min(1 << 20) as usize];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    };
+    if end_aligned > start_aligned {
+        // SAFETY: a valid open descriptor; fallocate reads nothing else.
+        let done = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                start_aligned as libc::off_t,
+                (end_aligned - start_aligned) as libc::off_t,
+            )
+        } == 0;
+        if done {
+            write_zeros(offset, start_aligned)?;
+            return write_zeros(end_aligned, end);
+        }
+    }
+    write_zeros(offset, end)
+}
+
+/// Restores a block volume (see [`DEVICE_ENTRY`]) into `target`: a block
+/// device of at least the volume's size, whose every byte up to that size
+/// is written or zeroed (the rest is left alone), or an image file, created
+/// or replaced, with its zeros left as holes.
+pub async fn restore_image(
+    repo: &Repository,
+    root: &VolumeRoot,
+    target: &Path,
+    options: VolumeRestoreOptions,
+) -> Result<RestoreStats, VolumeError> {
+    let started = Instant::now();
+    let trees = read_trees(repo, root.tree).await?;
+    let node = trees
+        .get(Path::new(""))
+        .and_then(|t| {
+            t.entries
+                .iter()
+                .find(|e| e.name.as_os_str() == DEVICE_ENTRY && e.kind == NodeKind::File)
+        })
+        .cloned()
+        .ok_or_else(|| VolumeError::Corrupt {
+            what: format!("volume {}", root.source),
+            message: format!("a block volume without its '{DEVICE_ENTRY}' entry"),
+        })?;
+    drop(trees);
+    let device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    if device {
+        let size = super::backup::content_size(target)?;
+        if size < node.size {
+            return Err(VolumeError::io(
+                target,
+                format!(
+                    "the device holds {size} bytes and the volume {}: restore into a device at least as large",
+                    node.size
+                ),
+            ));
+        }
+    } else {
+        if target.is_dir() {
+            return Err(VolumeError::io(
+                target,
+                "a directory: a block volume is restored into a block device or an image file",
+            ));
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(target)
+            .map_err(|e| VolumeError::io(target, e))?;
+        file.set_len(node.size)
+            .map_err(|e| VolumeError::io(target, e))?;
+    }
+    let progress = options.progress.clone().unwrap_or_default();
+    progress.bytes_total.store(node.size, Ordering::Relaxed);
+    let sink = Arc::new(Sink {
+        paths: vec![target.to_path_buf()],
+        shown: vec![Path::new("/").join(DEVICE_ENTRY)],
+        holes: !device,
+    });
+    let chunks_read = write_contents(
+        repo,
+        sink,
+        std::iter::once((0, node.content.as_slice())),
+        &progress,
+    )
+    .await?;
+    // The data is on the device (or in the file) before the restore says
+    // it is done: a mover Pod's end is not a flush.
+    let target_owned = target.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        OpenOptions::new()
+            .write(true)
+            .open(&target_owned)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| VolumeError::io(&target_owned, e))
+    })
+    .await
+    .expect("sync task")?;
+    progress.files_done.store(1, Ordering::Relaxed);
+    Ok(RestoreStats {
+        files: 1,
+        bytes: node.size,
+        chunks_read,
+        duration_ms: started.elapsed().as_millis() as u64,
+        ..Default::default()
+    })
 }
 
 /// Owner, mode, extended attributes and times, in that order (changing the

@@ -294,6 +294,86 @@ async fn a_damaged_chunk_fails_the_restore_and_verify_names_the_file() {
     lock.release().await.unwrap();
 }
 
+/// A disk image: random data, a zeroed stretch, text, zeros at the end.
+fn disk_image(path: &Path) -> Vec<u8> {
+    let mut image = pseudo_random(3 << 20, 7);
+    image.extend(std::iter::repeat_n(0u8, 9 << 20));
+    image.extend(b"a block of a file system inode table\n".repeat(50_000));
+    image.extend(std::iter::repeat_n(0u8, 5 << 20));
+    std::fs::write(path, &image).unwrap();
+    image
+}
+
+#[tokio::test]
+async fn a_disk_image_is_backed_up_whole_and_restored_into_an_image_or_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("disk.img");
+    let image = disk_image(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let options = || VolumeBackupOptions {
+        source: "vm/disk".into(),
+        ..Default::default()
+    };
+    let done = backup_device(&repo, &lock, &source, options())
+        .await
+        .unwrap();
+    assert!(done.root.block);
+    assert_eq!(done.root.stats.files, 1);
+    assert_eq!(done.root.stats.bytes, image.len() as u64);
+    let trees = read_trees(&repo, done.root.tree).await.unwrap();
+    let entry = &trees[Path::new("")].entries[0];
+    assert_eq!(entry.name.0, DEVICE_ENTRY);
+    assert!(
+        entry.content.iter().any(|p| matches!(p, Piece::Zeros(n) if *n >= 4 << 20)),
+        "the zeroed stretch is a hole: {:?}",
+        entry.content
+    );
+
+    // Into an image file: the same bytes, the zeros left as holes.
+    let restored = dir.path().join("restored.img");
+    std::fs::write(&restored, b"an older, shorter file").unwrap();
+    let stats = restore_image(&repo, &done.root, &restored, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(stats.bytes, image.len() as u64);
+    assert!(std::fs::read(&restored).unwrap() == image, "the image differs");
+    let on_disk = std::fs::metadata(&restored).unwrap().blocks() * 512;
+    assert!(on_disk < image.len() as u64 - (8 << 20), "sparse: {on_disk}");
+    // Into a directory: the file `device`.
+    let into_dir = dir.path().join("as-dir");
+    restore_dir(&repo, &done.root, &into_dir, Default::default())
+        .await
+        .unwrap();
+    assert!(std::fs::read(into_dir.join(DEVICE_ENTRY)).unwrap() == image);
+    let refused = restore_image(&repo, &done.root, &into_dir, Default::default())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("block device or an image file"), "{refused}");
+
+    // Unchanged: read again, nothing new stored.
+    let again = backup_device(&repo, &lock, &source, options())
+        .await
+        .unwrap();
+    assert_eq!(again.root.stats.chunks_new, 0, "{:?}", again.root.stats);
+    lock.release().await.unwrap();
+}
+
+#[test]
+fn zeroing_a_range_clears_exactly_that_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("device");
+    std::fs::write(&path, vec![0xffu8; 64 * 1024]).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // Unaligned at both ends, with aligned blocks between.
+    super::restore::zero_range(&file, 1000, 20_000).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 64 * 1024, "the length is kept");
+    assert!(bytes[..1000].iter().all(|b| *b == 0xff));
+    assert!(bytes[1000..21_000].iter().all(|b| *b == 0));
+    assert!(bytes[21_000..].iter().all(|b| *b == 0xff));
+}
+
 #[test]
 fn raw_zstd_frames_decode_with_any_zstd_decoder() {
     for len in [0, 1, 128 * 1024, 128 * 1024 + 1, 1_000_000] {

@@ -11,6 +11,10 @@ use crate::repo::BlobId;
 /// The format of trees and volume roots this version writes and reads.
 pub const VOLUME_FORMAT: u32 = 1;
 
+/// The one entry of a block volume's tree: the device's content. (A
+/// version that does not know block volumes restores it as this file.)
+pub const DEVICE_ENTRY: &str = "device";
+
 /// A directory's entries, sorted by name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tree {
@@ -157,6 +161,10 @@ pub struct VolumeRoot {
     pub tree: BlobId,
     /// The metadata of the top directory itself.
     pub top: Node,
+    /// The data of a block device (or a disk image file): the tree holds
+    /// one file, [`DEVICE_ENTRY`], with the device's whole content.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block: bool,
     /// Every blob the volume uses (trees and chunks), as a reference list.
     pub refs: BlobId,
     pub stats: super::VolumeStats,

@@ -1166,3 +1166,134 @@ async fn node_movers_beyond_the_per_node_bound_wait_pending_for_a_slot() {
     );
     clean_up(&client, &[&ns.name]).await;
 }
+
+/// The container script of the block app: for each device, FOUND if it
+/// holds the marker (restored before the workload started), else FRESH and
+/// write 600 KiB of random data at 4 MiB and the marker at 1 MiB; then the
+/// checksum of the device's first 64 MiB.
+const BLOCK_SCRIPT: &str = "for d in data raw; do \
+if [ \"$(dd if=/dev/$d bs=512 skip=2048 count=1 2>/dev/null | head -c 5)\" = READY ]; then echo FOUND $d; \
+else echo FRESH $d; dd if=/dev/urandom of=/dev/$d bs=4096 seek=1024 count=150 conv=fsync 2>/dev/null; \
+echo READY | dd of=/dev/$d bs=512 seek=2048 conv=sync,fsync 2>/dev/null; fi; \
+echo SUMS-$d $(head -c 67108864 /dev/$d | md5sum); done; echo FILES; exec sleep 3600";
+
+/// A Deployment `disk` with two block-mode claims attached as devices:
+/// `data` (snapshot-move by default) and `raw` (annotated for copy).
+async fn block_app(client: &kube::Client, node: &NodeInfo, ns: &str) {
+    let claim = |name: &str, annotations: Value| {
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                     "volumeMode": "Block", "resources": {"requests": {"storage": "64Mi"}}}
+        })
+    };
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "disk", "namespace": ns},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "disk"}},
+            "template": {
+                "metadata": {"labels": {"app": "disk"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "main", "image": node.images["busybox"], "imagePullPolicy": "Never",
+                        "command": ["sh", "-c", BLOCK_SCRIPT],
+                        "volumeDevices": [
+                            {"name": "data", "devicePath": "/dev/data"},
+                            {"name": "raw", "devicePath": "/dev/raw"}
+                        ]
+                    }],
+                    "volumes": [
+                        {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                        {"name": "raw", "persistentVolumeClaim": {"claimName": "raw"}}
+                    ]
+                }
+            }
+        }
+    });
+    let yaml = [
+        claim("data", json!({})),
+        claim("raw", json!({"backup.ferry.dev/volume-method": "copy"})),
+        deployment,
+    ]
+    .iter()
+    .map(|o| serde_yaml_ng::to_string(o).unwrap())
+    .collect::<Vec<_>>()
+    .join("---\n");
+    apply_manifests(client, &yaml).await;
+}
+
+#[tokio::test]
+async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in_another_cluster()
+{
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-block").await;
+    block_app(&client, node, &ns.name).await;
+    let (_, before) = app_output(&client, &ns.name, "disk").await;
+    assert!(
+        before.contains("FRESH data") && before.contains("FRESH raw"),
+        "{before}"
+    );
+    let repo = Repo::new(node, "vol-block").await;
+
+    let (ok, first, stderr) = repo.run(cluster, &["backup", "create", "first", "-n", &ns.name]);
+    assert!(ok, "backup of block claims: {stderr}");
+    for (claim, method) in [("data", "snapshot-move"), ("raw", "copy")] {
+        let entry = volume(&first, claim);
+        assert_eq!(entry["method"], method, "{entry}");
+        assert_eq!(entry["block"], true, "{entry}");
+        assert!(entry["root"].is_string(), "{entry}");
+        assert_eq!(entry["stats"]["bytes"], 64 << 20, "the whole device: {entry}");
+        assert!(
+            entry["stats"]["bytesStored"].as_u64() < Some(8 << 20),
+            "zeroed blocks store nothing: {entry}"
+        );
+    }
+
+    // Unchanged devices are read again (no changed-block tracking) but
+    // store no new chunk.
+    let (ok, again, stderr) = repo.run(cluster, &["backup", "create", "again", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+    for claim in ["data", "raw"] {
+        let stats = &volume(&again, claim)["stats"];
+        assert_eq!(stats["chunksNew"], 0, "{claim}: {stats}");
+    }
+
+    // The namespace is lost: the devices come back before the workload.
+    delete_namespace(&client, &ns.name).await;
+    let (ok, restored, stderr) = repo.run(cluster, &["restore", "first"]);
+    assert!(ok, "restore of block claims: {stderr}\n{restored}");
+    let (_, after) = app_output(&client, &ns.name, "disk").await;
+    assert!(
+        after.contains("FOUND data") && after.contains("FOUND raw"),
+        "{after}"
+    );
+    for device in ["SUMS-data", "SUMS-raw"] {
+        assert_eq!(line(&after, device), line(&before, device));
+    }
+
+    // Another cluster.
+    let other = env().cluster("node2");
+    let other_node = other.node.as_ref().expect("node2 has a node");
+    let other_client = other.client().await;
+    let _other_ns = crate::support::TestNamespace::adopt(&other_client, &ns.name);
+    let other_repo = Repo {
+        url: repo.url.clone(),
+        node_endpoint: other_node.s3_endpoint.clone(),
+        image: other_node.images["ferry"].clone(),
+    };
+    let (ok, _, stderr) = other_repo.run(other, &["restore", "first"]);
+    assert!(ok, "restore into node2: {stderr}");
+    let (_, moved) = app_output(&other_client, &ns.name, "disk").await;
+    assert!(moved.contains("FOUND data") && moved.contains("FOUND raw"), "{moved}");
+    for device in ["SUMS-data", "SUMS-raw"] {
+        assert_eq!(line(&moved, device), line(&before, device));
+    }
+    clean_up(&client, &[&ns.name]).await;
+    clean_up(&other_client, &[&ns.name]).await;
+}
