@@ -325,7 +325,10 @@ async fn a_disk_image_is_backed_up_whole_and_restored_into_an_image_or_a_directo
     let entry = &trees[Path::new("")].entries[0];
     assert_eq!(entry.name.0, DEVICE_ENTRY);
     assert!(
-        entry.content.iter().any(|p| matches!(p, Piece::Zeros(n) if *n >= 4 << 20)),
+        entry
+            .content
+            .iter()
+            .any(|p| matches!(p, Piece::Zeros(n) if *n >= 4 << 20)),
         "the zeroed stretch is a hole: {:?}",
         entry.content
     );
@@ -337,9 +340,15 @@ async fn a_disk_image_is_backed_up_whole_and_restored_into_an_image_or_a_directo
         .await
         .unwrap();
     assert_eq!(stats.bytes, image.len() as u64);
-    assert!(std::fs::read(&restored).unwrap() == image, "the image differs");
+    assert!(
+        std::fs::read(&restored).unwrap() == image,
+        "the image differs"
+    );
     let on_disk = std::fs::metadata(&restored).unwrap().blocks() * 512;
-    assert!(on_disk < image.len() as u64 - (8 << 20), "sparse: {on_disk}");
+    assert!(
+        on_disk < image.len() as u64 - (8 << 20),
+        "sparse: {on_disk}"
+    );
     // Into a directory: the file `device`.
     let into_dir = dir.path().join("as-dir");
     restore_dir(&repo, &done.root, &into_dir, Default::default())
@@ -349,7 +358,12 @@ async fn a_disk_image_is_backed_up_whole_and_restored_into_an_image_or_a_directo
     let refused = restore_image(&repo, &done.root, &into_dir, Default::default())
         .await
         .unwrap_err();
-    assert!(refused.to_string().contains("block device or an image file"), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("block device or an image file"),
+        "{refused}"
+    );
 
     // Unchanged: read again, nothing new stored.
     let again = backup_device(&repo, &lock, &source, options())

@@ -1228,8 +1228,7 @@ async fn block_app(client: &kube::Client, node: &NodeInfo, ns: &str) {
 }
 
 #[tokio::test]
-async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in_another_cluster()
-{
+async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in_another_cluster() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
     let ns = namespace_for_pods(&client, "vol-block").await;
@@ -1248,7 +1247,11 @@ async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in
         assert_eq!(entry["method"], method, "{entry}");
         assert_eq!(entry["block"], true, "{entry}");
         assert!(entry["root"].is_string(), "{entry}");
-        assert_eq!(entry["stats"]["bytes"], 64 << 20, "the whole device: {entry}");
+        assert_eq!(
+            entry["stats"]["bytes"],
+            64 << 20,
+            "the whole device: {entry}"
+        );
         assert!(
             entry["stats"]["bytesStored"].as_u64() < Some(8 << 20),
             "zeroed blocks store nothing: {entry}"
@@ -1290,7 +1293,10 @@ async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in
     let (ok, _, stderr) = other_repo.run(other, &["restore", "first"]);
     assert!(ok, "restore into node2: {stderr}");
     let (_, moved) = app_output(&other_client, &ns.name, "disk").await;
-    assert!(moved.contains("FOUND data") && moved.contains("FOUND raw"), "{moved}");
+    assert!(
+        moved.contains("FOUND data") && moved.contains("FOUND raw"),
+        "{moved}"
+    );
     for device in ["SUMS-data", "SUMS-raw"] {
         assert_eq!(line(&moved, device), line(&before, device));
     }
