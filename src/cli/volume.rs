@@ -156,31 +156,24 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             emit(output, &out, |w| {
                 let s = &out.stats;
                 let seconds = s.duration_ms as f64 / 1000.0;
+                let what = if out.snapshot.is_some() {
+                    "snapshot"
+                } else {
+                    "volume root"
+                };
+                let id = out.snapshot.as_deref().unwrap_or(&out.root);
                 if out.block {
                     return writeln!(
                         w,
-                        "{} {}: block device of {} in {:.1}s ({} new chunks, {} stored)",
-                        if out.snapshot.is_some() {
-                            "snapshot"
-                        } else {
-                            "volume root"
-                        },
-                        out.snapshot.as_deref().unwrap_or(&out.root),
+                        "{what} {id}: block device of {} in {seconds:.1}s ({} new chunks, {} stored)",
                         human_bytes(s.bytes),
-                        seconds,
                         s.chunks_new,
                         human_bytes(s.bytes_stored)
                     );
                 }
                 writeln!(
                     w,
-                    "{} {}: {} files, {} dirs, {} in {:.1}s ({} files read, {} unchanged; {} new chunks, {} stored)",
-                    if out.snapshot.is_some() {
-                        "snapshot"
-                    } else {
-                        "volume root"
-                    },
-                    out.snapshot.as_deref().unwrap_or(&out.root),
+                    "{what} {id}: {} files, {} dirs, {} in {:.1}s ({} files read, {} unchanged; {} new chunks, {} stored)",
                     s.files,
                     s.dirs,
                     human_bytes(s.bytes),

@@ -1227,6 +1227,18 @@ async fn block_app(client: &kube::Client, node: &NodeInfo, ns: &str) {
     apply_manifests(client, &yaml).await;
 }
 
+/// Both devices were filled before the workload started (FOUND) with the
+/// bytes they held when backed up.
+fn assert_devices_came_back(after: &str, before: &str) {
+    assert!(
+        after.contains("FOUND data") && after.contains("FOUND raw"),
+        "{after}"
+    );
+    for device in ["SUMS-data", "SUMS-raw"] {
+        assert_eq!(line(after, device), line(before, device));
+    }
+}
+
 #[tokio::test]
 async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in_another_cluster() {
     let (cluster, node) = env().with_node();
@@ -1272,13 +1284,7 @@ async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in
     let (ok, restored, stderr) = repo.run(cluster, &["restore", "first"]);
     assert!(ok, "restore of block claims: {stderr}\n{restored}");
     let (_, after) = app_output(&client, &ns.name, "disk").await;
-    assert!(
-        after.contains("FOUND data") && after.contains("FOUND raw"),
-        "{after}"
-    );
-    for device in ["SUMS-data", "SUMS-raw"] {
-        assert_eq!(line(&after, device), line(&before, device));
-    }
+    assert_devices_came_back(&after, &before);
 
     // Another cluster.
     let other = env().cluster("node2");
@@ -1293,13 +1299,7 @@ async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in
     let (ok, _, stderr) = other_repo.run(other, &["restore", "first"]);
     assert!(ok, "restore into node2: {stderr}");
     let (_, moved) = app_output(&other_client, &ns.name, "disk").await;
-    assert!(
-        moved.contains("FOUND data") && moved.contains("FOUND raw"),
-        "{moved}"
-    );
-    for device in ["SUMS-data", "SUMS-raw"] {
-        assert_eq!(line(&moved, device), line(&before, device));
-    }
+    assert_devices_came_back(&moved, &before);
     clean_up(&client, &[&ns.name]).await;
     clean_up(&other_client, &[&ns.name]).await;
 }
