@@ -480,6 +480,12 @@ pub struct VolumeArgs {
     /// (pre.hook.backup.ferry.dev/command and Velero's pre.hook.backup.velero.io/command).
     #[arg(long)]
     pub no_hooks: bool,
+    /// Snapshot each StatefulSet's claims one by one. By default the
+    /// snapshotted claims of a StatefulSet (two or more, one CSI driver
+    /// with a VolumeGroupSnapshotClass) are taken by one VolumeGroupSnapshot,
+    /// at one instant, when the StatefulSet's selector selects exactly them.
+    #[arg(long)]
+    pub no_auto_volume_groups: bool,
     #[command(flatten)]
     pub mover: MoverArgs,
 }

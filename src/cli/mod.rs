@@ -811,6 +811,7 @@ fn volume_settings(
             per_class,
             hooks: !volumes.no_hooks,
             extra_hooks: Vec::new(),
+            auto_groups: !volumes.no_auto_volume_groups,
         },
         mover: Some(repo::mover_settings(repo, key, &volumes.mover)?),
     })
@@ -1141,6 +1142,7 @@ async fn migrate_command(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Resu
     options.volumes = Some(crate::backup::VolumeSettings {
         policy: crate::mover::VolumePolicy {
             hooks: true,
+            auto_groups: true,
             ..Default::default()
         },
         mover: restore.mover.clone(),

@@ -109,6 +109,7 @@ pub async fn backup_namespace(
             per_class: BTreeMap::new(),
             hooks: true,
             extra_hooks: Vec::new(),
+            auto_groups: true,
         },
         mover: Some(opened.mover.clone()),
     });

@@ -37,9 +37,14 @@ struct Claim {
 #[derive(Debug, Clone, PartialEq)]
 struct Group {
     namespace: String,
-    /// The label that makes the group, and its value.
-    key: &'static str,
-    value: String,
+    /// The labels that select the group's claims (and only them).
+    selector: BTreeMap<String, String>,
+    /// What made the group, for messages: `volume group KEY=VALUE` or
+    /// `StatefulSet NAME`.
+    origin: String,
+    /// Made by Ferry for a StatefulSet, not asked for by a label: if the
+    /// group snapshot fails, its claims are snapshotted one by one.
+    automatic: bool,
     class: String,
     /// Indexes of the member claims in the protected list.
     members: Vec<usize>,
@@ -52,13 +57,7 @@ impl Group {
             .iter()
             .map(|&i| claims[i].name.as_str())
             .collect();
-        format!(
-            "{}/{} (volume group {}={})",
-            self.namespace,
-            names.join(","),
-            self.key,
-            self.value
-        )
+        format!("{}/{} ({})", self.namespace, names.join(","), self.origin)
     }
 }
 
@@ -112,8 +111,9 @@ fn plan_groups(
         match class {
             Ok(class) => groups.push(Group {
                 namespace,
-                key,
-                value,
+                selector: BTreeMap::from([(key.to_string(), value.clone())]),
+                origin: format!("volume group {key}={value}"),
+                automatic: false,
                 class,
                 members,
             }),
@@ -127,6 +127,176 @@ fn plan_groups(
         }
     }
     groups
+}
+
+/// A StatefulSet as far as grouping its claims goes.
+struct StatefulSetClaims {
+    namespace: String,
+    name: String,
+    /// Its selector's matchLabels: the StatefulSet controller puts them on
+    /// every claim it makes from a template.
+    selector: BTreeMap<String, String>,
+    /// The names of its claim templates.
+    templates: Vec<String>,
+}
+
+/// Whether `claim` is one a StatefulSet made from one of its templates:
+/// named TEMPLATE-STATEFULSET-ORDINAL and carrying the selector's labels.
+fn made_by(set: &StatefulSetClaims, claim: &Claim) -> bool {
+    let labels = claim.object.metadata.labels.clone().unwrap_or_default();
+    claim.namespace == set.namespace
+        && set.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && set.templates.iter().any(|template| {
+            claim
+                .name
+                .strip_prefix(&format!("{template}-{}-", set.name))
+                .is_some_and(|ordinal| {
+                    !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit())
+                })
+        })
+}
+
+/// Groups of the snapshotted claims of each StatefulSet (two or more, one
+/// driver with a group class), made without labelling anything: the group
+/// snapshot selects by the StatefulSet's own selector. Claims already in a
+/// labelled group (`taken`) stay there. Whether the selector selects
+/// exactly these claims in the namespace is checked against the cluster
+/// before a group is used.
+fn plan_statefulset_groups(
+    claims: &[Claim],
+    sets: &[StatefulSetClaims],
+    group_classes: &BTreeMap<String, Option<String>>,
+    taken: &HashSet<usize>,
+) -> Vec<Group> {
+    let mut groups = Vec::new();
+    for set in sets.iter().filter(|s| !s.selector.is_empty()) {
+        let members: Vec<usize> = claims
+            .iter()
+            .enumerate()
+            .filter(|(index, claim)| {
+                !taken.contains(index)
+                    && matches!(
+                        claim.method,
+                        VolumeMethod::Snapshot | VolumeMethod::SnapshotMove
+                    )
+                    && made_by(set, claim)
+            })
+            .map(|(index, _)| index)
+            .collect();
+        if members.len() < 2 {
+            continue;
+        }
+        let drivers: HashSet<Option<&String>> =
+            members.iter().map(|&i| claims[i].driver.as_ref()).collect();
+        let [Some(driver)] = drivers.into_iter().collect::<Vec<_>>()[..] else {
+            continue;
+        };
+        let Some(class) = group_classes.get(driver).cloned().flatten() else {
+            continue;
+        };
+        groups.push(Group {
+            namespace: set.namespace.clone(),
+            selector: set.selector.clone(),
+            origin: format!("StatefulSet {}", set.name),
+            automatic: true,
+            class,
+            members,
+        });
+    }
+    groups
+}
+
+/// The StatefulSets of the namespaces of `protected` whose snapshotted
+/// claims may be grouped, and the group classes of their drivers; each
+/// group kept only if its selector selects exactly its members in the
+/// namespace (a group snapshot takes every claim its selector selects).
+async fn statefulset_groups(
+    client: &kube::Client,
+    protected: &[Claim],
+    group_classes: &mut BTreeMap<String, Option<String>>,
+    taken: &HashSet<usize>,
+) -> Vec<Group> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    let namespaces: std::collections::BTreeSet<&String> = protected
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.method,
+                VolumeMethod::Snapshot | VolumeMethod::SnapshotMove
+            )
+        })
+        .map(|c| &c.namespace)
+        .collect();
+    let mut sets = Vec::new();
+    for namespace in namespaces {
+        // Without permission to list StatefulSets there are no automatic
+        // groups: each claim is snapshotted alone, as without this feature.
+        let Ok(list) = Api::<StatefulSet>::namespaced(client.clone(), namespace)
+            .list(&Default::default())
+            .await
+        else {
+            continue;
+        };
+        for set in list.items {
+            let spec = set.spec;
+            if spec
+                .selector
+                .match_expressions
+                .is_some_and(|e| !e.is_empty())
+            {
+                continue;
+            }
+            sets.push(StatefulSetClaims {
+                namespace: namespace.clone(),
+                name: set.metadata.name.unwrap_or_default(),
+                selector: spec.selector.match_labels.unwrap_or_default(),
+                templates: spec
+                    .volume_claim_templates
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|t| t.metadata.name)
+                    .collect(),
+            });
+        }
+    }
+    for claim in protected {
+        if let Some(driver) = &claim.driver
+            && sets.iter().any(|s| made_by(s, claim))
+            && !group_classes.contains_key(driver)
+        {
+            let class = csi::group_class_for(client, driver).await;
+            group_classes.insert(driver.clone(), class);
+        }
+    }
+    let mut exact = Vec::new();
+    for group in plan_statefulset_groups(protected, &sets, group_classes, taken) {
+        let selector = group
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let selected = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &group.namespace)
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await;
+        let Ok(selected) = selected else { continue };
+        let mut selected: Vec<String> = selected
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect();
+        let mut members: Vec<String> = group
+            .members
+            .iter()
+            .map(|&i| protected[i].name.clone())
+            .collect();
+        selected.sort();
+        members.sort();
+        if selected == members {
+            exact.push(group);
+        }
+    }
+    exact
 }
 
 /// Protects the data of `claims` by the policy; returns one entry per claim.
@@ -295,7 +465,14 @@ pub async fn backup_volumes(
             group_classes.insert(driver.clone(), class);
         }
     }
-    let groups = plan_groups(&protected, &group_classes, warnings);
+    let mut groups = plan_groups(&protected, &group_classes, warnings);
+    if policy.auto_groups {
+        let labelled: HashSet<usize> = groups
+            .iter()
+            .flat_map(|g| g.members.iter().copied())
+            .collect();
+        groups.extend(statefulset_groups(client, &protected, &mut group_classes, &labelled).await);
+    }
     if let Some(progress) = run.progress {
         let moved = protected
             .iter()
@@ -303,7 +480,7 @@ pub async fn backup_volumes(
             .count();
         progress.volumes_total.fetch_add(moved, Ordering::Relaxed);
     }
-    let grouped: HashSet<usize> = groups
+    let mut grouped: HashSet<usize> = groups
         .iter()
         .flat_map(|g| g.members.iter().copied())
         .collect();
@@ -325,12 +502,11 @@ pub async fn backup_volumes(
             .collect();
         let name = format!(
             "ferry-{}",
-            suffix(&[label, &group.namespace, group.key, &group.value])
+            suffix(&[label, &group.namespace, &group.origin])
         );
         let request = csi::GroupRequest {
             namespace: &group.namespace,
-            key: group.key,
-            value: &group.value,
+            selector: &group.selector,
             class: &group.class,
             claims: &names,
         };
@@ -344,6 +520,17 @@ pub async fn backup_volumes(
                     taken[index] = Some(Taken::Snapshot(Box::new(kept)));
                 }
                 taken_groups.push((group, name));
+            }
+            Err(message) if group.automatic => {
+                // Ferry chose this group: its claims still get their
+                // snapshots, one by one.
+                warnings.push(format!(
+                    "volume group of {}: {message}; its claims are snapshotted one by one, not at one instant",
+                    group.describe(&protected)
+                ));
+                for index in &group.members {
+                    grouped.remove(index);
+                }
             }
             Err(message) => {
                 failure = Some(MoverError::Volume {
@@ -796,16 +983,20 @@ mod tests {
         .into();
         let mut warnings = Vec::new();
         let groups = plan_groups(&claims, &classes, &mut warnings);
-        let members: Vec<(&str, &str, Vec<usize>)> = groups
+        let members: Vec<(&str, Vec<usize>)> = groups
             .iter()
-            .map(|g| (g.key, g.value.as_str(), g.members.clone()))
+            .map(|g| (g.origin.as_str(), g.members.clone()))
             .collect();
         assert_eq!(
             members,
             vec![
-                (LABEL_VOLUME_GROUP, "db", vec![0, 1]),
-                (LABEL_VOLUME_GROUP_VELERO, "db", vec![2]),
+                ("volume group ferry.dev/volume-group=db", vec![0, 1]),
+                ("volume group velero.io/volume-group=db", vec![2]),
             ]
+        );
+        assert_eq!(
+            groups[1].selector,
+            BTreeMap::from([(LABEL_VOLUME_GROUP_VELERO.to_string(), "db".to_string())])
         );
         assert_eq!(groups[0].class, "group");
         assert_eq!(warnings.len(), 2, "{warnings:?}");
@@ -826,6 +1017,57 @@ mod tests {
             groups[0].describe(&claims),
             "shop/a,b (volume group ferry.dev/volume-group=db)"
         );
+    }
+
+    #[test]
+    fn a_statefulsets_snapshotted_claims_form_a_group_by_its_own_selector() {
+        use VolumeMethod::*;
+        let app = [("app", "db")];
+        let claims = vec![
+            claim("data-db-0", SnapshotMove, "csi-1", &app),
+            claim("wal-db-0", SnapshotMove, "csi-1", &app),
+            claim("data-db-1", Snapshot, "csi-1", &app),
+            // Copied, not snapshotted: not in the group.
+            claim("logs-db-0", Copy, "csi-1", &app),
+            // Not made by the StatefulSet: another name, or no selector labels.
+            claim("data-db-x", SnapshotMove, "csi-1", &app),
+            claim("wal-db-1", SnapshotMove, "csi-1", &[]),
+            // Another StatefulSet with one claim only: no group.
+            claim("data-cache-0", SnapshotMove, "csi-1", &[("app", "cache")]),
+            // A StatefulSet whose claims span drivers: no group.
+            claim("a-web-0", SnapshotMove, "csi-1", &[("app", "web")]),
+            claim("b-web-0", SnapshotMove, "csi-2", &[("app", "web")]),
+        ];
+        let set = |name: &str, app: &str, templates: &[&str]| StatefulSetClaims {
+            namespace: "shop".into(),
+            name: name.into(),
+            selector: BTreeMap::from([("app".to_string(), app.to_string())]),
+            templates: templates.iter().map(|t| t.to_string()).collect(),
+        };
+        let sets = [
+            set("db", "db", &["data", "wal", "logs"]),
+            set("cache", "cache", &["data"]),
+            set("web", "web", &["a", "b"]),
+        ];
+        let classes: BTreeMap<String, Option<String>> = [
+            ("csi-1".to_string(), Some("group".to_string())),
+            ("csi-2".to_string(), Some("group".to_string())),
+        ]
+        .into();
+        let groups = plan_statefulset_groups(&claims, &sets, &classes, &HashSet::new());
+        assert_eq!(groups.len(), 1, "{groups:?}");
+        assert_eq!(groups[0].members, vec![0, 1, 2]);
+        assert!(groups[0].automatic);
+        assert_eq!(
+            groups[0].describe(&claims),
+            "shop/data-db-0,wal-db-0,data-db-1 (StatefulSet db)"
+        );
+        // Claims in a labelled group stay there.
+        let labelled = HashSet::from([1, 2]);
+        assert!(plan_statefulset_groups(&claims, &sets, &classes, &labelled).is_empty());
+        // No group class for the driver: no group.
+        let none: BTreeMap<String, Option<String>> = [("csi-1".to_string(), None)].into();
+        assert!(plan_statefulset_groups(&claims, &sets, &none, &HashSet::new()).is_empty());
     }
 
     #[test]

@@ -561,8 +561,8 @@ pub(super) async fn group_class_for(client: &kube::Client, driver: &str) -> Opti
 /// `key=value`, snapshotted by the driver at one instant.
 pub(super) struct GroupRequest<'a> {
     pub namespace: &'a str,
-    pub key: &'a str,
-    pub value: &'a str,
+    /// The labels that select the group's claims.
+    pub selector: &'a BTreeMap<String, String>,
     pub class: &'a str,
     /// The claims of the backup in the group; each must get a member.
     pub claims: &'a [String],
@@ -589,7 +589,7 @@ pub(super) async fn take_group(
         "metadata": {"name": name, "labels": {LABEL_MOVER: label, "app.kubernetes.io/managed-by": "ferry"}},
         "spec": {
             "volumeGroupSnapshotClassName": request.class,
-            "source": {"selector": {"matchLabels": {request.key: request.value}}}
+            "source": {"selector": {"matchLabels": request.selector}}
         }
     }))
     .expect("a VolumeGroupSnapshot");
@@ -718,10 +718,14 @@ async fn wait_for_members(
                     .map(String::as_str)
                     .collect();
                 return Err(too_late(&format!(
-                    "no ready member snapshot of claim(s) {} (are they labelled {}={}?)",
+                    "no ready member snapshot of claim(s) {} (are they labelled {}?)",
                     missing.join(", "),
-                    request.key,
-                    request.value
+                    request
+                        .selector
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
                 )));
             }
         } else if started.elapsed() > timeout {

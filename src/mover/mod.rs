@@ -100,6 +100,9 @@ pub struct VolumePolicy {
     pub hooks: bool,
     /// Pre-backup hooks from the request, for every Pod that mounts a volume.
     pub extra_hooks: Vec<Hook>,
+    /// Snapshot the claims of each StatefulSet together, by one
+    /// VolumeGroupSnapshot, where its selector selects exactly them.
+    pub auto_groups: bool,
 }
 
 /// How mover Pods are made and reach the repository.

@@ -1303,3 +1303,96 @@ async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in
     clean_up(&client, &[&ns.name]).await;
     clean_up(&other_client, &[&ns.name]).await;
 }
+
+#[tokio::test]
+async fn node_a_statefulsets_claims_are_snapshotted_together_without_labels() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-autogroup").await;
+    let mut template = pod_template(node, "db", json!([]), json!({}));
+    template["spec"]["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "wal", "mountPath": "/wal"}));
+    let claim_template = |name: &str| {
+        json!({
+            "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                     "resources": {"requests": {"storage": "64Mi"}}}
+        })
+    };
+    let statefulset = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": ns.name},
+        "spec": {
+            "serviceName": "db", "replicas": 1,
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": template,
+            "volumeClaimTemplates": [claim_template("data"), claim_template("wal")]
+        }
+    });
+    apply_manifests(&client, &serde_yaml_ng::to_string(&statefulset).unwrap()).await;
+    let (_, before) = app_output(&client, &ns.name, "db").await;
+    let repo = Repo::new(node, "vol-autogroup").await;
+
+    let (ok, report, stderr) = repo.run(cluster, &["backup", "create", "one", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+    let (data, wal) = (volume(&report, "data-db-0"), volume(&report, "wal-db-0"));
+    assert_eq!(data["method"], "snapshot-move", "{data}");
+    assert!(data["group"].is_string(), "one group snapshot: {data}");
+    assert_eq!(data["group"], wal["group"], "{data}\n{wal}");
+    // Nothing was labelled to make the group.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
+    let labels = claims
+        .get("data-db-0")
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(
+        labels.keys().collect::<Vec<_>>(),
+        ["app"],
+        "the claim's labels are its own"
+    );
+    // The moved group is gone once both members are in the repository.
+    let groups = snapshot_api(&client, Some(&ns.name), "VolumeGroupSnapshot");
+    eventually(
+        "the moved group snapshot to be gone",
+        POD_TIMEOUT,
+        || async {
+            let left = groups.list(&Default::default()).await.ok()?.items.len();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+
+    // --no-auto-volume-groups: one snapshot per claim.
+    let (ok, report, stderr) = repo.run(
+        cluster,
+        &[
+            "backup",
+            "create",
+            "two",
+            "-n",
+            &ns.name,
+            "--no-auto-volume-groups",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(volume(&report, "data-db-0")["group"].is_null(), "{report}");
+
+    // The grouped backup restores into another namespace with its data.
+    let clone = format!("{}-clone", ns.name);
+    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
+    let mapping = format!("{}={clone}", ns.name);
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &["restore", "one", "--namespace-mapping", &mapping],
+    );
+    assert!(ok, "{stderr}");
+    let (_, cloned) = app_output(&client, &clone, "db").await;
+    assert!(cloned.contains("FOUND"), "{cloned}");
+    assert_eq!(line(&cloned, "SUMS"), line(&before, "SUMS"));
+    clean_up(&client, &[&ns.name, &clone]).await;
+}
