@@ -36,6 +36,9 @@ struct BackupOutput {
 struct RestoreOutput {
     snapshot: String,
     target: PathBuf,
+    /// A block volume written into a device or an image file.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    block: bool,
     stats: volume::RestoreStats,
 }
 
@@ -221,7 +224,8 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 };
                 let into_device = std::fs::metadata(&dir)
                     .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
-                let stats = if volume_root.block && options.subpath.is_none() && !dir.is_dir() {
+                let image = volume_root.block && options.subpath.is_none() && !dir.is_dir();
+                let stats = if image {
                     volume::restore_image(&repository, &volume_root, &dir, options).await
                 } else if into_device {
                     bar.finish();
@@ -233,11 +237,11 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     volume::restore_dir(&repository, &volume_root, &dir, options).await
                 };
                 bar.finish();
-                Ok::<_, anyhow::Error>(stats?)
+                Ok::<_, anyhow::Error>((stats?, image))
             }
             .await;
             lock.release().await?;
-            let stats = result
+            let (stats, block) = result
                 .with_context(|| format!("restoring volume {snapshot} into {}", dir.display()))?;
             for warning in &stats.warnings {
                 eprintln!("warning: {warning}");
@@ -245,11 +249,21 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             let out = RestoreOutput {
                 snapshot,
                 target: dir,
+                block,
                 stats,
             };
             write_result(result_file.as_deref(), &out)?;
             emit(output, &out, |w| {
                 let s = &out.stats;
+                if out.block {
+                    return writeln!(
+                        w,
+                        "restored a block volume of {} into {} in {:.1}s",
+                        human_bytes(s.bytes),
+                        out.target.display(),
+                        s.duration_ms as f64 / 1000.0
+                    );
+                }
                 writeln!(
                     w,
                     "restored {} files ({}), {} dirs, {} other entries into {} in {:.1}s",

@@ -270,12 +270,7 @@ async fn statefulset_groups(
     }
     let mut exact = Vec::new();
     for group in plan_statefulset_groups(protected, &sets, group_classes, taken) {
-        let selector = group
-            .selector
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let selector = csi::label_selector(&group.selector);
         let selected = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &group.namespace)
             .list(&kube::api::ListParams::default().labels(&selector))
             .await;

@@ -568,6 +568,15 @@ pub(super) struct GroupRequest<'a> {
     pub claims: &'a [String],
 }
 
+/// Labels as a label selector: `k1=v1,k2=v2`.
+pub(super) fn label_selector(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Takes a VolumeGroupSnapshot and waits until it and its members are
 /// ready; returns each claim's member snapshot, keyed by claim name. On
 /// failure the group snapshot is deleted again.
@@ -720,12 +729,7 @@ async fn wait_for_members(
                 return Err(too_late(&format!(
                     "no ready member snapshot of claim(s) {} (are they labelled {}?)",
                     missing.join(", "),
-                    request
-                        .selector
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    label_selector(request.selector)
                 )));
             }
         } else if started.elapsed() > timeout {
