@@ -361,13 +361,11 @@ async fn write_contents<'a>(
         let sink = sink.clone();
         let progress = progress.clone();
         tokio::task::spawn_blocking(move || {
+            let mut open = OpenContent::default();
             for (index, offset, length) in zeros {
                 let path = &sink.paths[index];
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| VolumeError::io(path, e))?;
-                zero_range(&file, offset, length).map_err(|e| VolumeError::io(path, e))?;
+                let file = open.get(index, path)?;
+                zero_range(file, offset, length).map_err(|e| VolumeError::io(path, e))?;
                 progress.bytes_done.fetch_add(length, Ordering::Relaxed);
             }
             Ok::<_, VolumeError>(())
@@ -490,6 +488,24 @@ fn write_batch(
     })
 }
 
+/// The content last written to, kept open: consecutive pieces of one file
+/// (or device) are written through one descriptor.
+#[derive(Default)]
+struct OpenContent(Option<(usize, std::fs::File)>);
+
+impl OpenContent {
+    fn get(&mut self, index: usize, path: &Path) -> Result<&std::fs::File, VolumeError> {
+        if self.0.as_ref().map(|(i, _)| *i) != Some(index) {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| VolumeError::io(path, e))?;
+            self.0 = Some((index, file));
+        }
+        Ok(&self.0.as_ref().expect("opened above").1)
+    }
+}
+
 /// Creates (or replaces) a file at its full length: holes until written.
 fn create_file(path: &Path, size: u64) -> Result<std::fs::File, VolumeError> {
     remove_if_not_file(path)?;
@@ -509,19 +525,13 @@ fn write_part(
     chunks: &HashMap<BlobId, Vec<u8>>,
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
-    let mut open: Option<(usize, std::fs::File)> = None;
+    let mut open = OpenContent::default();
     for (index, offset, id, create) in batch {
         let path = &sink.paths[*index];
         if *create {
-            open = Some((*index, create_file(path, sink.sizes[*index])?));
-        } else if open.as_ref().map(|(i, _)| i) != Some(index) {
-            let file = OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(|e| VolumeError::io(path, e))?;
-            open = Some((*index, file));
+            open.0 = Some((*index, create_file(path, sink.sizes[*index])?));
         }
-        let (_, file) = open.as_ref().expect("opened above");
+        let file = open.get(*index, path)?;
         let data = &chunks[id];
         if sink.holes {
             // Blocks of zeros inside a chunk stay holes, as they were in a
