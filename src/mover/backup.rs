@@ -32,6 +32,17 @@ struct Claim {
     node: Option<String>,
 }
 
+impl Claim {
+    /// Whether the claim's data is taken by a CSI snapshot (and so may be
+    /// part of a group snapshot).
+    fn snapshotted(&self) -> bool {
+        matches!(
+            self.method,
+            VolumeMethod::Snapshot | VolumeMethod::SnapshotMove
+        )
+    }
+}
+
 /// Claims of one namespace labelled into the same volume group, to be
 /// snapshotted together by one VolumeGroupSnapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,10 +96,7 @@ fn plan_groups(
 ) -> Vec<Group> {
     let mut by_label: BTreeMap<(String, &'static str, String), Vec<usize>> = BTreeMap::new();
     for (index, claim) in claims.iter().enumerate() {
-        if !matches!(
-            claim.method,
-            VolumeMethod::Snapshot | VolumeMethod::SnapshotMove
-        ) {
+        if !claim.snapshotted() {
             continue;
         }
         if let Some((key, value)) = group_label(&claim.object) {
@@ -143,9 +151,12 @@ struct StatefulSetClaims {
 /// Whether `claim` is one a StatefulSet made from one of its templates:
 /// named TEMPLATE-STATEFULSET-ORDINAL and carrying the selector's labels.
 fn made_by(set: &StatefulSetClaims, claim: &Claim) -> bool {
-    let labels = claim.object.metadata.labels.clone().unwrap_or_default();
+    let labels = claim.object.metadata.labels.as_ref();
     claim.namespace == set.namespace
-        && set.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && set
+            .selector
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
         && set.templates.iter().any(|template| {
             claim
                 .name
@@ -174,12 +185,7 @@ fn plan_statefulset_groups(
             .iter()
             .enumerate()
             .filter(|(index, claim)| {
-                !taken.contains(index)
-                    && matches!(
-                        claim.method,
-                        VolumeMethod::Snapshot | VolumeMethod::SnapshotMove
-                    )
-                    && made_by(set, claim)
+                !taken.contains(index) && claim.snapshotted() && made_by(set, claim)
             })
             .map(|(index, _)| index)
             .collect();
@@ -219,12 +225,7 @@ async fn statefulset_groups(
     use k8s_openapi::api::apps::v1::StatefulSet;
     let namespaces: std::collections::BTreeSet<&String> = protected
         .iter()
-        .filter(|c| {
-            matches!(
-                c.method,
-                VolumeMethod::Snapshot | VolumeMethod::SnapshotMove
-            )
-        })
+        .filter(|c| c.snapshotted())
         .map(|c| &c.namespace)
         .collect();
     let mut sets = Vec::new();
