@@ -9,14 +9,15 @@
 #                                runc, the CNI plugins, iproute2, iptables,
 #                                conntrack, a static busybox for the test
 #                                image, losetup/flock, objcopy and the CA
-#                                bundle the Ferry image carries
+#                                bundle the Ferry image carries, and
+#                                PostgreSQL for the database test image
 ensure_prerequisites() {
   local missing=() pair
   local wanted=(openssl:openssl curl:curl python3:python3 setsid:util-linux)
   if [[ ${1:-} == node ]]; then
     wanted+=(containerd:containerd runc:runc ctr:containerd /usr/lib/cni/bridge:containernetworking-plugins
       ip:iproute2 iptables:iptables conntrack:conntrack losetup:mount flock:util-linux objcopy:binutils
-      /etc/ssl/certs/ca-certificates.crt:ca-certificates)
+      /etc/ssl/certs/ca-certificates.crt:ca-certificates /usr/lib/postgresql/15/bin/postgres:postgresql-15)
   fi
   for pair in "${wanted[@]}"; do
     local what=${pair%%:*}

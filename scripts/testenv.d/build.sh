@@ -4,9 +4,9 @@
 # scripts/testenv-versions.env. Results are cached outside the work tree,
 # keyed by component and version, so a rebuild is a no-op.
 #
-# Usage: build.sh [node|test-node|k8s-new|k8s-old|etcd|minio|all]
+# Usage: build.sh [node|test-node|k8s-new|k8s-old|etcd|minio|crds|all]
 # 'all' builds the node stack (which includes the new control plane), the
-# old control plane, etcd and MinIO.
+# old control plane, etcd and MinIO, and fetches the public CRDs.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -175,6 +175,30 @@ build_minio() {
   GOBIN="$out/bin" go install -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
 }
 
+# public_crds_dir: where fetch_public_crds puts the CRDs.
+public_crds_dir() { echo "$CACHE/public-crds-prometheus-operator-$PROMETHEUS_OPERATOR_VERSION-argo-cd-$ARGO_CD_VERSION"; }
+
+# fetch_public_crds: the CRDs of real operators, exactly as their projects
+# publish them, taken from their modules on the Go module proxy:
+# prometheus-operator (example/prometheus-operator-crd) and Argo CD
+# (manifests/crds). Nothing is built.
+fetch_public_crds() {
+  local out; out=$(public_crds_dir)
+  if [[ -f $out/done ]]; then log "public CRDs: cached"; return; fi
+  need_go
+  log "public CRDs: prometheus-operator $PROMETHEUS_OPERATOR_VERSION, Argo CD $ARGO_CD_VERSION"
+  rm -rf "$out" && mkdir -p "$out/prometheus-operator" "$out/argo-cd"
+  local dir
+  dir=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  cp "$dir"/example/prometheus-operator-crd/*.yaml "$out/prometheus-operator/"
+  dir=$(go mod download -json "github.com/argoproj/argo-cd/v3@$ARGO_CD_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  cp "$dir"/manifests/crds/*-crd.yaml "$out/argo-cd/"
+  chmod -R u+w "$out"
+  touch "$out/done"
+}
+
 # test_node_sources: the Go tests of this repository's node programs (the
 # CSI driver), in the node stack's module so they use the very versions
 # the node runs.
@@ -193,11 +217,13 @@ case $what in
   k8s-old) build_kubernetes "$K8S_OLD_VERSION" "$K8S_OLD_GOTOOLCHAIN" ;;
   etcd) build_etcd ;;
   minio) build_minio ;;
+  crds) fetch_public_crds ;;
   all)
     build_etcd
     build_minio
+    fetch_public_crds
     build_node_stack
     build_kubernetes "$K8S_OLD_VERSION" "$K8S_OLD_GOTOOLCHAIN"
     ;;
-  *) log "unknown component '$what' (node, test-node, k8s-new, k8s-old, etcd, minio, all)"; exit 2 ;;
+  *) log "unknown component '$what' (node, test-node, k8s-new, k8s-old, etcd, minio, crds, all)"; exit 2 ;;
 esac

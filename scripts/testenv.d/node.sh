@@ -27,6 +27,7 @@
 NODE_IMAGE_PAUSE=ferry.test/pause:3.10
 NODE_IMAGE_BUSYBOX=ferry.test/busybox:1.35
 NODE_IMAGE_FERRY=ferry.test/ferry:dev
+NODE_IMAGE_POSTGRES=ferry.test/postgres:15
 CSI_DRIVER=csi.ferry.dev
 CSI_STORAGE_CLASS=ferry-csi
 CSI_SNAPSHOT_CLASS=ferry-csi
@@ -168,8 +169,8 @@ YAML
     '{"apiVersion":"groupsnapshot.storage.k8s.io/v1","kind":"VolumeGroupSnapshotClass","metadata":{"name":"'"$CSI_SNAPSHOT_CLASS"'","annotations":{"groupsnapshot.storage.kubernetes.io/is-default-class":"true"}},"driver":"'"$CSI_DRIVER"'","deletionPolicy":"Delete"}'
 }
 
-# node_images DIR BIN FERRY_BINARY: the pause, busybox and Ferry images as
-# OCI archives, imported into the node's containerd.
+# node_images DIR BIN FERRY_BINARY: the pause, busybox, PostgreSQL and Ferry
+# images as OCI archives, imported into the node's containerd.
 node_images() {
   local d=$1 bin=$2 ferry=$3 images="$d/node/images"
   mkdir -p "$images"
@@ -180,7 +181,8 @@ node_images() {
     applets+=(--link "/bin/busybox:/bin/$a")
   done
   python3 "$here/testenv.d/image.py" "$NODE_IMAGE_BUSYBOX" "$images/busybox.tar" --file "$busybox:/bin/busybox" "${applets[@]}" --cmd '["sh"]'
-  local imports=(pause busybox)
+  node_postgres_image "$images" "$busybox"
+  local imports=(pause busybox postgres)
   if [[ -n $ferry ]]; then
     # The binary without its debug sections, and the libraries it links.
     local stripped="$images/ferry" libs=() lib
@@ -201,6 +203,33 @@ node_images() {
   for image in "${imports[@]}"; do
     ctr --address "$d/containerd/containerd.sock" --namespace k8s.io images import "$images/$image.tar" >/dev/null
   done
+}
+
+# node_postgres_image IMAGES BUSYBOX: a real database for the volume tests,
+# PostgreSQL 15 from Debian's package: its server, initdb and psql with the
+# libraries they link, its extension libraries and share files (JIT left
+# out), UTC time zone data, a 'postgres' user (uid 999) and busybox's shell
+# tools. PGDATA is /var/lib/postgresql/data/pgdata.
+node_postgres_image() {
+  local images=$1 busybox=$2 pg=/usr/lib/postgresql/15 files=() f a
+  [[ -x $pg/bin/postgres ]] || die "$pg/bin/postgres is missing: apt-get install postgresql-15"
+  local bins=("$pg/bin/postgres" "$pg/bin/initdb" "$pg/bin/pg_ctl" "$pg/bin/psql" "$pg/bin/pg_isready")
+  for f in "${bins[@]}"; do files+=(--file "$f:$f:0755"); done
+  while read -r f; do
+    [[ -n $f ]] && files+=(--file "$(readlink -f "$f"):$f:0755")
+  done < <(ldd "${bins[@]}" "$pg"/lib/plpgsql.so "$pg"/lib/dict_snowball.so | grep -o '/[^ ]*' | grep -v "^$pg" | sort -u)
+  for f in "$pg"/lib/*.so; do
+    [[ $f == */llvmjit.so ]] || files+=(--file "$f:$f:0755")
+  done
+  while read -r f; do files+=(--file "$f:$f:0644"); done < <(find /usr/share/postgresql/15 -type f)
+  files+=(--file "/usr/share/zoneinfo/Etc/UTC:/usr/share/zoneinfo/Etc/UTC:0644" --link "Etc/UTC:/usr/share/zoneinfo/UTC")
+  printf 'root:x:0:0:root:/root:/bin/sh\npostgres:x:999:999:PostgreSQL:/var/lib/postgresql:/bin/sh\n' > "$images/passwd"
+  printf 'root:x:0:\npostgres:x:999:\n' > "$images/group"
+  files+=(--file "$images/passwd:/etc/passwd:0644" --file "$images/group:/etc/group:0644" --file "$busybox:/bin/busybox")
+  for a in sh cat chown echo head id ls md5sum mkdir rm sleep test; do files+=(--link "/bin/busybox:/bin/$a"); done
+  python3 "$here/testenv.d/image.py" "$NODE_IMAGE_POSTGRES" "$images/postgres.tar" "${files[@]}" \
+    --env "PATH=$pg/bin:/usr/local/bin:/usr/bin:/bin" --env TZ=UTC --env PGDATA=/var/lib/postgresql/data/pgdata \
+    --cmd '["postgres"]'
 }
 
 node_containerd() {

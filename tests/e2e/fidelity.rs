@@ -696,3 +696,275 @@ async fn server_defaulted_fields_are_stripped_back_to_the_minimal_object() {
         differences.join("\n")
     );
 }
+
+/// Every CRD that `project` (prometheus-operator, argo-cd) publishes, as one
+/// manifest.
+fn public_crds(project: &str) -> String {
+    let dir = env().public_crds.get(project).unwrap_or_else(|| {
+        panic!(
+            "the test environment has no CRDs of {project}: fetch them with \
+             `scripts/testenv build crds`, then restart it"
+        )
+    });
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// A monitoring stack and a GitOps application as their users write them:
+/// one resource of every kind prometheus-operator serves and the three of
+/// Argo CD, with the Service and ServiceAccount they name.
+fn monitored_app(ns: &str) -> Vec<Value> {
+    let monitoring = |version: &str, kind: &str, name: &str, spec: Value| {
+        json!({"apiVersion": format!("monitoring.coreos.com/{version}"), "kind": kind,
+               "metadata": {"name": name, "namespace": ns, "labels": {"team": "shop"}}, "spec": spec})
+    };
+    let argo = |kind: &str, name: &str, spec: Value| {
+        json!({"apiVersion": "argoproj.io/v1alpha1", "kind": kind,
+               "metadata": {"name": name, "namespace": ns}, "spec": spec})
+    };
+    let destination = json!({"server": "https://kubernetes.default.svc", "namespace": ns});
+    let source = json!({"repoURL": "https://git.example.invalid/shop.git", "path": "deploy",
+                        "targetRevision": "HEAD"});
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "prometheus", "namespace": ns}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "shop", "namespace": ns, "labels": {"app": "shop"}},
+               "spec": {"selector": {"app": "shop"}, "ports": [{"name": "metrics", "port": 8080}]}}),
+        monitoring(
+            "v1",
+            "Prometheus",
+            "main",
+            json!({
+                "replicas": 2, "serviceAccountName": "prometheus", "retention": "15d",
+                "serviceMonitorSelector": {"matchLabels": {"team": "shop"}},
+                "ruleSelector": {"matchLabels": {"team": "shop"}},
+                "resources": {"requests": {"memory": "400Mi"}},
+                "storage": {"volumeClaimTemplate": {"spec": {"resources": {"requests": {"storage": "10Gi"}}}}},
+                "alerting": {"alertmanagers": [{"namespace": ns, "name": "alertmanager-operated", "port": "web"}]}
+            }),
+        ),
+        monitoring("v1", "Alertmanager", "main", json!({"replicas": 1})),
+        monitoring(
+            "v1",
+            "ServiceMonitor",
+            "shop",
+            json!({
+                "selector": {"matchLabels": {"app": "shop"}},
+                "endpoints": [{"port": "metrics", "interval": "30s", "path": "/metrics"}]
+            }),
+        ),
+        monitoring(
+            "v1",
+            "PodMonitor",
+            "workers",
+            json!({
+                "selector": {"matchLabels": {"app": "worker"}},
+                "podMetricsEndpoints": [{"port": "metrics"}]
+            }),
+        ),
+        monitoring(
+            "v1",
+            "PrometheusRule",
+            "shop-alerts",
+            json!({"groups": [{"name": "shop", "rules": [{
+                "alert": "HighErrorRate",
+                "expr": "sum(rate(http_requests_total{code=~\"5..\"}[5m])) / sum(rate(http_requests_total[5m])) > 0.05",
+                "for": "10m", "labels": {"severity": "page"},
+                "annotations": {"summary": "More than 5% of requests fail"}
+            }]}]}),
+        ),
+        monitoring(
+            "v1",
+            "Probe",
+            "homepage",
+            json!({
+                "prober": {"url": "blackbox-exporter:9115"}, "module": "http_2xx",
+                "targets": {"staticConfig": {"static": ["https://shop.example.invalid"]}}
+            }),
+        ),
+        monitoring(
+            "v1",
+            "ThanosRuler",
+            "rules",
+            json!({"queryEndpoints": ["thanos-query:9090"]}),
+        ),
+        monitoring(
+            "v1alpha1",
+            "AlertmanagerConfig",
+            "routing",
+            json!({
+                "route": {"receiver": "team", "groupBy": ["job"]}, "receivers": [{"name": "team"}]
+            }),
+        ),
+        monitoring(
+            "v1alpha1",
+            "ScrapeConfig",
+            "static",
+            json!({
+                "staticConfigs": [{"targets": ["shop:8080"]}]
+            }),
+        ),
+        monitoring(
+            "v1alpha1",
+            "PrometheusAgent",
+            "agent",
+            json!({"serviceAccountName": "prometheus"}),
+        ),
+        argo(
+            "AppProject",
+            "shop",
+            json!({
+                "sourceRepos": ["*"], "destinations": [destination.clone()]
+            }),
+        ),
+        argo(
+            "Application",
+            "shop",
+            json!({
+                "project": "shop", "source": source.clone(), "destination": destination.clone(),
+                "syncPolicy": {"automated": {"prune": true, "selfHeal": true}}
+            }),
+        ),
+        argo(
+            "ApplicationSet",
+            "environments",
+            json!({
+                "generators": [{"list": {"elements": [{"env": "test"}, {"env": "staging"}]}}],
+                "template": {"metadata": {"name": "{{env}}-shop"},
+                             "spec": {"project": "shop", "source": source, "destination": destination}}
+            }),
+        ),
+    ]
+}
+
+/// The CRDs (by name) of `objects`' custom resources.
+fn crd_names(objects: &[Value]) -> Vec<String> {
+    let mut names: Vec<String> = objects
+        .iter()
+        .filter_map(|o| {
+            let (group, _) = o["apiVersion"].as_str()?.split_once('/')?;
+            let kind = o["kind"].as_str()?.to_lowercase();
+            let plural = if kind.ends_with('s') {
+                format!("{kind}es")
+            } else {
+                format!("{kind}s")
+            };
+            Some(format!("{plural}.{group}"))
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+async fn real_operators_resources_migrate_with_their_published_crds_into_a_cluster_without_them() {
+    let (source, target) = (env().primary(), env().secondary());
+    let (client, target_client) = (source.client().await, target.client().await);
+    let ns = TestNamespace::create(&client, "t-fpub").await;
+    let n = &ns.name;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(target_client.clone());
+    let objects = monitored_app(n);
+    let names = crd_names(&objects);
+    assert_eq!(names.len(), 13, "{names:?}");
+    // The target has none of the operators' CRDs (a run before may have
+    // left them): the restore must bring them.
+    for name in &names {
+        let _ = crds.delete(name, &DeleteParams::default()).await;
+    }
+    eventually(
+        "the target to have none of the CRDs",
+        Duration::from_secs(120),
+        || async {
+            for name in &names {
+                if crds.get_opt(name).await.ok()?.is_some() {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    apply_manifests(&client, &public_crds("prometheus-operator")).await;
+    apply_manifests(&client, &public_crds("argo-cd")).await;
+    apply_manifests(&client, &manifest(&objects)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init_repo(&source.kubeconfig, dir.path());
+    let result = backup_json(&source.kubeconfig, &repo, "monitoring", n);
+    let report = &result["report"];
+    assert_eq!(
+        report["counts"]["apiextensions.k8s.io/CustomResourceDefinition"], 13,
+        "the CRD of every resource, and no other: {report:#}"
+    );
+    for name in &names {
+        assert!(
+            report["dependencies"][format!("CustomResourceDefinition/{name}")]
+                .to_string()
+                .contains("is an instance of it"),
+            "{name}: {:#}",
+            report["dependencies"]
+        );
+    }
+
+    let _target_ns = TestNamespace::adopt(&target_client, n);
+    let out = ferry(&target.kubeconfig)
+        .args(["restore", "monitoring", "--repo", &repo, "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore into a cluster without the CRDs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in &names {
+        let source_crd = live(&client, &crd_ref(name)).await.unwrap();
+        let target_crd = live(&target_client, &crd_ref(name))
+            .await
+            .unwrap_or_else(|| panic!("CRD {name} was not restored"));
+        assert_eq!(
+            target_crd["spec"], source_crd["spec"],
+            "CRD {name} comes back as published (schemas, versions, subresources)"
+        );
+    }
+    for object in &objects {
+        let api_version = object["apiVersion"].as_str().unwrap();
+        let kind = object["kind"].as_str().unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let reference = object_ref(api_version, kind, Some(n), name);
+        let before = live(&client, &reference).await.unwrap();
+        let after = live(&target_client, &reference)
+            .await
+            .unwrap_or_else(|| panic!("{kind}/{name} was not restored"));
+        match kind {
+            "ServiceAccount" => continue,
+            // Addresses are the target cluster's own.
+            "Service" => {
+                assert_eq!(after["spec"]["ports"], before["spec"]["ports"]);
+                assert_eq!(after["spec"]["selector"], before["spec"]["selector"]);
+                continue;
+            }
+            _ => {}
+        }
+        assert_eq!(
+            after["spec"], before["spec"],
+            "{kind}/{name} comes back with every field"
+        );
+        assert_eq!(
+            after["metadata"]["labels"], before["metadata"]["labels"],
+            "{kind}/{name}"
+        );
+    }
+    delete_namespace(&target_client, n).await;
+}

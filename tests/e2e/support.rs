@@ -20,6 +20,10 @@ pub struct Env {
     /// Client tools built with the components, by name (`helm`).
     #[serde(default)]
     pub tools: BTreeMap<String, PathBuf>,
+    /// Directories of public operators' CRDs, by project
+    /// (`scripts/testenv build crds`).
+    #[serde(default)]
+    pub public_crds: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

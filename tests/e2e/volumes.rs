@@ -200,6 +200,28 @@ impl Repo {
     }
 }
 
+/// Restores `backup` into the cluster `node2`, whose movers use that node's
+/// Ferry image and S3 address. Returns a client of node2 and the guard that
+/// deletes `ns` there.
+async fn restore_into_node2(
+    repo: &Repo,
+    ns: &str,
+    backup: &str,
+) -> (kube::Client, crate::support::TestNamespace) {
+    let other = env().cluster("node2");
+    let other_node = other.node.as_ref().expect("node2 has a node");
+    let other_client = other.client().await;
+    let guard = crate::support::TestNamespace::adopt(&other_client, ns);
+    let other_repo = Repo {
+        url: repo.url.clone(),
+        node_endpoint: other_node.s3_endpoint.clone(),
+        image: other_node.images["ferry"].clone(),
+    };
+    let (ok, _, stderr) = other_repo.run(other, &["restore", backup]);
+    assert!(ok, "restore of {backup} into node2: {stderr}");
+    (other_client, guard)
+}
+
 fn volume<'a>(report: &'a Value, claim: &str) -> &'a Value {
     report["report"]["volumes"]
         .as_array()
@@ -354,6 +376,12 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
 
 /// Runs `script` in the Pod's container through the API server.
 async fn exec(client: &kube::Client, ns: &str, pod: &str, script: &str) {
+    exec_output(client, ns, pod, script).await;
+}
+
+/// Runs `script` in the Pod's container, asserts it succeeded and returns
+/// what it printed.
+async fn exec_output(client: &kube::Client, ns: &str, pod: &str, script: &str) -> String {
     use tokio::io::AsyncReadExt;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let mut process = pods
@@ -373,6 +401,7 @@ async fn exec(client: &kube::Client, ns: &str, pod: &str, script: &str) {
         .unwrap();
     let status = process.take_status().unwrap().await.unwrap();
     assert_eq!(status.status.as_deref(), Some("Success"), "{script}: {out}");
+    out
 }
 
 #[tokio::test]
@@ -1287,17 +1316,7 @@ async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in
     assert_devices_came_back(&after, &before);
 
     // Another cluster.
-    let other = env().cluster("node2");
-    let other_node = other.node.as_ref().expect("node2 has a node");
-    let other_client = other.client().await;
-    let _other_ns = crate::support::TestNamespace::adopt(&other_client, &ns.name);
-    let other_repo = Repo {
-        url: repo.url.clone(),
-        node_endpoint: other_node.s3_endpoint.clone(),
-        image: other_node.images["ferry"].clone(),
-    };
-    let (ok, _, stderr) = other_repo.run(other, &["restore", "first"]);
-    assert!(ok, "restore into node2: {stderr}");
+    let (other_client, _other_ns) = restore_into_node2(&repo, &ns.name, "first").await;
     let (_, moved) = app_output(&other_client, &ns.name, "disk").await;
     assert_devices_came_back(&moved, &before);
     clean_up(&client, &[&ns.name]).await;
@@ -1395,4 +1414,179 @@ async fn node_a_statefulsets_claims_are_snapshotted_together_without_labels() {
     assert!(cloned.contains("FOUND"), "{cloned}");
     assert_eq!(line(&cloned, "SUMS"), line(&before, "SUMS"));
     clean_up(&client, &[&ns.name, &clone]).await;
+}
+
+/// The database's start script: a data directory is made (initdb) only when
+/// the claim holds none, so a restored claim prints FOUND; then PostgreSQL
+/// runs on a Unix socket.
+const POSTGRES_SCRIPT: &str = "if [ -s \"$PGDATA/PG_VERSION\" ]; then echo FOUND; else echo FRESH; \
+initdb -U postgres --locale=C -E UTF8 >/dev/null; fi; echo FILES $(ls $PGDATA); \
+exec postgres -c listen_addresses= -c unix_socket_directories=/tmp -c jit=off";
+
+/// A PostgreSQL StatefulSet `pg` (Debian's PostgreSQL 15) with its data on
+/// the claim template `data`, a pre-backup CHECKPOINT hook and a readiness
+/// probe that asks the server itself.
+async fn postgres_app(client: &kube::Client, node: &NodeInfo, ns: &str) {
+    let image = &node.images["postgres"];
+    let statefulset = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "pg", "namespace": ns},
+        "spec": {
+            "serviceName": "pg", "replicas": 1,
+            "selector": {"matchLabels": {"app": "pg"}},
+            "template": {
+                "metadata": {"labels": {"app": "pg"}, "annotations": {
+                    "pre.hook.backup.ferry.dev/command":
+                        r#"["/bin/sh", "-c", "psql -h /tmp -U postgres -c CHECKPOINT"]"#
+                }},
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "initContainers": [{
+                        "name": "owner", "image": image, "imagePullPolicy": "Never",
+                        "command": ["chown", "999:999", "/var/lib/postgresql/data"],
+                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}]
+                    }],
+                    "containers": [{
+                        "name": "postgres", "image": image, "imagePullPolicy": "Never",
+                        "command": ["sh", "-c", POSTGRES_SCRIPT],
+                        "securityContext": {"runAsUser": 999, "runAsGroup": 999},
+                        "readinessProbe": {
+                            "exec": {"command": ["pg_isready", "-h", "/tmp", "-U", "postgres"]},
+                            "periodSeconds": 1
+                        },
+                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}]
+                    }]
+                }
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                         "resources": {"requests": {"storage": "256Mi"}}}
+            }]
+        }
+    });
+    apply_manifests(client, &serde_yaml_ng::to_string(&statefulset).unwrap()).await;
+}
+
+/// `psql` in the database's Pod, unaligned and tuples only.
+async fn psql(client: &kube::Client, ns: &str, pod: &str, sql: &str) -> String {
+    let script = format!("psql -h /tmp -U postgres -v ON_ERROR_STOP=1 -At -c \"{sql}\"");
+    exec_output(client, ns, pod, &script)
+        .await
+        .trim()
+        .to_string()
+}
+
+/// The rows of `orders` as the database sees them: their count and a
+/// checksum of every row in key order.
+const ORDERS_SUM: &str =
+    "select count(*) || ' ' || md5(string_agg(id || ':' || note, ',' order by id)) from orders";
+
+#[tokio::test]
+async fn node_a_postgresql_database_comes_back_with_every_committed_row_here_and_in_another_cluster()
+ {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-pg").await;
+    postgres_app(&client, node, &ns.name).await;
+    let (pod, started) = app_output(&client, &ns.name, "pg").await;
+    assert!(started.contains("FRESH"), "{started}");
+    psql(
+        &client,
+        &ns.name,
+        &pod,
+        "create table orders as select g as id, md5(g::text) as note from generate_series(1, 50000) g; \
+         create index orders_note on orders(note)",
+    )
+    .await;
+    let before = psql(&client, &ns.name, &pod, ORDERS_SUM).await;
+    assert!(before.starts_with("50000 "), "{before}");
+    let checkpoints = "select checkpoints_req from pg_stat_bgwriter";
+    let checkpoints_before: u64 = psql(&client, &ns.name, &pod, checkpoints)
+        .await
+        .parse()
+        .unwrap();
+
+    // A backup of the running database: the hook checkpoints it, the CSI
+    // snapshot takes its volume at one instant, and the data is moved.
+    let repo = Repo::new(node, "vol-pg").await;
+    let (ok, backup, stderr) = repo.run(cluster, &["backup", "create", "orders", "-n", &ns.name]);
+    assert!(ok, "backup of the database: {stderr}");
+    let data = volume(&backup, "data-pg-0");
+    assert_eq!(data["method"], "snapshot-move", "{data}");
+    assert!(
+        data["stats"]["files"].as_u64() > Some(900),
+        "the whole data directory: {data}"
+    );
+    let checkpoints_after: u64 = psql(&client, &ns.name, &pod, checkpoints)
+        .await
+        .parse()
+        .unwrap();
+    assert!(
+        checkpoints_after > checkpoints_before,
+        "the pre-backup hook checkpointed the database ({checkpoints_before} -> {checkpoints_after})"
+    );
+    // Rows written after the backup are not part of it.
+    psql(
+        &client,
+        &ns.name,
+        &pod,
+        "insert into orders select g, 'late' from generate_series(50001, 50100) g",
+    )
+    .await;
+
+    // The namespace is lost. The restored claim holds the data directory
+    // (owner and mode as PostgreSQL demands) before the server starts; it
+    // recovers and serves exactly the backed-up rows, through its index too.
+    delete_namespace(&client, &ns.name).await;
+    let (ok, restored, stderr) = repo.run(cluster, &["restore", "orders"]);
+    assert!(ok, "restore of the database: {stderr}\n{restored}");
+    let (pod, after) = app_output(&client, &ns.name, "pg").await;
+    assert!(after.contains("FOUND"), "{after}");
+    assert_eq!(psql(&client, &ns.name, &pod, ORDERS_SUM).await, before);
+    let indexed = psql(
+        &client,
+        &ns.name,
+        &pod,
+        "set enable_seqscan = off; select id from orders where note = md5('4242')",
+    )
+    .await;
+    assert_eq!(indexed.lines().last(), Some("4242"), "{indexed}");
+    psql(
+        &client,
+        &ns.name,
+        &pod,
+        "insert into orders values (60000, 'after the restore')",
+    )
+    .await;
+
+    // Prod cloned into a test namespace beside it: the clone holds the
+    // backed-up rows, and what the restored database wrote since is its own.
+    let clone = format!("{}-clone", ns.name);
+    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
+    let mapping = format!("{}={clone}", ns.name);
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &["restore", "orders", "--namespace-mapping", &mapping],
+    );
+    assert!(ok, "restore into {clone}: {stderr}");
+    let (clone_pod, cloned) = app_output(&client, &clone, "pg").await;
+    assert!(cloned.contains("FOUND"), "{cloned}");
+    assert_eq!(psql(&client, &clone, &clone_pod, ORDERS_SUM).await, before);
+    assert_eq!(
+        psql(&client, &ns.name, &pod, "select count(*) from orders").await,
+        "50001",
+        "the database it was cloned from is untouched"
+    );
+
+    // The same backup migrated into another cluster.
+    let (other_client, _other_ns) = restore_into_node2(&repo, &ns.name, "orders").await;
+    let (other_pod, moved) = app_output(&other_client, &ns.name, "pg").await;
+    assert!(moved.contains("FOUND"), "{moved}");
+    assert_eq!(
+        psql(&other_client, &ns.name, &other_pod, ORDERS_SUM).await,
+        before
+    );
+    clean_up(&client, &[&ns.name, &clone]).await;
+    clean_up(&other_client, &[&ns.name]).await;
 }
