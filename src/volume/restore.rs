@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -311,9 +311,20 @@ struct Sink {
     sizes: Vec<u64>,
 }
 
-/// A chunk to write: the content it belongs to, its offset there, and
-/// whether it is the first of a deferred file (which it creates).
-type WritePiece = (usize, u64, BlobId, bool);
+/// A chunk to write.
+#[derive(Debug, Clone, Copy)]
+struct WritePiece {
+    /// The content it belongs to (index into the sink).
+    index: usize,
+    /// Its offset there.
+    offset: u64,
+    id: BlobId,
+    /// The first chunk of a deferred file: it creates the file.
+    create: bool,
+    /// The content's last chunk: if the content does not end with written
+    /// bytes (zeros left as holes), its writer sets the length.
+    last: bool,
+}
 
 /// Writes the contents `files` (index into `sink`, pieces) a batch of
 /// chunks at a time: each batch read with few requests while the one
@@ -332,6 +343,8 @@ async fn write_contents<'a>(
     for (index, pieces) in files {
         let mut offset = 0;
         let mut create = sink.deferred.contains(&index);
+        // Where the file's last chunk is queued (batch, position).
+        let mut last_chunk: Option<(usize, usize)> = None;
         for piece in pieces {
             match piece {
                 Piece::Zeros(n) => {
@@ -342,7 +355,14 @@ async fn write_contents<'a>(
                 }
                 Piece::Chunk(id) => {
                     let length = repo.raw_length(id).unwrap_or(0) as u64;
-                    current.push((index, offset, *id, create));
+                    current.push(WritePiece {
+                        index,
+                        offset,
+                        id: *id,
+                        create,
+                        last: false,
+                    });
+                    last_chunk = Some((batches.len(), current.len() - 1));
                     create = false;
                     current_bytes += length;
                     offset += length;
@@ -352,6 +372,13 @@ async fn write_contents<'a>(
                     }
                 }
             }
+        }
+        match last_chunk {
+            Some((batch, position)) if batch < batches.len() => {
+                batches[batch][position].last = true
+            }
+            Some((_, position)) => current[position].last = true,
+            None => {}
         }
     }
     if !current.is_empty() {
@@ -388,8 +415,7 @@ async fn write_contents<'a>(
                 .map(|batch| {
                     let repo = repo.clone();
                     async move {
-                        let mut unique: Vec<BlobId> =
-                            batch.iter().map(|(_, _, id, _)| *id).collect();
+                        let mut unique: Vec<BlobId> = batch.iter().map(|piece| piece.id).collect();
                         unique.sort();
                         unique.dedup();
                         let data = repo.read_blobs(&unique).await;
@@ -415,12 +441,12 @@ async fn write_contents<'a>(
                     chunks.insert(id, bytes);
                 }
                 Err(e) => {
-                    let (index, _, _, _) = batch
+                    let piece = batch
                         .iter()
-                        .find(|(_, _, b, _)| *b == id)
+                        .find(|piece| piece.id == id)
                         .expect("the batch names the chunk");
                     return Err(VolumeError::Damaged {
-                        path: sink.shown[*index].clone(),
+                        path: sink.shown[piece.index].clone(),
                         message: e.to_string(),
                     });
                 }
@@ -465,17 +491,20 @@ fn write_batch(
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
     let writers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut files: Vec<usize> = batch.iter().map(|(index, ..)| *index).collect();
+    let mut files: Vec<usize> = batch.iter().map(|piece| piece.index).collect();
     files.dedup();
     if writers < 2 || batch.len() < 2 || files.len() > writers {
         return write_part(sink, batch, chunks, progress);
     }
-    for (index, ..) in batch.iter().filter(|piece| piece.3) {
-        create_file(&sink.paths[*index], sink.sizes[*index])?;
+    for piece in batch.iter().filter(|piece| piece.create) {
+        create_file(&sink.paths[piece.index])?;
     }
     let batch: Vec<WritePiece> = batch
         .iter()
-        .map(|&(index, offset, id, _)| (index, offset, id, false))
+        .map(|&piece| WritePiece {
+            create: false,
+            ..piece
+        })
         .collect();
     std::thread::scope(|scope| {
         let parts: Vec<_> = batch
@@ -506,17 +535,34 @@ impl OpenContent {
     }
 }
 
-/// Creates (or replaces) a file at its full length: holes until written.
-fn create_file(path: &Path, size: u64) -> Result<std::fs::File, VolumeError> {
+/// Creates (or replaces) a file, empty: its writes give it its length (the
+/// writer of its last chunk sets it where the file ends in a hole), so a
+/// file written whole costs no truncate.
+fn create_file(path: &Path) -> Result<std::fs::File, VolumeError> {
     remove_if_not_file(path)?;
-    let file = OpenOptions::new()
+    OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
-        .map_err(|e| VolumeError::io(path, e))?;
-    file.set_len(size).map_err(|e| VolumeError::io(path, e))?;
-    Ok(file)
+        .map_err(|e| VolumeError::io(path, e))
+}
+
+/// The runs of `data` to write, as (start, end): its [`HOLE_BLOCK`]s that
+/// are not all zeros, adjacent ones merged.
+fn data_runs(data: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in data.chunks(HOLE_BLOCK).enumerate() {
+        if block[0] == 0 && block.iter().all(|b| *b == 0) {
+            continue;
+        }
+        let (start, end) = (i * HOLE_BLOCK, i * HOLE_BLOCK + block.len());
+        match runs.last_mut() {
+            Some(run) if run.1 == start => run.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
 }
 
 fn write_part(
@@ -526,25 +572,31 @@ fn write_part(
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
     let mut open = OpenContent::default();
-    for (index, offset, id, create) in batch {
-        let path = &sink.paths[*index];
-        if *create {
-            open.0 = Some((*index, create_file(path, sink.sizes[*index])?));
+    for piece in batch {
+        let path = &sink.paths[piece.index];
+        if piece.create {
+            open.0 = Some((piece.index, create_file(path)?));
         }
-        let file = open.get(*index, path)?;
-        let data = &chunks[id];
+        let file = open.get(piece.index, path)?;
+        let data = &chunks[&piece.id];
         if sink.holes {
             // Blocks of zeros inside a chunk stay holes, as they were in a
-            // sparse file (the file was created at its full length).
-            for (i, block) in data.chunks(HOLE_BLOCK).enumerate() {
-                if block[0] == 0 && block.iter().all(|b| *b == 0) {
-                    continue;
-                }
-                file.write_all_at(block, offset + (i * HOLE_BLOCK) as u64)
+            // sparse file; each run of other blocks is one write.
+            let mut written_end = piece.offset;
+            for (start, end) in data_runs(data) {
+                let at = piece.offset + start as u64;
+                file.write_all_at(&data[start..end], at)
                     .map_err(|e| VolumeError::io(path, e))?;
+                written_end = at + (end - start) as u64;
+            }
+            // A file that ends in a hole gets its length from its last
+            // chunk's writer; every other file gets it from its last write.
+            let size = sink.sizes[piece.index];
+            if piece.last && written_end < size {
+                file.set_len(size).map_err(|e| VolumeError::io(path, e))?;
             }
         } else {
-            file.write_all_at(data, *offset)
+            file.write_all_at(data, piece.offset)
                 .map_err(|e| VolumeError::io(path, e))?;
         }
         progress
@@ -685,9 +737,24 @@ pub async fn restore_image(
 /// Owner, mode, extended attributes and times, in that order (changing the
 /// owner clears setuid bits; the times go last because the others change
 /// the change time only).
+///
+/// An owner or mode the entry already has is not set again: each change is
+/// a metadata write (a journal entry on most file systems), and a restore
+/// by the files' owner of files with default modes would otherwise make two
+/// per file for nothing.
 fn apply_metadata(path: &Path, node: &Node, owners: bool, warnings: &mut Vec<String>) {
     let Ok(c) = c_path(path) else { return };
-    if owners {
+    let current = std::fs::symlink_metadata(path).ok();
+    let chown = owners
+        && current
+            .as_ref()
+            .is_none_or(|m| m.uid() != node.uid || m.gid() != node.gid);
+    // A new owner clears setuid and setgid: those are set again after it.
+    let chmod = current
+        .as_ref()
+        .is_none_or(|m| m.mode() & 0o7777 != node.mode)
+        || (chown && node.mode & 0o7000 != 0);
+    if chown {
         // SAFETY: a valid NUL-terminated path.
         if unsafe { libc::lchown(c.as_ptr(), node.uid, node.gid) } != 0 {
             warnings.push(format!(
@@ -701,7 +768,10 @@ fn apply_metadata(path: &Path, node: &Node, owners: bool, warnings: &mut Vec<Str
     }
     if node.kind != NodeKind::Symlink {
         use std::os::unix::fs::PermissionsExt;
-        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode)) {
+        if chmod
+            && let Err(e) =
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode))
+        {
             warnings.push(format!("{}: mode not set: {e}", path.display()));
         }
         for (name, value) in &node.xattrs {
@@ -742,5 +812,23 @@ fn apply_metadata(path: &Path, node: &Node, owners: bool, warnings: &mut Vec<Str
             path.display(),
             std::io::Error::last_os_error()
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_runs_merge_adjacent_blocks_and_skip_zero_blocks() {
+        let mut data = vec![1u8; 2 * HOLE_BLOCK];
+        data.extend(vec![0u8; HOLE_BLOCK]);
+        data.extend(vec![2u8; 100]);
+        assert_eq!(
+            data_runs(&data),
+            vec![(0, 2 * HOLE_BLOCK), (3 * HOLE_BLOCK, 3 * HOLE_BLOCK + 100)]
+        );
+        assert!(data_runs(&vec![0u8; 3 * HOLE_BLOCK + 5]).is_empty());
+        assert!(data_runs(&[]).is_empty());
     }
 }

@@ -401,3 +401,83 @@ fn raw_zstd_frames_decode_with_any_zstd_decoder() {
     let random = pseudo_random(1 << 20, 9);
     assert!(crate::repo::compress_chunk(&random).len() <= random.len() + 64);
 }
+
+#[tokio::test]
+async fn files_ending_in_zeros_come_back_at_their_length_with_their_zeros_as_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    // One chunk each: data then zero blocks; zero blocks between data; only
+    // zeros; data ending in a partial block.
+    let mut tail = pseudo_random(5000, 3);
+    tail.resize(5000 + 3 * 4096, 0);
+    std::fs::write(source.join("tail-zeros"), &tail).unwrap();
+    let mut middle = pseudo_random(3 * 4096 + 100, 4);
+    middle[4096..8192].fill(0);
+    std::fs::write(source.join("middle-zeros"), &middle).unwrap();
+    std::fs::write(source.join("all-zeros"), vec![0u8; 20_000]).unwrap();
+    std::fs::write(source.join("data"), pseudo_random(4096 + 7, 5)).unwrap();
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    let target = dir.path().join("restored");
+    restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    for name in ["tail-zeros", "middle-zeros", "all-zeros", "data"] {
+        assert_eq!(
+            std::fs::read(target.join(name)).unwrap(),
+            std::fs::read(source.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(listing(&target), listing(&source));
+    let blocks = |name: &str| std::fs::metadata(target.join(name)).unwrap().blocks() * 512;
+    assert!(blocks("tail-zeros") <= 8192, "{}", blocks("tail-zeros"));
+    assert_eq!(blocks("all-zeros"), 0);
+}
+
+#[tokio::test]
+async fn owners_and_modes_come_back_whether_or_not_they_differ_from_a_new_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let root = unsafe { libc::geteuid() } == 0;
+    for (name, mode, owner) in [
+        ("plain", 0o644, None),
+        ("private", 0o600, None),
+        ("setuid", 0o4755, None),
+        ("owned", 0o644, Some(1234)),
+        ("owned-setgid", 0o2750, Some(1234)),
+    ] {
+        let path = source.join(name);
+        std::fs::write(&path, name).unwrap();
+        if let Some(id) = owner.filter(|_| root) {
+            std::os::unix::fs::lchown(&path, Some(id), Some(id)).unwrap();
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    let target = dir.path().join("restored");
+    // Into an empty directory, then over files whose owners and modes all
+    // differ from the backup's.
+    for _ in 0..2 {
+        let options = VolumeRestoreOptions {
+            owners: root,
+            ..Default::default()
+        };
+        restore_dir(&repo, &done.root, &target, options)
+            .await
+            .unwrap();
+        assert_eq!(listing(&target), listing(&source));
+        for name in ["plain", "private", "setuid", "owned", "owned-setgid"] {
+            let path = target.join(name);
+            if root {
+                std::os::unix::fs::lchown(&path, Some(4321), Some(4321)).unwrap();
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o6777)).unwrap();
+        }
+    }
+}
