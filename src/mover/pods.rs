@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use serde_json::{Value, json};
 
 use super::{LABEL_MOVER, LABEL_MOVER_SLOT, MoverSettings, PROGRESS_ENV, read_progress, suffix};
@@ -21,7 +21,8 @@ const KEY_DIR: &str = "/var/run/ferry-key";
 pub(super) const DATA: &str = "/data";
 /// Where a block-mode claim's device appears in the mover.
 pub(super) const DEVICE: &str = "/dev/ferry-volume";
-/// The slot the next mover Pod of this process takes, modulo the slots.
+/// Where this process starts looking for a slot, moved on for each mover:
+/// among equally used slots, the next in turn.
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
 pub(super) struct MoverJob<'a> {
@@ -64,7 +65,7 @@ pub(super) async fn run(
     result
 }
 
-fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
+fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str, slot: usize) -> Value {
     let mut args = job.args.clone();
     args.extend(["--result-file".into(), "/dev/termination-log".into()]);
     let mut env: Vec<Value> = settings
@@ -124,7 +125,7 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
         // Pending until its slot is free on a node that can mount the
         // claim. A live claim's node is required by affinity, not
         // nodeName, so that the scheduler sees it too.
-        let slot = (NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % settings.per_node).to_string();
+        let slot = slot.to_string();
         labels[LABEL_MOVER_SLOT] = json!(slot);
         spec["affinity"] = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
             "labelSelector": {"matchLabels": {LABEL_MOVER_SLOT: slot}},
@@ -148,6 +149,55 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str) -> Value {
     })
 }
 
+/// How many live mover Pods hold each slot: on `node` when the mover must
+/// run there, else anywhere. Every backup and restore, of this process or
+/// another, counts, so that a second command's mover takes a free slot
+/// instead of queueing behind the first one's. Without permission to list
+/// Pods in every namespace, only those of the mover's own namespace count.
+async fn slots_in_use(pods: &Api<Pod>, per_node: usize, node: Option<&str>) -> Vec<usize> {
+    let params = ListParams::default().labels(LABEL_MOVER_SLOT);
+    let everywhere: Api<Pod> = Api::all(pods.clone().into_client());
+    let listed = match everywhere.list(&params).await {
+        Ok(list) => list.items,
+        Err(_) => pods
+            .list(&params)
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default(),
+    };
+    let mut used = vec![0; per_node];
+    for pod in listed {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        let live = pod.metadata.deletion_timestamp.is_none()
+            && !matches!(phase, Some("Succeeded" | "Failed"));
+        let here = match (node, on) {
+            (Some(node), Some(on)) => node == on,
+            _ => true,
+        };
+        let slot = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_MOVER_SLOT))
+            .and_then(|s| s.parse::<usize>().ok());
+        if let Some(slot) = slot.filter(|s| *s < per_node && live && here) {
+            used[slot] += 1;
+        }
+    }
+    used
+}
+
+/// The slot with the fewest movers; among equals, the first from `turn`
+/// on (round robin).
+fn least_used_slot(used: &[usize], turn: usize) -> usize {
+    let slots = used.len().max(1);
+    (0..slots)
+        .map(|i| (turn + i) % slots)
+        .min_by_key(|slot| used.get(*slot).copied().unwrap_or(0))
+        .unwrap_or(0)
+}
+
 async fn run_named(
     settings: &MoverSettings,
     job: &MoverJob<'_>,
@@ -155,7 +205,14 @@ async fn run_named(
     pods: &Api<Pod>,
     secrets: &Api<Secret>,
 ) -> Result<Value, String> {
-    let pod: Pod = serde_json::from_value(pod_spec(settings, job, name))
+    let slot = if settings.per_node > 0 {
+        let turn = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+        let used = slots_in_use(pods, settings.per_node, job.node.as_deref()).await;
+        least_used_slot(&used, turn)
+    } else {
+        0
+    };
+    let pod: Pod = serde_json::from_value(pod_spec(settings, job, name, slot))
         .map_err(|e| format!("mover Pod spec: {e}"))?;
     let started = Instant::now();
     // A namespace restored a moment ago may not have its default
@@ -307,9 +364,9 @@ mod tests {
 
     #[test]
     fn movers_take_per_node_slots_the_scheduler_enforces() {
-        let slots: std::collections::BTreeSet<String> = (0..6)
-            .map(|_| {
-                let spec = pod_spec(&settings(2), &job(Some("node-1")), "m");
+        let slots: std::collections::BTreeSet<String> = (0..2)
+            .map(|slot| {
+                let spec = pod_spec(&settings(2), &job(Some("node-1")), "m", slot);
                 let slot = spec["metadata"]["labels"][LABEL_MOVER_SLOT]
                     .as_str()
                     .unwrap()
@@ -332,11 +389,29 @@ mod tests {
         assert_eq!(slots, ["0", "1"].into_iter().map(String::from).collect());
 
         // Without a bound: no slots, and a live claim's node by name.
-        let spec = pod_spec(&settings(0), &job(Some("node-1")), "m");
+        let spec = pod_spec(&settings(0), &job(Some("node-1")), "m", 0);
         assert!(spec["spec"]["affinity"].is_null());
         assert_eq!(spec["spec"]["nodeName"], "node-1");
         assert!(spec["metadata"]["labels"][LABEL_MOVER_SLOT].is_null());
-        let spec = pod_spec(&settings(2), &job(None), "m");
+        let spec = pod_spec(&settings(2), &job(None), "m", 1);
         assert!(spec["spec"]["affinity"]["nodeAffinity"].is_null());
+    }
+
+    #[test]
+    fn a_mover_takes_the_least_used_slot_and_equals_in_turn() {
+        assert_eq!(
+            least_used_slot(&[1, 0], 0),
+            1,
+            "another command's mover holds 0"
+        );
+        assert_eq!(least_used_slot(&[0, 1], 7), 0);
+        assert_eq!(
+            least_used_slot(&[0, 0, 0], 4),
+            1,
+            "equals: the next in turn"
+        );
+        assert_eq!(least_used_slot(&[2, 1, 1], 0), 1);
+        assert_eq!(least_used_slot(&[2, 1, 1], 2), 2);
+        assert_eq!(least_used_slot(&[], 3), 0);
     }
 }

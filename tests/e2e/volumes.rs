@@ -512,6 +512,116 @@ async fn node_damaged_volume_data_is_named_by_file_and_the_workload_is_not_resto
     clean_up(&client, &[&ns.name]).await;
 }
 
+/// `ferry backup create NAME -n NS` in the background, its movers stopping
+/// for good after their first pack is stored (failpoint
+/// `volume-after-first-pack`).
+fn backup_paused_after_first_pack(
+    cluster: &ClusterInfo,
+    repo: &Repo,
+    ns: &str,
+    name: &str,
+) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+    let s3 = &env().s3;
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/tmp")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("FERRY_PASSWORD", "correct horse battery staple")
+        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+        .env("AWS_REGION", &s3.region)
+        .env("FERRY_S3_ENDPOINT", &s3.endpoint)
+        .env("FERRY_FAILPOINTS", "volume-after-first-pack")
+        .args(["backup", "create", name, "-n", ns, "--repo", &repo.url])
+        .args([
+            "--mover-image",
+            &repo.image,
+            "--mover-s3-endpoint",
+            &repo.node_endpoint,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+/// The mover Pod of backup `name` once it has stopped at its failure point.
+async fn mover_at_failpoint(pods: &Api<Pod>, name: &str) -> String {
+    eventually(
+        "the mover to stop at its failure point",
+        POD_TIMEOUT,
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels(&format!("ferry.dev/mover={name}")))
+                .await
+                .ok()?;
+            for p in list.items {
+                let name = p.metadata.name?;
+                let logs = pods
+                    .logs(&name, &LogParams::default())
+                    .await
+                    .unwrap_or_default();
+                if logs.contains("failpoint volume-after-first-pack reached") {
+                    return Some(name);
+                }
+            }
+            None
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn node_a_second_commands_mover_takes_a_free_slot_instead_of_queueing_behind_the_first() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let first = namespace_for_pods(&client, "vol-slot-a").await;
+    let second = namespace_for_pods(&client, "vol-slot-b").await;
+    for ns in [&first.name, &second.name] {
+        files_deployment(&client, node, ns, json!({}), json!({})).await;
+    }
+    let (pod, _) = app_output(&client, &first.name, "files").await;
+    // More than one pack (8 MiB), so that the first mover reaches its stop.
+    exec(
+        &client,
+        &first.name,
+        &pod,
+        "head -c 12000000 /dev/urandom > /data/big",
+    )
+    .await;
+    app_output(&client, &second.name, "files").await;
+    let repo = Repo::new(node, "vol-slot").await;
+
+    // The first command's mover holds a slot of the node (2 by default) and
+    // does not finish.
+    let mut stopped = backup_paused_after_first_pack(cluster, &repo, &first.name, "held");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &first.name);
+    let held = mover_at_failpoint(&pods, "held").await;
+    let held_slot =
+        pods.get(&held).await.unwrap().metadata.labels.unwrap()["ferry.dev/mover-slot"].clone();
+
+    // Another command, its own process: its mover takes the free slot and
+    // the backup completes while the first mover still runs (in the slot
+    // the first one holds, it would wait Pending until that one ended).
+    let (ok, report, stderr) =
+        repo.run(cluster, &["backup", "create", "beside", "-n", &second.name]);
+    assert!(ok, "a second backup beside a running mover: {stderr}");
+    assert_eq!(
+        volume(&report, "files")["method"],
+        "snapshot-move",
+        "{report}"
+    );
+    let still = pods.get(&held).await.unwrap();
+    assert_eq!(
+        still.status.and_then(|s| s.phase).as_deref(),
+        Some("Running"),
+        "the first mover (slot {held_slot}) was still running"
+    );
+    stopped.kill().unwrap();
+    let _ = stopped.wait();
+    clean_up(&client, &[&first.name, &second.name]).await;
+}
+
 #[tokio::test]
 async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository_valid() {
     let (cluster, node) = env().with_node();
@@ -528,54 +638,9 @@ async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository
     )
     .await;
     let repo = Repo::new(node, "vol-kill").await;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
-    let s3 = &env().s3;
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", "/tmp")
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .env("FERRY_PASSWORD", "correct horse battery staple")
-        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
-        .env("AWS_REGION", &s3.region)
-        .env("FERRY_S3_ENDPOINT", &s3.endpoint)
-        // The mover stops after its first pack is stored.
-        .env("FERRY_FAILPOINTS", "volume-after-first-pack")
-        .args([
-            "backup", "create", "killed", "-n", &ns.name, "--repo", &repo.url,
-        ])
-        .args([
-            "--mover-image",
-            &repo.image,
-            "--mover-s3-endpoint",
-            &repo.node_endpoint,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
+    let child = backup_paused_after_first_pack(cluster, &repo, &ns.name, "killed");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let mover = eventually(
-        "the mover to stop at its failure point",
-        POD_TIMEOUT,
-        || async {
-            let list = pods
-                .list(&ListParams::default().labels("ferry.dev/mover=killed"))
-                .await
-                .ok()?;
-            for p in list.items {
-                let name = p.metadata.name?;
-                let logs = pods
-                    .logs(&name, &LogParams::default())
-                    .await
-                    .unwrap_or_default();
-                if logs.contains("failpoint volume-after-first-pack reached") {
-                    return Some(name);
-                }
-            }
-            None
-        },
-    )
-    .await;
+    let mover = mover_at_failpoint(&pods, "killed").await;
     // The mover reports its progress in its log every second, for the
     // CLI's progress bar: past the first pack, some bytes are done.
     eventually("the mover to report progress", POD_TIMEOUT, || async {
