@@ -343,8 +343,7 @@ async fn write_contents<'a>(
     for (index, pieces) in files {
         let mut offset = 0;
         let mut create = sink.deferred.contains(&index);
-        // Where the file's last chunk is queued (batch, position).
-        let mut last_chunk: Option<(usize, usize)> = None;
+        let mut queued = false;
         for piece in pieces {
             match piece {
                 Piece::Zeros(n) => {
@@ -362,7 +361,7 @@ async fn write_contents<'a>(
                         create,
                         last: false,
                     });
-                    last_chunk = Some((batches.len(), current.len() - 1));
+                    queued = true;
                     create = false;
                     current_bytes += length;
                     offset += length;
@@ -373,12 +372,14 @@ async fn write_contents<'a>(
                 }
             }
         }
-        match last_chunk {
-            Some((batch, position)) if batch < batches.len() => {
-                batches[batch][position].last = true
-            }
-            Some((_, position)) => current[position].last = true,
-            None => {}
+        // The file's chunks were queued last: its last one ends the
+        // current batch, or the batch just closed.
+        if queued
+            && let Some(piece) = current
+                .last_mut()
+                .or_else(|| batches.last_mut().and_then(|b| b.last_mut()))
+        {
+            piece.last = true;
         }
     }
     if !current.is_empty() {

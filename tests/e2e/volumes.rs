@@ -200,13 +200,13 @@ impl Repo {
     }
 }
 
-/// Restores `backup` into the cluster `node2`, whose movers use that node's
-/// Ferry image and S3 address. Returns a client of node2 and the guard that
-/// deletes `ns` there.
+/// `ferry restore ARGS` into the cluster `node2`, whose movers use that
+/// node's Ferry image and S3 address. Returns a client of node2 and the
+/// guard that deletes `ns` there.
 async fn restore_into_node2(
     repo: &Repo,
     ns: &str,
-    backup: &str,
+    args: &[&str],
 ) -> (kube::Client, crate::support::TestNamespace) {
     let other = env().cluster("node2");
     let other_node = other.node.as_ref().expect("node2 has a node");
@@ -217,9 +217,31 @@ async fn restore_into_node2(
         node_endpoint: other_node.s3_endpoint.clone(),
         image: other_node.images["ferry"].clone(),
     };
-    let (ok, _, stderr) = other_repo.run(other, &["restore", backup]);
-    assert!(ok, "restore of {backup} into node2: {stderr}");
+    let restore: Vec<&str> = std::iter::once("restore")
+        .chain(args.iter().copied())
+        .collect();
+    let (ok, _, stderr) = other_repo.run(other, &restore);
+    assert!(ok, "restore {args:?} into node2: {stderr}");
     (other_client, guard)
+}
+
+/// Restores `backup` of namespace `ns` into `NS-clone` of the same
+/// cluster. Returns the clone's name and the guard that deletes it.
+async fn restore_clone(
+    repo: &Repo,
+    cluster: &ClusterInfo,
+    ns: &str,
+    backup: &str,
+) -> (String, crate::support::TestNamespace) {
+    let clone = format!("{ns}-clone");
+    let guard = crate::support::TestNamespace::adopt(&cluster.client().await, &clone);
+    let mapping = format!("{ns}={clone}");
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &["restore", backup, "--namespace-mapping", &mapping],
+    );
+    assert!(ok, "restore of {backup} into {clone}: {stderr}");
+    (clone, guard)
 }
 
 fn volume<'a>(report: &'a Value, claim: &str) -> &'a Value {
@@ -315,14 +337,7 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
     assert!(line(&db_after, "FILES").contains("link"), "{db_after}");
 
     // A clone into another namespace of the same cluster.
-    let clone = format!("{}-clone", ns.name);
-    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
-    let mapping = format!("{}={clone}", ns.name);
-    let (ok, _, stderr) = repo.run(
-        cluster,
-        &["restore", "first", "--namespace-mapping", &mapping],
-    );
-    assert!(ok, "restore into {clone}: {stderr}");
+    let (clone, _clone_ns) = restore_clone(&repo, cluster, &ns.name, "first").await;
     let (_, cloned) = app_output(&client, &clone, "files").await;
     assert!(cloned.contains("FOUND"), "{cloned}");
     assert_eq!(line(&cloned, "SUMS"), line(&files_before, "SUMS"));
@@ -340,7 +355,6 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
         ),
     )
     .await;
-    let _other_ns = crate::support::TestNamespace::adopt(&other_client, &ns.name);
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("plan.yaml");
     std::fs::write(
@@ -351,16 +365,12 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
         ),
     )
     .unwrap();
-    let other_repo = Repo {
-        url: repo.url.clone(),
-        node_endpoint: other_node.s3_endpoint.clone(),
-        image: other_node.images["ferry"].clone(),
-    };
-    let (ok, _, stderr) = other_repo.run(
-        other,
-        &["restore", "first", "--transform", plan.to_str().unwrap()],
-    );
-    assert!(ok, "restore into node2: {stderr}");
+    let (_, _other_ns) = restore_into_node2(
+        &repo,
+        &ns.name,
+        &["first", "--transform", plan.to_str().unwrap()],
+    )
+    .await;
     let (_, moved_db) = app_output(&other_client, &ns.name, "db").await;
     assert!(moved_db.contains("FOUND"), "{moved_db}");
     assert_eq!(line(&moved_db, "SUMS"), line(&db_before, "SUMS"));
@@ -886,14 +896,7 @@ async fn node_claims_of_a_volume_group_are_snapshotted_together_moved_kept_and_r
         assert!(after.contains("FOUND"), "{app}: {after}");
         assert_eq!(line(&after, "SUMS"), line(before, "SUMS"), "{app}");
     }
-    let clone = format!("{}-clone", ns.name);
-    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
-    let mapping = format!("{}={clone}", ns.name);
-    let (ok, _, stderr) = repo.run(
-        cluster,
-        &["restore", "moved", "--namespace-mapping", &mapping],
-    );
-    assert!(ok, "restore into {clone}: {stderr}");
+    let (clone, _clone_ns) = restore_clone(&repo, cluster, &ns.name, "moved").await;
     for (app, before) in [("files", &files_before), ("logs", &logs_before)] {
         let (_, after) = app_output(&client, &clone, app).await;
         assert!(after.contains("FOUND"), "{app}: {after}");
@@ -1381,7 +1384,7 @@ async fn node_block_mode_claims_are_moved_and_restored_byte_for_byte_here_and_in
     assert_devices_came_back(&after, &before);
 
     // Another cluster.
-    let (other_client, _other_ns) = restore_into_node2(&repo, &ns.name, "first").await;
+    let (other_client, _other_ns) = restore_into_node2(&repo, &ns.name, &["first"]).await;
     let (_, moved) = app_output(&other_client, &ns.name, "disk").await;
     assert_devices_came_back(&moved, &before);
     clean_up(&client, &[&ns.name]).await;
@@ -1467,14 +1470,7 @@ async fn node_a_statefulsets_claims_are_snapshotted_together_without_labels() {
     assert!(volume(&report, "data-db-0")["group"].is_null(), "{report}");
 
     // The grouped backup restores into another namespace with its data.
-    let clone = format!("{}-clone", ns.name);
-    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
-    let mapping = format!("{}={clone}", ns.name);
-    let (ok, _, stderr) = repo.run(
-        cluster,
-        &["restore", "one", "--namespace-mapping", &mapping],
-    );
-    assert!(ok, "{stderr}");
+    let (clone, _clone_ns) = restore_clone(&repo, cluster, &ns.name, "one").await;
     let (_, cloned) = app_output(&client, &clone, "db").await;
     assert!(cloned.contains("FOUND"), "{cloned}");
     assert_eq!(line(&cloned, "SUMS"), line(&before, "SUMS"));
@@ -1627,14 +1623,7 @@ async fn node_a_postgresql_database_comes_back_with_every_committed_row_here_and
 
     // Prod cloned into a test namespace beside it: the clone holds the
     // backed-up rows, and what the restored database wrote since is its own.
-    let clone = format!("{}-clone", ns.name);
-    let _clone_ns = crate::support::TestNamespace::adopt(&client, &clone);
-    let mapping = format!("{}={clone}", ns.name);
-    let (ok, _, stderr) = repo.run(
-        cluster,
-        &["restore", "orders", "--namespace-mapping", &mapping],
-    );
-    assert!(ok, "restore into {clone}: {stderr}");
+    let (clone, _clone_ns) = restore_clone(&repo, cluster, &ns.name, "orders").await;
     let (clone_pod, cloned) = app_output(&client, &clone, "pg").await;
     assert!(cloned.contains("FOUND"), "{cloned}");
     assert_eq!(psql(&client, &clone, &clone_pod, ORDERS_SUM).await, before);
@@ -1645,7 +1634,7 @@ async fn node_a_postgresql_database_comes_back_with_every_committed_row_here_and
     );
 
     // The same backup migrated into another cluster.
-    let (other_client, _other_ns) = restore_into_node2(&repo, &ns.name, "orders").await;
+    let (other_client, _other_ns) = restore_into_node2(&repo, &ns.name, &["orders"]).await;
     let (other_pod, moved) = app_output(&other_client, &ns.name, "pg").await;
     assert!(moved.contains("FOUND"), "{moved}");
     assert_eq!(
