@@ -634,6 +634,7 @@ pub async fn run(
     // references it. The shared lock held since the start keeps prune from
     // deleting the movers' packs until then.
     let mut volume_blobs: Vec<BlobId> = Vec::new();
+    let mut previous = Vec::new();
     if let Some(settings) = &opts.volumes {
         let claims: Vec<(String, String)> = catalog
             .iter()
@@ -641,7 +642,7 @@ pub async fn run(
             .filter_map(|e| Some((e.object.namespace.clone()?, e.object.name.clone())))
             .collect();
         if !claims.is_empty() {
-            let previous = previous_volumes(repo, &claims).await;
+            previous = previous_volumes(repo, &claims).await;
             report.volumes = crate::mover::backup_volumes(
                 conn,
                 &claims,
@@ -827,6 +828,12 @@ pub async fn run(
     crate::failpoint::stop_here("backup-before-snapshot").await;
     let id = repo.save_snapshot(&snapshot).await?;
     lock.release().await?;
+    let mut content = content;
+    // The new snapshot names the new changed-block bases: the ones they
+    // replace go (told to the caller; the saved report cannot say it).
+    content.report.warnings.extend(
+        crate::mover::release_replaced_bases(conn, &previous, &content.report.volumes).await,
+    );
     Ok(BackupOutcome {
         snapshot: id,
         content,

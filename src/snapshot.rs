@@ -158,7 +158,7 @@ pub async fn kept_volume_snapshots(
     Ok(report
         .volumes
         .into_iter()
-        .filter(|v| v.snapshot.is_some())
+        .filter(|v| v.kept().next().is_some())
         .collect())
 }
 
@@ -174,10 +174,10 @@ pub async fn kept_contents_locked(
             continue;
         }
         for volume in load_root(repo, &snapshot).await?.report.volumes {
-            if let Some(kept) = volume.snapshot {
-                contents.insert(kept.content);
-                if let Some(group) = kept.group {
-                    contents.insert(group.content);
+            for kept in volume.kept() {
+                contents.insert(kept.content.clone());
+                if let Some(group) = &kept.group {
+                    contents.insert(group.content.clone());
                 }
             }
         }

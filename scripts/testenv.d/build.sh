@@ -84,22 +84,23 @@ build_kubernetes() {
 # driver and the pause program); their hash is part of the cache key.
 NODE_SOURCES="$here/node"
 NODE_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet
-  csi-provisioner csi-snapshotter snapshot-controller ferry-csi pause helm)
+  csi-provisioner csi-snapshotter snapshot-controller csi-snapshot-metadata ferry-csi pause helm)
 
 node_stack_key() {
   local sources
   sources=$(cd "$NODE_SOURCES" && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
-  echo "kubernetes=$K8S_NEW_VERSION provisioner=$EXTERNAL_PROVISIONER_VERSION snapshotter=$EXTERNAL_SNAPSHOTTER_VERSION helm=$HELM_VERSION sources=$sources"
+  echo "kubernetes=$K8S_NEW_VERSION provisioner=$EXTERNAL_PROVISIONER_VERSION snapshotter=$EXTERNAL_SNAPSHOTTER_VERSION snapshot-metadata=$EXTERNAL_SNAPSHOT_METADATA_VERSION helm=$HELM_VERSION sources=$sources"
 }
 
 # build_node_stack: everything a 'new+node' cluster runs, in ONE 'go build'
 # so that the packages the binaries share (client-go, apimachinery, gRPC,
 # the CSI spec) compile once: the control plane, kubelet and kube-scheduler
-# of K8S_NEW_VERSION, the upstream external-provisioner, csi-snapshotter and
-# snapshot-controller, helm, and this repository's test CSI driver and
-# pause program. Static binaries (no cgo), so the pause program runs in an image
-# with nothing else in it. The snapshot CRDs come from the snapshotter's
-# client module.
+# of K8S_NEW_VERSION, the upstream external-provisioner, csi-snapshotter,
+# snapshot-controller and external-snapshot-metadata sidecar, helm, and this
+# repository's test CSI driver and pause program. Static binaries (no cgo),
+# so the pause program runs in an image with nothing else in it. The
+# snapshot CRDs come from the snapshotter's client module, the
+# SnapshotMetadataService CRD from the snapshot metadata client module.
 build_node_stack() {
   local version=$K8S_NEW_VERSION
   local out="$CACHE/node-stack-$version" key
@@ -114,11 +115,32 @@ build_node_stack() {
   local work="$out/src"
   rm -rf "$work" "$out/stamp"; mkdir -p "$work" "$out/bin" "$out/crds"
   cp -r "$NODE_SOURCES/." "$work/"
+  # The snapshot metadata sidecar is built and tested upstream with its
+  # client module from its own tree (a replace, which only its own
+  # repository sees); its go.mod names client v0.2.0 for everyone else,
+  # which the Go module proxy does not serve. The client tagged with the
+  # sidecar's version is that very tree, and MVS selects it over v0.2.0.
   kubernetes_gomod "$version" ferry.dev/testenv/node "$work" \
     "github.com/kubernetes-csi/external-provisioner/v6 $EXTERNAL_PROVISIONER_VERSION" \
     "github.com/kubernetes-csi/external-snapshotter/v8 $EXTERNAL_SNAPSHOTTER_VERSION" \
     "github.com/kubernetes-csi/external-snapshotter/client/v8 $EXTERNAL_SNAPSHOTTER_VERSION" \
+    "github.com/kubernetes-csi/external-snapshot-metadata $EXTERNAL_SNAPSHOT_METADATA_VERSION" \
+    "github.com/kubernetes-csi/external-snapshot-metadata/client $EXTERNAL_SNAPSHOT_METADATA_VERSION" \
     "helm.sh/helm/v3 $HELM_VERSION"
+  # The sidecar's runtime package carries its unit tests' harness in a
+  # plain .go file (test_harness.go), so the binary would link csi-test's
+  # mocks, built on github.com/golang/mock; the csi-test the provisioner and
+  # the snapshotter require (for their own tests) has moved to
+  # go.uber.org/mock, and no csi-test release fits both that and the CSI
+  # spec of this build. Nothing outside the sidecar's tests uses the
+  # harness, so the sidecar is built from a copy of its module (in the
+  # build directory, from the module cache) without that one file.
+  local metadata_dir
+  metadata_dir=$(cd "$work" && GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshot-metadata)
+  cp -r "$metadata_dir" "$work/external-snapshot-metadata"
+  chmod -R u+w "$work/external-snapshot-metadata"
+  rm -f "$work/external-snapshot-metadata/pkg/internal/runtime/test_harness.go"
+  echo "replace github.com/kubernetes-csi/external-snapshot-metadata => ./external-snapshot-metadata" >> "$work/go.mod"
   log "node stack $version: building ${NODE_BINARIES[*]} in one go build (the longest step on a fresh machine)"
   (
     cd "$work"
@@ -128,10 +150,13 @@ build_node_stack() {
       github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner \
       github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
       github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller \
+      github.com/kubernetes-csi/external-snapshot-metadata/cmd/csi-snapshot-metadata \
       helm.sh/helm/v3/cmd/helm ./cmd/ferry-csi ./cmd/pause
     local client
     client=$(GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshotter/client/v8)
     cp "$client"/config/crd/*.storage.k8s.io_*.yaml "$out/crds/"
+    client=$(GOFLAGS=-mod=mod go list -m -f '{{.Dir}}' github.com/kubernetes-csi/external-snapshot-metadata/client)
+    cp "$client"/config/crd/cbt.storage.k8s.io_*.yaml "$out/crds/"
   )
   echo "$key" > "$out/stamp"
   log "node stack $version: built into $out/bin"

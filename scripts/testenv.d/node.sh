@@ -4,8 +4,9 @@
 # The node is this machine: a containerd and a kubelet of its own (own
 # sockets, state, cgroup root and CNI bridge, so several clusters and test
 # runs can each have one), kube-scheduler, the test CSI driver (ferry-csi)
-# with the upstream external-provisioner, csi-snapshotter and
-# snapshot-controller, a StorageClass and a VolumeSnapshotClass for it, and
+# with the upstream external-provisioner, csi-snapshotter,
+# snapshot-controller and external-snapshot-metadata sidecar (changed-block
+# tracking), a StorageClass and a VolumeSnapshotClass for it, and
 # three images built here and imported, never pulled: the pause image, a
 # busybox image and a Ferry image.
 #
@@ -33,6 +34,9 @@ CSI_STORAGE_CLASS=ferry-csi
 CSI_SNAPSHOT_CLASS=ferry-csi
 # The CSI sidecars and the snapshot controller run as this token user.
 CSI_USER=ferry-testenv:csi
+# Backup clients mint their tokens for the snapshot metadata sidecar with
+# this audience (it is in the SnapshotMetadataService).
+SNAPSHOT_METADATA_AUDIENCE="ferry-testenv-snapshot-metadata"
 
 # Kubernetes refuses these sockets past 107 bytes; say so before anything
 # starts instead of failing deep inside containerd.
@@ -97,6 +101,22 @@ node_certificates() {
   sign_cert "$d/pki" apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client" "$client"
 }
 
+# node_snapshot_metadata_pki DIR: the TLS identity of the snapshot metadata
+# sidecar, in DIR/snapshot-metadata: a CA of its own (which the
+# SnapshotMetadataService publishes to backup clients, as a production
+# driver's does) and a server certificate for the node's address, where
+# both the host and the node's Pods reach the sidecar. Also its gRPC port.
+node_snapshot_metadata_pki() {
+  local d=$1 ip dir="$1/snapshot-metadata"
+  ip=$(cat "$d/node/ip")
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+    -subj "/CN=ferry-testenv-snapshot-metadata-ca" -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  sign_cert "$dir" server "/CN=csi-snapshot-metadata" \
+    "subjectAltName=IP:$ip\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+  free_port > "$dir/port"
+}
+
 node_apiserver_flags() {
   local d=$1
   printf '%s\n' --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
@@ -117,7 +137,8 @@ api_yaml() { # api_yaml CLUSTER_DIR PATH FILE: POST a YAML document
 
 # node_cluster_objects DIR: what the API needs before the node starts: the
 # API server's access to kubelets, the CSI user's role, the snapshot CRDs,
-# the CSIDriver, the storage class and the (group) snapshot classes.
+# the CSIDriver, the storage class, the (group) snapshot classes and the
+# SnapshotMetadataService.
 node_cluster_objects() {
   local d=$1 crds=$2
   api "$d" POST /apis/rbac.authorization.k8s.io/v1/clusterrolebindings \
@@ -150,6 +171,19 @@ rules:
 - apiGroups: [snapshot.storage.k8s.io, groupsnapshot.storage.k8s.io]
   resources: ["*"]
   verbs: ["*"]
+# The snapshot metadata sidecar authenticates each client's token
+# (TokenReview), asks whether that client may get VolumeSnapshots in the
+# namespace (SubjectAccessReview) and reads the audience from its
+# SnapshotMetadataService.
+- apiGroups: [authentication.k8s.io]
+  resources: [tokenreviews]
+  verbs: [create]
+- apiGroups: [authorization.k8s.io]
+  resources: [subjectaccessreviews]
+  verbs: [create]
+- apiGroups: [cbt.storage.k8s.io]
+  resources: [snapshotmetadataservices]
+  verbs: [get, list, watch]
 YAML
   api_yaml "$d" /apis/rbac.authorization.k8s.io/v1/clusterroles "$tmp" >/dev/null
   api "$d" POST /apis/rbac.authorization.k8s.io/v1/clusterrolebindings \
@@ -167,6 +201,14 @@ YAML
   wait_until 30 "VolumeGroupSnapshotClass CRD of $(basename "$d")" "$d/apiserver.log" "$d/apiserver.pid" \
     api "$d" POST /apis/groupsnapshot.storage.k8s.io/v1/volumegroupsnapshotclasses \
     '{"apiVersion":"groupsnapshot.storage.k8s.io/v1","kind":"VolumeGroupSnapshotClass","metadata":{"name":"'"$CSI_SNAPSHOT_CLASS"'","annotations":{"groupsnapshot.storage.kubernetes.io/is-default-class":"true"}},"driver":"'"$CSI_DRIVER"'","deletionPolicy":"Delete"}'
+  # How a backup client finds the driver's changed-block service: named
+  # after the driver, with the address, the CA to verify it and the
+  # audience its ServiceAccount tokens must be minted for.
+  local sms="$d/snapshot-metadata" ca
+  ca=$(base64 -w0 "$sms/ca.crt")
+  wait_until 30 "SnapshotMetadataService CRD of $(basename "$d")" "$d/apiserver.log" "$d/apiserver.pid" \
+    api "$d" POST /apis/cbt.storage.k8s.io/v1beta1/snapshotmetadataservices \
+    '{"apiVersion":"cbt.storage.k8s.io/v1beta1","kind":"SnapshotMetadataService","metadata":{"name":"'"$CSI_DRIVER"'"},"spec":{"address":"'"$(cat "$d/node/ip"):$(cat "$sms/port")"'","caCert":"'"$ca"'","audience":"'"$SNAPSHOT_METADATA_AUDIENCE"'"}}'
 }
 
 # node_images DIR BIN FERRY_BINARY: the pause, busybox, PostgreSQL and Ferry
@@ -369,6 +411,21 @@ node_csi() {
     --kubeconfig "$d/csi.kubeconfig" --leader-election=false --timeout 60s
   start_bg "$d/snapshot-controller.pid" "$d/snapshot-controller.log" "$bin/snapshot-controller" \
     --kubeconfig "$d/csi.kubeconfig" --leader-election=false
+  # Changed-block tracking: the sidecar serves GetMetadataAllocated and
+  # GetMetadataDelta over TLS on every address of the host (it has no bind
+  # flag; the SnapshotMetadataService names the node's). It takes the
+  # audience from the SnapshotMetadataService (no --audience), and its
+  # health endpoint, on a loopback port of its own as several nodes run at
+  # once, answers only once it has checked that the driver serves
+  # SNAPSHOT_METADATA_SERVICE.
+  local sms="$d/snapshot-metadata" health
+  health=$(free_port)
+  start_bg "$d/csi-snapshot-metadata.pid" "$d/csi-snapshot-metadata.log" "$bin/csi-snapshot-metadata" \
+    --csi-address "$socket" --kubeconfig "$d/csi.kubeconfig" --port "$(cat "$sms/port")" \
+    --tls-cert "$sms/server.crt" --tls-key "$sms/server.key" \
+    --http-endpoint "127.0.0.1:$health" --disable-metrics
+  wait_until 30 "csi-snapshot-metadata of $(basename "$d")" "$d/csi-snapshot-metadata.log" "$d/csi-snapshot-metadata.pid" \
+    curl -sf "http://127.0.0.1:$health/health"
 }
 
 node_scheduler() {
@@ -435,6 +492,7 @@ node_start() {
   local d=$1 bin=$2 sched_token=$3 csi_token=$4 ferry=$5
   local n server
   n=$(cat "$d/node/subnet"); server=$(cat "$d/server")
+  node_snapshot_metadata_pki "$d"
   node_cluster_objects "$d" "$bin/../crds"
   node_service_route "$d" "$n" add
   node_containerd "$d" "$n"
@@ -457,7 +515,7 @@ node_stop() {
   local netns_names=()
   mapfile -t netns_names < <(ip -o link show master "ferry$n" 2>/dev/null | grep -o 'link-netns [^ ]*' | cut -d' ' -f2)
   local p
-  for p in kubelet scheduler csi-provisioner csi-snapshotter snapshot-controller ferry-csi; do
+  for p in kubelet scheduler csi-provisioner csi-snapshotter snapshot-controller csi-snapshot-metadata ferry-csi; do
     stop_pidfile "$d/$p.pid"
   done
   # Every process of every Pod lives in a cgroup under /ferryN; note their

@@ -511,6 +511,16 @@ pub struct MoverArgs {
     /// Pending until a slot of the node is free.
     #[arg(long, default_value_t = 2)]
     pub mover_concurrency_per_node: usize,
+    /// NAMESPACE/NAME of a ServiceAccount that may get VolumeSnapshots:
+    /// Ferry mints its tokens (TokenRequest) for a CSI driver's snapshot
+    /// metadata service, and movers then read only the changed blocks of
+    /// block-mode volumes. Without it, block volumes are read whole.
+    #[arg(
+        long,
+        env = "FERRY_SNAPSHOT_METADATA_ACCOUNT",
+        value_name = "NAMESPACE/NAME"
+    )]
+    pub snapshot_metadata_account: Option<crate::mover::metadata::ServiceAccountRef>,
 }
 
 #[derive(Debug, Args)]
@@ -631,10 +641,17 @@ A block device or a disk image file is backed up whole, as a block volume: every
 (chunks already in the repository are not stored again) and zeroed regions store nothing. \
 `ferry volume restore` writes it back into a block device of at least its size, or into an \
 image file.\n\n\
+--changed-blocks FILE names the byte ranges of the device that changed since the snapshot the \
+parent read (from the storage system's changed-block tracking: an LVM thin or qemu dirty \
+bitmap, a cloud's snapshot diff): only they, and the chunks around them, are read; the rest is \
+taken over from the parent unread, and the result is the same as a full read. The ranges must \
+cover every change; a parent that does not fit the device (another size, chunks pruned) is \
+reported and the device is read whole.\n\n\
 Examples:\n  \
   ferry volume backup /var/lib/postgresql --repo /backups\n  \
   ferry volume backup /data --repo s3://bucket/ferry --name data-nightly -o json\n  \
-  ferry volume backup /dev/vdb --repo /backups --name vm-disk"
+  ferry volume backup /dev/vdb --repo /backups --name vm-disk\n  \
+  ferry volume backup /dev/vdb --repo /backups --name vm-disk --changed-blocks ranges.txt"
     )]
     Backup {
         /// The directory, block device or disk image file to back up.
@@ -657,6 +674,22 @@ Examples:\n  \
         /// Compare files with the parent by size and modification time only.
         #[arg(long)]
         ignore_inode: bool,
+        /// For a device: the ranges that changed since the parent's
+        /// snapshot, one `OFFSET LENGTH` (bytes) per line; `-` reads
+        /// standard input. Only they are read.
+        #[arg(long, value_name = "FILE", conflicts_with = "no_parent")]
+        changed_blocks: Option<std::path::PathBuf>,
+        /// For a device in a mover Pod: ask the CSI snapshot metadata
+        /// service at ADDRESS (token and CA in the environment) which
+        /// blocks changed between --base-snapshot-handle and --target-snapshot.
+        #[arg(long, hide = true, value_name = "ADDRESS", conflicts_with = "changed_blocks",
+              requires_all = ["base_snapshot_handle", "target_snapshot"])]
+        snapshot_metadata: Option<String>,
+        #[arg(long, hide = true)]
+        base_snapshot_handle: Option<String>,
+        /// NAMESPACE/NAME of the VolumeSnapshot the device was made from.
+        #[arg(long, hide = true)]
+        target_snapshot: Option<String>,
         /// Label for the snapshot, KEY=VALUE; repeatable.
         #[arg(long = "label", value_parser = parse_key_value)]
         labels: Vec<(String, String)>,

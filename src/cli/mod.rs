@@ -648,7 +648,17 @@ fn print_report(
                             s.files.to_string()
                         },
                         human_bytes(s.bytes),
-                        format!("{} files, {}", s.files_read, human_bytes(s.bytes_read)),
+                        match s.bytes_changed {
+                            // Changed-block tracking: what changed, what was read.
+                            Some(changed) => format!(
+                                "{} changed, {}",
+                                human_bytes(changed),
+                                human_bytes(s.bytes_read)
+                            ),
+                            None => {
+                                format!("{} files, {}", s.files_read, human_bytes(s.bytes_read))
+                            }
+                        },
                         format!(
                             "{} new chunks, {:.1}s{}",
                             s.chunks_new,

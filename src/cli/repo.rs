@@ -200,5 +200,6 @@ pub fn mover_settings(
         timeout: mover.mover_timeout,
         concurrency: mover.mover_concurrency.max(1),
         per_node: mover.mover_concurrency_per_node,
+        snapshot_metadata_account: mover.snapshot_metadata_account.clone(),
     })
 }

@@ -46,6 +46,7 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
             mover_timeout: std::time::Duration::from_secs(60),
             mover_concurrency: 1,
             mover_concurrency_per_node: 2,
+            snapshot_metadata_account: None,
         },
     };
     let options = restore_options(Some(&args.options), &write)?;

@@ -51,6 +51,63 @@ fn write_result<T: Serialize>(path: Option<&std::path::Path>, value: &T) -> anyh
     Ok(())
 }
 
+/// Changed ranges from a file of `OFFSET LENGTH` lines (`-`: stdin).
+fn read_changed_blocks(file: &std::path::Path) -> anyhow::Result<Vec<(u64, u64)>> {
+    let text = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("--changed-blocks {}", file.display()))?
+    };
+    parse_changed_blocks(&text).with_context(|| format!("--changed-blocks {}", file.display()))
+}
+
+fn parse_changed_blocks(text: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    let mut ranges = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let parsed = match fields[..] {
+            [offset, length] => offset.parse::<u64>().ok().zip(length.parse::<u64>().ok()),
+            _ => None,
+        };
+        let range = parsed.ok_or_else(|| {
+            anyhow::anyhow!("line {}: '{line}' is not OFFSET LENGTH in bytes", n + 1)
+        })?;
+        ranges.push(range);
+    }
+    Ok(ranges)
+}
+
+/// What a mover Pod asks the CSI snapshot metadata service: the ranges of
+/// `target` (NAMESPACE/NAME) changed since the snapshot `base_handle`.
+async fn ask_snapshot_metadata(
+    address: &str,
+    base_handle: &str,
+    target: &str,
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    use crate::mover::metadata;
+    let (namespace, name) = target
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--target-snapshot {target} is not NAMESPACE/NAME"))?;
+    let token = std::env::var(metadata::TOKEN_ENV)
+        .map_err(|_| anyhow::anyhow!("{} is not set", metadata::TOKEN_ENV))?;
+    let ca = std::env::var(metadata::CA_ENV)
+        .map_err(|_| anyhow::anyhow!("{} is not set", metadata::CA_ENV))?;
+    let service = metadata::MetadataService {
+        address: address.to_string(),
+        ca_cert: ca.into_bytes(),
+        audience: String::new(),
+    };
+    let changed = metadata::changed_blocks(&service, &token, namespace, base_handle, name)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(changed.ranges)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -67,6 +124,10 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             parent,
             no_parent,
             ignore_inode,
+            changed_blocks,
+            snapshot_metadata,
+            base_snapshot_handle,
+            target_snapshot,
             labels,
             root_only,
             parent_root,
@@ -108,6 +169,36 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     },
                 };
                 let parent_id = parent.as_ref().map(|(id, _)| id.0.clone());
+                if dir.is_dir() && (changed_blocks.is_some() || snapshot_metadata.is_some()) {
+                    anyhow::bail!(
+                        "changed blocks are for a block device or disk image file; a directory's unchanged files are found by comparing with the parent"
+                    );
+                }
+                let mut early_warnings = Vec::new();
+                let changed_blocks = match (&changed_blocks, &snapshot_metadata) {
+                    (Some(file), _) => Some(read_changed_blocks(file)?),
+                    (None, Some(address)) => match ask_snapshot_metadata(
+                        address,
+                        base_snapshot_handle.as_deref().unwrap_or_default(),
+                        target_snapshot.as_deref().unwrap_or_default(),
+                    )
+                    .await
+                    {
+                        Ok(ranges) => Some(ranges),
+                        Err(e) => {
+                            early_warnings.push(format!(
+                                "changed-block tracking is unavailable, the whole device is read: {e:#}"
+                            ));
+                            None
+                        }
+                    },
+                    (None, None) => None,
+                };
+                if changed_blocks.is_some() && parent.is_none() {
+                    early_warnings.push(
+                        "the changed blocks were not used (no parent backup to take the rest from): the whole device was read".into(),
+                    );
+                }
                 let progress = Arc::new(VolumeProgress::default());
                 let bar = VolumeBar::start(progress.clone());
                 let options = VolumeBackupOptions {
@@ -116,6 +207,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     ignore_inode,
                     workers: None,
                     progress: Some(progress),
+                    changed_blocks,
                 };
                 let backup = if dir.is_dir() {
                     volume::backup_dir(&repository, &lock, &dir, options).await
@@ -123,7 +215,9 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     volume::backup_device(&repository, &lock, &dir, options).await
                 };
                 bar.finish();
-                let backup = backup?;
+                let mut backup = backup?;
+                early_warnings.append(&mut backup.warnings);
+                backup.warnings = early_warnings;
                 let snapshot = if root_only {
                     None
                 } else {
@@ -166,9 +260,17 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 };
                 let id = out.snapshot.as_deref().unwrap_or(&out.root);
                 if out.block {
+                    let changed = match s.bytes_changed {
+                        Some(changed) => format!(
+                            "{} changed, {} read; ",
+                            human_bytes(changed),
+                            human_bytes(s.bytes_read)
+                        ),
+                        None => String::new(),
+                    };
                     return writeln!(
                         w,
-                        "{what} {id}: block device of {} in {seconds:.1}s ({} new chunks, {} stored)",
+                        "{what} {id}: block device of {} in {seconds:.1}s ({changed}{} new chunks, {} stored)",
                         human_bytes(s.bytes),
                         s.chunks_new,
                         human_bytes(s.bytes_stored)

@@ -114,6 +114,10 @@ pub fn controller_rbac(namespace: &str) -> Vec<Value> {
                  "verbs": ["create", "update", "patch", "delete"]},
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
                  "verbs": ["create", "update", "patch"]},
+                // Its own tokens, for CSI snapshot metadata services
+                // (changed-block tracking).
+                {"apiGroups": [""], "resources": ["serviceaccounts/token"],
+                 "resourceNames": [CONTROLLER_NAME], "verbs": ["create"]},
             ],
         }),
         json!({

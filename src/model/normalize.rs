@@ -74,6 +74,12 @@ pub static RULES: &[Rule] = &[
         apply: skip_ferry_requests,
     },
     Rule {
+        name: "skip-ferry-movers",
+        matches: "objects labelled ferry.dev/mover",
+        description: "skip: Ferry's own volume-data objects (mover Pods and Secrets, claims made from snapshots, the VolumeSnapshots it takes); the backup's volume entries record the snapshots it keeps",
+        apply: skip_ferry_movers,
+    },
+    Rule {
         name: "skip-managed-endpoints",
         matches: "Endpoints and EndpointSlices maintained by controllers",
         description: "skip: the endpoint controllers rebuild them from Services and Pods",
@@ -353,6 +359,15 @@ fn skip_ferry_requests(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
     if is(obj, "ferry.dev", "Backup") || is(obj, "ferry.dev", "Restore") {
         return Outcome::Skip(
             "a request to Ferry's controller, not part of the application".into(),
+        );
+    }
+    Outcome::Unchanged
+}
+
+fn skip_ferry_movers(obj: &mut Value, _: &NormalizeOptions) -> Outcome {
+    if label(obj, crate::mover::LABEL_MOVER).is_some() {
+        return Outcome::Skip(
+            "made by Ferry to move volume data; restored, it would snapshot or copy again".into(),
         );
     }
     Outcome::Unchanged
@@ -1131,6 +1146,22 @@ mod tests {
             }
             Verdict::Keep { object, .. } => panic!("unexpectedly kept: {object}"),
         }
+    }
+
+    #[test]
+    fn ferrys_own_volume_objects_are_not_part_of_the_application() {
+        let snapshot = json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "ferry-3f2a", "namespace": "shop", "labels": {"ferry.dev/mover": "nightly"}},
+            "spec": {"source": {"persistentVolumeClaimName": "data"}}
+        });
+        assert_eq!(skipped_by(snapshot), "skip-ferry-movers");
+        let users = json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "before-upgrade", "namespace": "shop"},
+            "spec": {"source": {"persistentVolumeClaimName": "data"}}
+        });
+        keep(users);
     }
 
     /// A Deployment the way the API server returns it.

@@ -11,6 +11,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
 
 use super::hooks::{self, Hook, HookPhase};
+use super::metadata::{self, MetadataService};
 use super::pods::{self, DATA, DEVICE, MoverJob};
 use super::{
     ANNOTATION_METHOD, LABEL_VOLUME_GROUP, LABEL_VOLUME_GROUP_VELERO, MoverError, MoverSettings,
@@ -30,6 +31,9 @@ struct Claim {
     driver: Option<String>,
     /// Node of a running Pod that mounts it.
     node: Option<String>,
+    /// The snapshot metadata service of its driver, for a block-mode claim
+    /// whose snapshot is moved: only changed blocks are read.
+    metadata: Option<MetadataService>,
 }
 
 impl Claim {
@@ -311,6 +315,7 @@ pub async fn backup_volumes(
     let label = run.label;
     let mut entries: Vec<VolumeEntry> = Vec::new();
     let mut protected: Vec<Claim> = Vec::new();
+    let mut services: HashMap<String, Option<MetadataService>> = HashMap::new();
     let mut pods_by_namespace: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
     for (namespace, name) in claims {
         if !pods_by_namespace.contains_key(namespace) {
@@ -329,6 +334,7 @@ pub async fn backup_volumes(
             stats: None,
             group: None,
             block: false,
+            change_base: None,
         };
         let object = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
             .get(name)
@@ -403,6 +409,12 @@ pub async fn backup_volumes(
             .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
             .find(|p| mounts(p, name))
             .and_then(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()));
+        let metadata = match &driver {
+            Some(d) if method == VolumeMethod::SnapshotMove && is_block(&object) => {
+                metadata_service(client, d, mover, &mut services, warnings).await
+            }
+            _ => None,
+        };
         protected.push(Claim {
             namespace: namespace.clone(),
             name: name.clone(),
@@ -411,6 +423,7 @@ pub async fn backup_volumes(
             snapshot_class,
             driver,
             node,
+            metadata,
         });
     }
     if protected.is_empty() {
@@ -443,12 +456,10 @@ pub async fn backup_volumes(
         }
     }
     let mover = mover.cloned();
-    let parents: HashMap<(String, String), String> = previous
+    let parents: Parents = previous
         .iter()
-        .filter_map(|e| {
-            e.root
-                .map(|r| ((e.namespace.clone(), e.claim.clone()), r.to_string()))
-        })
+        .filter(|e| e.root.is_some())
+        .map(|e| ((e.namespace.clone(), e.claim.clone()), e.clone()))
         .collect();
 
     let mut group_classes: BTreeMap<String, Option<String>> = BTreeMap::new();
@@ -582,7 +593,7 @@ pub async fn backup_volumes(
     }
     post?;
 
-    let moved: Vec<Result<VolumeEntry, MoverError>> =
+    let moved: Vec<Result<(VolumeEntry, Vec<String>), MoverError>> =
         futures::stream::iter(protected.iter().zip(taken))
             .map(|(claim, taken)| {
                 let mover = mover.as_ref();
@@ -613,8 +624,22 @@ pub async fn backup_volumes(
             csi::delete_group(client, &group.namespace, name).await;
         }
     }
-    for entry in moved {
-        entries.push(entry?);
+    if moved.iter().any(|m| m.is_err()) {
+        // No snapshot will name the bases kept so far: release them now
+        // rather than leave them to a sweep.
+        let bases: Vec<super::KeptSnapshot> = moved
+            .iter()
+            .flatten()
+            .filter_map(|(entry, _)| entry.change_base.clone())
+            .collect();
+        for base in &bases {
+            let _ = csi::release(client, base).await;
+        }
+    }
+    for result in moved {
+        let (entry, said) = result?;
+        warnings.extend(said);
+        entries.push(entry);
     }
     entries.sort_by(|a, b| (&a.namespace, &a.claim).cmp(&(&b.namespace, &b.claim)));
     Ok(entries)
@@ -730,7 +755,7 @@ async fn first_step(
     conn: &Connection,
     claim: &Claim,
     mover: Option<&MoverSettings>,
-    parents: &HashMap<(String, String), String>,
+    parents: &Parents,
     run: &VolumeRun<'_>,
 ) -> Result<Taken, MoverError> {
     let label = run.label;
@@ -755,7 +780,7 @@ async fn first_step(
         }
         VolumeMethod::Copy => {
             let mover = mover.expect("copy needs a mover");
-            let entry = move_claim(
+            let (entry, _) = move_claim(
                 conn,
                 claim,
                 &claim.name,
@@ -764,6 +789,7 @@ async fn first_step(
                 mover,
                 parents,
                 run,
+                None,
             )
             .await
             .map_err(fail)?;
@@ -778,13 +804,13 @@ async fn second_step(
     claim: &Claim,
     taken: Taken,
     mover: Option<&MoverSettings>,
-    parents: &HashMap<(String, String), String>,
+    parents: &Parents,
     run: &VolumeRun<'_>,
-) -> Result<VolumeEntry, MoverError> {
+) -> Result<(VolumeEntry, Vec<String>), MoverError> {
     let (label, repository_id) = (run.label, run.repository_id);
     let fail = |m: String| MoverError::volume(&claim.namespace, &claim.name, m);
     let kept = match taken {
-        Taken::Copied(entry) => return Ok(*entry),
+        Taken::Copied(entry) => return Ok((*entry, Vec::new())),
         Taken::Snapshot(kept) => *kept,
     };
     let (_, snapshot_name) = kept
@@ -801,21 +827,38 @@ async fn second_step(
         csi::retain(&conn.client, &kept.content, repository_id)
             .await
             .map_err(fail)?;
-        return Ok(VolumeEntry {
-            namespace: claim.namespace.clone(),
-            claim: claim.name.clone(),
-            method: VolumeMethod::Snapshot,
-            storage_class: class_of(&claim.object),
-            root: None,
-            group: kept.group.as_ref().map(|g| g.volume_group_snapshot.clone()),
-            snapshot: Some(kept),
-            skipped: None,
-            stats: None,
-            block: is_block(&claim.object),
-        });
+        return Ok((
+            VolumeEntry {
+                namespace: claim.namespace.clone(),
+                claim: claim.name.clone(),
+                method: VolumeMethod::Snapshot,
+                storage_class: class_of(&claim.object),
+                root: None,
+                group: kept.group.as_ref().map(|g| g.volume_group_snapshot.clone()),
+                snapshot: Some(kept),
+                skipped: None,
+                stats: None,
+                block: is_block(&claim.object),
+                change_base: None,
+            },
+            Vec::new(),
+        ));
     }
     let mover = mover.expect("snapshot-move needs a mover");
     let clone = format!("ferry-{}", suffix(&[label, &claim.name, "clone"]));
+    // A single snapshot of a block volume whose driver tracks changed
+    // blocks is kept as the next backup's base (a group's members cannot
+    // outlive their group).
+    let tracked = claim
+        .metadata
+        .as_ref()
+        .filter(|_| kept.group.is_none())
+        .map(|service| Tracked {
+            service: service.clone(),
+            snapshot: snapshot_name.clone(),
+            driver: kept.driver.clone(),
+            server: conn.server.clone(),
+        });
     let result = async {
         csi::claim_from_snapshot(
             &conn.client,
@@ -827,17 +870,93 @@ async fn second_step(
             label,
         )
         .await?;
-        move_claim(conn, claim, &clone, None, true, mover, parents, run).await
+        move_claim(
+            conn,
+            claim,
+            &clone,
+            None,
+            true,
+            mover,
+            parents,
+            run,
+            tracked.as_ref(),
+        )
+        .await
     }
     .await;
     csi::delete_claim(&conn.client, &claim.namespace, &clone).await;
-    if kept.group.is_none() {
+    let mut base = None;
+    let mut said = Vec::new();
+    if result.is_ok() && tracked.is_some() {
+        match csi::retain(&conn.client, &kept.content, repository_id).await {
+            Ok(()) => base = Some(kept.clone()),
+            Err(e) => said.push(format!(
+                "volume {}/{}: its snapshot is not kept as the base of the next backup's changed-block tracking: {e}",
+                claim.namespace, claim.name
+            )),
+        }
+    }
+    if kept.group.is_none() && base.is_none() {
         csi::delete(&conn.client, &claim.namespace, &snapshot_name).await;
     }
-    let mut entry = result.map_err(fail)?;
+    let (mut entry, mover_said) = result.map_err(fail)?;
+    said.extend(mover_said);
     entry.method = VolumeMethod::SnapshotMove;
     entry.group = kept.group.map(|g| g.volume_group_snapshot);
-    Ok(entry)
+    entry.change_base = base;
+    Ok((entry, said))
+}
+
+/// The previous backup's volumes, by namespace and claim.
+type Parents = HashMap<(String, String), VolumeEntry>;
+
+/// A block volume's snapshot whose changes the driver's snapshot metadata
+/// service reports.
+struct Tracked {
+    service: MetadataService,
+    /// The VolumeSnapshot the mover's device was made from.
+    snapshot: String,
+    driver: String,
+    /// The API server of the cluster.
+    server: String,
+}
+
+/// The snapshot metadata service of `driver`, looked up once per backup;
+/// `None` (with a warning saying why, where there is one) when the
+/// driver has none or movers cannot use it.
+async fn metadata_service(
+    client: &kube::Client,
+    driver: &str,
+    mover: Option<&MoverSettings>,
+    services: &mut HashMap<String, Option<MetadataService>>,
+    warnings: &mut Vec<String>,
+) -> Option<MetadataService> {
+    if let Some(known) = services.get(driver) {
+        return known.clone();
+    }
+    let found = match metadata::service_for(client, driver).await {
+        Ok(found) => found,
+        Err(e) => {
+            warnings.push(format!(
+                "changed-block tracking is not used for driver {driver}: {e}"
+            ));
+            None
+        }
+    };
+    let usable = match (
+        found,
+        mover.and_then(|m| m.snapshot_metadata_account.as_ref()),
+    ) {
+        (Some(_), None) => {
+            warnings.push(format!(
+                "CSI driver {driver} reports changed blocks (SnapshotMetadataService), but no ServiceAccount is set to ask it with: block volumes are read whole; set --snapshot-metadata-account NAMESPACE/NAME (one that may get VolumeSnapshots)"
+            ));
+            None
+        }
+        (found, _) => found,
+    };
+    services.insert(driver.to_string(), usable.clone());
+    usable
 }
 
 fn is_block(claim: &PersistentVolumeClaim) -> bool {
@@ -861,9 +980,10 @@ async fn move_claim(
     node: Option<String>,
     from_snapshot: bool,
     mover: &MoverSettings,
-    parents: &HashMap<(String, String), String>,
+    parents: &Parents,
     run: &VolumeRun<'_>,
-) -> Result<VolumeEntry, String> {
+    tracked: Option<&Tracked>,
+) -> Result<(VolumeEntry, Vec<String>), String> {
     let block = is_block(&claim.object);
     let mut args: Vec<String> = [
         "volume",
@@ -882,12 +1002,32 @@ async fn move_claim(
         // A volume made from a snapshot has new inodes and change times.
         args.push("--ignore-inode".into());
     }
-    // A device is read whole (its chunks deduplicate): no parent to compare.
-    if let Some(parent) = parents
-        .get(&(claim.namespace.clone(), claim.name.clone()))
-        .filter(|_| !block)
-    {
-        args.extend(["--parent-root".into(), parent.clone()]);
+    let parent = parents.get(&(claim.namespace.clone(), claim.name.clone()));
+    let mut env = Vec::new();
+    let mut secret = Vec::new();
+    let mut said = Vec::new();
+    if !block {
+        if let Some(root) = parent.and_then(|p| p.root) {
+            args.extend(["--parent-root".into(), root.to_string()]);
+        }
+    } else if let (Some(tracked), Some(parent)) = (tracked, parent) {
+        // A device is read whole (its chunks deduplicate), unless the
+        // driver reports what changed since the parent's kept snapshot.
+        match changed_block_args(conn, mover, tracked, parent, &claim.namespace).await {
+            Ok(Some((more_args, token))) => {
+                args.extend(more_args);
+                env.push((
+                    metadata::CA_ENV.to_string(),
+                    String::from_utf8_lossy(&tracked.service.ca_cert).into_owned(),
+                ));
+                secret.push((metadata::TOKEN_ENV.to_string(), token.into_bytes()));
+            }
+            Ok(None) => {}
+            Err(e) => said.push(format!(
+                "volume {}/{}: changed-block tracking is not used, the whole device is read: {e}",
+                claim.namespace, claim.name
+            )),
+        }
     }
     let result = pods::run(
         &conn.client,
@@ -901,6 +1041,8 @@ async fn move_claim(
             args,
             label: run.label,
             progress: run.progress.map(|p| p.track()),
+            env,
+            secret,
         },
     )
     .await;
@@ -913,18 +1055,66 @@ async fn move_claim(
         .and_then(|r| r.parse().ok())
         .ok_or_else(|| format!("the mover's result names no volume root: {result}"))?;
     let stats: Option<VolumeStats> = serde_json::from_value(result["stats"].clone()).ok();
-    Ok(VolumeEntry {
-        namespace: claim.namespace.clone(),
-        claim: claim.name.clone(),
-        method: VolumeMethod::Copy,
-        storage_class: class_of(&claim.object),
-        root: Some(root),
-        snapshot: None,
-        skipped: None,
-        stats,
-        group: None,
-        block,
-    })
+    let volume = format!("volume {}/{}", claim.namespace, claim.name);
+    said.extend(
+        result["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str())
+            .map(|w| format!("{volume}: {w}")),
+    );
+    Ok((
+        VolumeEntry {
+            namespace: claim.namespace.clone(),
+            claim: claim.name.clone(),
+            method: VolumeMethod::Copy,
+            storage_class: class_of(&claim.object),
+            root: Some(root),
+            snapshot: None,
+            skipped: None,
+            stats,
+            group: None,
+            block,
+            change_base: None,
+        },
+        said,
+    ))
+}
+
+/// The mover's arguments and token to read only what changed since the
+/// parent's kept snapshot: `None` when the parent kept none here.
+async fn changed_block_args(
+    conn: &Connection,
+    mover: &MoverSettings,
+    tracked: &Tracked,
+    parent: &VolumeEntry,
+    namespace: &str,
+) -> Result<Option<(Vec<String>, String)>, String> {
+    let (Some(base), Some(root)) = (&parent.change_base, parent.root) else {
+        return Ok(None);
+    };
+    if base.server != tracked.server || base.driver != tracked.driver || base.handle.is_empty() {
+        return Ok(None);
+    }
+    let account = mover
+        .snapshot_metadata_account
+        .as_ref()
+        .ok_or("no ServiceAccount is set to ask the driver with")?;
+    let token = metadata::token(&conn.client, account, &tracked.service.audience).await?;
+    Ok(Some((
+        vec![
+            "--parent-root".into(),
+            root.to_string(),
+            "--snapshot-metadata".into(),
+            tracked.service.address.clone(),
+            "--base-snapshot-handle".into(),
+            base.handle.clone(),
+            "--target-snapshot".into(),
+            format!("{namespace}/{}", tracked.snapshot),
+        ],
+        token,
+    )))
 }
 
 #[cfg(test)]
@@ -946,6 +1136,7 @@ mod tests {
             snapshot_class: Some("snap".into()),
             driver: Some(driver.into()),
             node: None,
+            metadata: None,
         }
     }
 

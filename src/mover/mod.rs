@@ -13,6 +13,7 @@
 mod backup;
 mod csi;
 mod hooks;
+pub mod metadata;
 mod pods;
 mod restore;
 
@@ -124,6 +125,10 @@ pub struct MoverSettings {
     /// Movers at once on one node, over every run of every Ferry (0: no
     /// bound); the scheduler enforces it (see [`pods`]).
     pub per_node: usize,
+    /// The ServiceAccount whose tokens movers show a CSI driver's snapshot
+    /// metadata service (changed-block tracking of block volumes); none:
+    /// block volumes are read whole.
+    pub snapshot_metadata_account: Option<metadata::ServiceAccountRef>,
 }
 
 /// Set in a mover Pod's environment: `ferry volume backup|restore` then
@@ -263,7 +268,7 @@ pub async fn release_kept_snapshots(
     // one while it exists; then each member's own objects are released.
     let groups: std::collections::BTreeSet<&KeptGroup> = entries
         .iter()
-        .filter_map(|e| e.snapshot.as_ref())
+        .flat_map(|e| e.kept())
         .filter(|k| k.server == conn.server)
         .filter_map(|k| k.group.as_ref())
         .collect();
@@ -275,10 +280,11 @@ pub async fn release_kept_snapshots(
             ));
         }
     }
-    for (entry, kept) in entries
+    let kept_snapshots: Vec<(&VolumeEntry, &KeptSnapshot)> = entries
         .iter()
-        .filter_map(|e| e.snapshot.as_ref().map(|k| (e, k)))
-    {
+        .flat_map(|e| e.kept().map(move |k| (e, k)))
+        .collect();
+    for (entry, kept) in kept_snapshots {
         let by_hand = format!(
             "kept snapshot of {}/{} (VolumeSnapshotContent {}, VolumeSnapshot {})",
             entry.namespace, entry.claim, kept.content, kept.volume_snapshot
@@ -292,6 +298,40 @@ pub async fn release_kept_snapshots(
         }
         if let Err(e) = csi::release(&conn.client, kept).await {
             left.push(format!("{by_hand} was not deleted: {e}"));
+        }
+    }
+    left
+}
+
+/// Releases the changed-block tracking bases of `previous` (the parents'
+/// volumes) that the newly saved backup's `current` volumes replaced:
+/// only the newest backup of a volume keeps its snapshot as a base. The
+/// older backup still names its base; releasing it again later finds it
+/// gone, which counts as released. Returns a line per base left behind.
+pub async fn release_replaced_bases(
+    conn: &crate::cluster::connect::Connection,
+    previous: &[VolumeEntry],
+    current: &[VolumeEntry],
+) -> Vec<String> {
+    let mut left = Vec::new();
+    for old in previous {
+        let Some(base) = &old.change_base else {
+            continue;
+        };
+        let replaced = current.iter().any(|new| {
+            new.namespace == old.namespace
+                && new.claim == old.claim
+                && new.root.is_some()
+                && new.change_base.as_ref().map(|b| &b.content) != Some(&base.content)
+        });
+        if !replaced || base.server != conn.server {
+            continue;
+        }
+        if let Err(e) = csi::release(&conn.client, base).await {
+            left.push(format!(
+                "the earlier changed-block tracking base of {}/{} (VolumeSnapshot {}) was not released: {e}; it goes when its backup is deleted",
+                old.namespace, old.claim, base.volume_snapshot
+            ));
         }
     }
     left
@@ -363,7 +403,7 @@ pub async fn disown_kept_snapshots(
     let mut contents: std::collections::BTreeSet<(String, bool)> = Default::default();
     for kept in entries
         .iter()
-        .filter_map(|e| e.snapshot.as_ref())
+        .flat_map(|e| e.kept())
         .filter(|k| k.server == conn.server)
     {
         contents.insert((kept.content.clone(), false));
@@ -436,6 +476,19 @@ pub struct VolumeEntry {
     /// attaches the restored claim as a device.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub block: bool,
+    /// The CSI snapshot this backup read a block volume from, kept in the
+    /// cluster as the base of the next backup's changed-block tracking;
+    /// released when a newer backup of the volume keeps its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_base: Option<KeptSnapshot>,
+}
+
+impl VolumeEntry {
+    /// The CSI snapshots this volume keeps in a cluster: its recovery
+    /// point and its changed-block tracking base.
+    pub fn kept(&self) -> impl Iterator<Item = &KeptSnapshot> {
+        self.snapshot.iter().chain(self.change_base.iter())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -41,6 +41,10 @@ pub(super) struct MoverJob<'a> {
     pub label: &'a str,
     /// Where the mover's progress lines go, read from its log while it runs.
     pub progress: Option<Arc<VolumeProgress>>,
+    /// Environment of this mover only, besides the settings'.
+    pub env: Vec<(String, String)>,
+    /// Secret environment of this mover only (a token), in its Secret.
+    pub secret: Vec<(String, Vec<u8>)>,
 }
 
 /// Runs one mover to completion and returns the JSON it wrote as its
@@ -87,7 +91,12 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str, slot: usiz
     if job.progress.is_some() {
         env.push(json!({"name": PROGRESS_ENV, "value": "1"}));
     }
-    for key in settings.secret.keys().filter(|k| *k != "FERRY_KEY") {
+    env.extend(job.env.iter().map(|(k, v)| json!({"name": k, "value": v})));
+    let secret_keys = settings
+        .secret
+        .keys()
+        .chain(job.secret.iter().map(|(k, _)| k));
+    for key in secret_keys.filter(|k| *k != "FERRY_KEY") {
         env.push(json!({"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}));
     }
     if settings.secret.contains_key("FERRY_KEY") {
@@ -253,6 +262,7 @@ async fn run_named(
             settings
                 .secret
                 .iter()
+                .chain(job.secret.iter().map(|(k, v)| (k, v)))
                 .map(|(k, v)| (k.clone(), ByteString(v.clone())))
                 .collect(),
         ),
@@ -346,6 +356,7 @@ mod tests {
             timeout: std::time::Duration::from_secs(60),
             concurrency: 4,
             per_node,
+            snapshot_metadata_account: None,
         }
     }
 
@@ -355,6 +366,8 @@ mod tests {
             claim: "data",
             read_only: true,
             block: false,
+            env: Vec::new(),
+            secret: Vec::new(),
             node: node.map(String::from),
             args: Vec::new(),
             label: "nightly",

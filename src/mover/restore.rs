@@ -114,6 +114,8 @@ impl VolumeFiller {
                 args,
                 label: &self.label,
                 progress: self.progress.as_ref().map(|p| p.track()),
+                env: Vec::new(),
+                secret: Vec::new(),
             },
         )
         .await;

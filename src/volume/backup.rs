@@ -11,6 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc as async_mpsc;
 
 use super::chunker::Chunker;
+use super::delta::{BlockDelta, push_piece, read_changed};
 use super::tree::{DEVICE_ENTRY, Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};
 use super::{VolumeError, VolumeProgress, VolumeStats, read_trees};
 use crate::repo::{BlobId, PackWriter, RepoLock, Repository, WriteStats, encode_refs};
@@ -30,6 +31,10 @@ pub struct VolumeBackupOptions {
     /// Threads that compress and seal chunks (default: one per core).
     pub workers: Option<usize>,
     pub progress: Option<Arc<VolumeProgress>>,
+    /// For a device: the byte ranges (offset, length) that changed since
+    /// the snapshot the parent read, from the storage system's
+    /// changed-block tracking. With a parent, only they are read.
+    pub changed_blocks: Option<Vec<(u64, u64)>>,
 }
 
 /// A finished volume backup: its root blob, stored but not yet referenced
@@ -70,6 +75,8 @@ struct Walk {
     /// Taken over from the parent: their chunks are referenced, not read.
     reused_chunks: Vec<BlobId>,
     stats: VolumeStats,
+    /// A device read only where it changed since the parent.
+    delta: Option<Arc<BlockDelta>>,
 }
 
 /// Backs up the directory `dir` into the repository. The caller holds a
@@ -109,13 +116,65 @@ pub async fn backup_device(
     options: VolumeBackupOptions,
 ) -> Result<VolumeBackup, VolumeError> {
     let started = Instant::now();
-    let walk = {
+    let mut walk = {
         let device = device.to_path_buf();
         tokio::task::spawn_blocking(move || walk_device(&device))
             .await
             .expect("walk task")?
     };
-    store_walk(repo, lock, walk, &options, started, true).await
+    let mut unused_delta = None;
+    if let (Some(parent), Some(changed)) = (&options.parent, &options.changed_blocks) {
+        let size = walk.dirs[0].entries[0].size;
+        match device_delta(repo, parent, size, changed).await {
+            Ok(delta) => {
+                walk.stats.bytes_changed = Some(delta.changed_bytes());
+                walk.delta = Some(Arc::new(delta));
+            }
+            Err(why) => {
+                unused_delta = Some(format!(
+                    "the changed blocks were not used ({why}): the whole device was read"
+                ))
+            }
+        }
+    }
+    let mut backup = store_walk(repo, lock, walk, &options, started, true).await?;
+    backup.warnings.extend(unused_delta);
+    Ok(backup)
+}
+
+/// The parent's device content as the base of a read of `changed` only.
+async fn device_delta(
+    repo: &Repository,
+    parent: &VolumeRoot,
+    size: u64,
+    changed: &[(u64, u64)],
+) -> Result<BlockDelta, String> {
+    if !parent.block {
+        return Err("the parent is a backup of a directory, not of a device".into());
+    }
+    let bytes = repo
+        .read_blob(&parent.tree)
+        .await
+        .map_err(|e| format!("the parent's tree is unreadable: {e}"))?;
+    let tree: Tree = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the parent's tree is unreadable: {e}"))?;
+    let node = tree
+        .entries
+        .iter()
+        .find(|n| n.name.as_os_str() == DEVICE_ENTRY)
+        .ok_or("the parent holds no device")?;
+    BlockDelta::new(
+        &node.content,
+        |id| {
+            repo.has_blob(id)
+                .then(|| repo.raw_length(id))
+                .flatten()
+                .map(u64::from)
+        },
+        Chunker::new(repo.chunker_seed()).zero_chunk_len() as u64,
+        size,
+        changed,
+    )
 }
 
 /// The size of a block device or file: where its end is.
@@ -188,6 +247,7 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
             bytes: size,
             ..Default::default()
         },
+        delta: None,
     })
 }
 
@@ -326,6 +386,7 @@ fn walk(
         aliases: Vec::new(),
         reused_chunks: Vec::new(),
         stats: VolumeStats::default(),
+        delta: None,
     };
     let mut first_link: HashMap<u64, usize> = HashMap::new();
     let mut reused_links: HashMap<u64, Vec<Piece>> = HashMap::new();
@@ -482,10 +543,13 @@ async fn read_files(
         }
         Ok::<_, crate::repo::RepoError>(writer)
     });
-    let jobs: Vec<(PathBuf, u64)> = walk
+    let jobs: Vec<ReadJob> = walk
         .jobs
         .iter()
-        .map(|j| (j.path.clone(), walk.dirs[j.dir].entries[j.entry].size))
+        .map(|j| ReadJob {
+            path: j.path.clone(),
+            delta: walk.delta.clone(),
+        })
         .collect();
     let repo_for_readers = repo.clone();
     let reading = tokio::task::spawn_blocking(move || {
@@ -519,6 +583,12 @@ fn open_for_reading(path: &Path) -> std::io::Result<File> {
     }
 }
 
+/// A file for the readers: read whole, or (a device) only where it changed.
+struct ReadJob {
+    path: PathBuf,
+    delta: Option<Arc<BlockDelta>>,
+}
+
 /// Threads reading files: two keep the encoders fed while one waits on
 /// opening and reading a small file.
 const READERS: usize = 2;
@@ -532,7 +602,7 @@ const BATCH_CHUNKS: usize = 64;
 /// queued by the first reader that sees it.
 fn read_all(
     repo: &Repository,
-    jobs: &[(PathBuf, u64)],
+    jobs: &[ReadJob],
     queue: mpsc::SyncSender<Raw>,
     progress: &VolumeProgress,
     readers: usize,
@@ -590,7 +660,7 @@ struct ReadShare {
 
 fn read_share(
     repo: &Repository,
-    jobs: &[(PathBuf, u64)],
+    jobs: &[ReadJob],
     next: &std::sync::atomic::AtomicUsize,
     seen: &Mutex<HashSet<BlobId>>,
     queue: mpsc::SyncSender<Raw>,
@@ -604,7 +674,7 @@ fn read_share(
     let mut batch_bytes = 0;
     loop {
         let job = next.fetch_add(1, Ordering::Relaxed);
-        let Some((path, _)) = jobs.get(job) else {
+        let Some(ReadJob { path, delta }) = jobs.get(job) else {
             if !batch.is_empty() {
                 queue.send(batch).map_err(|_| {
                     VolumeError::io(Path::new("/"), "the repository writer stopped")
@@ -623,45 +693,66 @@ fn read_share(
             }
             Err(e) => return Err(VolumeError::io(path, e)),
         };
-        let mut pieces: Vec<Piece> = Vec::new();
         let stats = &mut share.stats;
-        let read = chunker.chunks(
-            file,
-            |chunk| {
-                progress
-                    .bytes_done
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                if chunk[0] == 0 && chunk.iter().all(|b| *b == 0) {
-                    match pieces.last_mut() {
-                        Some(Piece::Zeros(n)) => *n += chunk.len() as u64,
-                        _ => pieces.push(Piece::Zeros(chunk.len() as u64)),
-                    }
-                    return Ok(());
+        // Names a chunk read; queues it for storing if it is new.
+        let mut name_chunk = |chunk: &[u8]| -> Result<Piece, VolumeError> {
+            progress
+                .bytes_done
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if chunk[0] == 0 && chunk.iter().all(|b| *b == 0) {
+                return Ok(Piece::Zeros(chunk.len() as u64));
+            }
+            let id = repo.blob_id(chunk);
+            let first = seen.lock().expect("seen chunks").insert(id);
+            if first && !repo.has_blob(&id) {
+                stats.chunks_new += 1;
+                batch.push((id, chunk.to_vec()));
+                batch_bytes += chunk.len();
+                if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_CHUNKS {
+                    batch_bytes = 0;
+                    queue
+                        .send(std::mem::take(&mut batch))
+                        .map_err(|_| VolumeError::io(path, "the repository writer stopped"))?;
                 }
-                let id = repo.blob_id(chunk);
-                pieces.push(Piece::Chunk(id));
-                let first = seen.lock().expect("seen chunks").insert(id);
-                if first && !repo.has_blob(&id) {
-                    stats.chunks_new += 1;
-                    batch.push((id, chunk.to_vec()));
-                    batch_bytes += chunk.len();
-                    if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_CHUNKS {
-                        batch_bytes = 0;
-                        queue
-                            .send(std::mem::take(&mut batch))
-                            .map_err(|_| VolumeError::io(path, "the repository writer stopped"))?;
-                    }
-                } else {
-                    stats.chunks_deduplicated += 1;
-                }
-                Ok(())
-            },
-            |e| VolumeError::io(path, e),
-        )?;
+            } else {
+                stats.chunks_deduplicated += 1;
+            }
+            Ok(Piece::Chunk(id))
+        };
+        let (pieces, read, size) = match delta {
+            None => {
+                let mut pieces: Vec<Piece> = Vec::new();
+                let read = chunker.chunks(
+                    file,
+                    |chunk| {
+                        let piece = name_chunk(chunk)?;
+                        push_piece(&mut pieces, piece);
+                        Ok(())
+                    },
+                    |e| VolumeError::io(path, e),
+                )?;
+                (pieces, read, read)
+            }
+            Some(delta) => {
+                chunker.read_least();
+                let reused = read_changed(
+                    &file,
+                    delta,
+                    &mut chunker,
+                    name_chunk,
+                    |bytes| {
+                        progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+                    },
+                    |e| VolumeError::io(path, e),
+                )?;
+                share.stats.chunks_deduplicated += reused.chunks_reused;
+                (reused.pieces, reused.bytes_read, delta.size())
+            }
+        };
         share.stats.files_read += 1;
         share.stats.bytes_read += read;
         progress.files_done.fetch_add(1, Ordering::Relaxed);
-        share.contents.push((job, Some((pieces, read))));
+        share.contents.push((job, Some((pieces, size))));
     }
 }
 

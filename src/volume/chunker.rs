@@ -23,6 +23,11 @@ pub struct Chunker {
     avg: usize,
     max: usize,
     buffer: Vec<u8>,
+    /// How far ahead of a chunk's start the source is read: twice the
+    /// largest chunk (fewer, larger reads), or just the largest chunk, the
+    /// least a cut needs (when every byte read counts, see
+    /// [`Chunker::read_least`]).
+    read_ahead: usize,
 }
 
 impl Chunker {
@@ -42,15 +47,56 @@ impl Chunker {
             avg,
             max,
             buffer: Vec::new(),
+            read_ahead: 2 * max,
         }
+    }
+
+    /// The length of every chunk but the last of a run of zeros: where a
+    /// cut falls in zeros when more zeros follow. Such a run is cut at
+    /// multiples of this length from its start.
+    pub fn zero_chunk_len(&self) -> usize {
+        let zeros = vec![0u8; self.max + 1];
+        let (_, cut) = cut_gear(
+            &zeros,
+            self.min,
+            self.avg,
+            self.max,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+            &self.gear,
+            &self.gear_ls,
+        );
+        if cut == 0 { zeros.len() } else { cut }
+    }
+
+    /// Reads no further ahead than a cut needs: the largest chunk. For
+    /// reads that stop early ([`Chunker::chunks_until`]), where bytes read
+    /// and not cut are wasted.
+    pub fn read_least(&mut self) {
+        self.read_ahead = self.max;
     }
 
     /// Cuts everything `source` yields into chunks, calling `each` with
     /// every chunk in order. Returns the bytes read.
     pub fn chunks<R: Read, E>(
         &mut self,
-        mut source: R,
+        source: R,
         mut each: impl FnMut(&[u8]) -> Result<(), E>,
+        read_error: impl Fn(std::io::Error) -> E,
+    ) -> Result<u64, E> {
+        self.chunks_until(source, |chunk| each(chunk).map(|()| true), read_error)
+    }
+
+    /// Like [`Chunker::chunks`], but stops after the first chunk for which
+    /// `each` returns `false`. Returns the bytes read, read-ahead included.
+    /// A cut depends only on the bytes from the chunk's start, so chunking
+    /// that starts at an earlier cut point finds the same cuts again.
+    pub fn chunks_until<R: Read, E>(
+        &mut self,
+        mut source: R,
+        mut each: impl FnMut(&[u8]) -> Result<bool, E>,
         read_error: impl Fn(std::io::Error) -> E,
     ) -> Result<u64, E> {
         // Twice the largest chunk: a cut is always made in a full window.
@@ -69,8 +115,9 @@ impl Chunker {
                     end -= start;
                     start = 0;
                 }
-                while end < capacity {
-                    match source.read(&mut self.buffer[end..]) {
+                let goal = self.read_ahead.min(capacity);
+                while end < goal {
+                    match source.read(&mut self.buffer[end..goal]) {
                         Ok(0) => {
                             eof = true;
                             break;
@@ -101,7 +148,9 @@ impl Chunker {
                 &self.gear_ls,
             );
             let cut = if cut == 0 { window.len() } else { cut };
-            each(&window[..cut])?;
+            if !each(&window[..cut])? {
+                return Ok(total);
+            }
             start += cut;
         }
     }
@@ -163,6 +212,30 @@ mod tests {
             shared + 3 >= before.len(),
             "{shared} of {} chunks survive an insertion",
             before.len()
+        );
+    }
+
+    #[test]
+    fn reading_no_further_ahead_than_a_cut_needs_cuts_the_same() {
+        let data = pseudo_random(300_000, 13);
+        let mut least = Chunker::with_sizes(1, 1024, 4096, 16384);
+        least.read_least();
+        let mut out = Vec::new();
+        let read = least
+            .chunks_until(
+                &data[..],
+                |c| {
+                    out.push(c.to_vec());
+                    Ok::<_, std::io::Error>(out.len() < 3)
+                },
+                |e| e,
+            )
+            .unwrap();
+        assert_eq!(out[..], cut(&data, 1)[..3]);
+        let cut_len: usize = out.iter().map(Vec::len).sum();
+        assert!(
+            read as usize <= cut_len - out[2].len() + 16384,
+            "read {read} bytes for {cut_len} bytes of chunks"
         );
     }
 

@@ -30,6 +30,7 @@
 
 mod backup;
 mod chunker;
+mod delta;
 pub mod limit;
 mod restore;
 mod tree;
@@ -43,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId};
 
 pub use backup::{VolumeBackup, VolumeBackupOptions, backup_device, backup_dir};
+pub use delta::BlockDelta;
 pub use restore::{RestoreStats, VolumeRestoreOptions, restore_dir, restore_image};
 pub use tree::{DEVICE_ENTRY, Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};
 
@@ -100,6 +102,11 @@ pub struct VolumeStats {
     /// Bytes written to the repository (packs and index).
     pub bytes_stored: u64,
     pub duration_ms: u64,
+    /// Bytes of a device that changed since its parent, as the storage
+    /// system's changed-block tracking reported them: only they (and the
+    /// chunks around them) were read. Absent when the device was read whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_changed: Option<u64>,
 }
 
 /// Counters a progress display reads while a backup or restore runs.

@@ -373,6 +373,87 @@ async fn a_disk_image_is_backed_up_whole_and_restored_into_an_image_or_a_directo
     lock.release().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_device_read_only_where_it_changed_is_stored_as_a_full_read_would_store_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("disk.img");
+    let mut image = disk_image(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let options =
+        |parent: Option<VolumeRoot>, changed: Option<Vec<(u64, u64)>>| VolumeBackupOptions {
+            source: "vm/disk".into(),
+            parent,
+            changed_blocks: changed,
+            ..Default::default()
+        };
+    let first = backup_device(&repo, &lock, &source, options(None, None))
+        .await
+        .unwrap();
+    assert_eq!(first.root.stats.bytes_changed, None);
+
+    // 8 KiB rewritten in the random part, one byte in the zeroed stretch.
+    image[1_000_000..1_008_192].fill(0x5a);
+    image[(5 << 20) + 17] = 1;
+    std::fs::write(&source, &image).unwrap();
+    let changed = vec![(1_000_000, 8192), ((5 << 20) + 16, 4)];
+    let delta = backup_device(
+        &repo,
+        &lock,
+        &source,
+        options(Some(first.root.clone()), Some(changed)),
+    )
+    .await
+    .unwrap();
+    assert!(delta.warnings.is_empty(), "{:?}", delta.warnings);
+    let stats = &delta.root.stats;
+    assert_eq!(stats.bytes_changed, Some(8196));
+    assert!(
+        stats.bytes_read < image.len() as u64 / 2,
+        "read {} of {} bytes",
+        stats.bytes_read,
+        image.len()
+    );
+    assert!(stats.chunks_deduplicated > 0, "{stats:?}");
+    // The same tree as reading every byte.
+    let full = backup_device(&repo, &lock, &source, options(None, None))
+        .await
+        .unwrap();
+    assert_eq!(delta.root.tree, full.root.tree);
+    let restored = dir.path().join("restored.img");
+    restore_image(&repo, &delta.root, &restored, Default::default())
+        .await
+        .unwrap();
+    assert!(
+        std::fs::read(&restored).unwrap() == image,
+        "the image differs"
+    );
+
+    // A parent of another size is not a base: read whole, and said so.
+    let mut grown = image.clone();
+    grown.extend(std::iter::repeat_n(7u8, 1 << 20));
+    std::fs::write(&source, &grown).unwrap();
+    let whole = backup_device(
+        &repo,
+        &lock,
+        &source,
+        options(Some(delta.root.clone()), Some(vec![(0, 1)])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(whole.root.stats.bytes_read, grown.len() as u64);
+    assert_eq!(whole.root.stats.bytes_changed, None);
+    assert!(
+        whole
+            .warnings
+            .iter()
+            .any(|w| w.contains("whole device was read")),
+        "{:?}",
+        whole.warnings
+    );
+    lock.release().await.unwrap();
+}
+
 #[test]
 fn zeroing_a_range_clears_exactly_that_range() {
     let dir = tempfile::tempdir().unwrap();

@@ -1644,3 +1644,236 @@ async fn node_a_postgresql_database_comes_back_with_every_committed_row_here_and
     clean_up(&client, &[&ns.name, &clone]).await;
     clean_up(&other_client, &[&ns.name]).await;
 }
+
+/// The script of the tracked block app: FOUND if the device holds the
+/// marker, else FRESH and 8 MiB of random data at 4 MiB and the marker at
+/// 1 MiB; then the device's checksum.
+const TRACKED_SCRIPT: &str = "if [ \"$(dd if=/dev/data bs=512 skip=2048 count=1 2>/dev/null | head -c 5)\" = READY ]; then echo FOUND; \
+else echo FRESH; dd if=/dev/urandom of=/dev/data bs=65536 seek=64 count=128 conv=fsync 2>/dev/null; \
+echo READY | dd of=/dev/data bs=512 seek=2048 conv=sync,fsync 2>/dev/null; fi; \
+echo SUM $(md5sum < /dev/data); echo FILES; exec sleep 3600";
+
+/// A Deployment `tracked` with the 64 MiB block claim `data`, and the
+/// ServiceAccount `cbt-reader`, which may get the namespace's
+/// VolumeSnapshots: what the snapshot metadata service checks.
+async fn tracked_block_app(client: &kube::Client, node: &NodeInfo, ns: &str) {
+    let objects = [
+        json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "cbt-reader", "namespace": ns}
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "cbt-reader", "namespace": ns},
+            "rules": [{"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshots"], "verbs": ["get"]}]
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "cbt-reader", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cbt-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "cbt-reader", "namespace": ns}]
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": ns},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                     "volumeMode": "Block", "resources": {"requests": {"storage": "64Mi"}}}
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "tracked", "namespace": ns},
+            "spec": {
+                "replicas": 1,
+                "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": {"app": "tracked"}},
+                "template": {
+                    "metadata": {"labels": {"app": "tracked"}},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 1,
+                        "containers": [{
+                            "name": "main", "image": node.images["busybox"], "imagePullPolicy": "Never",
+                            "command": ["sh", "-c", TRACKED_SCRIPT],
+                            "volumeDevices": [{"name": "data", "devicePath": "/dev/data"}]
+                        }],
+                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+                    }
+                }
+            }
+        }),
+    ];
+    let yaml = objects
+        .iter()
+        .map(|o| serde_yaml_ng::to_string(o).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    apply_manifests(client, &yaml).await;
+}
+
+/// The VolumeSnapshot (`NAMESPACE/NAME`) an entry keeps as its
+/// changed-block tracking base.
+fn change_base(entry: &Value) -> String {
+    entry["changeBase"]["volumeSnapshot"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no changed-block tracking base: {entry}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn node_a_block_volume_is_read_only_where_it_changed_since_the_last_backup() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-cbt").await;
+    tracked_block_app(&client, node, &ns.name).await;
+    let (pod, before) = app_output(&client, &ns.name, "tracked").await;
+    assert!(before.contains("FRESH"), "{before}");
+    let repo = Repo::new(node, "vol-cbt").await;
+    let account = format!("{}/cbt-reader", ns.name);
+    let backup = |name: &str| {
+        repo.run(
+            cluster,
+            &[
+                "backup",
+                "create",
+                name,
+                "-n",
+                &ns.name,
+                "--snapshot-metadata-account",
+                &account,
+            ],
+        )
+    };
+    let snapshots = snapshot_api(&client, Some(&ns.name), "VolumeSnapshot");
+
+    // The first backup reads the whole device and keeps its snapshot as
+    // the next one's base.
+    let (ok, first, stderr) = backup("first");
+    assert!(ok, "first backup: {stderr}");
+    let entry = volume(&first, "data");
+    assert_eq!(entry["method"], "snapshot-move", "{entry}");
+    assert_eq!(entry["stats"]["bytesRead"], 64 << 20, "{entry}");
+    assert!(entry["stats"]["bytesChanged"].is_null(), "{entry}");
+    let first_base = change_base(entry);
+    let (_, first_base_name) = first_base.split_once('/').unwrap();
+    assert!(snapshots.get_opt(first_base_name).await.unwrap().is_some());
+
+    // 64 KiB rewritten at 20 MiB: only around them is read.
+    exec(
+        &client,
+        &ns.name,
+        &pod,
+        "dd if=/dev/urandom of=/dev/data bs=65536 seek=320 count=1 conv=notrunc,fsync 2>/dev/null",
+    )
+    .await;
+    let changed_sum = exec_output(&client, &ns.name, &pod, "md5sum < /dev/data").await;
+    let (ok, second, stderr) = backup("second");
+    assert!(ok, "second backup: {stderr}");
+    let entry = volume(&second, "data");
+    let stats = &entry["stats"];
+    assert_eq!(stats["bytesChanged"], 65536, "{entry}");
+    // A cut needs the largest chunk (4 MiB) ahead of it: that much around
+    // a change, not the 64 MiB device.
+    assert!(
+        stats["bytesRead"].as_u64().unwrap() <= 8 << 20,
+        "a 64 KiB change read {} bytes: {entry}",
+        stats["bytesRead"]
+    );
+    assert!(stats["chunksDeduplicated"].as_u64().unwrap() > 0, "{entry}");
+    let second_base = change_base(entry);
+    assert_ne!(second_base, first_base);
+    // Only the newest backup keeps a base: the first one's is released.
+    eventually(
+        "the first base released",
+        Duration::from_secs(60),
+        || async {
+            snapshots
+                .get_opt(first_base_name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    // The kept base is Ferry's, not the application's: later backups
+    // leave it out of the namespace's objects.
+    let objects = &second["report"]["counts"];
+    assert!(
+        objects
+            .get("snapshot.storage.k8s.io/VolumeSnapshot")
+            .is_none(),
+        "{objects}"
+    );
+
+    // What was read and what was taken over make the device as it was.
+    let (clone, _clone_guard) = restore_clone(&repo, cluster, &ns.name, "second").await;
+    let (_, restored) = app_output(&client, &clone, "tracked").await;
+    assert!(restored.contains("FOUND"), "{restored}");
+    let sum = |text: &str| {
+        text.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        sum(line(&restored, "SUM").trim_start_matches("SUM ")),
+        sum(&changed_sum),
+        "{restored}"
+    );
+
+    // A base that is gone (deleted by hand) costs a full read, said in the
+    // report, never a wrong backup.
+    let (_, second_base_name) = second_base.split_once('/').unwrap();
+    snapshots
+        .delete(second_base_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let contents = snapshot_api(&client, None, "VolumeSnapshotContent");
+    let content = entry["changeBase"]["content"].as_str().unwrap().to_string();
+    contents
+        .patch(
+            &content,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"deletionPolicy": "Delete"}})),
+        )
+        .await
+        .unwrap();
+    let _ = contents.delete(&content, &DeleteParams::default()).await;
+    eventually("the second base gone", Duration::from_secs(60), || async {
+        contents
+            .get_opt(&content)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let (ok, third, stderr) = backup("third");
+    assert!(ok, "third backup: {stderr}");
+    let entry = volume(&third, "data");
+    assert_eq!(entry["stats"]["bytesRead"], 64 << 20, "{entry}");
+    let warnings = third["report"]["warnings"].to_string();
+    assert!(
+        warnings.contains("changed-block tracking is unavailable"),
+        "{warnings}"
+    );
+    let third_base = change_base(entry);
+
+    // Deleting the newest backup releases its base.
+    let (ok, out) = repo.plain(cluster, &["backup", "delete", "third"]);
+    assert!(ok, "{out}");
+    let (_, third_base_name) = third_base.split_once('/').unwrap();
+    eventually(
+        "the third base released",
+        Duration::from_secs(60),
+        || async {
+            snapshots
+                .get_opt(third_base_name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    clean_up(&client, &[&ns.name, &clone]).await;
+}

@@ -160,6 +160,30 @@ func allocated(t *testing.T, client csi.SnapshotMetadataClient, snapshot string)
 	}
 }
 
+// The sidecars decide from the plugin capabilities what they serve: the
+// snapshot metadata sidecar exits at start unless SNAPSHOT_METADATA_SERVICE
+// is among them.
+func TestPluginCapabilities(t *testing.T) {
+	conn, _ := client(t)
+	resp, err := csi.NewIdentityClient(conn).GetPluginCapabilities(context.Background(), &csi.GetPluginCapabilitiesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[csi.PluginCapability_Service_Type]bool{}
+	for _, c := range resp.GetCapabilities() {
+		got[c.GetService().GetType()] = true
+	}
+	for _, want := range []csi.PluginCapability_Service_Type{
+		csi.PluginCapability_Service_CONTROLLER_SERVICE,
+		csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE,
+		csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE,
+	} {
+		if !got[want] {
+			t.Errorf("plugin capabilities %v lack %v", resp.GetCapabilities(), want)
+		}
+	}
+}
+
 func TestBlockSnapshotMetadata(t *testing.T) {
 	conn, store := client(t)
 	ctx := context.Background()

@@ -4,7 +4,8 @@
 // volume can be created from a snapshot or cloned from another volume. It
 // serves the CSI Identity, Controller, Node and SnapshotMetadata services on
 // one Unix socket, which the upstream external-provisioner and
-// csi-snapshotter use for the controller side, and registers itself with
+// csi-snapshotter use for the controller side and the external-snapshot-metadata
+// sidecar for changed-block tracking, and registers itself with
 // the kubelet through the kubelet's plugin registration API, as
 // node-driver-registrar would for a production driver.
 //
