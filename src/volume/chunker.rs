@@ -55,9 +55,14 @@ impl Chunker {
     /// cut falls in zeros when more zeros follow. Such a run is cut at
     /// multiples of this length from its start.
     pub fn zero_chunk_len(&self) -> usize {
-        let zeros = vec![0u8; self.max + 1];
+        self.cut_point(&vec![0u8; self.max + 1])
+    }
+
+    /// The length of the chunk at the start of `window`, which holds the
+    /// largest chunk's length or everything left.
+    fn cut_point(&self, window: &[u8]) -> usize {
         let (_, cut) = cut_gear(
-            &zeros,
+            window,
             self.min,
             self.avg,
             self.max,
@@ -68,7 +73,7 @@ impl Chunker {
             &self.gear,
             &self.gear_ls,
         );
-        if cut == 0 { zeros.len() } else { cut }
+        if cut == 0 { window.len() } else { cut }
     }
 
     /// Reads no further ahead than a cut needs: the largest chunk. For
@@ -135,19 +140,7 @@ impl Chunker {
                 return Ok(total);
             }
             let window = &self.buffer[start..end];
-            let (_, cut) = cut_gear(
-                window,
-                self.min,
-                self.avg,
-                self.max,
-                self.mask_s,
-                self.mask_l,
-                self.mask_s << 1,
-                self.mask_l << 1,
-                &self.gear,
-                &self.gear_ls,
-            );
-            let cut = if cut == 0 { window.len() } else { cut };
+            let cut = self.cut_point(window);
             if !each(&window[..cut])? {
                 return Ok(total);
             }
@@ -157,7 +150,7 @@ impl Chunker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn cut(data: &[u8], seed: u64) -> Vec<Vec<u8>> {
@@ -176,7 +169,7 @@ mod tests {
         out
     }
 
-    fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
+    pub(in crate::volume) fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
         (0..len)
             .map(|_| {
                 state ^= state << 13;

@@ -222,20 +222,10 @@ pub fn read_changed<R: Read + Seek, E>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::chunker::tests::pseudo_random;
     use super::*;
     use std::collections::HashMap;
     use std::io::Cursor;
-
-    fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
 
     fn chunker() -> Chunker {
         Chunker::with_sizes(9, 1024, 4096, 16384)
