@@ -681,9 +681,15 @@ Examples:\n  \
         changed_blocks: Option<std::path::PathBuf>,
         /// For a device in a mover Pod: ask the CSI snapshot metadata
         /// service at ADDRESS (token and CA in the environment) which
-        /// blocks changed between --base-snapshot-handle and --target-snapshot.
-        #[arg(long, hide = true, value_name = "ADDRESS", conflicts_with = "changed_blocks",
-              requires_all = ["base_snapshot_handle", "target_snapshot"])]
+        /// blocks of --target-snapshot changed since --base-snapshot-handle
+        /// (with a parent), else which hold data.
+        #[arg(
+            long,
+            hide = true,
+            value_name = "ADDRESS",
+            conflicts_with = "changed_blocks",
+            requires = "target_snapshot"
+        )]
         snapshot_metadata: Option<String>,
         #[arg(long, hide = true)]
         base_snapshot_handle: Option<String>,

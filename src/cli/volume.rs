@@ -82,13 +82,25 @@ fn parse_changed_blocks(text: &str) -> anyhow::Result<Vec<(u64, u64)>> {
     Ok(ranges)
 }
 
-/// What a mover Pod asks the CSI snapshot metadata service: the ranges of
-/// `target` (NAMESPACE/NAME) changed since the snapshot `base_handle`.
+/// Where a device may differ from what it is compared with.
+enum Changes {
+    /// Changed since the parent's snapshot.
+    SinceParent(Vec<(u64, u64)>),
+    /// Holding data; the rest reads as zeros (compared with an empty device).
+    Allocated(Vec<(u64, u64)>),
+}
+
+/// What a mover Pod asks the CSI snapshot metadata service about the
+/// VolumeSnapshot `target` (NAMESPACE/NAME): the ranges changed since the
+/// snapshot `base_handle`, or, without one or when that fails (the base is
+/// gone), the ranges that hold data. Token and CA come from the
+/// environment. A failure on the way is told in `warnings`.
 async fn ask_snapshot_metadata(
     address: &str,
-    base_handle: &str,
+    base_handle: Option<&str>,
     target: &str,
-) -> anyhow::Result<Vec<(u64, u64)>> {
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<Changes> {
     use crate::mover::metadata;
     let (namespace, name) = target
         .split_once('/')
@@ -102,10 +114,18 @@ async fn ask_snapshot_metadata(
         ca_cert: ca.into_bytes(),
         audience: String::new(),
     };
-    let changed = metadata::changed_blocks(&service, &token, namespace, base_handle, name)
+    if let Some(base) = base_handle {
+        match metadata::changed_blocks(&service, &token, namespace, base, name).await {
+            Ok(changed) => return Ok(Changes::SinceParent(changed.ranges)),
+            Err(e) => warnings.push(format!(
+                "the changes since the base snapshot are unavailable, the blocks in use are read instead: {e}"
+            )),
+        }
+    }
+    let allocated = metadata::allocated_blocks(&service, &token, namespace, name)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    Ok(changed.ranges)
+    Ok(Changes::Allocated(allocated.ranges))
 }
 
 fn hostname() -> String {
@@ -175,35 +195,41 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     );
                 }
                 let mut early_warnings = Vec::new();
+                let mut parent = parent.map(|(_, root)| root);
                 let changed_blocks = match (&changed_blocks, &snapshot_metadata) {
+                    (Some(_), _) if parent.is_none() => {
+                        early_warnings.push(
+                            "the changed blocks were not used (no parent backup to take the rest from): the whole device was read".into(),
+                        );
+                        None
+                    }
                     (Some(file), _) => Some(read_changed_blocks(file)?),
-                    (None, Some(address)) => match ask_snapshot_metadata(
-                        address,
-                        base_snapshot_handle.as_deref().unwrap_or_default(),
-                        target_snapshot.as_deref().unwrap_or_default(),
-                    )
-                    .await
-                    {
-                        Ok(ranges) => Some(ranges),
-                        Err(e) => {
-                            early_warnings.push(format!(
-                                "changed-block tracking is unavailable, the whole device is read: {e:#}"
-                            ));
-                            None
+                    (None, Some(address)) => {
+                        let base = base_snapshot_handle.as_deref().filter(|_| parent.is_some());
+                        let target = target_snapshot.as_deref().unwrap_or_default();
+                        match ask_snapshot_metadata(address, base, target, &mut early_warnings)
+                            .await
+                        {
+                            Ok(Changes::SinceParent(ranges)) => Some(ranges),
+                            Ok(Changes::Allocated(ranges)) => {
+                                parent = None;
+                                Some(ranges)
+                            }
+                            Err(e) => {
+                                early_warnings.push(format!(
+                                    "changed-block tracking is unavailable, the whole device is read: {e:#}"
+                                ));
+                                None
+                            }
                         }
-                    },
+                    }
                     (None, None) => None,
                 };
-                if changed_blocks.is_some() && parent.is_none() {
-                    early_warnings.push(
-                        "the changed blocks were not used (no parent backup to take the rest from): the whole device was read".into(),
-                    );
-                }
                 let progress = Arc::new(VolumeProgress::default());
                 let bar = VolumeBar::start(progress.clone());
                 let options = VolumeBackupOptions {
                     source: source.clone(),
-                    parent: parent.map(|(_, root)| root),
+                    parent,
                     ignore_inode,
                     workers: None,
                     progress: Some(progress),

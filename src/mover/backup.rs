@@ -1010,11 +1010,12 @@ async fn move_claim(
         if let Some(root) = parent.and_then(|p| p.root) {
             args.extend(["--parent-root".into(), root.to_string()]);
         }
-    } else if let (Some(tracked), Some(parent)) = (tracked, parent) {
+    } else if let Some(tracked) = tracked {
         // A device is read whole (its chunks deduplicate), unless the
-        // driver reports what changed since the parent's kept snapshot.
+        // driver reports what changed since the parent's kept snapshot,
+        // or, for the first backup, which blocks hold data.
         match changed_block_args(conn, mover, tracked, parent, &claim.namespace).await {
-            Ok(Some((more_args, token))) => {
+            Ok((more_args, token)) => {
                 args.extend(more_args);
                 env.push((
                     metadata::CA_ENV.to_string(),
@@ -1022,7 +1023,6 @@ async fn move_claim(
                 ));
                 secret.push((metadata::TOKEN_ENV.to_string(), token.into_bytes()));
             }
-            Ok(None) => {}
             Err(e) => said.push(format!(
                 "volume {}/{}: changed-block tracking is not used, the whole device is read: {e}",
                 claim.namespace, claim.name
@@ -1082,39 +1082,41 @@ async fn move_claim(
     ))
 }
 
-/// The mover's arguments and token to read only what changed since the
-/// parent's kept snapshot: `None` when the parent kept none here.
+/// The mover's arguments and token to ask the snapshot metadata service
+/// which blocks to read: those changed since the parent's kept snapshot
+/// where it kept one here, else those that hold data.
 async fn changed_block_args(
     conn: &Connection,
     mover: &MoverSettings,
     tracked: &Tracked,
-    parent: &VolumeEntry,
+    parent: Option<&VolumeEntry>,
     namespace: &str,
-) -> Result<Option<(Vec<String>, String)>, String> {
-    let (Some(base), Some(root)) = (&parent.change_base, parent.root) else {
-        return Ok(None);
-    };
-    if base.server != tracked.server || base.driver != tracked.driver || base.handle.is_empty() {
-        return Ok(None);
-    }
+) -> Result<(Vec<String>, String), String> {
     let account = mover
         .snapshot_metadata_account
         .as_ref()
         .ok_or("no ServiceAccount is set to ask the driver with")?;
     let token = metadata::token(&conn.client, account, &tracked.service.audience).await?;
-    Ok(Some((
-        vec![
+    let mut args = vec![
+        "--snapshot-metadata".to_string(),
+        tracked.service.address.clone(),
+        "--target-snapshot".into(),
+        format!("{namespace}/{}", tracked.snapshot),
+    ];
+    if let Some(parent) = parent
+        && let (Some(base), Some(root)) = (&parent.change_base, parent.root)
+        && base.server == tracked.server
+        && base.driver == tracked.driver
+        && !base.handle.is_empty()
+    {
+        args.extend([
             "--parent-root".into(),
             root.to_string(),
-            "--snapshot-metadata".into(),
-            tracked.service.address.clone(),
             "--base-snapshot-handle".into(),
             base.handle.clone(),
-            "--target-snapshot".into(),
-            format!("{namespace}/{}", tracked.snapshot),
-        ],
-        token,
-    )))
+        ]);
+    }
+    Ok((args, token))
 }
 
 #[cfg(test)]

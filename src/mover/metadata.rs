@@ -161,6 +161,20 @@ mod proto {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GetMetadataAllocatedRequest {
+        #[prost(string, tag = "1")]
+        pub security_token: String,
+        #[prost(string, tag = "2")]
+        pub namespace: String,
+        #[prost(string, tag = "3")]
+        pub snapshot_name: String,
+        #[prost(int64, tag = "4")]
+        pub starting_offset: i64,
+        #[prost(int32, tag = "5")]
+        pub max_results: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
     pub struct BlockMetadata {
         #[prost(int64, tag = "1")]
         pub byte_offset: i64,
@@ -190,7 +204,7 @@ pub struct ChangedBlocks {
 
 /// Asks the sidecar at `service` which ranges of the VolumeSnapshot
 /// `namespace/target` changed since the snapshot whose CSI handle is
-/// `base_handle`. A stream cut short is resumed from the last range.
+/// `base_handle`.
 pub async fn changed_blocks(
     service: &MetadataService,
     token: &str,
@@ -198,6 +212,54 @@ pub async fn changed_blocks(
     base_handle: &str,
     target: &str,
 ) -> Result<ChangedBlocks, String> {
+    stream_ranges(
+        service,
+        "/snapshotmetadata.SnapshotMetadata/GetMetadataDelta",
+        |offset| proto::GetMetadataDeltaRequest {
+            security_token: token.to_string(),
+            namespace: namespace.to_string(),
+            base_snapshot_id: base_handle.to_string(),
+            target_snapshot_name: target.to_string(),
+            starting_offset: offset,
+            max_results: MAX_RESULTS,
+        },
+    )
+    .await
+}
+
+/// Asks the sidecar at `service` which ranges of the VolumeSnapshot
+/// `namespace/snapshot` hold data; the rest reads as zeros.
+pub async fn allocated_blocks(
+    service: &MetadataService,
+    token: &str,
+    namespace: &str,
+    snapshot: &str,
+) -> Result<ChangedBlocks, String> {
+    stream_ranges(
+        service,
+        "/snapshotmetadata.SnapshotMetadata/GetMetadataAllocated",
+        |offset| proto::GetMetadataAllocatedRequest {
+            security_token: token.to_string(),
+            namespace: namespace.to_string(),
+            snapshot_name: snapshot.to_string(),
+            starting_offset: offset,
+            max_results: MAX_RESULTS,
+        },
+    )
+    .await
+}
+
+/// Calls the streaming method `path` with the requests `request` makes
+/// for a starting offset, collecting every range. A stream cut short is
+/// resumed from the end of the last range received.
+async fn stream_ranges<M>(
+    service: &MetadataService,
+    path: &'static str,
+    request: impl Fn(i64) -> M,
+) -> Result<ChangedBlocks, String>
+where
+    M: prost::Message + Default + Send + Sync + 'static,
+{
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&service.ca_cert));
@@ -219,32 +281,17 @@ pub async fn changed_blocks(
     let mut offset = 0i64;
     let mut attempts = 0;
     loop {
-        let request = proto::GetMetadataDeltaRequest {
-            security_token: token.to_string(),
-            namespace: namespace.to_string(),
-            base_snapshot_id: base_handle.to_string(),
-            target_snapshot_name: target.to_string(),
-            starting_offset: offset,
-            max_results: MAX_RESULTS,
-        };
         client
             .ready()
             .await
             .map_err(|e| format!("{}: {e}", service.address))?;
-        let path = http::uri::PathAndQuery::from_static(
-            "/snapshotmetadata.SnapshotMetadata/GetMetadataDelta",
-        );
-        let streamed =
-            client
-                .server_streaming(
-                    tonic::Request::new(request),
-                    path,
-                    tonic_prost::ProstCodec::<
-                        proto::GetMetadataDeltaRequest,
-                        proto::MetadataResponse,
-                    >::default(),
-                )
-                .await;
+        let streamed = client
+            .server_streaming(
+                tonic::Request::new(request(offset)),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<M, proto::MetadataResponse>::default(),
+            )
+            .await;
         let mut stream = match streamed {
             Ok(response) => response.into_inner(),
             Err(status) => return Err(describe(&status, &service.address)),

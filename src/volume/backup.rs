@@ -33,7 +33,9 @@ pub struct VolumeBackupOptions {
     pub progress: Option<Arc<VolumeProgress>>,
     /// For a device: the byte ranges (offset, length) that changed since
     /// the snapshot the parent read, from the storage system's
-    /// changed-block tracking. With a parent, only they are read.
+    /// changed-block tracking; without a parent, the ranges that may hold
+    /// data (the storage system's allocated blocks: the rest reads as
+    /// zeros). Only they are read.
     pub changed_blocks: Option<Vec<(u64, u64)>>,
 }
 
@@ -123,9 +125,21 @@ pub async fn backup_device(
             .expect("walk task")?
     };
     let mut unused_delta = None;
-    if let (Some(parent), Some(changed)) = (&options.parent, &options.changed_blocks) {
+    if let Some(changed) = &options.changed_blocks {
         let size = walk.dirs[0].entries[0].size;
-        match device_delta(repo, parent, size, changed).await {
+        let delta = match &options.parent {
+            Some(parent) => device_delta(repo, parent, size, changed).await,
+            // Without a parent the device is compared with an all-zero
+            // one: the ranges are where it may hold data.
+            None => BlockDelta::new(
+                &[Piece::Zeros(size)],
+                |_| None,
+                &Chunker::new(repo.chunker_seed()),
+                size,
+                changed,
+            ),
+        };
+        match delta {
             Ok(delta) => {
                 walk.stats.bytes_changed = Some(delta.changed_bytes());
                 walk.delta = Some(Arc::new(delta));
@@ -171,7 +185,7 @@ async fn device_delta(
                 .flatten()
                 .map(u64::from)
         },
-        Chunker::new(repo.chunker_seed()).zero_chunk_len() as u64,
+        &Chunker::new(repo.chunker_seed()),
         size,
         changed,
     )

@@ -51,6 +51,11 @@ impl Chunker {
         }
     }
 
+    /// The largest chunk's length.
+    pub fn max_len(&self) -> usize {
+        self.max
+    }
+
     /// The length of every chunk but the last of a run of zeros: where a
     /// cut falls in zeros when more zeros follow. Such a run is cut at
     /// multiples of this length from its start.

@@ -27,25 +27,31 @@ use crate::repo::BlobId;
 pub struct BlockDelta {
     /// The parent's pieces with their offsets, in order, covering 0..size.
     spans: Vec<(u64, Piece)>,
+    /// For a span of zeros, where its run of zero spans ends.
+    zeros_until: Vec<u64>,
     size: u64,
     /// Changed byte ranges: sorted, merged, non-empty, within 0..size.
     changed: Vec<Range<u64>>,
+    /// Where the chunker cuts a run of zeros, and its largest chunk.
+    zero_chunk: u64,
+    max_chunk: u64,
 }
 
 impl BlockDelta {
     /// The parent's `pieces` of a device of `size` bytes, and the ranges
     /// (offset, length) that changed since. `length` gives a chunk's
     /// plaintext length, `None` when the chunk cannot be taken over (not
-    /// in the index, or marked for deletion); `zero_chunk` is the
-    /// chunker's [`Chunker::zero_chunk_len`]. An error says why the parent
-    /// cannot be the base; the device is then read whole.
+    /// in the index, or marked for deletion); `chunker` is the one that
+    /// cut the parent. An error says why the parent cannot be the base;
+    /// the device is then read whole.
     pub fn new(
         pieces: &[Piece],
         length: impl Fn(&BlobId) -> Option<u64>,
-        zero_chunk: u64,
+        chunker: &Chunker,
         size: u64,
         changed: &[(u64, u64)],
     ) -> Result<Self, String> {
+        let zero_chunk = chunker.zero_chunk_len() as u64;
         let mut spans = Vec::with_capacity(pieces.len());
         let mut offset = 0u64;
         for piece in pieces {
@@ -77,11 +83,53 @@ impl BlockDelta {
                 "the parent holds {offset} bytes of the device, which now has {size}"
             ));
         }
+        // Backwards: a span of zeros ends its run where the next span that
+        // is not zeros starts (or at the end).
+        let mut zeros_until = vec![0; spans.len()];
+        let mut run_end = size;
+        for (i, (start, piece)) in spans.iter().enumerate().rev() {
+            match piece {
+                Piece::Zeros(_) => zeros_until[i] = run_end,
+                Piece::Chunk(_) => run_end = *start,
+            }
+        }
         Ok(BlockDelta {
             spans,
+            zeros_until,
             size,
             changed: merge_ranges(changed, size),
+            zero_chunk: zero_chunk.max(1),
+            max_chunk: chunker.max_len() as u64,
         })
+    }
+
+    /// Whether a parent chunk starts at `pos` that neither a change nor
+    /// the byte after it touches (`next_change` is the first changed byte
+    /// from `pos` on): it and those after it like it are taken over.
+    fn reusable_at(&self, pos: u64, next_change: u64) -> Option<usize> {
+        let j = self.spans.binary_search_by_key(&pos, |s| s.0).ok()?;
+        (self.span_end(j) < next_change).then_some(j)
+    }
+
+    /// How many bytes from the cut `pos` on are known zeros cut exactly as
+    /// a read would cut them: the parent holds zeros there and nothing
+    /// changed, so the chunker cuts every `zero_chunk` bytes as long as
+    /// each cut only looks at those zeros and has a full window.
+    fn zeros_at(&self, pos: u64, next_change: u64) -> u64 {
+        let j = self.spans.partition_point(|s| s.0 <= pos).saturating_sub(1);
+        let limit = self
+            .zeros_until
+            .get(j)
+            .copied()
+            .unwrap_or(0)
+            .min(next_change);
+        if limit <= pos || self.size < pos + self.max_chunk {
+            return 0;
+        }
+        let z = self.zero_chunk;
+        let by_zeros = (limit - pos - 1) / z;
+        let by_window = (self.size - pos - self.max_chunk) / z + 1;
+        by_zeros.min(by_window) * z
     }
 
     /// The device's size.
@@ -158,29 +206,40 @@ pub fn read_changed<R: Read + Seek, E>(
     read_error: impl Fn(std::io::Error) -> E,
 ) -> Result<DeltaRead, E> {
     let mut out = DeltaRead::default();
-    let (mut span, mut change, mut pos) = (0usize, 0usize, 0u64);
+    let (mut change, mut pos) = (0usize, 0u64);
+    // The first changed byte from `at` on.
+    let next_change = |change: &mut usize, at: u64| {
+        while delta.changed.get(*change).is_some_and(|r| r.end <= at) {
+            *change += 1;
+        }
+        delta.change_start(*change)
+    };
+    // `pos` is always a cut of the new content.
     while pos < delta.size {
-        while delta.changed.get(change).is_some_and(|r| r.end <= pos) {
-            change += 1;
+        let upto = next_change(&mut change, pos);
+        if let Some(mut span) = delta.reusable_at(pos, upto) {
+            while span < delta.spans.len() && delta.span_end(span) < upto {
+                let (start, piece) = delta.spans[span];
+                let end = delta.span_end(span);
+                push_piece(&mut out.pieces, piece);
+                out.bytes_reused += end - start;
+                out.chunks_reused += u64::from(matches!(piece, Piece::Chunk(_)));
+                reused(end - start);
+                pos = end;
+                span += 1;
+            }
+            continue;
         }
-        // Parent chunks that end before the next changed byte: neither
-        // they nor the byte after them changed.
-        let next_change = delta.change_start(change);
-        while span < delta.spans.len() && delta.span_end(span) < next_change {
-            let (start, piece) = delta.spans[span];
-            let end = delta.span_end(span);
-            push_piece(&mut out.pieces, piece);
-            out.bytes_reused += end - start;
-            out.chunks_reused += u64::from(matches!(piece, Piece::Chunk(_)));
-            reused(end - start);
-            pos = end;
-            span += 1;
+        let zeros = delta.zeros_at(pos, upto);
+        if zeros > 0 {
+            push_piece(&mut out.pieces, Piece::Zeros(zeros));
+            out.bytes_reused += zeros;
+            reused(zeros);
+            pos += zeros;
+            continue;
         }
-        if pos >= delta.size {
-            break;
-        }
-        // The parent chunk at `pos` is touched by a change: re-cut from
-        // here until a cut is in step with the parent again.
+        // A change is near: re-cut from here until a cut is in step with
+        // the parent again (or in known zeros).
         source.seek(SeekFrom::Start(pos)).map_err(&read_error)?;
         let reader = (&mut source).take(delta.size - pos);
         let mut in_step = false;
@@ -193,18 +252,9 @@ pub fn read_changed<R: Read + Seek, E>(
                 if pos >= delta.size {
                     return Ok(false);
                 }
-                while delta.changed.get(change).is_some_and(|r| r.end <= pos) {
-                    change += 1;
-                }
-                let next_change = delta.change_start(change);
-                match delta.spans.binary_search_by_key(&pos, |s| s.0) {
-                    Ok(j) if delta.span_end(j) < next_change => {
-                        span = j;
-                        in_step = true;
-                        Ok(false)
-                    }
-                    _ => Ok(true),
-                }
+                let upto = next_change(&mut change, pos);
+                in_step = delta.reusable_at(pos, upto).is_some() || delta.zeros_at(pos, upto) > 0;
+                Ok(!in_step)
             },
             &read_error,
         )?;
@@ -269,7 +319,7 @@ mod tests {
         let delta = BlockDelta::new(
             parent,
             |id| lengths.get(id).copied(),
-            chunker().zero_chunk_len() as u64,
+            &chunker(),
             data.len() as u64,
             changes,
         )
@@ -370,6 +420,34 @@ mod tests {
     }
 
     #[test]
+    fn without_a_parent_only_the_blocks_that_hold_data_are_read() {
+        // Data, a long hole, data, a hole up to the end: against an empty
+        // device, the allocated ranges are the changes.
+        let mut data = pseudo_random(70_000, 8);
+        data.extend(std::iter::repeat_n(0u8, 500_000));
+        data.extend(pseudo_random(30_001, 9));
+        data.extend(std::iter::repeat_n(0u8, 333_333));
+        let size = data.len() as u64;
+        let empty = [Piece::Zeros(size)];
+        let allocated = [(0, 70_000), (570_000, 30_001)];
+        let read = changed_read(&empty, &HashMap::new(), &data, &allocated);
+        assert_eq!(read.pieces, full(&data, &mut HashMap::new()));
+        assert!(
+            read.bytes_read < 200_000,
+            "read {} of {size} bytes",
+            read.bytes_read
+        );
+        // Ranges that say more than is allocated, anywhere in the holes,
+        // cost reads, not correctness.
+        let expected = full(&data, &mut HashMap::new());
+        for start in (0..size).step_by(37_001) {
+            let ranges = [allocated[0], allocated[1], (start, 5)];
+            let read = changed_read(&empty, &HashMap::new(), &data, &ranges);
+            assert_eq!(read.pieces, expected, "extra range at {start}");
+        }
+    }
+
+    #[test]
     fn a_write_into_a_long_hole_reads_only_around_the_write() {
         let mut before = pseudo_random(50_000, 5);
         before.extend(std::iter::repeat_n(0u8, 2_000_000));
@@ -411,13 +489,19 @@ mod tests {
         let before = device();
         let mut lengths = HashMap::new();
         let parent = full(&before, &mut lengths);
-        let err = BlockDelta::new(&parent, |id| lengths.get(id).copied(), 16384, 700_000, &[])
-            .unwrap_err();
+        let err = BlockDelta::new(
+            &parent,
+            |id| lengths.get(id).copied(),
+            &chunker(),
+            700_000,
+            &[],
+        )
+        .unwrap_err();
         assert!(
             err.contains("600000 bytes") && err.contains("700000"),
             "{err}"
         );
-        let err = BlockDelta::new(&parent, |_| None, 16384, 600_000, &[]).unwrap_err();
+        let err = BlockDelta::new(&parent, |_| None, &chunker(), 600_000, &[]).unwrap_err();
         assert!(err.contains("marked for deletion"), "{err}");
     }
 
@@ -429,7 +513,7 @@ mod tests {
         let delta = BlockDelta::new(
             &parent,
             |id| lengths.get(id).copied(),
-            16384,
+            &chunker(),
             600_000,
             &[(599_000, 10)],
         )

@@ -429,6 +429,22 @@ async fn a_device_read_only_where_it_changed_is_stored_as_a_full_read_would_stor
         "the image differs"
     );
 
+    // Without a parent the ranges are where the device holds data (the
+    // rest reads as zeros): only they are read, and the tree is the same.
+    let text = b"a block of a file system inode table\n".len() as u64 * 50_000;
+    let allocated = vec![(0, 3 << 20), (5 << 20, 4096), (12 << 20, text)];
+    let first_only = backup_device(&repo, &lock, &source, options(None, Some(allocated)))
+        .await
+        .unwrap();
+    assert!(first_only.warnings.is_empty(), "{:?}", first_only.warnings);
+    assert_eq!(first_only.root.tree, full.root.tree);
+    assert!(
+        first_only.root.stats.bytes_read < image.len() as u64 - (4 << 20),
+        "read {} of {} bytes",
+        first_only.root.stats.bytes_read,
+        image.len()
+    );
+
     // A parent of another size is not a base: read whole, and said so.
     let mut grown = image.clone();
     grown.extend(std::iter::repeat_n(7u8, 1 << 20));
