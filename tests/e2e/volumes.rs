@@ -233,7 +233,19 @@ async fn restore_clone(
     ns: &str,
     backup: &str,
 ) -> (String, crate::support::TestNamespace) {
-    let clone = format!("{ns}-clone");
+    restore_clone_named(repo, cluster, ns, backup, &format!("{ns}-clone")).await
+}
+
+/// Restores `backup` of namespace `ns` into the namespace `clone` of the
+/// same cluster.
+async fn restore_clone_named(
+    repo: &Repo,
+    cluster: &ClusterInfo,
+    ns: &str,
+    backup: &str,
+    clone: &str,
+) -> (String, crate::support::TestNamespace) {
+    let clone = clone.to_string();
     let guard = crate::support::TestNamespace::adopt(&cluster.client().await, &clone);
     let mapping = format!("{ns}={clone}");
     let (ok, _, stderr) = repo.run(
@@ -1868,18 +1880,10 @@ async fn node_a_block_volume_is_read_only_where_it_changed_since_the_last_backup
         "{warnings}"
     );
     let third_base = change_base(entry);
-    let (clone3, _clone3_guard) = {
-        // The third backup restores to the same bytes too.
-        let clone = format!("{}-third", ns.name);
-        let guard = crate::support::TestNamespace::adopt(&client, &clone);
-        let mapping = format!("{}={clone}", ns.name);
-        let (ok, _, stderr) = repo.run(
-            cluster,
-            &["restore", "third", "--namespace-mapping", &mapping],
-        );
-        assert!(ok, "restore of third: {stderr}");
-        (clone, guard)
-    };
+    // The third backup restores to the same bytes too.
+    let third_clone = format!("{}-third", ns.name);
+    let (clone3, _clone3_guard) =
+        restore_clone_named(&repo, cluster, &ns.name, "third", &third_clone).await;
     let (_, restored3) = app_output(&client, &clone3, "tracked").await;
     assert_eq!(
         sum(line(&restored3, "SUM").trim_start_matches("SUM ")),
