@@ -646,7 +646,8 @@ parent read (from the storage system's changed-block tracking: an LVM thin or qe
 bitmap, a cloud's snapshot diff): only they, and the chunks around them, are read; the rest is \
 taken over from the parent unread, and the result is the same as a full read. The ranges must \
 cover every change; a parent that does not fit the device (another size, chunks pruned) is \
-reported and the device is read whole.\n\n\
+reported and the device is read whole. --allocated-blocks FILE names the ranges that hold data \
+(a thin volume's allocated extents): only they are read, the rest is stored as holes.\n\n\
 Examples:\n  \
   ferry volume backup /var/lib/postgresql --repo /backups\n  \
   ferry volume backup /data --repo s3://bucket/ferry --name data-nightly -o json\n  \
@@ -679,6 +680,11 @@ Examples:\n  \
         /// standard input. Only they are read.
         #[arg(long, value_name = "FILE", conflicts_with = "no_parent")]
         changed_blocks: Option<std::path::PathBuf>,
+        /// For a device: the ranges that hold data, one `OFFSET LENGTH`
+        /// (bytes) per line (`-`: standard input); the rest reads as zeros
+        /// and is not read. No parent is used.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["changed_blocks", "parent"])]
+        allocated_blocks: Option<std::path::PathBuf>,
         /// For a device in a mover Pod: ask the CSI snapshot metadata
         /// service at ADDRESS (token and CA in the environment) which
         /// blocks of --target-snapshot changed since --base-snapshot-handle
@@ -687,7 +693,7 @@ Examples:\n  \
             long,
             hide = true,
             value_name = "ADDRESS",
-            conflicts_with = "changed_blocks",
+            conflicts_with_all = ["changed_blocks", "allocated_blocks"],
             requires = "target_snapshot"
         )]
         snapshot_metadata: Option<String>,

@@ -51,15 +51,15 @@ fn write_result<T: Serialize>(path: Option<&std::path::Path>, value: &T) -> anyh
     Ok(())
 }
 
-/// Changed ranges from a file of `OFFSET LENGTH` lines (`-`: stdin).
-fn read_changed_blocks(file: &std::path::Path) -> anyhow::Result<Vec<(u64, u64)>> {
+/// Ranges from a file of `OFFSET LENGTH` lines (`-`: stdin), as `flag`
+/// gave it.
+fn read_changed_blocks(file: &std::path::Path, flag: &str) -> anyhow::Result<Vec<(u64, u64)>> {
     let text = if file == std::path::Path::new("-") {
         std::io::read_to_string(std::io::stdin())?
     } else {
-        std::fs::read_to_string(file)
-            .with_context(|| format!("--changed-blocks {}", file.display()))?
+        std::fs::read_to_string(file).with_context(|| format!("{flag} {}", file.display()))?
     };
-    parse_changed_blocks(&text).with_context(|| format!("--changed-blocks {}", file.display()))
+    parse_changed_blocks(&text).with_context(|| format!("{flag} {}", file.display()))
 }
 
 fn parse_changed_blocks(text: &str) -> anyhow::Result<Vec<(u64, u64)>> {
@@ -145,6 +145,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             no_parent,
             ignore_inode,
             changed_blocks,
+            allocated_blocks,
             snapshot_metadata,
             base_snapshot_handle,
             target_snapshot,
@@ -189,7 +190,10 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     },
                 };
                 let parent_id = parent.as_ref().map(|(id, _)| id.0.clone());
-                if dir.is_dir() && (changed_blocks.is_some() || snapshot_metadata.is_some()) {
+                let ranges_given = changed_blocks.is_some()
+                    || allocated_blocks.is_some()
+                    || snapshot_metadata.is_some();
+                if dir.is_dir() && ranges_given {
                     anyhow::bail!(
                         "changed blocks are for a block device or disk image file; a directory's unchanged files are found by comparing with the parent"
                     );
@@ -197,13 +201,19 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 let mut early_warnings = Vec::new();
                 let mut parent = parent.map(|(_, root)| root);
                 let changed_blocks = match (&changed_blocks, &snapshot_metadata) {
+                    _ if allocated_blocks.is_some() => {
+                        // Compared with an empty device: no parent.
+                        parent = None;
+                        let file = allocated_blocks.as_deref().expect("checked");
+                        Some(read_changed_blocks(file, "--allocated-blocks")?)
+                    }
                     (Some(_), _) if parent.is_none() => {
                         early_warnings.push(
                             "the changed blocks were not used (no parent backup to take the rest from): the whole device was read".into(),
                         );
                         None
                     }
-                    (Some(file), _) => Some(read_changed_blocks(file)?),
+                    (Some(file), _) => Some(read_changed_blocks(file, "--changed-blocks")?),
                     (None, Some(address)) => {
                         let base = base_snapshot_handle.as_deref().filter(|_| parent.is_some());
                         let target = target_snapshot.as_deref().unwrap_or_default();
@@ -225,6 +235,8 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     }
                     (None, None) => None,
                 };
+                // A device compared with an empty one has no parent.
+                let parent_id = parent_id.filter(|_| parent.is_some());
                 let progress = Arc::new(VolumeProgress::default());
                 let bar = VolumeBar::start(progress.clone());
                 let options = VolumeBackupOptions {

@@ -23,11 +23,8 @@ pub struct Chunker {
     avg: usize,
     max: usize,
     buffer: Vec<u8>,
-    /// How far ahead of a chunk's start the source is read: twice the
-    /// largest chunk (fewer, larger reads), or just the largest chunk, the
-    /// least a cut needs (when every byte read counts, see
-    /// [`Chunker::read_least`]).
-    read_ahead: usize,
+    /// Read no further than each cut needs (see [`Chunker::read_least`]).
+    least: bool,
 }
 
 impl Chunker {
@@ -47,7 +44,7 @@ impl Chunker {
             avg,
             max,
             buffer: Vec::new(),
-            read_ahead: 2 * max,
+            least: false,
         }
     }
 
@@ -81,11 +78,15 @@ impl Chunker {
         if cut == 0 { window.len() } else { cut }
     }
 
-    /// Reads no further ahead than a cut needs: the largest chunk. For
-    /// reads that stop early ([`Chunker::chunks_until`]), where bytes read
-    /// and not cut are wasted.
+    /// Reads no further ahead than each cut needs, for reads that stop
+    /// early ([`Chunker::chunks_until`]), where bytes read and not cut are
+    /// wasted. By default the source is read twice the largest chunk ahead
+    /// (fewer, larger reads). Here a cut is first looked for in the
+    /// average chunk's length, then in twice that, up to the largest: a
+    /// cut found in a window of at least the average length is the cut a
+    /// full window finds (the scan is the same up to the window's end).
     pub fn read_least(&mut self) {
-        self.read_ahead = self.max;
+        self.least = true;
     }
 
     /// Cuts everything `source` yields into chunks, calling `each` with
@@ -118,14 +119,16 @@ impl Chunker {
         let mut end = 0;
         let mut eof = false;
         let mut total = 0u64;
+        let first_need = if self.least { self.avg } else { self.max };
+        let mut need = first_need;
         loop {
-            if !eof && end - start < self.max {
+            if !eof && end - start < need {
                 if start > 0 {
                     self.buffer.copy_within(start..end, 0);
                     end -= start;
                     start = 0;
                 }
-                let goal = self.read_ahead.min(capacity);
+                let goal = if self.least { need } else { capacity };
                 while end < goal {
                     match source.read(&mut self.buffer[end..goal]) {
                         Ok(0) => {
@@ -146,10 +149,16 @@ impl Chunker {
             }
             let window = &self.buffer[start..end];
             let cut = self.cut_point(window);
+            if cut == window.len() && !eof && window.len() < self.max {
+                // A short window without a cut: not a cut, read on.
+                need = (need * 2).min(self.max);
+                continue;
+            }
             if !each(&window[..cut])? {
                 return Ok(total);
             }
             start += cut;
+            need = first_need;
         }
     }
 }
@@ -235,6 +244,32 @@ pub(super) mod tests {
             read as usize <= cut_len - out[2].len() + 16384,
             "read {read} bytes for {cut_len} bytes of chunks"
         );
+        // The whole stream, in reads of any size, cuts the same too.
+        struct Dribble<'a>(&'a [u8], usize);
+        impl Read for Dribble<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(self.1).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for step in [1, 777, 4096, 70_000] {
+            let mut least = Chunker::with_sizes(1, 1024, 4096, 16384);
+            least.read_least();
+            let mut all = Vec::new();
+            least
+                .chunks(
+                    Dribble(&data, step),
+                    |c| {
+                        all.push(c.to_vec());
+                        Ok::<_, std::io::Error>(())
+                    },
+                    |e| e,
+                )
+                .unwrap();
+            assert_eq!(all, cut(&data, 1), "reads of {step} bytes");
+        }
     }
 
     #[test]
