@@ -1,7 +1,8 @@
 //! The controller as users run it: installed by its Helm chart into a
 //! cluster with a node, from the Ferry image of this build, with the chart's
 //! own RBAC and admission policy. A scheduled policy backs up a namespace
-//! with a volume, and a namespace user restores it through a Restore.
+//! with a volume (and a block volume read by the blocks its driver
+//! reports), and a namespace user restores it through a Restore.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,6 +116,19 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
         .create(&PostParams::default(), &settings)
         .await
         .unwrap();
+    // A block-mode claim: the driver reports its blocks (changed-block
+    // tracking), which the controller asks for with its own token.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), &app.name);
+    create(
+        &claims,
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "disk", "namespace": app.name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                     "volumeMode": "Block", "resources": {"requests": {"storage": "16Mi"}}}
+        }),
+    )
+    .await;
 
     // The chart, from this checkout, with the image of this build. One
     // replica: the Lease test lives elsewhere.
@@ -251,12 +265,30 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
             .args(["backup", "describe", &snapshot, "--repo", &repo_url]),
     );
     assert!(ok, "{stderr}");
-    let volumes = &described["content"]["report"]["volumes"];
-    assert_eq!(volumes[0]["claim"], "files", "{volumes}");
+    let report = &described["content"]["report"];
+    let volume = |claim: &str| {
+        report["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|e| e["claim"] == claim))
+            .unwrap_or_else(|| panic!("no volume {claim}: {report}"))
+    };
     assert_eq!(
-        volumes[0]["method"], "snapshot-move",
-        "the policy moved the claim's data by default: {volumes}"
+        volume("files")["method"],
+        "snapshot-move",
+        "the policy moved the claim's data by default: {report}"
     );
+    // The block claim was read by the blocks the driver reported, with
+    // the controller's own token, and its snapshot kept as the next base.
+    let disk = volume("disk");
+    assert_eq!(disk["block"], true, "{disk}");
+    assert!(
+        disk["stats"]["bytesChanged"].is_u64(),
+        "{disk}
+{report}"
+    );
+    assert!(disk["changeBase"]["volumeSnapshot"].is_string(), "{disk}");
+    let warnings = report["warnings"].to_string();
+    assert!(!warnings.contains("changed-block"), "{warnings}");
 
     // Disaster in the application's namespace.
     Api::<Deployment>::namespaced(admin.clone(), &app.name)
@@ -267,7 +299,6 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
         .delete("settings", &Default::default())
         .await
         .unwrap();
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), &app.name);
     eventually("the Pod of files to be gone", POD_TIMEOUT, || async {
         let list = Api::<Pod>::namespaced(admin.clone(), &app.name)
             .list(&ListParams::default().labels("app=files"))
@@ -276,11 +307,13 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
         list.items.is_empty().then_some(())
     })
     .await;
-    claims.delete("files", &Default::default()).await.unwrap();
-    eventually("the claim to be gone", POD_TIMEOUT, || async {
-        matches!(claims.get_opt("files").await, Ok(None)).then_some(())
-    })
-    .await;
+    for claim in ["files", "disk"] {
+        claims.delete(claim, &Default::default()).await.unwrap();
+        eventually("the claim to be gone", POD_TIMEOUT, || async {
+            matches!(claims.get_opt(claim).await, Ok(None)).then_some(())
+        })
+        .await;
+    }
 
     // A user with `edit` in the namespace, and nothing else, restores it.
     grant_edit(&admin, &app.name, "user-6").await;
@@ -317,6 +350,7 @@ async fn node_the_controller_installed_by_its_helm_chart_backs_up_on_schedule_an
     );
     assert_eq!(line(&restored, "SUMS"), sums);
     assert!(config_maps.get_opt("settings").await.unwrap().is_some());
+    assert!(claims.get_opt("disk").await.unwrap().is_some());
 
     let _ = policies.delete(&system.name, &Default::default()).await;
     let _ = repositories.delete(&system.name, &Default::default()).await;
