@@ -856,6 +856,7 @@ async fn second_step(
         .map(|service| Tracked {
             service: service.clone(),
             snapshot: snapshot_name.clone(),
+            content: kept.content.clone(),
             driver: kept.driver.clone(),
             server: conn.server.clone(),
         });
@@ -914,8 +915,10 @@ type Parents = HashMap<(String, String), VolumeEntry>;
 /// service reports.
 struct Tracked {
     service: MetadataService,
-    /// The VolumeSnapshot the mover's device was made from.
+    /// The VolumeSnapshot the mover's device was made from, and its
+    /// VolumeSnapshotContent.
     snapshot: String,
+    content: String,
     driver: String,
     /// The API server of the cluster.
     server: String,
@@ -1015,8 +1018,11 @@ async fn move_claim(
         // driver reports what changed since the parent's kept snapshot,
         // or, for the first backup, which blocks hold data.
         match changed_block_args(conn, mover, tracked, parent, &claim.namespace).await {
-            Ok((more_args, token)) => {
+            Ok((more_args, token, note)) => {
                 args.extend(more_args);
+                said.extend(
+                    note.map(|n| format!("volume {}/{}: {n}", claim.namespace, claim.name)),
+                );
                 env.push((
                     metadata::CA_ENV.to_string(),
                     String::from_utf8_lossy(&tracked.service.ca_cert).into_owned(),
@@ -1082,16 +1088,30 @@ async fn move_claim(
     ))
 }
 
+/// Whether two snapshot contents are of the same volume. A claim deleted
+/// and made again (a restore, say) has a new volume: the base of the old
+/// one says nothing of what changed in it, whatever a driver would answer.
+async fn same_volume(client: &kube::Client, base: &str, current: &str) -> bool {
+    let (Some(a), Some(b)) = (
+        csi::source_volume(client, base).await,
+        csi::source_volume(client, current).await,
+    ) else {
+        return false;
+    };
+    a == b
+}
+
 /// The mover's arguments and token to ask the snapshot metadata service
 /// which blocks to read: those changed since the parent's kept snapshot
-/// where it kept one here, else those that hold data.
+/// where it kept one of this volume here, else those that hold data (and
+/// then a note why, when the parent's base could not serve).
 async fn changed_block_args(
     conn: &Connection,
     mover: &MoverSettings,
     tracked: &Tracked,
     parent: Option<&VolumeEntry>,
     namespace: &str,
-) -> Result<(Vec<String>, String), String> {
+) -> Result<(Vec<String>, String, Option<String>), String> {
     let account = mover
         .snapshot_metadata_account
         .as_ref()
@@ -1103,20 +1123,28 @@ async fn changed_block_args(
         "--target-snapshot".into(),
         format!("{namespace}/{}", tracked.snapshot),
     ];
+    let mut note = None;
     if let Some(parent) = parent
         && let (Some(base), Some(root)) = (&parent.change_base, parent.root)
         && base.server == tracked.server
         && base.driver == tracked.driver
         && !base.handle.is_empty()
     {
-        args.extend([
-            "--parent-root".into(),
-            root.to_string(),
-            "--base-snapshot-handle".into(),
-            base.handle.clone(),
-        ]);
+        if same_volume(&conn.client, &base.content, &tracked.content).await {
+            args.extend([
+                "--parent-root".into(),
+                root.to_string(),
+                "--base-snapshot-handle".into(),
+                base.handle.clone(),
+            ]);
+        } else {
+            note = Some(format!(
+                "the previous backup's base snapshot (VolumeSnapshotContent {}) is gone or of another volume: the blocks in use are read instead",
+                base.content
+            ));
+        }
     }
-    Ok((args, token))
+    Ok((args, token, note))
 }
 
 #[cfg(test)]

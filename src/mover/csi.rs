@@ -194,6 +194,18 @@ pub(super) async fn retain(
         })
 }
 
+/// The CSI volume a VolumeSnapshotContent was taken of (its
+/// `spec.source.volumeHandle`); `None` when it is gone or was
+/// pre-provisioned from a snapshot handle.
+pub(super) async fn source_volume(client: &kube::Client, content: &str) -> Option<String> {
+    let contents: Api<DynamicObject> =
+        Api::all_with(client.clone(), &resource("VolumeSnapshotContent"));
+    let object = contents.get_opt(content).await.ok()??;
+    object.data["spec"]["source"]["volumeHandle"]
+        .as_str()
+        .map(String::from)
+}
+
 pub(super) async fn delete(client: &kube::Client, namespace: &str, name: &str) {
     let snapshots: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), namespace, &resource("VolumeSnapshot"));
