@@ -126,9 +126,16 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<ObjectInfo>) -> std::io::Result<(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
+    // A file deleted while it is listed (another process releasing its
+    // lock, a prune) is simply not listed: as an S3 listing would do.
+    let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     for entry in entries {
         let entry = entry?;
-        let ty = entry.file_type()?;
+        let ty = match entry.file_type() {
+            Ok(ty) => ty,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => return Err(e),
+        };
         let path = entry.path();
         if ty.is_dir() {
             walk(&path, root, out)?;
@@ -138,15 +145,17 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<ObjectInfo>) -> std::io::Result<(
             if name.to_string_lossy().starts_with(".tmp-") {
                 continue;
             }
+            let size = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e),
+            };
             let rel = path
                 .strip_prefix(root)
                 .expect("under root")
                 .to_string_lossy()
                 .replace('\\', "/");
-            out.push(ObjectInfo {
-                path: rel,
-                size: entry.metadata()?.len(),
-            });
+            out.push(ObjectInfo { path: rel, size });
         }
     }
     Ok(())
