@@ -1721,6 +1721,24 @@ async fn tracked_block_app(client: &kube::Client, node: &NodeInfo, ns: &str) {
     apply_manifests(client, &yaml).await;
 }
 
+/// Waits until the VolumeSnapshot `name` of `snapshots` is gone: a base
+/// released.
+async fn base_released(snapshots: &Api<kube::api::DynamicObject>, name: &str) {
+    eventually(
+        &format!("the base {name} released"),
+        Duration::from_secs(60),
+        || async {
+            snapshots
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// The VolumeSnapshot (`NAMESPACE/NAME`) an entry keeps as its
 /// changed-block tracking base.
 fn change_base(entry: &Value) -> String {
@@ -1801,19 +1819,7 @@ async fn node_a_block_volume_is_read_only_where_it_changed_since_the_last_backup
     let second_base = change_base(entry);
     assert_ne!(second_base, first_base);
     // Only the newest backup keeps a base: the first one's is released.
-    eventually(
-        "the first base released",
-        Duration::from_secs(60),
-        || async {
-            snapshots
-                .get_opt(first_base_name)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    base_released(&snapshots, first_base_name).await;
     // The kept base is Ferry's, not the application's: later backups
     // leave it out of the namespace's objects.
     let objects = &second["report"]["counts"];
@@ -1922,37 +1928,13 @@ async fn node_a_block_volume_is_read_only_where_it_changed_since_the_last_backup
     );
     // The fourth backup replaced the third's base.
     let (_, third_base_name) = third_base.split_once('/').unwrap();
-    eventually(
-        "the third base released",
-        Duration::from_secs(60),
-        || async {
-            snapshots
-                .get_opt(third_base_name)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    base_released(&snapshots, third_base_name).await;
 
     // Deleting the newest backup releases its base.
     let fourth_base = change_base(volume(&fourth, "data"));
     let (ok, out) = repo.plain(cluster, &["backup", "delete", "fourth"]);
     assert!(ok, "{out}");
     let (_, fourth_base_name) = fourth_base.split_once('/').unwrap();
-    eventually(
-        "the fourth base released",
-        Duration::from_secs(60),
-        || async {
-            snapshots
-                .get_opt(fourth_base_name)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    base_released(&snapshots, fourth_base_name).await;
     clean_up(&client, &[&ns.name, &clone, &clone3]).await;
 }
