@@ -163,8 +163,12 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "root".into())
             });
+            // The directory is scanned while the repository opens.
+            let mut scan = dir.is_dir().then(|| volume::DirScan::start(&dir));
             let repository = repo::open(&repo_args).await?;
+            tracing::debug!("volume backup: repository opened");
             let lock = repository.lock_shared().await?;
+            tracing::debug!("volume backup: repository locked, index loaded");
             let result = async {
                 let parent = match (&parent, no_parent) {
                     (_, true) => None,
@@ -190,6 +194,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     },
                 };
                 let parent_id = parent.as_ref().map(|(id, _)| id.0.clone());
+                tracing::debug!(parent = ?parent_id, "volume backup: parent chosen");
                 let ranges_given = changed_blocks.is_some()
                     || allocated_blocks.is_some()
                     || snapshot_metadata.is_some();
@@ -247,13 +252,14 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     progress: Some(progress),
                     changed_blocks,
                 };
-                let backup = if dir.is_dir() {
-                    volume::backup_dir(&repository, &lock, &dir, options).await
+                let backup = if let Some(scan) = scan.take() {
+                    volume::backup_scanned(&repository, &lock, scan, options).await
                 } else {
                     volume::backup_device(&repository, &lock, &dir, options).await
                 };
                 bar.finish();
                 let mut backup = backup?;
+                tracing::debug!("volume backup: data, trees and index stored");
                 early_warnings.append(&mut backup.warnings);
                 backup.warnings = early_warnings;
                 let snapshot = if root_only {
@@ -282,6 +288,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 })
             }
             .await;
+            tracing::debug!("volume backup: snapshot saved");
             lock.release().await?;
             let out = result.with_context(|| format!("volume backup of {}", dir.display()))?;
             for warning in &out.warnings {

@@ -54,8 +54,6 @@ pub struct VolumeBackup {
 
 /// A directory as walked.
 struct WalkedDir {
-    /// Relative to the top.
-    rel: PathBuf,
     entries: Vec<Node>,
     /// The directory's own entry in its parent (dir index, entry index).
     parent: Option<(usize, usize)>,
@@ -90,18 +88,37 @@ pub async fn backup_dir(
     dir: &Path,
     options: VolumeBackupOptions,
 ) -> Result<VolumeBackup, VolumeError> {
+    backup_scanned(repo, lock, DirScan::start(dir), options).await
+}
+
+/// [`backup_dir`] of a directory whose scan the caller started.
+pub async fn backup_scanned(
+    repo: &Repository,
+    lock: &RepoLock,
+    scan: DirScan,
+    options: VolumeBackupOptions,
+) -> Result<VolumeBackup, VolumeError> {
     let started = Instant::now();
     let parent_trees = match &options.parent {
         Some(parent) => read_trees(repo, parent.tree).await?,
         None => BTreeMap::new(),
     };
+    tracing::debug!(
+        dirs = parent_trees.len(),
+        "volume backup: parent's trees read"
+    );
+    let scanned = scan.task.await.expect("scan task")?;
+    tracing::debug!(
+        dirs = scanned.dirs.len(),
+        "volume backup: directory scanned"
+    );
     let walk = {
         let repo = repo.clone();
-        let dir = dir.to_path_buf();
+        let top = scan.top;
         let ignore_inode = options.ignore_inode;
-        tokio::task::spawn_blocking(move || walk(&repo, &dir, &parent_trees, ignore_inode))
+        tokio::task::spawn_blocking(move || walk(&repo, &top, scanned, &parent_trees, ignore_inode))
             .await
-            .expect("walk task")?
+            .expect("walk task")
     };
     store_walk(repo, lock, walk, &options, started, false).await
 }
@@ -236,7 +253,6 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
     Ok(Walk {
         top: node("", NodeKind::Dir, 0o755, 0),
         dirs: vec![WalkedDir {
-            rel: PathBuf::new(),
             entries: vec![node(
                 DEVICE_ENTRY,
                 NodeKind::File,
@@ -286,8 +302,13 @@ async fn store_walk(
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .max(1);
+    tracing::debug!(
+        files = walk.jobs.len(),
+        "volume backup: compared with the parent, files to read"
+    );
     let writer = repo.writer(lock);
     let (read, writer) = read_files(repo, writer, &walk, workers, progress).await?;
+    tracing::debug!("volume backup: files read");
     assemble(writer, walk, read, options, started, block).await
 }
 
@@ -314,22 +335,10 @@ fn kind_of(metadata: &Metadata) -> NodeKind {
     }
 }
 
-/// The node of `path`, read with lstat, its link target and its xattrs.
-fn node_of(path: &Path, name: Name, metadata: &Metadata) -> Result<Node, VolumeError> {
-    let kind = kind_of(metadata);
-    let target = match kind {
-        NodeKind::Symlink => Some(Name(
-            std::fs::read_link(path)
-                .map_err(|e| VolumeError::io(path, e))?
-                .into_os_string(),
-        )),
-        _ => None,
-    };
+/// The extended attributes of `path`, sorted, values in hex.
+fn xattrs_of(path: &Path) -> Vec<(Name, String)> {
     let mut xattrs = Vec::new();
-    // Links carry no user xattrs on Linux; reading them follows nothing.
-    if kind != NodeKind::Symlink
-        && let Ok(names) = xattr::list(path)
-    {
+    if let Ok(names) = xattr::list(path) {
         for attr in names {
             if let Ok(Some(value)) = xattr::get(path, &attr) {
                 xattrs.push((Name(attr), hex::encode(value)));
@@ -337,7 +346,18 @@ fn node_of(path: &Path, name: Name, metadata: &Metadata) -> Result<Node, VolumeE
         }
         xattrs.sort();
     }
-    Ok(Node {
+    xattrs
+}
+
+/// The node of an entry from its lstat, link target and xattrs.
+fn node_of(
+    name: Name,
+    metadata: &Metadata,
+    target: Option<std::ffi::OsString>,
+    xattrs: Vec<(Name, String)>,
+) -> Node {
+    let kind = kind_of(metadata);
+    Node {
         name,
         kind,
         mode: metadata.mode() & 0o7777,
@@ -358,13 +378,13 @@ fn node_of(path: &Path, name: Name, metadata: &Metadata) -> Result<Node, VolumeE
         },
         content: Vec::new(),
         subtree: None,
-        target,
+        target: target.map(Name),
         rdev: match kind {
             NodeKind::Char | NodeKind::Block => metadata.rdev(),
             _ => 0,
         },
         xattrs,
-    })
+    }
 }
 
 /// Whether a file can be taken over from its parent entry without reading.
@@ -376,26 +396,125 @@ fn unchanged(now: &Node, before: &Node, ignore_inode: bool) -> bool {
         && (now.size == 0 || !before.content.is_empty())
 }
 
-/// Walks the tree under `top` (never leaving its file system), noting what
-/// must be read.
-fn walk(
-    repo: &Repository,
-    top: &Path,
-    parent: &BTreeMap<PathBuf, Tree>,
-    ignore_inode: bool,
-) -> Result<Walk, VolumeError> {
+/// A directory as scanned: its entries sorted by name.
+struct ScannedDir {
+    /// Relative to the top.
+    rel: PathBuf,
+    entries: Vec<ScannedEntry>,
+    /// The directory's own entry in its parent (dir index, entry index).
+    parent: Option<(usize, usize)>,
+}
+
+struct ScannedEntry {
+    name: std::ffi::OsString,
+    metadata: Metadata,
+    /// A symbolic link's target.
+    target: Option<std::ffi::OsString>,
+}
+
+/// The file system part of a walk, which needs no repository: every
+/// entry's lstat, read relative to its directory. Extended attributes are
+/// read afterwards, only where the parent backup cannot tell them.
+pub struct DirScan {
+    top: PathBuf,
+    task: tokio::task::JoinHandle<Result<Scan, VolumeError>>,
+}
+
+struct Scan {
+    top_metadata: Metadata,
+    dirs: Vec<ScannedDir>,
+}
+
+impl DirScan {
+    /// Starts scanning `top` on a thread of its own: a caller starts it
+    /// before opening the repository (deriving the key, loading the index,
+    /// reading the parent), so the two overlap.
+    pub fn start(top: &Path) -> DirScan {
+        let top = top.to_path_buf();
+        let task = {
+            let top = top.clone();
+            tokio::task::spawn_blocking(move || scan(&top))
+        };
+        DirScan { top, task }
+    }
+}
+
+/// Scans the tree under `top`, never leaving its file system.
+fn scan(top: &Path) -> Result<Scan, VolumeError> {
     let top_metadata = std::fs::symlink_metadata(top).map_err(|e| VolumeError::io(top, e))?;
     if !top_metadata.is_dir() {
         return Err(VolumeError::io(top, "not a directory"));
     }
     let device = top_metadata.dev();
+    let mut dirs = vec![ScannedDir {
+        rel: PathBuf::new(),
+        entries: Vec::new(),
+        parent: None,
+    }];
+    let mut index = 0;
+    while index < dirs.len() {
+        let path = top.join(&dirs[index].rel);
+        let mut listed: Vec<std::fs::DirEntry> = std::fs::read_dir(&path)
+            .map_err(|e| VolumeError::io(&path, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| VolumeError::io(&path, e))?;
+        listed.sort_by_key(|e| e.file_name());
+        let mut entries = Vec::with_capacity(listed.len());
+        for listed in listed {
+            let name = listed.file_name();
+            // lstat relative to the open directory: no path lookup.
+            let metadata = match listed.metadata() {
+                Ok(m) => m,
+                // Removed since the directory was listed: a live volume.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(VolumeError::io(&path.join(&name), e)),
+            };
+            let target = if metadata.file_type().is_symlink() {
+                let child = path.join(&name);
+                Some(
+                    std::fs::read_link(&child)
+                        .map_err(|e| VolumeError::io(&child, e))?
+                        .into_os_string(),
+                )
+            } else {
+                None
+            };
+            if metadata.is_dir() && metadata.dev() == device {
+                let rel = dirs[index].rel.join(&name);
+                dirs.push(ScannedDir {
+                    rel,
+                    entries: Vec::new(),
+                    parent: Some((index, entries.len())),
+                });
+            }
+            entries.push(ScannedEntry {
+                name,
+                metadata,
+                target,
+            });
+        }
+        dirs[index].entries = entries;
+        index += 1;
+    }
+    Ok(Scan { top_metadata, dirs })
+}
+
+/// Compares a scan with the parent's trees, noting what must be read.
+fn walk(
+    repo: &Repository,
+    top: &Path,
+    scan: Scan,
+    parent: &BTreeMap<PathBuf, Tree>,
+    ignore_inode: bool,
+) -> Walk {
     let mut out = Walk {
-        top: node_of(top, Name(Default::default()), &top_metadata)?,
-        dirs: vec![WalkedDir {
-            rel: PathBuf::new(),
-            entries: Vec::new(),
-            parent: None,
-        }],
+        top: node_of(
+            Name(Default::default()),
+            &scan.top_metadata,
+            None,
+            xattrs_of(top),
+        ),
+        dirs: Vec::with_capacity(scan.dirs.len()),
         jobs: Vec::new(),
         aliases: Vec::new(),
         reused_chunks: Vec::new(),
@@ -404,48 +523,53 @@ fn walk(
     };
     let mut first_link: HashMap<u64, usize> = HashMap::new();
     let mut reused_links: HashMap<u64, Vec<Piece>> = HashMap::new();
-    let mut index = 0;
-    while index < out.dirs.len() {
-        let rel = out.dirs[index].rel.clone();
-        let path = top.join(&rel);
-        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&path)
-            .map_err(|e| VolumeError::io(&path, e))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| VolumeError::io(&path, e))?;
-        names.sort();
-        let before = parent.get(&rel);
-        let mut entries = Vec::with_capacity(names.len());
-        for name in names {
-            let child = path.join(&name);
-            let metadata = match std::fs::symlink_metadata(&child) {
-                Ok(m) => m,
-                // Removed since the directory was listed: a live volume.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(VolumeError::io(&child, e)),
+    for (index, dir) in scan.dirs.into_iter().enumerate() {
+        let path = top.join(&dir.rel);
+        let before = parent.get(&dir.rel);
+        let mut entries = Vec::with_capacity(dir.entries.len());
+        for scanned in dir.entries {
+            let child = path.join(&scanned.name);
+            let kind = kind_of(&scanned.metadata);
+            let previous = before.and_then(|t| {
+                t.entries
+                    .binary_search_by(|e| e.name.as_os_str().cmp(&scanned.name))
+                    .ok()
+                    .map(|i| &t.entries[i])
+            });
+            // Setting or removing an xattr changes the inode's ctime: an
+            // entry whose inode and ctime are the parent's has its xattrs.
+            // Links carry no user xattrs on Linux; reading them follows
+            // nothing.
+            let xattrs = match previous {
+                _ if kind == NodeKind::Symlink => Vec::new(),
+                Some(p)
+                    if !ignore_inode
+                        && p.kind == kind
+                        && p.inode == scanned.metadata.ino()
+                        && p.ctime
+                            == timestamp(
+                                scanned.metadata.ctime(),
+                                scanned.metadata.ctime_nsec(),
+                            ) =>
+                {
+                    p.xattrs.clone()
+                }
+                _ => xattrs_of(&child),
             };
-            let mut node = node_of(&child, Name(name), &metadata)?;
+            let mut node = node_of(
+                Name(scanned.name),
+                &scanned.metadata,
+                scanned.target,
+                xattrs,
+            );
             let entry = entries.len();
             match node.kind {
-                NodeKind::Dir if metadata.dev() == device => {
-                    out.stats.dirs += 1;
-                    out.dirs.push(WalkedDir {
-                        rel: rel.join(node.name.as_os_str()),
-                        entries: Vec::new(),
-                        parent: Some((index, entry)),
-                    });
-                }
-                // A mount point inside the volume: recorded, not entered.
+                // Its entries, if it is not a mount point inside the
+                // volume, are a directory of the scan of their own.
                 NodeKind::Dir => out.stats.dirs += 1,
                 NodeKind::File => {
                     out.stats.files += 1;
                     out.stats.bytes += node.size;
-                    let previous = before.and_then(|t| {
-                        t.entries
-                            .binary_search_by(|e| e.name.cmp(&node.name))
-                            .ok()
-                            .map(|i| &t.entries[i])
-                    });
                     let linked = node.links > 1;
                     if linked && let Some(pieces) = reused_links.get(&node.inode) {
                         node.content = pieces.clone();
@@ -484,10 +608,12 @@ fn walk(
             }
             entries.push(node);
         }
-        out.dirs[index].entries = entries;
-        index += 1;
+        out.dirs.push(WalkedDir {
+            entries,
+            parent: dir.parent,
+        });
     }
-    Ok(out)
+    out
 }
 
 /// A file as read: its pieces and its length.

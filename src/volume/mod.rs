@@ -43,7 +43,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::repo::{BlobId, RepoError, Repository, Snapshot, SnapshotId};
 
-pub use backup::{VolumeBackup, VolumeBackupOptions, backup_device, backup_dir};
+pub use backup::{
+    DirScan, VolumeBackup, VolumeBackupOptions, backup_device, backup_dir, backup_scanned,
+};
 pub use delta::BlockDelta;
 pub use restore::{RestoreStats, VolumeRestoreOptions, restore_dir, restore_image};
 pub use tree::{DEVICE_ENTRY, Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};

@@ -237,6 +237,85 @@ async fn an_unchanged_tree_is_not_read_again_and_a_changed_file_stores_only_its_
     lock.release().await.unwrap();
 }
 
+/// The xattrs a backup recorded for `rel`, values in hex.
+async fn recorded_xattrs(repo: &Repository, root: &VolumeRoot, rel: &str) -> Vec<(String, String)> {
+    let trees = read_trees(repo, root.tree).await.unwrap();
+    let path = Path::new(rel);
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let name = path.file_name().unwrap();
+    let node = trees[dir]
+        .entries
+        .iter()
+        .find(|n| n.name.as_os_str() == name)
+        .unwrap_or_else(|| panic!("{rel} is in the backup"));
+    node.xattrs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn xattrs_are_taken_from_the_parent_only_while_inode_and_change_time_are_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    if xattr::set(source.join("nested"), "user.kind", b"dir").is_err() {
+        eprintln!("this file system keeps no user xattrs: nothing to check");
+        return;
+    }
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let hex = |v: &str| hex::encode(v);
+    let first = backup(&repo, &lock, &source, None).await;
+    assert_eq!(
+        recorded_xattrs(&repo, &first.root, "small.txt").await,
+        [("user.origin".to_string(), hex("test"))]
+    );
+    let unchanged = backup(&repo, &lock, &source, Some(first.root.clone())).await;
+    assert_eq!(unchanged.root.tree, first.root.tree, "the same trees");
+    // Changing an xattr changes nothing else of the file: its change time
+    // tells.
+    xattr::set(source.join("small.txt"), "user.origin", b"second").unwrap();
+    xattr::set(source.join("small.txt"), "user.added", b"new").unwrap();
+    xattr::remove(source.join("nested"), "user.kind").unwrap();
+    let changed = backup(&repo, &lock, &source, Some(unchanged.root.clone())).await;
+    assert_eq!(
+        recorded_xattrs(&repo, &changed.root, "small.txt").await,
+        [
+            ("user.added".to_string(), hex("new")),
+            ("user.origin".to_string(), hex("second"))
+        ]
+    );
+    assert_eq!(recorded_xattrs(&repo, &first.root, "nested").await.len(), 1);
+    assert!(
+        recorded_xattrs(&repo, &changed.root, "nested")
+            .await
+            .is_empty()
+    );
+    // Its change time is new, so the file is read again too.
+    assert_eq!(changed.root.stats.files_read, 1);
+    // A copy with new inodes and change times (a volume made from a
+    // snapshot) is compared by size and time only: its xattrs are read.
+    let copy = backup_dir(
+        &repo,
+        &lock,
+        &source,
+        VolumeBackupOptions {
+            source: "test".into(),
+            parent: Some(first.root.clone()),
+            ignore_inode: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded_xattrs(&repo, &copy.root, "small.txt").await,
+        recorded_xattrs(&repo, &changed.root, "small.txt").await
+    );
+    lock.release().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_damaged_chunk_fails_the_restore_and_verify_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
