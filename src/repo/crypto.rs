@@ -31,15 +31,25 @@ impl std::fmt::Debug for MasterKey {
 pub struct Tampered;
 
 pub fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Vec<u8> {
+    seal_built(key, plaintext.len(), |buffer| {
+        buffer.extend_from_slice(plaintext)
+    })
+}
+
+/// Seals the plaintext `fill` appends (about `length` bytes) to a buffer
+/// that already holds the nonce: the plaintext is written once, and
+/// encrypted where it lies (nonce, ciphertext, tag).
+pub fn seal_built(key: &[u8; 32], length: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    use chacha20poly1305::aead::AeadInPlace;
     let cipher = XChaCha20Poly1305::new(key.into());
     let nonce: [u8; NONCE_LEN] = rand::random();
-    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+    let mut out = Vec::with_capacity(NONCE_LEN + length + TAG_LEN);
     out.extend_from_slice(&nonce);
-    out.extend(
-        cipher
-            .encrypt(XNonce::from_slice(&nonce), plaintext)
-            .expect("encryption of in-memory data cannot fail"),
-    );
+    fill(&mut out);
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), b"", &mut out[NONCE_LEN..])
+        .expect("encryption of in-memory data cannot fail");
+    out.extend_from_slice(&tag);
     out
 }
 
@@ -64,6 +74,11 @@ impl MasterKey {
 
     pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
         seal_with(&self.encryption, plaintext)
+    }
+
+    /// [`seal_built`] with this key.
+    pub fn seal_built(&self, length: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        seal_built(&self.encryption, length, fill)
     }
 
     pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, Tampered> {

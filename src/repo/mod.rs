@@ -163,39 +163,86 @@ pub enum RepoError {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlobId(pub [u8; 32]);
 
+impl BlobId {
+    /// Its hex form, without allocating: trees and index files hold
+    /// hundreds of thousands of ids, and they are written and read as hex.
+    fn hex(&self) -> [u8; 64] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, byte) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[(byte >> 4) as usize];
+            out[2 * i + 1] = DIGITS[(byte & 0xf) as usize];
+        }
+        out
+    }
+
+    fn hex_str(buffer: &[u8; 64]) -> &str {
+        std::str::from_utf8(buffer).expect("hex digits are ASCII")
+    }
+}
+
 impl fmt::Display for BlobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        f.write_str(BlobId::hex_str(&self.hex()))
     }
 }
 
 impl fmt::Debug for BlobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BlobId({})", &hex::encode(self.0)[..12])
+        write!(f, "BlobId({})", &BlobId::hex_str(&self.hex())[..12])
     }
 }
 
 impl FromStr for BlobId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bytes = hex::decode(s).map_err(|e| format!("blob id '{s}': {e}"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| format!("blob id '{s}' is not 32 bytes"))?;
-        Ok(BlobId(arr))
+        fn nibble(c: u8) -> Option<u8> {
+            match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                b'A'..=b'F' => Some(c - b'A' + 10),
+                _ => None,
+            }
+        }
+        let digits = s.as_bytes();
+        if digits.len() != 64 {
+            return Err(format!(
+                "blob id '{s}' is not 32 bytes in hex (64 digits; it has {})",
+                digits.len()
+            ));
+        }
+        let mut id = [0u8; 32];
+        for (byte, pair) in id.iter_mut().zip(digits.chunks_exact(2)) {
+            match (nibble(pair[0]), nibble(pair[1])) {
+                (Some(high), Some(low)) => *byte = high << 4 | low,
+                _ => return Err(format!("blob id '{s}': not a hex digit in it")),
+            }
+        }
+        Ok(BlobId(id))
     }
 }
 
 impl Serialize for BlobId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
+        s.serialize_str(BlobId::hex_str(&self.hex()))
     }
 }
 
 impl<'de> Deserialize<'de> for BlobId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        /// Takes the id as a borrowed string where the input allows:
+        /// no allocation per id.
+        struct HexId;
+        impl serde::de::Visitor<'_> for HexId {
+            type Value = BlobId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a blob id (64 hex digits)")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<BlobId, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(HexId)
     }
 }
 
@@ -484,7 +531,9 @@ const CHUNK_ZSTD_LEVEL: i32 = 1;
 /// A chunk whose sample compresses to more than this share of its size is
 /// stored uncompressed.
 const INCOMPRESSIBLE: f64 = 0.97;
-/// Bytes of a chunk compressed to decide whether it compresses.
+/// Bytes of a chunk compressed to decide whether it compresses. Smaller
+/// chunks are compressed whole: zstd gives up on random data quickly, and
+/// a sample of them costs compressible data more than it saves.
 const SAMPLE: usize = 64 * 1024;
 
 thread_local! {
@@ -492,12 +541,25 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Bytes of the raw frame of `length` bytes.
+fn zstd_raw_frame_len(length: usize) -> usize {
+    const BLOCK: usize = 128 * 1024;
+    4 + 1 + 8 + length + 3 * length.div_ceil(BLOCK).max(1)
+}
+
 /// A zstd frame holding `data` in raw (stored) blocks: what any zstd
 /// decoder reads back, made with one copy. Incompressible data goes this
 /// way instead of through the compressor.
+#[cfg(test)]
 pub(crate) fn zstd_raw_frame(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(zstd_raw_frame_len(data.len()));
+    push_zstd_raw_frame(&mut out, data);
+    out
+}
+
+/// Appends the raw frame of `data` to `out`.
+fn push_zstd_raw_frame(out: &mut Vec<u8>, data: &[u8]) {
     const BLOCK: usize = 128 * 1024;
-    let mut out = Vec::with_capacity(data.len() + 16 + 3 * (data.len() / BLOCK + 1));
     out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
     // Frame header: single segment, 8-byte content size, no checksum.
     out.push(0b1110_0000);
@@ -513,13 +575,14 @@ pub(crate) fn zstd_raw_frame(data: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&header.to_le_bytes()[..3]);
         out.extend_from_slice(block);
     }
-    out
 }
 
 /// zstd of a chunk of volume data: a fast level, and a raw frame when a
 /// sample shows the data does not compress (media, archives, encrypted
 /// files), which saves most of the compressor's time on such data.
-pub(crate) fn compress_chunk(data: &[u8]) -> Vec<u8> {
+/// `None` stands for the raw frame, so that the caller writes it where it
+/// is needed instead of copying it there.
+fn compress_chunk_or_raw(data: &[u8]) -> Option<Vec<u8>> {
     CHUNK_COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         let compressor = cell.get_or_insert_with(|| {
@@ -532,18 +595,30 @@ pub(crate) fn compress_chunk(data: &[u8]) -> Vec<u8> {
                 .compress(sample)
                 .expect("compressing in memory cannot fail");
             if packed.len() as f64 > INCOMPRESSIBLE * SAMPLE as f64 {
-                return zstd_raw_frame(data);
+                return None;
             }
         }
         let packed = compressor
             .compress(data)
             .expect("compressing in memory cannot fail");
-        if packed.len() > data.len() {
-            zstd_raw_frame(data)
-        } else {
-            packed
-        }
+        (packed.len() <= data.len()).then_some(packed)
     })
+}
+
+/// [`compress_chunk_or_raw`], the raw frame made.
+#[cfg(test)]
+pub(crate) fn compress_chunk(data: &[u8]) -> Vec<u8> {
+    compress_chunk_or_raw(data).unwrap_or_else(|| zstd_raw_frame(data))
+}
+
+/// A chunk of volume data as stored: compressed or a raw frame, sealed.
+fn encode_chunk_with(key: &MasterKey, data: &[u8]) -> Vec<u8> {
+    match compress_chunk_or_raw(data) {
+        Some(packed) => key.seal(&packed),
+        None => key.seal_built(zstd_raw_frame_len(data.len()), |out| {
+            push_zstd_raw_frame(out, data)
+        }),
+    }
 }
 
 /// Encodes plaintext as stored: zstd, then sealed.
@@ -945,7 +1020,7 @@ impl Repository {
     /// A chunk of volume data as stored: its id and sealed bytes. Safe to
     /// call from many threads at once.
     pub(crate) fn encode_chunk(&self, data: &[u8]) -> Vec<u8> {
-        self.inner.key.seal(&compress_chunk(data))
+        encode_chunk_with(&self.inner.key, data)
     }
 
     /// The name of pack number `pack` (as `blob_position` gives it).

@@ -1127,3 +1127,100 @@ async fn a_remembering_handle_extends_its_index_and_matches_a_full_read() {
     assert_eq!(view(&repo), full_view(repo.clone()).await);
     lock.release().await.unwrap();
 }
+
+#[test]
+fn blob_ids_read_and_write_as_64_hex_digits() {
+    let id = BlobId(std::array::from_fn(|i| (i * 37 + 5) as u8));
+    let text = id.to_string();
+    assert_eq!(text, hex::encode(id.0));
+    assert_eq!(text.parse::<BlobId>().unwrap(), id);
+    assert_eq!(text.to_uppercase().parse::<BlobId>().unwrap(), id);
+    assert_eq!(format!("{id:?}"), format!("BlobId({})", &text[..12]));
+    let json = serde_json::to_string(&vec![id, id]).unwrap();
+    assert_eq!(json, format!("[\"{text}\",\"{text}\"]"));
+    assert_eq!(
+        serde_json::from_str::<Vec<BlobId>>(&json).unwrap(),
+        [id, id]
+    );
+    // An escaped string is not borrowed from the input: still read.
+    let escaped = format!("\"\\u0030{}\"", &text[1..]);
+    let mut expected = text.clone();
+    expected.replace_range(..1, "0");
+    assert_eq!(
+        serde_json::from_str::<BlobId>(&escaped).unwrap(),
+        expected.parse::<BlobId>().unwrap()
+    );
+    for bad in [
+        "",
+        &text[..63],
+        &format!("{text}0"),
+        &format!("g{}", &text[1..]),
+    ] {
+        assert!(bad.parse::<BlobId>().is_err(), "{bad:?}");
+        assert!(serde_json::from_str::<BlobId>(&format!("\"{bad}\"")).is_err());
+    }
+    assert!(serde_json::from_str::<BlobId>("7").is_err());
+}
+
+#[test]
+fn chunks_are_sealed_compressed_or_as_raw_frames_and_open_to_their_bytes() {
+    let key = MasterKey::random();
+    let repo_key = key.clone();
+    let random = |len: usize, seed: u64| -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    let text = |len: usize| -> Vec<u8> {
+        b"a line of a log that repeats, more or less; "
+            .iter()
+            .cycle()
+            .take(len)
+            .copied()
+            .collect()
+    };
+    let mut half = text(20_000);
+    half.extend(random(20_000, 3));
+    let cases: Vec<(Vec<u8>, bool)> = vec![
+        (Vec::new(), false),
+        (random(1_000, 1), true),
+        (random(2 * SAMPLE, 2), true),
+        (random(2 * SAMPLE + 1, 4), true),
+        (random(100_000, 5), true),
+        (random(300_000, 6), true),
+        (text(2 * SAMPLE + 1), false),
+        (text(300_000), false),
+        (half, false),
+    ];
+    for (data, raw) in cases {
+        let sealed = encode_chunk_with(&repo_key, &data);
+        let frame = key.open(&sealed).expect("sealed with the key");
+        assert_eq!(
+            zstd::bulk::decompress(&frame, data.len()).unwrap(),
+            data,
+            "{} bytes",
+            data.len()
+        );
+        if raw {
+            assert_eq!(
+                frame,
+                zstd_raw_frame(&data),
+                "{} bytes stored raw",
+                data.len()
+            );
+        } else if !data.is_empty() {
+            assert!(
+                frame.len() < data.len() * 3 / 4,
+                "{} bytes compress",
+                data.len()
+            );
+        }
+        assert_eq!(zstd_raw_frame(&data).len(), zstd_raw_frame_len(data.len()));
+    }
+}

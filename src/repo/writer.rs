@@ -130,6 +130,13 @@ impl PackWriter {
         stored: &[u8],
         raw_length: u32,
     ) -> Result<(), RepoError> {
+        if self.buffer.capacity() == 0 {
+            // One allocation per pack: grown by doubling, a pack would be
+            // copied several times over into newly faulted memory. The
+            // header (a JSON entry per blob) gets a sixty-fourth.
+            let target = self.pack_target.min(PACK_TARGET);
+            self.buffer.reserve(target + target / 64 + stored.len());
+        }
         self.entries.push(BlobEntry {
             id,
             offset: self.buffer.len() as u32,
