@@ -846,7 +846,16 @@ impl Repository {
                         return (f.path, Ok(file.clone()));
                     }
                     let result = match self.inner.backend.get(&f.path).await {
-                        Ok(bytes) => self.decode_json::<IndexFile>(&bytes).map(Arc::new),
+                        // Decoded on a thread of its own: the files of a
+                        // repository are decoded on every core.
+                        Ok(bytes) => {
+                            let repo = self.clone();
+                            tokio::task::spawn_blocking(move || {
+                                repo.decode_json::<IndexFile>(&bytes).map(Arc::new)
+                            })
+                            .await
+                            .expect("index decoding task")
+                        }
                         Err(e) => Err(e.to_string()),
                     };
                     if remember && let Ok(file) = &result {

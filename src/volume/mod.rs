@@ -148,35 +148,64 @@ pub async fn read_trees(
 ) -> Result<BTreeMap<PathBuf, Tree>, VolumeError> {
     let mut trees = BTreeMap::new();
     let mut pending = vec![(PathBuf::new(), tree)];
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     while !pending.is_empty() {
         let batch: Vec<(PathBuf, BlobId)> = pending.drain(..pending.len().min(256)).collect();
         let ids: Vec<BlobId> = batch.iter().map(|(_, id)| *id).collect();
         let read = repo.read_blobs(&ids).await;
-        for ((dir, id), bytes) in batch.into_iter().zip(read) {
-            let shown = Path::new("/").join(&dir);
-            let bytes = bytes.map_err(|e| VolumeError::Damaged {
-                path: shown.clone(),
-                message: format!("directory listing {id}: {e}"),
-            })?;
-            let tree: Tree = serde_json::from_slice(&bytes).map_err(|e| VolumeError::Corrupt {
-                what: format!("directory {}", shown.display()),
-                message: e.to_string(),
-            })?;
-            for node in &tree.entries {
-                if !node.name.is_plain_component() {
-                    return Err(VolumeError::Corrupt {
-                        what: format!("directory {}", shown.display()),
-                        message: format!("entry name '{}' is not a file name", node.name),
-                    });
+        // Parsed on every core: a large volume has tens of thousands of
+        // entries per batch.
+        let per_thread = batch.len().div_ceil(threads).max(1);
+        let mut listings = batch.into_iter().zip(read).peekable();
+        let mut parsing = Vec::new();
+        while listings.peek().is_some() {
+            let group: Vec<_> = listings.by_ref().take(per_thread).collect();
+            parsing.push(tokio::task::spawn_blocking(move || {
+                group
+                    .into_iter()
+                    .map(|((dir, id), bytes)| parse_tree(dir, id, bytes))
+                    .collect::<Vec<_>>()
+            }));
+        }
+        for group in parsing {
+            for parsed in group.await.expect("tree parsing task") {
+                let (dir, tree) = parsed?;
+                for node in &tree.entries {
+                    if let (NodeKind::Dir, Some(sub)) = (node.kind, node.subtree) {
+                        pending.push((dir.join(node.name.as_os_str()), sub));
+                    }
                 }
-                if let (NodeKind::Dir, Some(sub)) = (node.kind, node.subtree) {
-                    pending.push((dir.join(node.name.as_os_str()), sub));
-                }
+                trees.insert(dir, tree);
             }
-            trees.insert(dir, tree);
         }
     }
     Ok(trees)
+}
+
+/// One directory's listing, as read from the repository.
+fn parse_tree(
+    dir: PathBuf,
+    id: BlobId,
+    bytes: Result<Vec<u8>, crate::repo::RepoError>,
+) -> Result<(PathBuf, Tree), VolumeError> {
+    let shown = Path::new("/").join(&dir);
+    let bytes = bytes.map_err(|e| VolumeError::Damaged {
+        path: shown.clone(),
+        message: format!("directory listing {id}: {e}"),
+    })?;
+    let tree: Tree = serde_json::from_slice(&bytes).map_err(|e| VolumeError::Corrupt {
+        what: format!("directory {}", shown.display()),
+        message: e.to_string(),
+    })?;
+    for node in &tree.entries {
+        if !node.name.is_plain_component() {
+            return Err(VolumeError::Corrupt {
+                what: format!("directory {}", shown.display()),
+                message: format!("entry name '{}' is not a file name", node.name),
+            });
+        }
+    }
+    Ok((dir, tree))
 }
 
 /// The volume snapshots of a repository (`ferry volume list`).

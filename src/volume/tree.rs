@@ -117,7 +117,7 @@ impl std::fmt::Display for Name {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 #[serde(untagged)]
 enum StoredName {
     Text(String),
@@ -138,12 +138,37 @@ impl Serialize for Name {
 
 impl<'de> Deserialize<'de> for Name {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match StoredName::deserialize(d)? {
-            StoredName::Text(text) => Name(OsString::from(text)),
-            StoredName::Bytes { hex } => Name(OsString::from_vec(
-                hex::decode(hex).map_err(serde::de::Error::custom)?,
-            )),
-        })
+        /// A string, or `{"hex": ...}` for a name that is not UTF-8: read
+        /// without the buffering of an untagged enum (a volume's trees
+        /// hold a name per file).
+        struct NameVisitor;
+        impl<'de> serde::de::Visitor<'de> for NameVisitor {
+            type Value = Name;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a file name: a string, or {\"hex\": ...}")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Name, E> {
+                Ok(Name(OsString::from(text)))
+            }
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Name, E> {
+                Ok(Name(OsString::from(text)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Name, A::Error> {
+                let mut bytes = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "hex" || bytes.is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "unexpected field '{key}' in a file name"
+                        )));
+                    }
+                    let hex: String = map.next_value()?;
+                    bytes = Some(hex::decode(hex).map_err(serde::de::Error::custom)?);
+                }
+                let bytes = bytes.ok_or_else(|| serde::de::Error::missing_field("hex"))?;
+                Ok(Name(OsString::from_vec(bytes)))
+            }
+        }
+        d.deserialize_any(NameVisitor)
     }
 }
 
@@ -212,6 +237,28 @@ mod tests {
         );
         let back: Tree = serde_json::from_str(&json).unwrap();
         assert_eq!(back, tree);
+    }
+
+    #[test]
+    fn names_read_as_strings_or_hex_and_nothing_else() {
+        let read = |json: &str| serde_json::from_str::<Name>(json);
+        assert_eq!(read(r#""plain""#).unwrap(), Name("plain".into()));
+        assert_eq!(read(r#""caf\u00e9""#).unwrap(), Name("café".into()));
+        assert_eq!(
+            read(r#"{"hex":"636166e9"}"#).unwrap(),
+            Name(OsString::from_vec(b"caf\xe9".to_vec()))
+        );
+        for bad in [
+            r#"{"hex":"zz"}"#,
+            r#"{"hex":"00","hex":"01"}"#,
+            r#"{"other":"00"}"#,
+            "{}",
+            "7",
+            "null",
+            "[]",
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
