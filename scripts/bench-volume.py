@@ -22,7 +22,11 @@ the repository's size (du -sb) after each step.
 The page cache is not dropped: every tool starts on the same warm cache
 (the source is read once, for its checksum, just before each tool's first
 backup), and `sync` runs, untimed, after every step so that no step pays for
-the previous one's write-back.
+the previous one's write-back. Before the restore, the repository's files
+(not the tools' own caches) are evicted from the page cache
+(posix_fadvise DONTNEED): a restore reads a repository written long before,
+and a tool that writes its packs past the cache would otherwise restore from
+disk while the others restore from memory.
 
 Also, when the ferry binary offers it (`ferry volume bench` or `ferry volume
 limit`), the pipeline limit: chunk+hash+compress+encrypt of the dataset read
@@ -743,6 +747,24 @@ class Measurement:
     details: dict = field(default_factory=dict)
 
 
+def evict_from_page_cache(root: Path) -> int:
+    """Drops the cached pages of every file under root (clean pages only: call after a sync).
+    Returns the number of files."""
+    evicted = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                evicted += 1
+            finally:
+                os.close(fd)
+    return evicted
+
+
 def measure_tool(tool: Tool, ds: Dataset, original: dict, expect_changed: dict | None, results: dict) -> dict:
     """All four steps of one tool on one dataset. Returns the changed tree's digest."""
     ds_bytes = ds.total_bytes
@@ -784,6 +806,8 @@ def measure_tool(tool: Tool, ds: Dataset, original: dict, expect_changed: dict |
                                 "changed_bytes": changed_bytes})
         dest = tool.work / "restore"
         dest.mkdir()
+        os.sync()
+        evict_from_page_cache(tool.repo)
         run = tool.restore(snap, ds.root, dest, "4-restore")
         root = find_restored_root(dest, ds.root, changed)
         restored = tree_digest(root)
@@ -950,7 +974,8 @@ def main() -> int:
                       "settings": make_tool(t, bins[t], work / "probe", args).settings()} for t in tools},
         "method": {
             "page_cache": "warm: not dropped; the source is read (checksummed) just before each tool's first "
-                          "backup; restores and repositories go to the same file system",
+                          "backup; restores and repositories go to the same file system; before the restore "
+                          "the repository's files are evicted from the page cache (posix_fadvise DONTNEED)",
             "sync": "sync(2) after every step, untimed (recorded as sync_s)",
             "mib_per_s": "dataset apparent bytes / wall seconds, for every step",
             "files_per_s": "dataset files / wall seconds, for every step",
@@ -1117,7 +1142,9 @@ def markdown(results: dict) -> str:
         "",
         "All tools run one at a time on the same machine in the same run, each with a fresh local repository "
         "on the same file system as the data, with the page cache warm (it is not dropped; the source is read "
-        "just before each tool's first backup) and `sync` run untimed after every step. MiB/s and files/s are "
+        "just before each tool's first backup) and `sync` run untimed after every step; before the restore, the "
+        "repository's files (not the tools' own caches) are evicted from the page cache, as for a restore of a "
+        "repository written long before. MiB/s and files/s are "
         "the whole dataset's bytes and files over the step's wall time, for every step; CPU s is user + system "
         "time and peak RSS the largest resident set of the tool's process (both from GNU time); repo MiB is `du -sb` "
         "of the repository after the step. Every restore is checked file by file (size and SHA-256) against "
