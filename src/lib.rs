@@ -24,6 +24,8 @@ pub mod profile;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;
+#[cfg(test)]
+mod test_data;
 pub mod transform;
 pub mod volume;
 pub mod yaml;

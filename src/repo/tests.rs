@@ -1166,17 +1166,7 @@ fn blob_ids_read_and_write_as_64_hex_digits() {
 fn chunks_are_sealed_compressed_or_as_raw_frames_and_open_to_their_bytes() {
     let key = MasterKey::random();
     let repo_key = key.clone();
-    let random = |len: usize, seed: u64| -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    };
+    let random = crate::test_data::pseudo_random;
     let text = |len: usize| -> Vec<u8> {
         b"a line of a log that repeats, more or less; "
             .iter()

@@ -164,8 +164,9 @@ impl Chunker {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
+    use crate::test_data::pseudo_random;
 
     fn cut(data: &[u8], seed: u64) -> Vec<Vec<u8>> {
         let mut chunker = Chunker::with_sizes(seed, 1024, 4096, 16384);
@@ -181,17 +182,6 @@ pub(super) mod tests {
             )
             .unwrap();
         out
-    }
-
-    pub(in crate::volume) fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
     }
 
     #[test]

@@ -272,8 +272,8 @@ pub fn read_changed<R: Read + Seek, E>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::chunker::tests::pseudo_random;
     use super::*;
+    use crate::test_data::pseudo_random;
     use std::collections::HashMap;
     use std::io::Cursor;
 
