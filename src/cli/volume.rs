@@ -276,6 +276,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                         .0,
                     )
                 };
+                tracing::debug!("volume backup: snapshot saved");
                 Ok::<_, anyhow::Error>(BackupOutput {
                     snapshot,
                     name: name.clone(),
@@ -288,7 +289,6 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 })
             }
             .await;
-            tracing::debug!("volume backup: snapshot saved");
             lock.release().await?;
             let out = result.with_context(|| format!("volume backup of {}", dir.display()))?;
             for warning in &out.warnings {

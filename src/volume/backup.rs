@@ -392,8 +392,15 @@ fn unchanged(now: &Node, before: &Node, ignore_inode: bool) -> bool {
     before.kind == NodeKind::File
         && now.size == before.size
         && now.mtime == before.mtime
-        && (ignore_inode || (now.ctime == before.ctime && now.inode == before.inode))
+        && (ignore_inode || same_inode(now, before))
         && (now.size == 0 || !before.content.is_empty())
+}
+
+/// Whether an entry is the parent's inode, unchanged in anything but its
+/// access time (the change time moves with content, mode, owner, links and
+/// xattrs).
+fn same_inode(now: &Node, before: &Node) -> bool {
+    now.inode == before.inode && now.ctime == before.ctime
 }
 
 /// A directory as scanned: its entries sorted by name.
@@ -529,39 +536,29 @@ fn walk(
         let mut entries = Vec::with_capacity(dir.entries.len());
         for scanned in dir.entries {
             let child = path.join(&scanned.name);
-            let kind = kind_of(&scanned.metadata);
             let previous = before.and_then(|t| {
                 t.entries
                     .binary_search_by(|e| e.name.as_os_str().cmp(&scanned.name))
                     .ok()
                     .map(|i| &t.entries[i])
             });
-            // Setting or removing an xattr changes the inode's ctime: an
-            // entry whose inode and ctime are the parent's has its xattrs.
-            // Links carry no user xattrs on Linux; reading them follows
-            // nothing.
-            let xattrs = match previous {
-                _ if kind == NodeKind::Symlink => Vec::new(),
-                Some(p)
-                    if !ignore_inode
-                        && p.kind == kind
-                        && p.inode == scanned.metadata.ino()
-                        && p.ctime
-                            == timestamp(
-                                scanned.metadata.ctime(),
-                                scanned.metadata.ctime_nsec(),
-                            ) =>
-                {
-                    p.xattrs.clone()
-                }
-                _ => xattrs_of(&child),
-            };
             let mut node = node_of(
                 Name(scanned.name),
                 &scanned.metadata,
                 scanned.target,
-                xattrs,
+                Vec::new(),
             );
+            // Setting or removing an xattr changes the inode's ctime: an
+            // entry whose inode and ctime are the parent's has its xattrs.
+            // Links carry no user xattrs on Linux; reading them follows
+            // nothing.
+            node.xattrs = match previous {
+                _ if node.kind == NodeKind::Symlink => Vec::new(),
+                Some(p) if !ignore_inode && p.kind == node.kind && same_inode(&node, p) => {
+                    p.xattrs.clone()
+                }
+                _ => xattrs_of(&child),
+            };
             let entry = entries.len();
             match node.kind {
                 // Its entries, if it is not a mount point inside the
