@@ -12,6 +12,7 @@
 // not on hot paths.
 #![allow(clippy::result_large_err)]
 
+pub mod aligned;
 pub mod backup;
 pub mod cli;
 pub mod cluster;

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::aligned::{AlignedBuf, BLOCK};
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("{path} does not exist in {location}")]
@@ -122,16 +124,12 @@ impl LocalBackend {
 
 /// Files at least this large (packs) are written past the page cache.
 const DIRECT_MIN: usize = 1 << 20;
-/// Offsets, lengths and buffer addresses of direct writes are multiples of
-/// this (the largest logical block size of Linux block devices).
-const DIRECT_ALIGN: usize = 4096;
 /// What one direct write carries at most.
 const DIRECT_BUFFER: usize = 1 << 20;
 
 thread_local! {
-    /// A buffer of `DIRECT_BUFFER + DIRECT_ALIGN` bytes, reused by the
-    /// thread's direct writes: its aligned part is where data is copied.
-    static DIRECT_BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A buffer reused by the thread's direct writes, where data is copied.
+    static DIRECT_BOUNCE: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Writes `data` to the new file `tmp` with `O_DIRECT` and syncs it;
@@ -155,17 +153,15 @@ fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
     };
     let written = DIRECT_BOUNCE.with(|cell| {
         let mut bounce = cell.borrow_mut();
-        if bounce.len() < DIRECT_BUFFER + DIRECT_ALIGN {
-            *bounce = vec![0; DIRECT_BUFFER + DIRECT_ALIGN];
-        }
-        let start = bounce.as_ptr().align_offset(DIRECT_ALIGN);
-        let buffer = &mut bounce[start..start + DIRECT_BUFFER];
+        let buffer = bounce
+            .get_or_insert_with(|| AlignedBuf::new(DIRECT_BUFFER))
+            .as_mut_slice();
         let mut offset = 0;
         while offset < data.len() {
             let piece = &data[offset..data.len().min(offset + DIRECT_BUFFER)];
             // The last piece is padded to whole blocks; the file is cut
             // back to its length below.
-            let padded = piece.len().next_multiple_of(DIRECT_ALIGN);
+            let padded = piece.len().next_multiple_of(BLOCK);
             buffer[..piece.len()].copy_from_slice(piece);
             buffer[piece.len()..padded].fill(0);
             file.write_all_at(&buffer[..padded], offset as u64)?;
@@ -192,6 +188,62 @@ fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
 #[cfg(not(target_os = "linux"))]
 fn write_direct(_tmp: &Path, _data: &[u8]) -> std::io::Result<bool> {
     Ok(false)
+}
+
+/// Reads at least this large (of packs, by a restore or a verify) go past
+/// the page cache; smaller ones (trees, headers) are left to its readahead.
+const DIRECT_READ_MIN: usize = 1 << 20;
+
+/// Reads `len` bytes at `offset` of `path` with `O_DIRECT`, the whole
+/// blocks around them into an aligned buffer; `None` where the file system
+/// does not take direct reads. Packs are written past the cache, so a
+/// restore reads them from the disk either way: directly, they are not
+/// copied once more out of newly allocated cache pages.
+#[cfg(target_os = "linux")]
+fn read_direct(path: &Path, offset: u64, len: u64) -> std::io::Result<Option<Bytes>> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let block = BLOCK as u64;
+    let start = offset / block * block;
+    let end = (offset + len).next_multiple_of(block);
+    let mut buf = AlignedBuf::new((end - start) as usize);
+    let mut filled = 0;
+    // Reads until the range is in or the file ends (its last block is
+    // short, so a read may end before the aligned end).
+    while filled < buf.len() {
+        match file.read_at(&mut buf.as_mut_slice()[filled..], start + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        // A short read that is not a multiple of blocks is the end of the
+        // file; the next read would be unaligned.
+        if filled % BLOCK != 0 {
+            break;
+        }
+    }
+    let from = (offset - start) as usize;
+    if filled < from + len as usize {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(
+        Bytes::from_owner(buf).slice(from..from + len as usize),
+    ))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_direct(_path: &Path, _offset: u64, _len: u64) -> std::io::Result<Option<Bytes>> {
+    Ok(None)
 }
 
 fn walk(dir: &Path, root: &Path, out: &mut Vec<ObjectInfo>) -> std::io::Result<()> {
@@ -272,15 +324,25 @@ impl Backend for LocalBackend {
     }
 
     async fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let mut file = tokio::fs::File::open(self.full(path))
-            .await
-            .map_err(|e| self.io("open", path, e))?;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| self.io("seek", path, e))?;
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact(&mut buf).await.map_err(|e| {
+        // One positional read on a blocking thread, straight into the
+        // buffer: tokio's file reads go through a bounce buffer of their
+        // own, a copy of every byte a restore reads.
+        let full = self.full(path);
+        let read = tokio::task::spawn_blocking(move || {
+            if len >= DIRECT_READ_MIN as u64
+                && let Some(bytes) = read_direct(&full, offset, len)?
+            {
+                return Ok(bytes);
+            }
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(&full)?;
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok::<_, std::io::Error>(Bytes::from(buf))
+        })
+        .await
+        .expect("blocking read task");
+        read.map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 BackendError::Io {
                     location: self.location(),
@@ -293,8 +355,7 @@ impl Backend for LocalBackend {
             } else {
                 self.io("read", path, e)
             }
-        })?;
-        Ok(Bytes::from(buf))
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
@@ -674,7 +735,7 @@ mod tests {
             DIRECT_MIN + 1,
             DIRECT_BUFFER - 1,
             3 * DIRECT_BUFFER + 777,
-            2 * DIRECT_BUFFER + DIRECT_ALIGN,
+            2 * DIRECT_BUFFER + BLOCK,
         ] {
             let data = numbered(len);
             let path = dir.path().join(format!("f{len}"));
@@ -707,5 +768,40 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["cdef"]);
+    }
+
+    #[tokio::test]
+    async fn large_ranges_read_directly_hold_exactly_the_bytes_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        let len = 3 * DIRECT_READ_MIN + 1234;
+        let data = numbered(len);
+        std::fs::create_dir_all(dir.path().join("data/ef")).unwrap();
+        std::fs::write(dir.path().join("data/ef/efab"), &data).unwrap();
+        let ranges = [
+            (0, DIRECT_READ_MIN),
+            (1, DIRECT_READ_MIN),
+            (BLOCK - 1, 2 * DIRECT_READ_MIN + 3),
+            // Up to the unaligned end of the file, from aligned and
+            // unaligned starts.
+            (len - DIRECT_READ_MIN, DIRECT_READ_MIN),
+            (BLOCK, len - BLOCK),
+            (0, len),
+        ];
+        for (offset, n) in ranges {
+            let got = b
+                .get_range("data/ef/efab", offset as u64, n as u64)
+                .await
+                .unwrap();
+            assert!(got == data[offset..offset + n], "{n} bytes at {offset}");
+        }
+        // Past the end: an error that says the file is truncated.
+        for (offset, n) in [(len - DIRECT_READ_MIN + 1, DIRECT_READ_MIN), (0, len + 1)] {
+            let error = b
+                .get_range("data/ef/efab", offset as u64, n as u64)
+                .await
+                .unwrap_err();
+            assert!(error.to_string().contains("truncated"), "{error}");
+        }
     }
 }

@@ -14,6 +14,9 @@ const MAX_GAP: u64 = 256 * 1024;
 const MAX_REGION: u64 = 8 * 1024 * 1024;
 /// Ranged reads in flight at once.
 const READS_AT_ONCE: usize = 4;
+/// A region's blobs are decoded by one thread per this many stored bytes
+/// (up to one per core): smaller parts cost more to hand out than they save.
+const DECODE_MIN: u64 = 1 << 20;
 
 /// A read blob, by its position in the request.
 type Read = (usize, Result<Vec<u8>, RepoError>);
@@ -151,40 +154,63 @@ impl Repository {
                     .collect();
             }
         };
-        let key = self.inner.key.clone();
         let wanted: Vec<(usize, BlobId, BlobSpan)> = region
             .blobs
             .iter()
             .map(|(position, span)| (*position, ids[*position], *span))
             .collect();
-        let start = region.start;
-        let pack = pack.to_string();
-        tokio::task::spawn_blocking(move || {
-            wanted
-                .into_iter()
-                .map(|(position, blob, span)| {
-                    let from = (span.offset - start) as usize;
-                    let to = from + span.length as usize;
-                    let result = match bytes.get(from..to) {
-                        Some(stored) => decode_blob(&key, &blob, stored, span.raw_length),
-                        None => Err(format!(
-                            "the pack is shorter than its index says ({} bytes read, blob ends at {to})",
-                            bytes.len()
-                        )),
-                    };
-                    (
-                        position,
-                        result.map_err(|message| RepoError::Damaged {
-                            blob,
-                            pack: pack.clone(),
-                            message,
-                        }),
-                    )
-                })
-                .collect()
-        })
-        .await
-        .expect("decode task")
+        // A region is decoded on every core: a restore reading one large
+        // file asks for one region at a time, and decrypting, decompressing
+        // and hashing it are most of a restore's work.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let stored: u64 = wanted.iter().map(|(_, _, span)| span.length).sum();
+        let groups = cores
+            .min(wanted.len())
+            .min(stored.div_ceil(DECODE_MIN) as usize)
+            .max(1);
+        let per_group = stored.div_ceil(groups as u64);
+        let mut parts: Vec<Vec<(usize, BlobId, BlobSpan)>> = vec![Vec::new()];
+        let mut part_bytes = 0;
+        for blob in wanted {
+            if part_bytes >= per_group {
+                parts.push(Vec::new());
+                part_bytes = 0;
+            }
+            part_bytes += blob.2.length;
+            parts.last_mut().expect("one part at least").push(blob);
+        }
+        let decoded = futures::future::join_all(parts.into_iter().map(|part| {
+            let (key, bytes, pack) = (self.inner.key.clone(), bytes.clone(), pack.to_string());
+            let start = region.start;
+            tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|(position, blob, span)| {
+                        let from = (span.offset - start) as usize;
+                        let to = from + span.length as usize;
+                        let result = match bytes.get(from..to) {
+                            Some(stored) => decode_blob(&key, &blob, stored, span.raw_length),
+                            None => Err(format!(
+                                "the pack is shorter than its index says ({} bytes read, blob ends at {to})",
+                                bytes.len()
+                            )),
+                        };
+                        (
+                            position,
+                            result.map_err(|message| RepoError::Damaged {
+                                blob,
+                                pack: pack.clone(),
+                                message,
+                            }),
+                        )
+                    })
+                    .collect::<Vec<Read>>()
+            })
+        }))
+        .await;
+        decoded
+            .into_iter()
+            .flat_map(|part| part.expect("decode task"))
+            .collect()
     }
 }
 

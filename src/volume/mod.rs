@@ -31,6 +31,7 @@
 mod backup;
 mod chunker;
 mod delta;
+mod direct;
 pub mod limit;
 mod restore;
 mod tree;

@@ -16,8 +16,10 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::direct::{ASSEMBLY_BYTES, BlockAssembler, DIRECT_MIN};
 use super::tree::{DEVICE_ENTRY, Node, NodeKind, Piece, Tree, VolumeRoot};
 use super::{VolumeError, VolumeProgress, read_trees};
+use crate::aligned::AlignedBuf;
 use crate::repo::{BlobId, Repository};
 
 /// Chunks read and written together: large enough for few requests, small
@@ -147,13 +149,13 @@ pub async fn restore_dir(
             .await
             .expect("restore task")?
     };
-    let sink = Arc::new(Sink {
-        paths: items.iter().map(|i| target.join(&i.rel)).collect(),
-        shown: items.iter().map(|i| Path::new("/").join(&i.rel)).collect(),
-        holes: true,
+    let sink = Arc::new(Sink::new(
+        items.iter().map(|i| target.join(&i.rel)).collect(),
+        items.iter().map(|i| Path::new("/").join(&i.rel)).collect(),
+        true,
         deferred,
-        sizes: items.iter().map(|i| i.node.size).collect(),
-    });
+        items.iter().map(|i| i.node.size).collect(),
+    ));
     let files = items
         .iter()
         .enumerate()
@@ -309,6 +311,120 @@ struct Sink {
     deferred: HashSet<usize>,
     /// The length of each content.
     sizes: Vec<u64>,
+    /// Files being written past the page cache, between batches.
+    direct: std::sync::Mutex<HashMap<usize, DirectFile>>,
+    /// Assembly buffers of files done, for the next ones.
+    spare: std::sync::Mutex<Vec<AlignedBuf>>,
+}
+
+impl Sink {
+    fn new(
+        paths: Vec<PathBuf>,
+        shown: Vec<PathBuf>,
+        holes: bool,
+        deferred: HashSet<usize>,
+        sizes: Vec<u64>,
+    ) -> Self {
+        Sink {
+            paths,
+            shown,
+            holes,
+            deferred,
+            sizes,
+            direct: Default::default(),
+            spare: Default::default(),
+        }
+    }
+
+    /// Whether content `index` is written past the page cache: a large
+    /// file, new and empty (zeros are left as holes).
+    fn is_direct(&self, index: usize) -> bool {
+        cfg!(target_os = "linux") && self.holes && self.sizes[index] >= DIRECT_MIN
+    }
+}
+
+/// A file written past the page cache: its descriptor and the bytes not
+/// yet written in whole blocks.
+struct DirectFile {
+    file: std::fs::File,
+    assembler: BlockAssembler,
+    /// Whether the descriptor has `O_DIRECT`: cleared where the file system
+    /// refuses a direct write, which is then made through the cache.
+    direct: bool,
+}
+
+impl DirectFile {
+    /// Opens content `index` for direct writes (created, empty, for its
+    /// first chunk), or through the cache where the file system refuses.
+    fn open(sink: &Sink, index: usize, create: bool) -> Result<Self, VolumeError> {
+        let path = &sink.paths[index];
+        if create {
+            remove_if_not_file(path)?;
+        }
+        let open = |flags: libc::c_int| {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .write(true)
+                .create(create)
+                .truncate(create)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let (file, direct) = match open(O_DIRECT) {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (open(0).map_err(|e| VolumeError::io(path, e))?, false)
+            }
+            Err(e) => return Err(VolumeError::io(path, e)),
+        };
+        let buf = sink
+            .spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(ASSEMBLY_BYTES));
+        Ok(DirectFile {
+            file,
+            assembler: BlockAssembler::new(buf),
+            direct,
+        })
+    }
+
+    /// The assembler, and how it writes whole blocks: positionally, falling
+    /// back to the cache (for this file) if a direct write is refused.
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut BlockAssembler,
+        impl FnMut(u64, &[u8]) -> std::io::Result<()> + '_,
+    ) {
+        let (file, direct) = (&self.file, &mut self.direct);
+        let write = move |offset: u64, blocks: &[u8]| match file.write_all_at(blocks, offset) {
+            Err(e) if *direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                clear_direct(file)?;
+                *direct = false;
+                file.write_all_at(blocks, offset)
+            }
+            other => other,
+        };
+        (&mut self.assembler, write)
+    }
+}
+
+#[cfg(target_os = "linux")]
+const O_DIRECT: libc::c_int = libc::O_DIRECT;
+#[cfg(not(target_os = "linux"))]
+const O_DIRECT: libc::c_int = 0;
+
+/// Takes `O_DIRECT` off a descriptor.
+fn clear_direct(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; F_GETFL and F_SETFL read nothing else.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !O_DIRECT) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A chunk to write.
@@ -423,7 +539,7 @@ async fn write_contents<'a>(
                         (batch, unique, data)
                     }
                 })
-                .buffered(1);
+                .buffered(2);
             while let Some(read) = reads.next().await {
                 if read_tx.send(read).await.is_err() {
                     return;
@@ -480,12 +596,90 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Writes a batch. A batch of a few large files is written on every core,
-/// in contiguous parts, one per thread (the writes are positional, so two
-/// parts may share a file; the files are created first). A batch of many
-/// files is written by one thread: creating files in one directory from
-/// several threads only contends for the directory.
+/// Writes a batch: the pieces of large files past the page cache (see
+/// [`write_direct`]), the others through it (see [`write_cached`]).
 fn write_batch(
+    sink: &Sink,
+    batch: &[WritePiece],
+    chunks: &HashMap<BlobId, Vec<u8>>,
+    progress: &VolumeProgress,
+) -> Result<(), VolumeError> {
+    let (direct, cached): (Vec<WritePiece>, Vec<WritePiece>) =
+        batch.iter().partition(|piece| sink.is_direct(piece.index));
+    if !direct.is_empty() {
+        write_direct(sink, &direct, chunks, progress)?;
+    }
+    if !cached.is_empty() {
+        write_cached(sink, &cached, chunks, progress)?;
+    }
+    Ok(())
+}
+
+/// Writes the pieces of files written past the page cache, a file at a
+/// time: whole blocks are written, the partial block at the end of the
+/// batch waits for the next one, and the file's last chunk writes the rest
+/// and sets its length.
+fn write_direct(
+    sink: &Sink,
+    pieces: &[WritePiece],
+    chunks: &HashMap<BlobId, Vec<u8>>,
+    progress: &VolumeProgress,
+) -> Result<(), VolumeError> {
+    for group in pieces.chunk_by(|a, b| a.index == b.index) {
+        let index = group[0].index;
+        let path = &sink.paths[index];
+        let carried = sink
+            .direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&index);
+        let mut file = match carried {
+            Some(file) => file,
+            None => DirectFile::open(sink, index, group[0].create)?,
+        };
+        let (assembler, mut write) = file.parts();
+        for piece in group {
+            let data = &chunks[&piece.id];
+            assembler
+                .put(piece.offset, data, &mut write)
+                .map_err(|e| VolumeError::io(path, e))?;
+            progress
+                .bytes_done
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        if group.last().is_some_and(|piece| piece.last) {
+            assembler
+                .finish(&mut write)
+                .map_err(|e| VolumeError::io(path, e))?;
+            drop(write);
+            // The last block was padded, or the file ends in a hole.
+            file.file
+                .set_len(sink.sizes[index])
+                .map_err(|e| VolumeError::io(path, e))?;
+            sink.spare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(file.assembler.into_buffer());
+        } else {
+            assembler
+                .write_whole_blocks(&mut write)
+                .map_err(|e| VolumeError::io(path, e))?;
+            drop(write);
+            sink.direct
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(index, file);
+        }
+    }
+    Ok(())
+}
+
+/// Writes pieces through the page cache. A batch of a few large files is
+/// written on every core, in contiguous parts, one per thread (the writes
+/// are positional, so two parts may share a file; the files are created
+/// first). A batch of many files is written by one thread: creating files
+/// in one directory from several threads only contends for the directory.
+fn write_cached(
     sink: &Sink,
     batch: &[WritePiece],
     chunks: &HashMap<BlobId, Vec<u8>>,
@@ -699,13 +893,13 @@ pub async fn restore_image(
     }
     let progress = options.progress.clone().unwrap_or_default();
     progress.bytes_total.store(node.size, Ordering::Relaxed);
-    let sink = Arc::new(Sink {
-        paths: vec![target.to_path_buf()],
-        shown: vec![Path::new("/").join(DEVICE_ENTRY)],
-        holes: !device,
-        deferred: HashSet::new(),
-        sizes: vec![node.size],
-    });
+    let sink = Arc::new(Sink::new(
+        vec![target.to_path_buf()],
+        vec![Path::new("/").join(DEVICE_ENTRY)],
+        !device,
+        HashSet::new(),
+        vec![node.size],
+    ));
     let chunks_read = write_contents(
         repo,
         sink,
@@ -819,6 +1013,30 @@ fn apply_metadata(path: &Path, node: &Node, owners: bool, warnings: &mut Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_direct_write_is_made_through_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let sink = Sink::new(
+            vec![path.clone()],
+            vec![PathBuf::from("/file")],
+            true,
+            HashSet::new(),
+            vec![DIRECT_MIN],
+        );
+        let mut file = DirectFile::open(&sink, 0, true).unwrap();
+        let (_, mut write) = file.parts();
+        // An unaligned length and address: refused by O_DIRECT with EINVAL.
+        let data = crate::test_data::pseudo_random(5001, 3);
+        write(0, &data[1..]).unwrap();
+        write(5000, b"end").unwrap();
+        drop(write);
+        assert!(!file.direct, "the descriptor no longer writes directly");
+        let mut expected = data[1..].to_vec();
+        expected.extend_from_slice(b"end");
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
 
     #[test]
     fn data_runs_merge_adjacent_blocks_and_skip_zero_blocks() {

@@ -657,3 +657,112 @@ async fn owners_and_modes_come_back_whether_or_not_they_differ_from_a_new_files(
         }
     }
 }
+
+/// How many of the file's pages are in the page cache.
+fn resident_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    // SAFETY: a read-only shared mapping of an open file, unmapped below;
+    // mincore writes one byte per page into a vector of that many.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut pages = vec![0u8; len.div_ceil(page)];
+        assert_eq!(libc::mincore(map, len, pages.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        pages.iter().filter(|p| *p & 1 == 1).count()
+    }
+}
+
+#[tokio::test]
+async fn large_files_come_back_exactly_when_written_past_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    // Several batches long, an unaligned length, with zero blocks and text.
+    let mut big = pseudo_random(21 * 1024 * 1024 + 123, 7);
+    big[5_000_000..5_300_000].fill(0);
+    big[9_000_001..12_000_000].copy_from_slice(&b"a line of text\n".repeat(200_000)[..2_999_999]);
+    std::fs::write(source.join("big.bin"), &big).unwrap();
+    // Data at an unaligned offset, a long hole, data, and a hole at the end.
+    let sparse = std::fs::File::create(source.join("sparse.img")).unwrap();
+    sparse.set_len(40 * 1024 * 1024 + 5).unwrap();
+    let head = pseudo_random(3 * 1024 * 1024 + 17, 8);
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &head, 1000).unwrap();
+    let tail = pseudo_random(2 * 1024 * 1024 + 3, 9);
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &tail, 30 * 1024 * 1024 + 77).unwrap();
+    drop(sparse);
+    // Hard links: the first is created before the contents are written.
+    std::fs::write(
+        source.join("linked.bin"),
+        pseudo_random(5 * 1024 * 1024 + 1, 10),
+    )
+    .unwrap();
+    std::fs::hard_link(source.join("linked.bin"), source.join("linked-too.bin")).unwrap();
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    // Into a new directory, and over files of the same names holding more.
+    let fresh = dir.path().join("fresh");
+    let over = dir.path().join("over");
+    std::fs::create_dir_all(&over).unwrap();
+    for name in ["big.bin", "sparse.img", "linked.bin"] {
+        std::fs::write(over.join(name), vec![0xffu8; 42 * 1024 * 1024]).unwrap();
+    }
+    for target in [&fresh, &over] {
+        restore_dir(&repo, &done.root, target, VolumeRestoreOptions::default())
+            .await
+            .unwrap();
+        for name in ["big.bin", "sparse.img", "linked.bin", "linked-too.bin"] {
+            assert!(
+                std::fs::read(target.join(name)).unwrap()
+                    == std::fs::read(source.join(name)).unwrap(),
+                "{}: {name} differs",
+                target.display()
+            );
+        }
+        assert_eq!(listing(target), listing(&source));
+        let stored = std::fs::metadata(target.join("sparse.img"))
+            .unwrap()
+            .blocks()
+            * 512;
+        assert!(
+            stored <= (head.len() + tail.len()) as u64 + 4 * 4096,
+            "the hole stays a hole: {stored} bytes stored"
+        );
+    }
+    // Written past the cache where the file system takes direct writes
+    // (reading the files above cached them: a new restore is checked).
+    let probe = dir.path().join("probe");
+    let direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)
+            .is_ok()
+    };
+    let again = dir.path().join("again");
+    restore_dir(&repo, &done.root, &again, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    let mut statfs: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(again.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid path and a statfs to fill.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut statfs) }, 0);
+    // tmpfs keeps every file in the cache, however it is written.
+    if direct && statfs.f_type != libc::TMPFS_MAGIC {
+        let pages = resident_pages(&again.join("big.bin"));
+        assert!(pages <= 2, "{pages} pages of big.bin are cached");
+    }
+}
