@@ -160,8 +160,45 @@ pub enum RepoError {
 }
 
 /// The keyed hash naming a blob, shown as hex.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlobId(pub [u8; 32]);
+
+/// An id is hashed as its first 8 bytes: they are already uniformly
+/// random, and unpredictable without the repository's key (so they cannot
+/// be chosen to collide), which [`IdHasher`] relies on.
+impl std::hash::Hash for BlobId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from_le_bytes(self.0[..8].try_into().expect("8 bytes")));
+    }
+}
+
+/// A hasher for [`BlobId`] keys: takes the id's own random bits instead of
+/// hashing them again (the index of a large repository is millions of
+/// lookups per backup and restore).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    /// Other keys are folded in, a byte at a time (not used by ids).
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+}
+
+/// A map keyed by blob ids, hashed with [`IdHasher`].
+pub type IdMap<V> = HashMap<BlobId, V, std::hash::BuildHasherDefault<IdHasher>>;
+/// A set of blob ids, hashed with [`IdHasher`].
+pub type IdSet = HashSet<BlobId, std::hash::BuildHasherDefault<IdHasher>>;
 
 impl BlobId {
     /// Its hex form, without allocating: trees and index files hold
@@ -196,14 +233,21 @@ impl fmt::Debug for BlobId {
 impl FromStr for BlobId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        fn nibble(c: u8) -> Option<u8> {
-            match c {
-                b'0'..=b'9' => Some(c - b'0'),
-                b'a'..=b'f' => Some(c - b'a' + 10),
-                b'A'..=b'F' => Some(c - b'A' + 10),
-                _ => None,
+        /// Each byte's value as a hex digit, 0xff where it is none.
+        const NIBBLE: [u8; 256] = {
+            let mut table = [0xffu8; 256];
+            let mut c = 0;
+            while c < 256 {
+                table[c] = match c as u8 {
+                    b'0'..=b'9' => c as u8 - b'0',
+                    b'a'..=b'f' => c as u8 - b'a' + 10,
+                    b'A'..=b'F' => c as u8 - b'A' + 10,
+                    _ => 0xff,
+                };
+                c += 1;
             }
-        }
+            table
+        };
         let digits = s.as_bytes();
         if digits.len() != 64 {
             return Err(format!(
@@ -212,11 +256,15 @@ impl FromStr for BlobId {
             ));
         }
         let mut id = [0u8; 32];
+        let mut invalid = 0u8;
         for (byte, pair) in id.iter_mut().zip(digits.chunks_exact(2)) {
-            match (nibble(pair[0]), nibble(pair[1])) {
-                (Some(high), Some(low)) => *byte = high << 4 | low,
-                _ => return Err(format!("blob id '{s}': not a hex digit in it")),
-            }
+            let (high, low) = (NIBBLE[pair[0] as usize], NIBBLE[pair[1] as usize]);
+            // 0xff has its high bits set, which no digit has.
+            invalid |= high | low;
+            *byte = high << 4 | low;
+        }
+        if invalid & 0xf0 != 0 {
+            return Err(format!("blob id '{s}': not a hex digit in it"));
         }
         Ok(BlobId(id))
     }
@@ -380,7 +428,7 @@ pub(crate) struct Index {
     pack_condemned: Vec<bool>,
     /// Where each blob is read from: a copy in a pack that is not marked
     /// for deletion when there is one.
-    blobs: HashMap<BlobId, IndexEntry>,
+    blobs: IdMap<IndexEntry>,
     /// Packs named by deletion marks.
     condemned: HashSet<String>,
     /// Deletion marks read: path and content.

@@ -1160,6 +1160,39 @@ fn blob_ids_read_and_write_as_64_hex_digits() {
         assert!(serde_json::from_str::<BlobId>(&format!("\"{bad}\"")).is_err());
     }
     assert!(serde_json::from_str::<BlobId>("7").is_err());
+    // Every byte that is not a hex digit, first, in the middle and last.
+    for c in 0..=255u8 {
+        if c.is_ascii_hexdigit() || !c.is_ascii() {
+            continue;
+        }
+        for at in [0, 31, 63] {
+            let mut bad = text.clone().into_bytes();
+            bad[at] = c;
+            let bad = String::from_utf8(bad).unwrap();
+            assert!(bad.parse::<BlobId>().is_err(), "{c:#x} at {at}");
+        }
+    }
+}
+
+#[test]
+fn maps_of_ids_find_every_id_and_only_those() {
+    let ids: Vec<BlobId> = (0..10_000u32)
+        .map(|i| BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes()))
+        .collect();
+    let mut map = IdMap::default();
+    for (n, id) in ids.iter().enumerate() {
+        map.insert(*id, n);
+    }
+    assert_eq!(map.len(), ids.len());
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(map.get(id), Some(&n));
+    }
+    // Ids that share their first 8 bytes are still told apart.
+    let mut twin = ids[0];
+    twin.0[31] ^= 1;
+    assert_eq!(map.get(&twin), None);
+    map.insert(twin, usize::MAX);
+    assert_eq!(map.get(&ids[0]), Some(&0));
 }
 
 #[test]

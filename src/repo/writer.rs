@@ -5,14 +5,12 @@
 //! finished. A writer dropped without `finish` leaves only packs no index
 //! names: invisible to readers, reclaimed by prune.
 
-use std::collections::HashSet;
-
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
 use super::{
-    BlobEntry, BlobId, IndexFile, PackEntries, RepoError, Repository, encode_blob, pack_path,
+    BlobEntry, BlobId, IdSet, IndexFile, PackEntries, RepoError, Repository, encode_blob, pack_path,
 };
 
 /// Target size of a pack.
@@ -37,7 +35,7 @@ pub struct PackWriter {
     pack_target: usize,
     buffer: Vec<u8>,
     entries: Vec<BlobEntry>,
-    session: HashSet<BlobId>,
+    session: IdSet,
     written: Vec<PackEntries>,
     uploads: JoinSet<Result<(), RepoError>>,
     stats: WriteStats,
@@ -50,7 +48,7 @@ impl PackWriter {
             pack_target: PACK_TARGET,
             buffer: Vec::new(),
             entries: Vec::new(),
-            session: HashSet::new(),
+            session: IdSet::default(),
             written: Vec::new(),
             uploads: JoinSet::new(),
             stats: WriteStats::default(),

@@ -14,7 +14,7 @@ use super::chunker::Chunker;
 use super::delta::{BlockDelta, push_piece, read_changed};
 use super::tree::{DEVICE_ENTRY, Name, Node, NodeKind, Piece, Tree, VOLUME_FORMAT, VolumeRoot};
 use super::{VolumeError, VolumeProgress, VolumeStats, read_trees};
-use crate::repo::{BlobId, PackWriter, RepoLock, Repository, WriteStats, encode_refs};
+use crate::repo::{BlobId, IdSet, PackWriter, RepoLock, Repository, WriteStats, encode_refs};
 
 /// How to back up a directory.
 #[derive(Debug, Clone, Default)]
@@ -745,7 +745,7 @@ fn read_all(
     readers: usize,
 ) -> Result<ReadOutcome, VolumeError> {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let seen: Mutex<HashSet<BlobId>> = Mutex::new(HashSet::new());
+    let seen: Mutex<IdSet> = Mutex::new(IdSet::default());
     let shares: Vec<Result<ReadShare, VolumeError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..readers.max(1))
             .map(|_| {
@@ -799,7 +799,7 @@ fn read_share(
     repo: &Repository,
     jobs: &[ReadJob],
     next: &std::sync::atomic::AtomicUsize,
-    seen: &Mutex<HashSet<BlobId>>,
+    seen: &Mutex<IdSet>,
     queue: mpsc::SyncSender<Raw>,
     progress: &VolumeProgress,
 ) -> Result<ReadShare, VolumeError> {

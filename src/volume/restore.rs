@@ -20,7 +20,7 @@ use super::direct::{ASSEMBLY_BYTES, BlockAssembler, DIRECT_MIN};
 use super::tree::{DEVICE_ENTRY, Node, NodeKind, Piece, Tree, VolumeRoot};
 use super::{VolumeError, VolumeProgress, read_trees};
 use crate::aligned::AlignedBuf;
-use crate::repo::{BlobId, Repository};
+use crate::repo::{BlobId, IdMap, Repository};
 
 /// Chunks read and written together: large enough for few requests, small
 /// enough to bound memory (three batches are in memory at once: one read,
@@ -551,7 +551,8 @@ async fn write_contents<'a>(
     let _stop_reading = AbortOnDrop(reader);
     while let Some((batch, unique, data)) = read_rx.recv().await {
         received += 1;
-        let mut chunks: HashMap<BlobId, Vec<u8>> = HashMap::with_capacity(unique.len());
+        let mut chunks: IdMap<Vec<u8>> =
+            IdMap::with_capacity_and_hasher(unique.len(), Default::default());
         for (id, result) in unique.into_iter().zip(data) {
             match result {
                 Ok(bytes) => {
@@ -601,7 +602,7 @@ impl Drop for AbortOnDrop {
 fn write_batch(
     sink: &Sink,
     batch: &[WritePiece],
-    chunks: &HashMap<BlobId, Vec<u8>>,
+    chunks: &IdMap<Vec<u8>>,
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
     let (direct, cached): (Vec<WritePiece>, Vec<WritePiece>) =
@@ -622,7 +623,7 @@ fn write_batch(
 fn write_direct(
     sink: &Sink,
     pieces: &[WritePiece],
-    chunks: &HashMap<BlobId, Vec<u8>>,
+    chunks: &IdMap<Vec<u8>>,
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
     for group in pieces.chunk_by(|a, b| a.index == b.index) {
@@ -682,7 +683,7 @@ fn write_direct(
 fn write_cached(
     sink: &Sink,
     batch: &[WritePiece],
-    chunks: &HashMap<BlobId, Vec<u8>>,
+    chunks: &IdMap<Vec<u8>>,
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
     let writers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -763,7 +764,7 @@ fn data_runs(data: &[u8]) -> Vec<(usize, usize)> {
 fn write_part(
     sink: &Sink,
     batch: &[WritePiece],
-    chunks: &HashMap<BlobId, Vec<u8>>,
+    chunks: &IdMap<Vec<u8>>,
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
     let mut open = OpenContent::default();
