@@ -23,8 +23,8 @@ use crate::aligned::AlignedBuf;
 use crate::repo::{BlobId, IdMap, Repository};
 
 /// Chunks read and written together: large enough for few requests, small
-/// enough to bound memory (three batches are in memory at once: one read,
-/// one queued, one written).
+/// enough to bound memory (four batches are in memory at once: two being
+/// read, one queued, one written).
 const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Zero blocks of this size inside chunks are not written.
@@ -358,9 +358,6 @@ impl DirectFile {
     /// first chunk), or through the cache where the file system refuses.
     fn open(sink: &Sink, index: usize, create: bool) -> Result<Self, VolumeError> {
         let path = &sink.paths[index];
-        if create {
-            remove_if_not_file(path)?;
-        }
         let open = |flags: libc::c_int| {
             use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
@@ -370,6 +367,27 @@ impl DirectFile {
                 .custom_flags(flags)
                 .open(path)
         };
+        if create {
+            // As in `create_file`: an exclusive open where nothing is in
+            // the way, the checks only where something is.
+            let new = {
+                use std::os::unix::fs::OpenOptionsExt;
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(O_DIRECT)
+                    .open(path)
+            };
+            match new {
+                Ok(file) => return Ok(Self::with(sink, file, true)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    remove_if_not_file(path)?
+                }
+                // Refused by the file system (EINVAL) or another error:
+                // the general path below tells them apart.
+                Err(_) => remove_if_not_file(path)?,
+            }
+        }
         let (file, direct) = match open(O_DIRECT) {
             Ok(file) => (file, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -377,17 +395,21 @@ impl DirectFile {
             }
             Err(e) => return Err(VolumeError::io(path, e)),
         };
+        Ok(Self::with(sink, file, direct))
+    }
+
+    fn with(sink: &Sink, file: std::fs::File, direct: bool) -> Self {
         let buf = sink
             .spare
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop()
             .unwrap_or_else(|| AlignedBuf::new(ASSEMBLY_BYTES));
-        Ok(DirectFile {
+        DirectFile {
             file,
             assembler: BlockAssembler::new(buf),
             direct,
-        })
+        }
     }
 
     /// The assembler, and how it writes whole blocks: positionally, falling
@@ -520,10 +542,10 @@ async fn write_contents<'a>(
     let mut chunks_read = 0;
     let (expected, mut received) = (batches.len(), 0);
     // Reading (and decrypting) runs in a task of its own, so that the next
-    // batch is fetched and decoded while this one is written: a stream
-    // polled only between writes would leave the reads idle meanwhile. One
-    // batch in the reader and one queued bound the memory (each batch's
-    // reads already run in parallel).
+    // batches are fetched and decoded while this one is written: a stream
+    // polled only between writes would leave the reads idle meanwhile. Two
+    // batches in the reader (one fetched from the disk while the other is
+    // decoded) and one queued bound the memory.
     let (read_tx, mut read_rx) = tokio::sync::mpsc::channel(1);
     let reader = {
         let repo = repo.clone();
@@ -735,6 +757,14 @@ impl OpenContent {
 /// writer of its last chunk sets it where the file ends in a hole), so a
 /// file written whole costs no truncate.
 fn create_file(path: &Path) -> Result<std::fs::File, VolumeError> {
+    // Into a new directory, nothing is in the way: one exclusive open (it
+    // never follows a link, never opens what was there) instead of an
+    // lstat first.
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(file) => return Ok(file),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(VolumeError::io(path, e)),
+    }
     remove_if_not_file(path)?;
     OpenOptions::new()
         .write(true)

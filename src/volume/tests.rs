@@ -766,3 +766,36 @@ async fn large_files_come_back_exactly_when_written_past_the_page_cache() {
         assert!(pages <= 2, "{pages} pages of big.bin are cached");
     }
 }
+
+#[tokio::test]
+async fn links_and_fifos_in_the_way_are_replaced_never_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    let outside = dir.path().join("outside.txt");
+    std::fs::write(&outside, b"keep").unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(target.join("nested/deeper")).unwrap();
+    // A small file (written through the cache) and a large one (written
+    // directly), each where a link to a file outside the target is.
+    let small = target.join(OsString::from_vec(b"caf\xe9".to_vec()));
+    std::os::unix::fs::symlink(&outside, &small).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("nested/random.bin")).unwrap();
+    let fifo = std::ffi::CString::new(
+        target
+            .join("nested/deeper/text.log")
+            .as_os_str()
+            .as_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+    assert_eq!(listing(&target), listing(&source));
+}
