@@ -58,6 +58,25 @@ fn fixture(root: &Path) {
     let _ = xattr::set(root.join("small.txt"), "user.origin", b"test");
 }
 
+/// [`fixture`] in `source` of a new temporary directory, backed up into a
+/// new repository there: the directory, the source, the repository, the
+/// lock the backup took and the backup.
+async fn fixture_backup() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Repository,
+    RepoLock,
+    VolumeBackup,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    (dir, source, repo, lock, done)
+}
+
 async fn backup(
     repo: &Repository,
     lock: &RepoLock,
@@ -121,12 +140,7 @@ fn listing(root: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_directory_comes_back_with_its_content_and_metadata() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    fixture(&source);
-    let repo = new_repo(dir.path()).await;
-    let lock = repo.lock_shared().await.unwrap();
-    let done = backup(&repo, &lock, &source, None).await;
+    let (dir, source, repo, lock, done) = fixture_backup().await;
     assert_eq!(done.root.stats.files, 7, "{:?}", done.root.stats);
     assert_eq!(done.root.stats.others, 1, "the symlink");
     // The hard link's content is read once.
@@ -318,12 +332,7 @@ async fn xattrs_are_taken_from_the_parent_only_while_inode_and_change_time_are_t
 
 #[tokio::test]
 async fn a_damaged_chunk_fails_the_restore_and_verify_names_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    fixture(&source);
-    let repo = new_repo(dir.path()).await;
-    let lock = repo.lock_shared().await.unwrap();
-    let done = backup(&repo, &lock, &source, None).await;
+    let (dir, _source, repo, lock, done) = fixture_backup().await;
     // The chunk of text.log: compressible, so alone in its bytes.
     let trees = read_trees(&repo, done.root.tree).await.unwrap();
     let text = trees[Path::new("nested/deeper")]
@@ -769,12 +778,7 @@ async fn large_files_come_back_exactly_when_written_past_the_page_cache() {
 
 #[tokio::test]
 async fn links_and_fifos_in_the_way_are_replaced_never_written_through() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    fixture(&source);
-    let repo = new_repo(dir.path()).await;
-    let lock = repo.lock_shared().await.unwrap();
-    let done = backup(&repo, &lock, &source, None).await;
+    let (dir, source, repo, _lock, done) = fixture_backup().await;
     let outside = dir.path().join("outside.txt");
     std::fs::write(&outside, b"keep").unwrap();
     let target = dir.path().join("target");
