@@ -5,6 +5,26 @@
 /// this: the largest logical block size of Linux block devices.
 pub const BLOCK: usize = 4096;
 
+/// `O_DIRECT` where the platform has it; elsewhere 0, an ordinary open.
+#[cfg(target_os = "linux")]
+pub const O_DIRECT: libc::c_int = libc::O_DIRECT;
+#[cfg(not(target_os = "linux"))]
+pub const O_DIRECT: libc::c_int = 0;
+
+/// Opens `path` as `options` say, with `O_DIRECT`; `None` where the file
+/// system does not take direct I/O (it refuses with `EINVAL`).
+pub fn open_direct(
+    options: &mut std::fs::OpenOptions,
+    path: &std::path::Path,
+) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match options.custom_flags(O_DIRECT).open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// A zeroed buffer of a fixed length whose first byte is [`BLOCK`]-aligned.
 pub struct AlignedBuf {
     raw: Vec<u8>,

@@ -30,3 +30,11 @@ mod test_data;
 pub mod transform;
 pub mod volume;
 pub mod yaml;
+
+/// The cores this process may use (2 where that cannot be told), found out
+/// once: the standard library reads the cgroup's CPU quota from files on
+/// every call, and restores ask per batch of data.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}

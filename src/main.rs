@@ -16,7 +16,7 @@ fn cap_malloc_arenas() {
     {
         // The environment's setting wins, as glibc's own tunable would.
         if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let cores = ferry::cores();
             // SAFETY: mallopt only sets an allocator parameter; called before
             // any other thread exists.
             unsafe {

@@ -432,8 +432,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             output,
         } => {
             let repository = repo::open(&repo_args).await?;
-            let threads = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            let threads = threads.unwrap_or_else(crate::cores);
             let limit = tokio::task::spawn_blocking(move || {
                 volume::limit::measure(&repository, &dir, max_mib << 20, threads)
             })

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::aligned::{AlignedBuf, BLOCK};
+use crate::aligned::{AlignedBuf, BLOCK, open_direct};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -140,16 +140,13 @@ thread_local! {
 /// then evicts the application's own cached data.
 #[cfg(target_os = "linux")]
 fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(tmp)
-    {
-        Ok(file) => file,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-        Err(e) => return Err(e),
+    use std::os::unix::fs::FileExt;
+    let Some(file) = open_direct(
+        std::fs::OpenOptions::new().write(true).create_new(true),
+        tmp,
+    )?
+    else {
+        return Ok(false);
     };
     let written = DIRECT_BOUNCE.with(|cell| {
         let mut bounce = cell.borrow_mut();
@@ -201,15 +198,9 @@ const DIRECT_READ_MIN: usize = 1 << 20;
 /// copied once more out of newly allocated cache pages.
 #[cfg(target_os = "linux")]
 fn read_direct(path: &Path, offset: u64, len: u64) -> std::io::Result<Option<Bytes>> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
-        Err(e) => return Err(e),
+    use std::os::unix::fs::FileExt;
+    let Some(file) = open_direct(std::fs::OpenOptions::new().read(true), path)? else {
+        return Ok(None);
     };
     let block = BLOCK as u64;
     let start = offset / block * block;

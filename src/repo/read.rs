@@ -162,7 +162,7 @@ impl Repository {
         // A region is decoded on every core: a restore reading one large
         // file asks for one region at a time, and decrypting, decompressing
         // and hashing it are most of a restore's work.
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cores = crate::cores();
         let stored: u64 = wanted.iter().map(|(_, _, span)| span.length).sum();
         let groups = cores
             .min(wanted.len())

@@ -112,7 +112,7 @@ enum Outcome {
 }
 
 fn thread_count(objects: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::cores();
     cores.min(objects.div_ceil(MIN_OBJECTS_PER_THREAD)).max(1)
 }
 

@@ -298,10 +298,7 @@ async fn store_walk(
             .sum(),
         Ordering::Relaxed,
     );
-    let workers = options
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .max(1);
+    let workers = options.workers.unwrap_or_else(crate::cores).max(1);
     tracing::debug!(
         files = walk.jobs.len(),
         "volume backup: compared with the parent, files to read"

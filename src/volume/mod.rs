@@ -149,7 +149,7 @@ pub async fn read_trees(
 ) -> Result<BTreeMap<PathBuf, Tree>, VolumeError> {
     let mut trees = BTreeMap::new();
     let mut pending = vec![(PathBuf::new(), tree)];
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = crate::cores();
     while !pending.is_empty() {
         let batch: Vec<(PathBuf, BlobId)> = pending.drain(..pending.len().min(256)).collect();
         let ids: Vec<BlobId> = batch.iter().map(|(_, id)| *id).collect();

@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::direct::{ASSEMBLY_BYTES, BlockAssembler, DIRECT_MIN};
 use super::tree::{DEVICE_ENTRY, Node, NodeKind, Piece, Tree, VolumeRoot};
 use super::{VolumeError, VolumeProgress, read_trees};
-use crate::aligned::AlignedBuf;
+use crate::aligned::{AlignedBuf, O_DIRECT, open_direct};
 use crate::repo::{BlobId, IdMap, Repository};
 
 /// Chunks read and written together: large enough for few requests, small
@@ -358,42 +358,31 @@ impl DirectFile {
     /// first chunk), or through the cache where the file system refuses.
     fn open(sink: &Sink, index: usize, create: bool) -> Result<Self, VolumeError> {
         let path = &sink.paths[index];
-        let open = |flags: libc::c_int| {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
+        let io = |e| VolumeError::io(path, e);
+        let options = |exclusive: bool| {
+            let mut options = OpenOptions::new();
+            options
                 .write(true)
+                .create_new(create && exclusive)
                 .create(create)
-                .truncate(create)
-                .custom_flags(flags)
-                .open(path)
+                .truncate(create && !exclusive);
+            options
         };
         if create {
             // As in `create_file`: an exclusive open where nothing is in
-            // the way, the checks only where something is.
-            let new = {
-                use std::os::unix::fs::OpenOptionsExt;
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(O_DIRECT)
-                    .open(path)
-            };
-            match new {
-                Ok(file) => return Ok(Self::with(sink, file, true)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    remove_if_not_file(path)?
-                }
-                // Refused by the file system (EINVAL) or another error:
-                // the general path below tells them apart.
-                Err(_) => remove_if_not_file(path)?,
+            // the way, the checks only where something is. A refusal of
+            // direct I/O is told apart by the open below.
+            match open_direct(&mut options(true), path) {
+                Ok(Some(file)) => return Ok(Self::with(sink, file, true)),
+                Ok(None) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(e)),
             }
+            remove_if_not_file(path)?;
         }
-        let (file, direct) = match open(O_DIRECT) {
-            Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (open(0).map_err(|e| VolumeError::io(path, e))?, false)
-            }
-            Err(e) => return Err(VolumeError::io(path, e)),
+        let (file, direct) = match open_direct(&mut options(false), path).map_err(io)? {
+            Some(file) => (file, true),
+            None => (options(false).open(path).map_err(io)?, false),
         };
         Ok(Self::with(sink, file, direct))
     }
@@ -432,11 +421,6 @@ impl DirectFile {
         (&mut self.assembler, write)
     }
 }
-
-#[cfg(target_os = "linux")]
-const O_DIRECT: libc::c_int = libc::O_DIRECT;
-#[cfg(not(target_os = "linux"))]
-const O_DIRECT: libc::c_int = 0;
 
 /// Takes `O_DIRECT` off a descriptor.
 fn clear_direct(file: &std::fs::File) -> std::io::Result<()> {
@@ -708,7 +692,7 @@ fn write_cached(
     chunks: &IdMap<Vec<u8>>,
     progress: &VolumeProgress,
 ) -> Result<(), VolumeError> {
-    let writers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let writers = crate::cores();
     let mut files: Vec<usize> = batch.iter().map(|piece| piece.index).collect();
     files.dedup();
     if writers < 2 || batch.len() < 2 || files.len() > writers {
