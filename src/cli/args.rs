@@ -153,9 +153,23 @@ pub struct RepoArgs {
 pub enum RepoCommand {
     /// Create a new repository with a fresh random master key wrapped by the
     /// password or key file.
+    #[command(
+        after_help = "Blobs (manifests, volume data, trees, index files) are sealed with an \
+AEAD under a random 192-bit nonce each: xaes-256-gcm where the CPU has AES instructions \
+(x86-64 AES-NI with PCLMULQDQ, ARMv8 AES with PMULL), else xchacha20-poly1305. Both are \
+read on any machine; the choice only sets the speed. Key files are always sealed with \
+xchacha20-poly1305, and the cipher is wrapped with the master key, so it cannot be swapped \
+without the password.\n\n\
+Examples:\n  \
+  FERRY_PASSWORD=... ferry repo init --repo /backups/ferry\n  \
+  ferry repo init --repo s3://bucket/ferry --password-file pw --cipher xchacha20-poly1305"
+    )]
     Init {
         #[command(flatten)]
         repo: RepoArgs,
+        /// The cipher that seals blobs (default: the faster on this CPU).
+        #[arg(long, value_name = "CIPHER", value_parser = parse_cipher)]
+        cipher: Option<crate::repo::Cipher>,
     },
     /// Show how many snapshots, packs and bytes a repository holds.
     Stats {
@@ -776,4 +790,8 @@ Examples:\n  \
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+}
+
+fn parse_cipher(value: &str) -> Result<crate::repo::Cipher, String> {
+    value.parse()
 }

@@ -113,9 +113,13 @@ fn selection(args: &SelectionArgs) -> anyhow::Result<Selection> {
 
 async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        RepoCommand::Init { repo } => {
-            let repository = repo::init(&repo).await?;
-            eprintln!("created repository {} ", repository.id());
+        RepoCommand::Init { repo, cipher } => {
+            let repository = repo::init(&repo, cipher).await?;
+            eprintln!(
+                "created repository {} (blobs sealed with {})",
+                repository.id(),
+                repository.cipher()
+            );
             eprintln!("keep the password safe: without it the backups cannot be read");
         }
         RepoCommand::Unlock { repo } => {
@@ -174,9 +178,14 @@ async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
             let repository = repo::open(&repo).await?;
             let stats = repository.stats().await?;
             let snapshots = repository.list_snapshots().await?.len();
-            let value = serde_json::json!({"snapshots": snapshots, "stats": stats});
+            let value = serde_json::json!({
+                "snapshots": snapshots,
+                "cipher": repository.cipher(),
+                "stats": stats,
+            });
             emit(output, &value, |out| {
                 writeln!(out, "repository {}", repository.id())?;
+                writeln!(out, "cipher: {}", repository.cipher())?;
                 writeln!(out, "snapshots: {snapshots}")?;
                 writeln!(
                     out,

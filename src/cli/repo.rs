@@ -12,7 +12,8 @@ use zeroize::Zeroizing;
 
 use super::args::RepoArgs;
 use crate::repo::{
-    Backend, KeySource, LocalBackend, Location, Repository, S3Backend, S3Location, parse_location,
+    Backend, Cipher, KeySource, LocalBackend, Location, Repository, S3Backend, S3Location,
+    parse_location,
 };
 
 /// `~/.config/ferry/config.yaml` (or `$FERRY_CONFIG`): defaults for flags
@@ -121,10 +122,11 @@ pub async fn open(args: &RepoArgs) -> anyhow::Result<Repository> {
     Ok(Repository::open(backend, &key).await?)
 }
 
-pub async fn init(args: &RepoArgs) -> anyhow::Result<Repository> {
+pub async fn init(args: &RepoArgs, cipher: Option<Cipher>) -> anyhow::Result<Repository> {
     let backend = backend(args).await?;
     let key = key_source(args, true)?;
-    Ok(Repository::init(backend, &key).await?)
+    let cipher = cipher.unwrap_or_else(Cipher::preferred);
+    Ok(Repository::init_with(backend, &key, cipher).await?)
 }
 
 /// Opens the repository and returns the key it was opened with (mover Pods

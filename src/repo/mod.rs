@@ -10,7 +10,8 @@
 //! - `deletions/<id>`: deletion marks, packs that prune will delete;
 //! - `locks/<id>`: who is using the repository.
 //!
-//! Blobs are zstd-compressed, encrypted (XChaCha20-Poly1305) and named by a
+//! Blobs are zstd-compressed, encrypted (the repository's [`Cipher`]:
+//! XAES-256-GCM or XChaCha20-Poly1305) and named by a
 //! keyed BLAKE3 hash of their plaintext, so identical content is stored once
 //! across all backups. Every read verifies the tag and the hash.
 //!
@@ -84,6 +85,7 @@ pub use maintenance::{Damage, PruneReport, RepairReport, RepoStats, VerifyReport
 pub use stats::IoStats;
 pub use writer::{PackWriter, WriteStats};
 
+pub use crypto::Cipher;
 use crypto::{KeyFile, MasterKey, Tampered};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -713,8 +715,18 @@ pub fn decode_refs(bytes: &[u8]) -> Result<Vec<BlobId>, String> {
 }
 
 impl Repository {
-    /// Creates a repository with a fresh random master key.
+    /// Creates a repository with a fresh random master key, sealing with
+    /// the cipher this CPU runs fastest.
     pub async fn init(backend: Arc<dyn Backend>, key: &KeySource) -> Result<Self, RepoError> {
+        Self::init_with(backend, key, Cipher::preferred()).await
+    }
+
+    /// [`Repository::init`] with a chosen cipher.
+    pub async fn init_with(
+        backend: Arc<dyn Backend>,
+        key: &KeySource,
+        cipher: Cipher,
+    ) -> Result<Self, RepoError> {
         match backend.get("config").await {
             Ok(_) => {
                 return Err(RepoError::AlreadyInitialized {
@@ -728,7 +740,7 @@ impl Repository {
             return Err(RepoError::EmptyPassword);
         }
         let (kdf, secret) = key.secret()?;
-        let master = MasterKey::random();
+        let master = MasterKey::random_with(cipher);
         let key_file = KeyFile::wrap(&master, kdf, &secret);
         let key_id = hex::encode(rand::random::<[u8; 16]>());
         backend
@@ -1069,6 +1081,11 @@ impl Repository {
     /// The seed of the content-defined chunker, derived from the key: cut
     /// points then depend on the key, so chunk sizes in the store reveal
     /// nothing about which known files it holds.
+    /// The cipher that seals this repository's blobs.
+    pub fn cipher(&self) -> Cipher {
+        self.inner.key.cipher()
+    }
+
     pub(crate) fn chunker_seed(&self) -> u64 {
         let hash = self.inner.key.blob_hash(b"ferry volume chunker seed");
         u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))

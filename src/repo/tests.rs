@@ -85,6 +85,31 @@ async fn init_open_and_wrong_password() {
 }
 
 #[tokio::test]
+async fn a_repository_keeps_its_cipher_and_reads_back_what_it_sealed() {
+    let (_dir, default, _) = new_repo().await;
+    assert_eq!(default.cipher(), Cipher::preferred());
+    for cipher in Cipher::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
+        let repo = Repository::init_with(backend.clone(), &password("pw"), cipher)
+            .await
+            .unwrap();
+        assert_eq!(repo.cipher(), cipher);
+        let chunk = crate::test_data::pseudo_random(300_000, 5);
+        let (id, ids, _) = snapshot(&repo, "s", &[b"manifest", &chunk]).await;
+        let reopened = Repository::open(backend.clone(), &password("pw"))
+            .await
+            .unwrap();
+        assert_eq!(reopened.cipher(), cipher);
+        let _lock = reopened.lock_shared().await.unwrap();
+        assert_eq!(reopened.read_blob(&ids[1]).await.unwrap(), chunk);
+        let snapshots = reopened.list_snapshots().await.unwrap();
+        assert_eq!(snapshots.len(), 1);
+        assert_eq!(snapshots[0].0, id, "{cipher}");
+    }
+}
+
+#[tokio::test]
 async fn key_files_unlock_repositories() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
