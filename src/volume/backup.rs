@@ -57,6 +57,9 @@ struct WalkedDir {
     entries: Vec<Node>,
     /// The directory's own entry in its parent (dir index, entry index).
     parent: Option<(usize, usize)>,
+    /// The parent backup's listing of this directory: its tree's id and
+    /// its path in [`Walk::parent_trees`].
+    before: Option<(BlobId, PathBuf)>,
 }
 
 /// A file to read.
@@ -77,6 +80,9 @@ struct Walk {
     stats: VolumeStats,
     /// A device read only where it changed since the parent.
     delta: Option<Arc<BlockDelta>>,
+    /// The parent backup's listings, by path: a directory listed the same
+    /// again is the parent's tree, neither encoded nor hashed again.
+    parent_trees: BTreeMap<PathBuf, Tree>,
 }
 
 /// Backs up the directory `dir` into the repository. The caller holds a
@@ -103,6 +109,7 @@ pub async fn backup_scanned(
         Some(parent) => read_trees(repo, parent.tree).await?,
         None => BTreeMap::new(),
     };
+    let parent_root = options.parent.as_ref().map(|p| p.tree);
     tracing::debug!(
         dirs = parent_trees.len(),
         "volume backup: parent's trees read"
@@ -116,9 +123,18 @@ pub async fn backup_scanned(
         let repo = repo.clone();
         let top = scan.top;
         let ignore_inode = options.ignore_inode;
-        tokio::task::spawn_blocking(move || walk(&repo, &top, scanned, &parent_trees, ignore_inode))
-            .await
-            .expect("walk task")
+        tokio::task::spawn_blocking(move || {
+            walk(
+                &repo,
+                &top,
+                scanned,
+                parent_trees,
+                parent_root,
+                ignore_inode,
+            )
+        })
+        .await
+        .expect("walk task")
     };
     store_walk(repo, lock, walk, &options, started, false).await
 }
@@ -260,6 +276,7 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
                 size,
             )],
             parent: None,
+            before: None,
         }],
         jobs: if size > 0 {
             vec![FileJob {
@@ -278,6 +295,7 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
             ..Default::default()
         },
         delta: None,
+        parent_trees: BTreeMap::new(),
     })
 }
 
@@ -306,7 +324,7 @@ async fn store_walk(
     let writer = repo.writer(lock);
     let (read, writer) = read_files(repo, writer, &walk, workers, progress).await?;
     tracing::debug!("volume backup: files read");
-    assemble(writer, walk, read, options, started, block).await
+    assemble(repo, writer, walk, read, options, started, block).await
 }
 
 fn timestamp(seconds: i64, nanos: i64) -> (i64, u32) {
@@ -508,7 +526,8 @@ fn walk(
     repo: &Repository,
     top: &Path,
     scan: Scan,
-    parent: &BTreeMap<PathBuf, Tree>,
+    parent: BTreeMap<PathBuf, Tree>,
+    parent_root: Option<BlobId>,
     ignore_inode: bool,
 ) -> Walk {
     let mut out = Walk {
@@ -524,6 +543,7 @@ fn walk(
         reused_chunks: Vec::new(),
         stats: VolumeStats::default(),
         delta: None,
+        parent_trees: BTreeMap::new(),
     };
     let mut first_link: HashMap<u64, usize> = HashMap::new();
     let mut reused_links: HashMap<u64, Vec<Piece>> = HashMap::new();
@@ -602,11 +622,27 @@ fn walk(
             }
             entries.push(node);
         }
+        let before = before.and_then(|_| {
+            let id = match (dir.rel.parent(), dir.rel.file_name()) {
+                (Some(up), Some(name)) => {
+                    let listing = parent.get(up)?;
+                    let i = listing
+                        .entries
+                        .binary_search_by(|e| e.name.as_os_str().cmp(name))
+                        .ok()?;
+                    listing.entries[i].subtree?
+                }
+                _ => parent_root?,
+            };
+            Some((id, dir.rel))
+        });
         out.dirs.push(WalkedDir {
             entries,
             parent: dir.parent,
+            before,
         });
     }
+    out.parent_trees = parent;
     out
 }
 
@@ -893,6 +929,7 @@ fn read_share(
 /// Puts the read contents into the walked trees, stores the trees bottom
 /// up, the reference list and the root, and finishes the writer.
 async fn assemble(
+    repo: &Repository,
     mut writer: PackWriter,
     mut walk: Walk,
     read: ReadOutcome,
@@ -946,9 +983,18 @@ async fn assemble(
                 .map(|(_, node)| node)
                 .collect(),
         };
-        let id = writer
-            .add(&serde_json::to_vec(&tree).expect("trees serialize"))
-            .await?;
+        let same = walk.dirs[index]
+            .before
+            .take()
+            .filter(|(id, rel)| walk.parent_trees.get(rel) == Some(&tree) && repo.has_blob(id));
+        let id = match same {
+            Some((id, _)) => id,
+            None => {
+                writer
+                    .add(&serde_json::to_vec(&tree).expect("trees serialize"))
+                    .await?
+            }
+        };
         trees.push(id);
         match walk.dirs[index].parent {
             Some((dir, entry)) => walk.dirs[dir].entries[entry].subtree = Some(id),

@@ -1,10 +1,10 @@
 //! The data mover on real directories and a local repository.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::*;
@@ -237,6 +237,27 @@ async fn an_unchanged_tree_is_not_read_again_and_a_changed_file_stores_only_its_
         changed.write.bytes_stored < last_chunk as u64 + 64 * 1024,
         "only the last chunk ({last_chunk} bytes) and the trees are stored: {:?}",
         changed.write
+    );
+    // The directory beside the change keeps its listing; those above the
+    // changed file are listed anew.
+    let before = read_trees(&repo, again.root.tree).await.unwrap();
+    let after = read_trees(&repo, changed.root.tree).await.unwrap();
+    let subtree = |trees: &BTreeMap<PathBuf, Tree>, dir: &str, name: &str| {
+        let listing = &trees[Path::new(dir)];
+        listing
+            .entries
+            .iter()
+            .find(|n| n.name.as_os_str() == name)
+            .and_then(|n| n.subtree)
+            .unwrap()
+    };
+    assert_eq!(
+        subtree(&before, "nested", "deeper"),
+        subtree(&after, "nested", "deeper")
+    );
+    assert_ne!(
+        subtree(&before, "", "nested"),
+        subtree(&after, "", "nested")
     );
     let target = dir.path().join("restored");
     restore_dir(
