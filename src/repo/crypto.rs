@@ -114,6 +114,12 @@ struct Xaes {
     k1: [u8; 16],
 }
 
+impl Drop for Xaes {
+    fn drop(&mut self) {
+        self.k1.zeroize();
+    }
+}
+
 impl Xaes {
     fn new(key: &[u8; 32]) -> Xaes {
         let block = EncryptingKey::ecb(
