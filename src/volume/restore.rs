@@ -434,7 +434,7 @@ fn clear_direct(file: &std::fs::File) -> std::io::Result<()> {
 }
 
 /// A chunk to write.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct WritePiece {
     /// The content it belongs to (index into the sink).
     index: usize,
@@ -684,8 +684,10 @@ fn write_direct(
 /// Writes pieces through the page cache. A batch of a few large files is
 /// written on every core, in contiguous parts, one per thread (the writes
 /// are positional, so two parts may share a file; the files are created
-/// first). A batch of many files is written by one thread: creating files
-/// in one directory from several threads only contends for the directory.
+/// first). A batch of many files is written on every core too, but split
+/// only where the directory changes: creating files in one directory from
+/// several threads would only contend for the directory, and each file
+/// stays with one thread.
 fn write_cached(
     sink: &Sink,
     batch: &[WritePiece],
@@ -695,8 +697,23 @@ fn write_cached(
     let writers = crate::cores();
     let mut files: Vec<usize> = batch.iter().map(|piece| piece.index).collect();
     files.dedup();
-    if writers < 2 || batch.len() < 2 || files.len() > writers {
+    if writers < 2 || batch.len() < 2 {
         return write_part(sink, batch, chunks, progress);
+    }
+    if files.len() > writers {
+        let parts = directory_parts(batch, writers, |index| sink.paths[index].parent());
+        if parts.len() < 2 {
+            return write_part(sink, batch, chunks, progress);
+        }
+        return std::thread::scope(|scope| {
+            let parts: Vec<_> = parts
+                .into_iter()
+                .map(|part| scope.spawn(move || write_part(sink, part, chunks, progress)))
+                .collect();
+            parts
+                .into_iter()
+                .try_for_each(|part| part.join().expect("writer thread"))
+        });
     }
     for piece in batch.iter().filter(|piece| piece.create) {
         create_file(&sink.paths[piece.index])?;
@@ -717,6 +734,33 @@ fn write_cached(
             .into_iter()
             .try_for_each(|part| part.join().expect("writer thread"))
     })
+}
+
+/// Splits `batch` into at most `parts` contiguous parts of about equal
+/// numbers of pieces, cutting only where the directory (`dir_of` a piece's
+/// content) changes: no directory, and so no file, is in two parts.
+fn directory_parts<D: PartialEq>(
+    batch: &[WritePiece],
+    parts: usize,
+    dir_of: impl Fn(usize) -> D,
+) -> Vec<&[WritePiece]> {
+    let target = batch.len().div_ceil(parts.max(1)).max(1);
+    let mut out = Vec::with_capacity(parts);
+    let mut rest = batch;
+    while out.len() + 1 < parts && rest.len() > target {
+        let mut cut = target;
+        while cut < rest.len() && dir_of(rest[cut].index) == dir_of(rest[cut - 1].index) {
+            cut += 1;
+        }
+        if cut == rest.len() {
+            break;
+        }
+        let (part, after) = rest.split_at(cut);
+        out.push(part);
+        rest = after;
+    }
+    out.push(rest);
+    out
 }
 
 /// The content last written to, kept open: consecutive pieces of one file
@@ -1028,6 +1072,38 @@ fn apply_metadata(path: &Path, node: &Node, owners: bool, warnings: &mut Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_of_many_files_is_split_only_where_the_directory_changes() {
+        let piece = |index: usize| WritePiece {
+            index,
+            offset: 0,
+            id: BlobId([index as u8; 32]),
+            create: true,
+            last: true,
+        };
+        // Content i is in directory dirs[i]; content 3 has three pieces.
+        let dirs = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3];
+        let mut batch: Vec<WritePiece> = (0..dirs.len()).map(piece).collect();
+        batch.splice(3..4, [piece(3), piece(3), piece(3)]);
+        for parts in 1..=6 {
+            let split = directory_parts(&batch, parts, |i| dirs[i]);
+            assert!(
+                !split.is_empty() && split.len() <= parts,
+                "{parts}: {split:?}"
+            );
+            let joined: Vec<WritePiece> = split.iter().flat_map(|p| p.iter().copied()).collect();
+            assert_eq!(joined, batch, "{parts}: every piece once, in order");
+            for pair in split.windows(2) {
+                let (before, after) = (pair[0].last().unwrap(), pair[1][0]);
+                assert_ne!(dirs[before.index], dirs[after.index], "{parts}: {split:?}");
+            }
+            assert!(split.iter().all(|p| !p.is_empty()));
+        }
+        assert_eq!(directory_parts(&batch, 2, |i| dirs[i]).len(), 2);
+        // One directory: one part.
+        assert_eq!(directory_parts(&batch, 4, |_| 0).len(), 1);
+    }
 
     #[test]
     fn a_refused_direct_write_is_made_through_the_cache() {
