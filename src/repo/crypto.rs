@@ -205,16 +205,34 @@ pub struct Tampered;
 /// Seals with XChaCha20-Poly1305, as key files are, whatever the
 /// repository's cipher: they are small, and read by every version.
 pub fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Vec<u8> {
-    let cipher = XChaCha20Poly1305::new(key.into());
+    sealed_buffer(
+        plaintext.len(),
+        |out| out.extend_from_slice(plaintext),
+        |nonce, body| xchacha_seal(key, nonce, body),
+    )
+}
+
+/// A random nonce, the plaintext `fill` appends (about `length` bytes),
+/// encrypted where it lies by `seal`, and the tag `seal` returns.
+fn sealed_buffer(
+    length: usize,
+    fill: impl FnOnce(&mut Vec<u8>),
+    seal: impl FnOnce(&[u8; NONCE_LEN], &mut [u8]) -> [u8; TAG_LEN],
+) -> Vec<u8> {
     let nonce: [u8; NONCE_LEN] = rand::random();
-    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+    let mut out = Vec::with_capacity(NONCE_LEN + length + TAG_LEN);
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(plaintext);
-    let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), b"", &mut out[NONCE_LEN..])
-        .expect("encryption of in-memory data cannot fail");
+    fill(&mut out);
+    let tag = seal(&nonce, &mut out[NONCE_LEN..]);
     out.extend_from_slice(&tag);
     out
+}
+
+fn xchacha_seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], body: &mut [u8]) -> [u8; TAG_LEN] {
+    XChaCha20Poly1305::new(key.into())
+        .encrypt_in_place_detached(XNonce::from_slice(nonce), b"", body)
+        .expect("encryption of in-memory data cannot fail")
+        .into()
 }
 
 /// Opens what [`seal_with`] sealed.
@@ -267,24 +285,10 @@ impl MasterKey {
     /// buffer that already holds the nonce: the plaintext is written once,
     /// and encrypted where it lies (nonce, ciphertext, tag).
     pub fn seal_built(&self, length: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-        let nonce: [u8; NONCE_LEN] = rand::random();
-        let mut out = Vec::with_capacity(NONCE_LEN + length + TAG_LEN);
-        out.extend_from_slice(&nonce);
-        fill(&mut out);
-        let body = &mut out[NONCE_LEN..];
-        match &self.xaes {
-            Some(xaes) => {
-                let tag = xaes.seal_in_place(&nonce, body);
-                out.extend_from_slice(&tag);
-            }
-            None => {
-                let tag = XChaCha20Poly1305::new((&*self.encryption).into())
-                    .encrypt_in_place_detached(XNonce::from_slice(&nonce), b"", body)
-                    .expect("encryption of in-memory data cannot fail");
-                out.extend_from_slice(&tag);
-            }
-        }
-        out
+        sealed_buffer(length, fill, |nonce, body| match &self.xaes {
+            Some(xaes) => xaes.seal_in_place(nonce, body),
+            None => xchacha_seal(&self.encryption, nonce, body),
+        })
     }
 
     pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, Tampered> {

@@ -705,15 +705,7 @@ fn write_cached(
         if parts.len() < 2 {
             return write_part(sink, batch, chunks, progress);
         }
-        return std::thread::scope(|scope| {
-            let parts: Vec<_> = parts
-                .into_iter()
-                .map(|part| scope.spawn(move || write_part(sink, part, chunks, progress)))
-                .collect();
-            parts
-                .into_iter()
-                .try_for_each(|part| part.join().expect("writer thread"))
-        });
+        return write_parts(sink, &parts, chunks, progress);
     }
     for piece in batch.iter().filter(|piece| piece.create) {
         create_file(&sink.paths[piece.index])?;
@@ -725,14 +717,25 @@ fn write_cached(
             ..piece
         })
         .collect();
+    let parts: Vec<&[WritePiece]> = batch.chunks(batch.len().div_ceil(writers)).collect();
+    write_parts(sink, &parts, chunks, progress)
+}
+
+/// Writes each part on a thread of its own.
+fn write_parts(
+    sink: &Sink,
+    parts: &[&[WritePiece]],
+    chunks: &IdMap<Vec<u8>>,
+    progress: &VolumeProgress,
+) -> Result<(), VolumeError> {
     std::thread::scope(|scope| {
-        let parts: Vec<_> = batch
-            .chunks(batch.len().div_ceil(writers))
-            .map(|part| scope.spawn(move || write_part(sink, part, chunks, progress)))
+        let threads: Vec<_> = parts
+            .iter()
+            .map(|&part| scope.spawn(move || write_part(sink, part, chunks, progress)))
             .collect();
-        parts
+        threads
             .into_iter()
-            .try_for_each(|part| part.join().expect("writer thread"))
+            .try_for_each(|thread| thread.join().expect("writer thread"))
     })
 }
 

@@ -192,12 +192,7 @@ async fn a_directory_comes_back_with_its_content_and_metadata() {
 
 #[tokio::test]
 async fn an_unchanged_tree_is_not_read_again_and_a_changed_file_stores_only_its_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    fixture(&source);
-    let repo = new_repo(dir.path()).await;
-    let lock = repo.lock_shared().await.unwrap();
-    let first = backup(&repo, &lock, &source, None).await;
+    let (dir, source, repo, lock, first) = fixture_backup().await;
     let again = backup(&repo, &lock, &source, Some(first.root.clone())).await;
     assert_eq!(again.root.stats.files_read, 0, "{:?}", again.root.stats);
     assert_eq!(again.root.stats.files_unchanged, 7);
