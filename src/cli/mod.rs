@@ -180,11 +180,17 @@ async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
             let snapshots = repository.list_snapshots().await?.len();
             let value = serde_json::json!({
                 "snapshots": snapshots,
+                "format": repository.format_version(),
                 "cipher": repository.cipher(),
                 "stats": stats,
             });
             emit(output, &value, |out| {
-                writeln!(out, "repository {}", repository.id())?;
+                writeln!(
+                    out,
+                    "repository {} (format {})",
+                    repository.id(),
+                    repository.format_version()
+                )?;
                 writeln!(out, "cipher: {}", repository.cipher())?;
                 writeln!(out, "snapshots: {snapshots}")?;
                 writeln!(

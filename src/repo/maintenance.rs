@@ -397,7 +397,7 @@ impl Repository {
             };
             let name = hex::encode(rand::random::<[u8; 32]>());
             self.backend()
-                .put(&format!("index/{name}"), self.encode_json(&file))
+                .put(&format!("index/{name}"), self.encode_index(&file))
                 .await?;
             for old in &index.files {
                 self.backend().delete(old).await?;
@@ -456,7 +456,7 @@ impl Repository {
                 .get(&f.path)
                 .await
                 .map_err(|e| read_failure(f.path.clone(), e))?;
-            match self.decode_json::<IndexFile>(&bytes) {
+            match self.decode_index(&bytes) {
                 Ok(file) => {
                     for pack in file.packs {
                         from_index.entry(pack.id).or_insert(pack.blobs);
@@ -512,7 +512,7 @@ impl Repository {
         if !dry_run {
             let name = hex::encode(rand::random::<[u8; 32]>());
             self.backend()
-                .put(&format!("index/{name}"), self.encode_json(&rebuilt))
+                .put(&format!("index/{name}"), self.encode_index(&rebuilt))
                 .await?;
             for f in &index_files {
                 self.backend().delete(&f.path).await?;

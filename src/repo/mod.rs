@@ -88,7 +88,13 @@ pub use writer::{PackWriter, WriteStats};
 pub use crypto::Cipher;
 use crypto::{KeyFile, MasterKey, Tampered};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format `ferry repo init` writes. Format 2 stores index
+/// files in a binary encoding (format 1 in JSON); both are read, and a
+/// repository keeps writing the encoding of its own format, so a ferry
+/// that reads only format 1 never meets a file it cannot decode.
+pub const FORMAT_VERSION: u32 = 2;
+/// The repository formats this version opens.
+pub const FORMATS_READ: std::ops::RangeInclusive<u32> = 1..=FORMAT_VERSION;
 
 /// The fewest characters of a snapshot id that identify it.
 pub const MIN_ID_PREFIX: usize = 8;
@@ -122,7 +128,7 @@ pub enum RepoError {
     #[error("cannot read key file {path}: {message}")]
     KeySource { path: String, message: String },
     #[error(
-        "repository format {found} is not supported by this version of ferry (it reads {FORMAT_VERSION}); upgrade ferry"
+        "repository format {found} is not supported by this version of ferry (it reads formats 1 to {FORMAT_VERSION}); upgrade ferry"
     )]
     UnsupportedFormat { found: u32 },
     #[error("blob {blob} is not in the repository index (was it pruned, or is the index damaged?)")]
@@ -391,13 +397,13 @@ pub(crate) struct IndexEntry {
 }
 
 /// One pack's entries, as index files and pack headers store them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct PackEntries {
     pub id: String,
     pub blobs: Vec<BlobEntry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct BlobEntry {
     pub id: BlobId,
     pub offset: u32,
@@ -405,9 +411,94 @@ pub(crate) struct BlobEntry {
     pub raw_length: u32,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct IndexFile {
     pub packs: Vec<PackEntries>,
+}
+
+/// The first bytes of a binary index file's plaintext. (A JSON one starts
+/// with `{`.)
+const INDEX_MAGIC: &[u8; 8] = b"FRYIDX\x00\x02";
+
+impl IndexFile {
+    /// The binary encoding: the magic, then the packs, each its id
+    /// (u16 length, UTF-8) and its blobs (u32 count; per blob the 32-byte
+    /// id and offset, length and plaintext length as u32), little-endian.
+    /// Decoding it is a copy, where JSON spends most of a repository's
+    /// opening on hex ids.
+    fn to_binary(&self) -> Vec<u8> {
+        let blobs: usize = self.packs.iter().map(|p| p.blobs.len()).sum();
+        let mut out = Vec::with_capacity(12 + self.packs.len() * 72 + blobs * 44);
+        out.extend_from_slice(INDEX_MAGIC);
+        out.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
+        for pack in &self.packs {
+            let id = pack.id.as_bytes();
+            out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+            out.extend_from_slice(id);
+            out.extend_from_slice(&(pack.blobs.len() as u32).to_le_bytes());
+            for blob in &pack.blobs {
+                out.extend_from_slice(&blob.id.0);
+                out.extend_from_slice(&blob.offset.to_le_bytes());
+                out.extend_from_slice(&blob.length.to_le_bytes());
+                out.extend_from_slice(&blob.raw_length.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Either encoding, told apart by the magic.
+    fn from_plain(plain: &[u8]) -> Result<IndexFile, String> {
+        let Some(mut rest) = plain.strip_prefix(INDEX_MAGIC.as_slice()) else {
+            return serde_json::from_slice(plain).map_err(|e| format!("not valid: {e}"));
+        };
+        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+            if rest.len() < n {
+                return Err("not valid: the binary index ends early".into());
+            }
+            let (head, tail) = rest.split_at(n);
+            *rest = tail;
+            Ok(head)
+        }
+        fn u32_of(rest: &mut &[u8]) -> Result<u32, String> {
+            Ok(u32::from_le_bytes(
+                take(rest, 4)?.try_into().expect("4 bytes"),
+            ))
+        }
+        let packs = u32_of(&mut rest)? as usize;
+        // Counts are checked against the bytes left before anything is
+        // allocated for them: a damaged count cannot ask for gigabytes.
+        let mut file = IndexFile {
+            packs: Vec::with_capacity(packs.min(rest.len() / 6)),
+        };
+        for _ in 0..packs {
+            let id_len = u16::from_le_bytes(take(&mut rest, 2)?.try_into().expect("2 bytes"));
+            let id = std::str::from_utf8(take(&mut rest, id_len.into())?)
+                .map_err(|_| "not valid: a pack id is not UTF-8".to_string())?
+                .to_string();
+            let count = u32_of(&mut rest)? as usize;
+            let entries = take(
+                &mut rest,
+                count.checked_mul(44).ok_or("not valid: too many blobs")?,
+            )?;
+            let blobs = entries
+                .chunks_exact(44)
+                .map(|e| BlobEntry {
+                    id: BlobId(e[..32].try_into().expect("32 bytes")),
+                    offset: u32::from_le_bytes(e[32..36].try_into().expect("4 bytes")),
+                    length: u32::from_le_bytes(e[36..40].try_into().expect("4 bytes")),
+                    raw_length: u32::from_le_bytes(e[40..44].try_into().expect("4 bytes")),
+                })
+                .collect();
+            file.packs.push(PackEntries { id, blobs });
+        }
+        if !rest.is_empty() {
+            return Err(format!(
+                "not valid: {} bytes after the binary index",
+                rest.len()
+            ));
+        }
+        Ok(file)
+    }
 }
 
 /// Packs a prune found unreferenced, to be deleted by a later prune once
@@ -475,15 +566,34 @@ impl Index {
 
     /// Whether a writer may reuse the stored blob instead of storing it again.
     fn reusable(&self, id: &BlobId) -> bool {
-        let marks_unknown = self
-            .damaged_files
+        !self.marks_unknown() && self.stored_outside_condemned_packs(id)
+    }
+
+    /// With a deletion mark unreadable, any pack may be about to go.
+    fn marks_unknown(&self) -> bool {
+        self.damaged_files
             .iter()
-            .any(|(path, _)| path.starts_with("deletions/"));
-        !marks_unknown
-            && self
-                .blobs
-                .get(id)
-                .is_some_and(|e| !self.pack_condemned[e.pack as usize])
+            .any(|(path, _)| path.starts_with("deletions/"))
+    }
+
+    fn stored_outside_condemned_packs(&self, id: &BlobId) -> bool {
+        self.blobs
+            .get(id)
+            .is_some_and(|e| !self.pack_condemned[e.pack as usize])
+    }
+}
+
+/// [`Repository::has_blob`] for many ids under one read of the index: a
+/// walk over a volume's files asks for hundreds of thousands. Held only
+/// where nothing awaits.
+pub(crate) struct ReusableBlobs<'a> {
+    index: std::sync::RwLockReadGuard<'a, Index>,
+    marks_unknown: bool,
+}
+
+impl ReusableBlobs<'_> {
+    pub(crate) fn contains(&self, id: &BlobId) -> bool {
+        !self.marks_unknown && self.index.stored_outside_condemned_packs(id)
     }
 }
 
@@ -512,6 +622,8 @@ pub(crate) struct Inner {
     backend: Arc<dyn Backend>,
     key: MasterKey,
     id: String,
+    /// The repository's format (its config's version).
+    version: u32,
     index: RwLock<Index>,
     pauses: pause::PausePoints,
     io: Arc<stats::Counters>,
@@ -765,6 +877,7 @@ impl Repository {
             inner: Arc::new(Inner {
                 backend,
                 key: master,
+                version: config.version,
                 id: config.id,
                 index: RwLock::new(Index::default()),
                 pauses: Default::default(),
@@ -793,7 +906,7 @@ impl Repository {
                 what: "config".into(),
                 message: e.to_string(),
             })?;
-        if config.version != FORMAT_VERSION {
+        if !FORMATS_READ.contains(&config.version) {
             return Err(RepoError::UnsupportedFormat {
                 found: config.version,
             });
@@ -846,6 +959,7 @@ impl Repository {
             inner: Arc::new(Inner {
                 backend,
                 key: master,
+                version: config.version,
                 id: config.id,
                 index: RwLock::new(Index::default()),
                 pauses: Default::default(),
@@ -911,7 +1025,7 @@ impl Repository {
                         Ok(bytes) => {
                             let repo = self.clone();
                             tokio::task::spawn_blocking(move || {
-                                repo.decode_json::<IndexFile>(&bytes).map(Arc::new)
+                                repo.decode_index(&bytes).map(Arc::new)
                             })
                             .await
                             .expect("index decoding task")
@@ -1009,7 +1123,7 @@ impl Repository {
                 Some(file) => file,
                 None => {
                     let bytes = self.inner.backend.get(&info.path).await?;
-                    let Ok(file) = self.decode_json::<IndexFile>(&bytes).map(Arc::new) else {
+                    let Ok(file) = self.decode_index(&bytes).map(Arc::new) else {
                         // Damaged: the full read reports it.
                         return Ok(false);
                     };
@@ -1045,6 +1159,31 @@ impl Repository {
         let plain = zstd::stream::decode_all(&compressed[..])
             .map_err(|e| format!("decompression failed: {e}"))?;
         serde_json::from_slice(&plain).map_err(|e| format!("not valid: {e}"))
+    }
+
+    /// An index file as stored: binary in a format-2 repository, JSON in
+    /// a format-1 one.
+    pub(crate) fn encode_index(&self, file: &IndexFile) -> Bytes {
+        if self.inner.version >= 2 {
+            Bytes::from(self.inner.key.seal(&compress(&file.to_binary())))
+        } else {
+            self.encode_json(file)
+        }
+    }
+
+    /// An index file in either encoding.
+    pub(crate) fn decode_index(&self, sealed: &[u8]) -> Result<IndexFile, String> {
+        let compressed = self.inner.key.open(sealed).map_err(|_| {
+            "authentication failed (altered, or written with another key)".to_string()
+        })?;
+        let plain = zstd::stream::decode_all(&compressed[..])
+            .map_err(|e| format!("decompression failed: {e}"))?;
+        IndexFile::from_plain(&plain)
+    }
+
+    /// The repository's format version.
+    pub fn format_version(&self) -> u32 {
+        self.inner.version
     }
 
     pub(crate) fn encode_json<T: Serialize>(&self, value: &T) -> Bytes {
@@ -1113,6 +1252,14 @@ impl Repository {
     /// the module docs).
     pub(crate) fn has_blob(&self, id: &BlobId) -> bool {
         self.inner.index.read().expect("index lock").reusable(id)
+    }
+
+    pub(crate) fn reusable_blobs(&self) -> ReusableBlobs<'_> {
+        let index = self.inner.index.read().expect("index lock");
+        ReusableBlobs {
+            marks_unknown: index.marks_unknown(),
+            index,
+        }
     }
 
     pub(crate) fn add_to_index(&self, packs: &[PackEntries]) {

@@ -1272,3 +1272,142 @@ fn chunks_are_sealed_compressed_or_as_raw_frames_and_open_to_their_bytes() {
         assert_eq!(zstd_raw_frame(&data).len(), zstd_raw_frame_len(data.len()));
     }
 }
+
+fn sample_index() -> IndexFile {
+    IndexFile {
+        packs: (0..3u8)
+            .map(|p| PackEntries {
+                id: format!("{p:02x}{}", "ab".repeat(31)),
+                blobs: (0..p as u32 * 2)
+                    .map(|b| BlobEntry {
+                        id: BlobId([p.wrapping_mul(31).wrapping_add(b as u8); 32]),
+                        offset: b * 1000,
+                        length: 900 + b,
+                        raw_length: u32::MAX - b,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn binary_index_files_round_trip_and_json_ones_are_still_read() {
+    let file = sample_index();
+    assert_eq!(IndexFile::from_plain(&file.to_binary()).unwrap(), file);
+    assert_eq!(
+        IndexFile::from_plain(&serde_json::to_vec(&file).unwrap()).unwrap(),
+        file
+    );
+    let empty = IndexFile::default();
+    assert_eq!(IndexFile::from_plain(&empty.to_binary()).unwrap(), empty);
+}
+
+#[test]
+fn a_damaged_binary_index_is_an_error_never_a_shorter_index() {
+    let binary = sample_index().to_binary();
+    for cut in [8, 11, 12, 13, 20, binary.len() - 1] {
+        let err = IndexFile::from_plain(&binary[..cut]).unwrap_err();
+        assert!(err.contains("ends early"), "cut at {cut}: {err}");
+    }
+    let mut longer = binary.clone();
+    longer.push(0);
+    assert!(
+        IndexFile::from_plain(&longer)
+            .unwrap_err()
+            .contains("1 bytes after")
+    );
+    // A count of 2^32-1 packs or blobs is refused without allocating for it.
+    let mut huge = INDEX_MAGIC.to_vec();
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(
+        IndexFile::from_plain(&huge)
+            .unwrap_err()
+            .contains("ends early")
+    );
+    let mut huge_blobs = INDEX_MAGIC.to_vec();
+    huge_blobs.extend_from_slice(&1u32.to_le_bytes());
+    huge_blobs.extend_from_slice(&1u16.to_le_bytes());
+    huge_blobs.push(b'p');
+    huge_blobs.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(
+        IndexFile::from_plain(&huge_blobs)
+            .unwrap_err()
+            .contains("ends early")
+    );
+    let mut bad_id = INDEX_MAGIC.to_vec();
+    bad_id.extend_from_slice(&1u32.to_le_bytes());
+    bad_id.extend_from_slice(&1u16.to_le_bytes());
+    bad_id.push(0xff);
+    bad_id.extend_from_slice(&0u32.to_le_bytes());
+    assert!(
+        IndexFile::from_plain(&bad_id)
+            .unwrap_err()
+            .contains("UTF-8")
+    );
+}
+
+/// Rewrites the config's format version, as an older or newer ferry
+/// would have written it.
+async fn set_format(backend: &Arc<dyn Backend>, version: u32) {
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&backend.get("config").await.unwrap()).unwrap();
+    config["version"] = version.into();
+    backend
+        .put("config", Bytes::from(serde_json::to_vec(&config).unwrap()))
+        .await
+        .unwrap();
+}
+
+/// The plaintext of every index file, decrypted and decompressed.
+async fn index_plaintexts(repo: &Repository, backend: &Arc<dyn Backend>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for path in files(backend, "index/").await {
+        let sealed = backend.get(&path).await.unwrap();
+        let compressed = repo.key().open(&sealed).unwrap();
+        out.push(zstd::stream::decode_all(&compressed[..]).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_format_1_repository_keeps_json_index_files_and_a_new_one_writes_binary() {
+    let (_dir, repo, backend) = new_repo().await;
+    assert_eq!(repo.format_version(), FORMAT_VERSION);
+    let (_, ids, _) = snapshot(&repo, "binary", &[b"one", b"two"]).await;
+    let plain = index_plaintexts(&repo, &backend).await;
+    assert!(plain.iter().all(|p| p.starts_with(INDEX_MAGIC)));
+
+    // The same store as a format-1 repository: its existing (binary) index
+    // is read, and what it writes is JSON, which a format-1 ferry reads.
+    set_format(&backend, 1).await;
+    let old = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .unwrap();
+    assert_eq!(old.format_version(), 1);
+    let (_, more, _) = snapshot(&old, "json", &[b"three"]).await;
+    let plain = index_plaintexts(&old, &backend).await;
+    assert_eq!(plain.iter().filter(|p| p.starts_with(b"{")).count(), 1);
+    let lock = old.lock_shared().await.unwrap();
+    for id in ids.iter().chain(&more) {
+        assert!(old.has_blob(id), "{id} is indexed");
+    }
+    assert_eq!(old.read_blob(&more[0]).await.unwrap(), b"three");
+    lock.release().await.unwrap();
+    // A prune of the format-1 repository rewrites its index as JSON.
+    old.prune(false).await.unwrap();
+    let plain = index_plaintexts(&old, &backend).await;
+    assert!(
+        plain.iter().all(|p| p.starts_with(b"{")),
+        "format 1 stays JSON"
+    );
+
+    // A format this version does not know is refused, naming it.
+    set_format(&backend, FORMAT_VERSION + 1).await;
+    let err = Repository::open(backend.clone(), &password("pw"))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, RepoError::UnsupportedFormat { found } if found == FORMAT_VERSION + 1));
+    assert!(err.to_string().contains("upgrade ferry"), "{err}");
+}

@@ -200,7 +200,7 @@ impl PackWriter {
             let file = IndexFile {
                 packs: std::mem::take(&mut self.written),
             };
-            let bytes = self.repo.encode_json(&file);
+            let bytes = self.repo.encode_index(&file);
             self.stats.bytes_stored += bytes.len() as u64;
             let name = hex::encode(rand::random::<[u8; 32]>());
             self.repo

@@ -203,8 +203,7 @@ async fn device_delta(
         .read_blob(&parent.tree)
         .await
         .map_err(|e| format!("the parent's tree is unreadable: {e}"))?;
-    let tree: Tree = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("the parent's tree is unreadable: {e}"))?;
+    let tree = Tree::decode(&bytes).map_err(|e| format!("the parent's tree is unreadable: {e}"))?;
     let node = tree
         .entries
         .iter()
@@ -476,14 +475,16 @@ fn scan(top: &Path) -> Result<Scan, VolumeError> {
     let mut index = 0;
     while index < dirs.len() {
         let path = top.join(&dirs[index].rel);
-        let mut listed: Vec<std::fs::DirEntry> = std::fs::read_dir(&path)
+        // Each name is copied out once: sorting by `file_name()` would
+        // allocate two names per comparison.
+        let mut listed: Vec<(std::ffi::OsString, std::fs::DirEntry)> = std::fs::read_dir(&path)
             .map_err(|e| VolumeError::io(&path, e))?
+            .map(|e| e.map(|e| (e.file_name(), e)))
             .collect::<Result<_, _>>()
             .map_err(|e| VolumeError::io(&path, e))?;
-        listed.sort_by_key(|e| e.file_name());
+        listed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut entries = Vec::with_capacity(listed.len());
-        for listed in listed {
-            let name = listed.file_name();
+        for (name, listed) in listed {
             // lstat relative to the open directory: no path lookup.
             let metadata = match listed.metadata() {
                 Ok(m) => m,
@@ -547,12 +548,12 @@ fn walk(
     };
     let mut first_link: HashMap<u64, usize> = HashMap::new();
     let mut reused_links: HashMap<u64, Vec<Piece>> = HashMap::new();
+    let reusable = repo.reusable_blobs();
     for (index, dir) in scan.dirs.into_iter().enumerate() {
         let path = top.join(&dir.rel);
         let before = parent.get(&dir.rel);
         let mut entries = Vec::with_capacity(dir.entries.len());
         for scanned in dir.entries {
-            let child = path.join(&scanned.name);
             let previous = before.and_then(|t| {
                 t.entries
                     .binary_search_by(|e| e.name.as_os_str().cmp(&scanned.name))
@@ -574,7 +575,7 @@ fn walk(
                 Some(p) if !ignore_inode && p.kind == node.kind && same_inode(&node, p) => {
                     p.xattrs.clone()
                 }
-                _ => xattrs_of(&child),
+                _ => xattrs_of(&path.join(node.name.as_os_str())),
             };
             let entry = entries.len();
             match node.kind {
@@ -593,7 +594,7 @@ fn walk(
                     } else if let Some(previous) = previous.filter(|p| {
                         unchanged(&node, p, ignore_inode)
                             && p.content.iter().all(|piece| match piece {
-                                Piece::Chunk(id) => repo.has_blob(id),
+                                Piece::Chunk(id) => reusable.contains(id),
                                 Piece::Zeros(_) => true,
                             })
                     }) {
@@ -614,7 +615,7 @@ fn walk(
                         out.jobs.push(FileJob {
                             dir: index,
                             entry,
-                            path: child,
+                            path: path.join(node.name.as_os_str()),
                         });
                     }
                 }
@@ -989,11 +990,7 @@ async fn assemble(
             .filter(|(id, rel)| walk.parent_trees.get(rel) == Some(&tree) && repo.has_blob(id));
         let id = match same {
             Some((id, _)) => id,
-            None => {
-                writer
-                    .add(&serde_json::to_vec(&tree).expect("trees serialize"))
-                    .await?
-            }
+            None => writer.add(&super::encode_tree(repo, &tree)).await?,
         };
         trees.push(id);
         match walk.dirs[index].parent {

@@ -183,6 +183,16 @@ pub async fn read_trees(
     Ok(trees)
 }
 
+/// A directory's listing as stored: binary in a format-2 repository, JSON
+/// in a format-1 one (which an older ferry reads).
+pub(crate) fn encode_tree(repo: &Repository, tree: &Tree) -> Vec<u8> {
+    if repo.format_version() >= 2 {
+        tree.to_binary()
+    } else {
+        serde_json::to_vec(tree).expect("trees serialize")
+    }
+}
+
 /// One directory's listing, as read from the repository.
 fn parse_tree(
     dir: PathBuf,
@@ -194,9 +204,9 @@ fn parse_tree(
         path: shown.clone(),
         message: format!("directory listing {id}: {e}"),
     })?;
-    let tree: Tree = serde_json::from_slice(&bytes).map_err(|e| VolumeError::Corrupt {
+    let tree = Tree::decode(&bytes).map_err(|message| VolumeError::Corrupt {
         what: format!("directory {}", shown.display()),
-        message: e.to_string(),
+        message,
     })?;
     for node in &tree.entries {
         if !node.name.is_plain_component() {
@@ -255,7 +265,7 @@ pub async fn locate(
             });
             continue;
         };
-        let Ok(tree) = serde_json::from_slice::<Tree>(&bytes) else {
+        let Ok(tree) = Tree::decode(&bytes) else {
             found.push(DamagedPath {
                 path: dir,
                 blob: id,

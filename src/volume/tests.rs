@@ -823,3 +823,76 @@ async fn links_and_fifos_in_the_way_are_replaced_never_written_through() {
     assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
     assert_eq!(listing(&target), listing(&source));
 }
+
+/// Opens the repository in `dir` as format `version`, as a ferry of that
+/// format would have created it.
+async fn open_as_format(dir: &Path, version: u32) -> Repository {
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.join("repo")));
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&backend.get("config").await.unwrap()).unwrap();
+    config["version"] = version.into();
+    backend
+        .put(
+            "config",
+            bytes::Bytes::from(serde_json::to_vec(&config).unwrap()),
+        )
+        .await
+        .unwrap();
+    Repository::open(backend, &KeySource::Password("pw".to_string().into()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_format_1_repository_gets_json_trees_and_its_backups_are_parents_in_format_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    new_repo(dir.path()).await;
+    let old = open_as_format(dir.path(), 1).await;
+    let lock = old.lock_shared().await.unwrap();
+    let first = backup(&old, &lock, &source, None).await;
+    let top = old.read_blob(&first.root.tree).await.unwrap();
+    assert!(top.starts_with(b"{"), "a format-1 ferry reads this tree");
+    lock.release().await.unwrap();
+
+    // The same repository upgraded: the JSON trees are parents, unchanged
+    // directories keep them, changed ones are written in binary.
+    let new = open_as_format(dir.path(), 2).await;
+    let lock = new.lock_shared().await.unwrap();
+    std::fs::write(source.join("empty"), b"now with content").unwrap();
+    let second = backup(&new, &lock, &source, Some(first.root.clone())).await;
+    assert_eq!(second.root.stats.files_read, 1, "{:?}", second.root.stats);
+    let top = new.read_blob(&second.root.tree).await.unwrap();
+    assert!(
+        !top.starts_with(b"{"),
+        "the changed top directory is binary"
+    );
+    let nested = |root: &VolumeRoot| {
+        let repo = new.clone();
+        let tree = root.tree;
+        async move {
+            let top = Tree::decode(&repo.read_blob(&tree).await.unwrap()).unwrap();
+            top.entries
+                .iter()
+                .find(|n| n.name.as_os_str() == "nested")
+                .and_then(|n| n.subtree)
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        nested(&first.root).await,
+        nested(&second.root).await,
+        "an unchanged directory keeps its JSON tree"
+    );
+    for (root, name) in [(&first.root, "first"), (&second.root, "second")] {
+        let target = dir.path().join(name);
+        restore_dir(&new, root, &target, VolumeRestoreOptions::default())
+            .await
+            .unwrap();
+        if name == "second" {
+            assert_eq!(listing(&target), listing(&source));
+        }
+    }
+    lock.release().await.unwrap();
+}

@@ -25,13 +25,14 @@ pub struct Tree {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeKind {
-    File,
-    Dir,
-    Symlink,
-    Fifo,
-    Socket,
-    Char,
-    Block,
+    // The numbers are the binary tree encoding's: never reorder them.
+    File = 0,
+    Dir = 1,
+    Symlink = 2,
+    Fifo = 3,
+    Socket = 4,
+    Char = 5,
+    Block = 6,
 }
 
 /// One entry of a directory.
@@ -172,6 +173,218 @@ impl<'de> Deserialize<'de> for Name {
     }
 }
 
+/// The first bytes of a tree in the binary encoding. (A JSON tree starts
+/// with `{`.)
+const TREE_MAGIC: &[u8; 8] = b"FRYTREE\x01";
+
+impl Tree {
+    /// The binary encoding, written to format-2 repositories: the magic,
+    /// the entry count, then per entry its fields in declaration order,
+    /// integers as LEB128 varints (times' seconds zigzagged), names, link
+    /// targets and xattrs as length-prefixed bytes, chunk and subtree ids
+    /// as 32 raw bytes. Decoding a volume's trees this way is several times
+    /// faster than JSON, which an unchanged re-backup spends most of its
+    /// time on after the key derivation. Deterministic: an unchanged
+    /// directory encodes to the same bytes, so the same blob.
+    pub fn to_binary(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.entries.len() * 64);
+        out.extend_from_slice(TREE_MAGIC);
+        put_varint(&mut out, self.entries.len() as u64);
+        for node in &self.entries {
+            put_bytes(&mut out, node.name.0.as_bytes());
+            out.push(node.kind as u8);
+            for n in [
+                u64::from(node.mode),
+                u64::from(node.uid),
+                u64::from(node.gid),
+                node.size,
+            ] {
+                put_varint(&mut out, n);
+            }
+            for (seconds, nanos) in [node.mtime, node.ctime] {
+                put_varint(&mut out, ((seconds << 1) ^ (seconds >> 63)) as u64);
+                put_varint(&mut out, u64::from(nanos));
+            }
+            for n in [node.inode, node.links, node.rdev] {
+                put_varint(&mut out, n);
+            }
+            put_varint(&mut out, node.content.len() as u64);
+            for piece in &node.content {
+                match piece {
+                    Piece::Chunk(id) => {
+                        out.push(0);
+                        out.extend_from_slice(&id.0);
+                    }
+                    Piece::Zeros(n) => {
+                        out.push(1);
+                        put_varint(&mut out, *n);
+                    }
+                }
+            }
+            match &node.subtree {
+                Some(id) => {
+                    out.push(1);
+                    out.extend_from_slice(&id.0);
+                }
+                None => out.push(0),
+            }
+            match &node.target {
+                Some(target) => {
+                    out.push(1);
+                    put_bytes(&mut out, target.0.as_bytes());
+                }
+                None => out.push(0),
+            }
+            put_varint(&mut out, node.xattrs.len() as u64);
+            for (name, value) in &node.xattrs {
+                put_bytes(&mut out, name.0.as_bytes());
+                put_bytes(&mut out, value.as_bytes());
+            }
+        }
+        out
+    }
+
+    /// A tree in either encoding, told apart by the magic.
+    pub fn decode(bytes: &[u8]) -> Result<Tree, String> {
+        match bytes.strip_prefix(TREE_MAGIC.as_slice()) {
+            Some(binary) => Self::from_binary(binary),
+            None => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn from_binary(mut rest: &[u8]) -> Result<Tree, String> {
+        let r = &mut rest;
+        let count = varint(r)?;
+        // Every entry takes at least 20 bytes: a damaged count cannot
+        // reserve more than the input could hold.
+        let mut entries = Vec::with_capacity((count as usize).min(r.len() / 20));
+        for _ in 0..count {
+            let name = Name(OsString::from_vec(bytes_of(r)?.to_vec()));
+            let kind = match take(r, 1)?[0] {
+                0 => NodeKind::File,
+                1 => NodeKind::Dir,
+                2 => NodeKind::Symlink,
+                3 => NodeKind::Fifo,
+                4 => NodeKind::Socket,
+                5 => NodeKind::Char,
+                6 => NodeKind::Block,
+                other => return Err(format!("entry '{name}': unknown kind {other}")),
+            };
+            let small = |r: &mut &[u8], what: &str| {
+                u32::try_from(varint(r)?)
+                    .map_err(|_| format!("entry '{name}': {what} out of range"))
+            };
+            let mode = small(r, "mode")?;
+            let uid = small(r, "uid")?;
+            let gid = small(r, "gid")?;
+            let size = varint(r)?;
+            let time = |r: &mut &[u8]| -> Result<(i64, u32), String> {
+                let zigzag = varint(r)?;
+                let seconds = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
+                Ok((seconds, small(r, "nanoseconds")?))
+            };
+            let mtime = time(r)?;
+            let ctime = time(r)?;
+            let (inode, links, rdev) = (varint(r)?, varint(r)?, varint(r)?);
+            let pieces = varint(r)? as usize;
+            let mut content = Vec::with_capacity(pieces.min(r.len() / 2));
+            for _ in 0..pieces {
+                content.push(match take(r, 1)?[0] {
+                    0 => Piece::Chunk(blob_id(r)?),
+                    1 => Piece::Zeros(varint(r)?),
+                    other => return Err(format!("entry '{name}': unknown piece {other}")),
+                });
+            }
+            let subtree = match take(r, 1)?[0] {
+                0 => None,
+                1 => Some(blob_id(r)?),
+                other => return Err(format!("entry '{name}': bad subtree flag {other}")),
+            };
+            let target = match take(r, 1)?[0] {
+                0 => None,
+                1 => Some(Name(OsString::from_vec(bytes_of(r)?.to_vec()))),
+                other => return Err(format!("entry '{name}': bad target flag {other}")),
+            };
+            let attrs = varint(r)? as usize;
+            let mut xattrs = Vec::with_capacity(attrs.min(r.len() / 2));
+            for _ in 0..attrs {
+                let attr = Name(OsString::from_vec(bytes_of(r)?.to_vec()));
+                let value = std::str::from_utf8(bytes_of(r)?)
+                    .map_err(|_| format!("entry '{name}': an xattr value is not text"))?;
+                xattrs.push((attr, value.to_string()));
+            }
+            entries.push(Node {
+                name,
+                kind,
+                mode,
+                uid,
+                gid,
+                size,
+                mtime,
+                ctime,
+                inode,
+                links,
+                content,
+                subtree,
+                target,
+                rdev,
+                xattrs,
+            });
+        }
+        if !rest.is_empty() {
+            return Err(format!("{} bytes after the last entry", rest.len()));
+        }
+        Ok(Tree { entries })
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+    if rest.len() < n {
+        return Err("the tree ends early".into());
+    }
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    Ok(head)
+}
+
+fn varint(rest: &mut &[u8]) -> Result<u64, String> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = take(rest, 1)?[0];
+        let bits = u64::from(byte & 0x7f);
+        if shift == 63 && bits > 1 {
+            return Err("a number in the tree is too large".into());
+        }
+        n |= bits << shift;
+        if byte < 0x80 {
+            return Ok(n);
+        }
+    }
+    Err("a number in the tree is too large".into())
+}
+
+fn bytes_of<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let len = usize::try_from(varint(rest)?).map_err(|_| "a length out of range".to_string())?;
+    take(rest, len)
+}
+
+fn blob_id(rest: &mut &[u8]) -> Result<BlobId, String> {
+    Ok(BlobId(take(rest, 32)?.try_into().expect("32 bytes")))
+}
+
 /// The root of a volume's data: what a volume snapshot or an application
 /// snapshot's volume entry points at.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +450,94 @@ mod tests {
         );
         let back: Tree = serde_json::from_str(&json).unwrap();
         assert_eq!(back, tree);
+    }
+
+    /// Every field set to something other than its default, edges included.
+    fn varied_tree() -> Tree {
+        let mut dir = node(b"sub");
+        dir.kind = NodeKind::Dir;
+        dir.content = vec![];
+        dir.subtree = Some(BlobId([3; 32]));
+        let mut link = node(b"link");
+        link.kind = NodeKind::Symlink;
+        link.content = vec![];
+        link.target = Some(Name(OsString::from_vec(b"../t\xff".to_vec())));
+        let mut dev = node(b"dev");
+        dev.kind = NodeKind::Block;
+        dev.rdev = u64::MAX;
+        dev.content = vec![];
+        let mut odd = node(b"caf\xe9");
+        odd.mtime = (i64::MIN, 999_999_999);
+        odd.ctime = (-1, 0);
+        odd.size = u64::MAX;
+        odd.inode = u64::MAX;
+        odd.links = 3;
+        odd.mode = 0o7777;
+        odd.uid = u32::MAX;
+        odd.xattrs = vec![
+            (Name("user.a".into()), "00ff".into()),
+            (Name("user.b".into()), String::new()),
+        ];
+        odd.content = vec![
+            Piece::Zeros(u64::MAX),
+            Piece::Chunk(BlobId([0xee; 32])),
+            Piece::Zeros(0),
+        ];
+        let mut fifo = node(b"fifo");
+        fifo.kind = NodeKind::Fifo;
+        fifo.mtime = (i64::MAX, 1);
+        Tree {
+            entries: vec![node(b"plain.txt"), dir, link, dev, odd, fifo],
+        }
+    }
+
+    #[test]
+    fn binary_trees_round_trip_and_json_trees_are_still_read() {
+        for tree in [Tree::default(), varied_tree()] {
+            let binary = tree.to_binary();
+            assert!(binary.starts_with(TREE_MAGIC));
+            assert_eq!(Tree::decode(&binary).unwrap(), tree);
+            assert_eq!(tree.to_binary(), binary, "the same tree, the same bytes");
+            let json = serde_json::to_vec(&tree).unwrap();
+            assert_eq!(Tree::decode(&json).unwrap(), tree);
+        }
+        // Small: a file's entry is a fraction of its JSON.
+        let tree = varied_tree();
+        assert!(tree.to_binary().len() * 2 < serde_json::to_vec(&tree).unwrap().len());
+    }
+
+    #[test]
+    fn a_damaged_binary_tree_is_an_error_never_a_shorter_listing() {
+        let binary = varied_tree().to_binary();
+        for cut in TREE_MAGIC.len()..binary.len() {
+            assert!(Tree::decode(&binary[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = binary.clone();
+        longer.push(0);
+        assert!(
+            Tree::decode(&longer)
+                .unwrap_err()
+                .contains("after the last entry")
+        );
+        // A count of 2^63 entries is refused without reserving for it.
+        let mut huge = TREE_MAGIC.to_vec();
+        put_varint(&mut huge, 1 << 63);
+        assert!(Tree::decode(&huge).unwrap_err().contains("ends early"));
+        // A varint longer than 64 bits.
+        let mut long = TREE_MAGIC.to_vec();
+        long.extend_from_slice(&[0xff; 10]);
+        long.push(0x01);
+        assert!(Tree::decode(&long).unwrap_err().contains("too large"));
+        // An unknown kind names the entry.
+        let mut bad_kind = TREE_MAGIC.to_vec();
+        put_varint(&mut bad_kind, 1);
+        put_bytes(&mut bad_kind, b"x");
+        bad_kind.push(9);
+        let err = Tree::decode(&bad_kind).unwrap_err();
+        assert!(
+            err.contains("'x'") && err.contains("unknown kind 9"),
+            "{err}"
+        );
     }
 
     #[test]
