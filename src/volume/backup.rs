@@ -114,27 +114,17 @@ pub async fn backup_scanned(
         dirs = parent_trees.len(),
         "volume backup: parent's trees read"
     );
-    let scanned = scan.task.await.expect("scan task")?;
-    tracing::debug!(
-        dirs = scanned.dirs.len(),
-        "volume backup: directory scanned"
-    );
+    // The walk takes each directory as the scan finishes it: it compares
+    // the first directories with the parent while the scan lists the rest.
     let walk = {
         let repo = repo.clone();
-        let top = scan.top;
+        let DirScan { top, dirs } = scan;
         let ignore_inode = options.ignore_inode;
         tokio::task::spawn_blocking(move || {
-            walk(
-                &repo,
-                &top,
-                scanned,
-                parent_trees,
-                parent_root,
-                ignore_inode,
-            )
+            walk(&repo, &top, dirs, parent_trees, parent_root, ignore_inode)
         })
         .await
-        .expect("walk task")
+        .expect("walk task")?
     };
     store_walk(repo, lock, walk, &options, started, false).await
 }
@@ -438,12 +428,18 @@ struct ScannedEntry {
 /// read afterwards, only where the parent backup cannot tell them.
 pub struct DirScan {
     top: PathBuf,
-    task: tokio::task::JoinHandle<Result<Scan, VolumeError>>,
+    /// What the scan found, in order: the top directory's lstat, each
+    /// directory as it is finished (breadth first, the walk's order), then
+    /// `Done`; or an error, which ends it.
+    dirs: std::sync::mpsc::Receiver<Result<Scanned, VolumeError>>,
 }
 
-struct Scan {
-    top_metadata: Metadata,
-    dirs: Vec<ScannedDir>,
+enum Scanned {
+    Top(Metadata),
+    Dir(ScannedDir),
+    /// Every directory was sent: a scan that stops without it (its thread
+    /// gone) is an error, never a shorter listing.
+    Done,
 }
 
 impl DirScan {
@@ -452,29 +448,41 @@ impl DirScan {
     /// reading the parent), so the two overlap.
     pub fn start(top: &Path) -> DirScan {
         let top = top.to_path_buf();
-        let task = {
+        let (found, dirs) = std::sync::mpsc::channel();
+        {
             let top = top.clone();
-            tokio::task::spawn_blocking(move || scan(&top))
-        };
-        DirScan { top, task }
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = scan(&top, &found) {
+                    let _ = found.send(Err(e));
+                }
+            });
+        }
+        DirScan { top, dirs }
     }
 }
 
-/// Scans the tree under `top`, never leaving its file system.
-fn scan(top: &Path) -> Result<Scan, VolumeError> {
+/// Scans the tree under `top`, never leaving its file system, sending each
+/// directory as it is done. Stops early, without an error, when nobody
+/// takes what it sends any more.
+fn scan(
+    top: &Path,
+    found: &std::sync::mpsc::Sender<Result<Scanned, VolumeError>>,
+) -> Result<(), VolumeError> {
     let top_metadata = std::fs::symlink_metadata(top).map_err(|e| VolumeError::io(top, e))?;
     if !top_metadata.is_dir() {
         return Err(VolumeError::io(top, "not a directory"));
     }
     let device = top_metadata.dev();
-    let mut dirs = vec![ScannedDir {
-        rel: PathBuf::new(),
-        entries: Vec::new(),
-        parent: None,
-    }];
+    if found.send(Ok(Scanned::Top(top_metadata))).is_err() {
+        return Ok(());
+    }
+    // Directories still to list: path relative to the top, and their own
+    // entry in their parent (dir index, entry index).
+    let mut pending: std::collections::VecDeque<(PathBuf, Option<(usize, usize)>)> =
+        [(PathBuf::new(), None)].into();
     let mut index = 0;
-    while index < dirs.len() {
-        let path = top.join(&dirs[index].rel);
+    while let Some((rel, parent)) = pending.pop_front() {
+        let path = top.join(&rel);
         // Each name is copied out once: sorting by `file_name()` would
         // allocate two names per comparison.
         let mut listed: Vec<(std::ffi::OsString, std::fs::DirEntry)> = std::fs::read_dir(&path)
@@ -503,12 +511,7 @@ fn scan(top: &Path) -> Result<Scan, VolumeError> {
                 None
             };
             if metadata.is_dir() && metadata.dev() == device {
-                let rel = dirs[index].rel.join(&name);
-                dirs.push(ScannedDir {
-                    rel,
-                    entries: Vec::new(),
-                    parent: Some((index, entries.len())),
-                });
+                pending.push_back((rel.join(&name), Some((index, entries.len()))));
             }
             entries.push(ScannedEntry {
                 name,
@@ -516,29 +519,43 @@ fn scan(top: &Path) -> Result<Scan, VolumeError> {
                 target,
             });
         }
-        dirs[index].entries = entries;
+        let dir = ScannedDir {
+            rel,
+            entries,
+            parent,
+        };
+        if found.send(Ok(Scanned::Dir(dir))).is_err() {
+            return Ok(());
+        }
         index += 1;
     }
-    Ok(Scan { top_metadata, dirs })
+    let _ = found.send(Ok(Scanned::Done));
+    Ok(())
 }
 
 /// Compares a scan with the parent's trees, noting what must be read.
 fn walk(
     repo: &Repository,
     top: &Path,
-    scan: Scan,
+    scan: std::sync::mpsc::Receiver<Result<Scanned, VolumeError>>,
     parent: BTreeMap<PathBuf, Tree>,
     parent_root: Option<BlobId>,
     ignore_inode: bool,
-) -> Walk {
+) -> Result<Walk, VolumeError> {
+    let stopped = || VolumeError::io(top, "the directory scan stopped before it was done");
+    let top_metadata = match scan.recv() {
+        Ok(Ok(Scanned::Top(metadata))) => metadata,
+        Ok(Err(e)) => return Err(e),
+        _ => return Err(stopped()),
+    };
     let mut out = Walk {
         top: node_of(
             Name(Default::default()),
-            &scan.top_metadata,
+            &top_metadata,
             None,
             xattrs_of(top),
         ),
-        dirs: Vec::with_capacity(scan.dirs.len()),
+        dirs: Vec::with_capacity(parent.len()),
         jobs: Vec::new(),
         aliases: Vec::new(),
         reused_chunks: Vec::new(),
@@ -549,7 +566,14 @@ fn walk(
     let mut first_link: HashMap<u64, usize> = HashMap::new();
     let mut reused_links: HashMap<u64, Vec<Piece>> = HashMap::new();
     let reusable = repo.reusable_blobs();
-    for (index, dir) in scan.dirs.into_iter().enumerate() {
+    let mut index = 0;
+    loop {
+        let dir = match scan.recv() {
+            Ok(Ok(Scanned::Dir(dir))) => dir,
+            Ok(Ok(Scanned::Done)) => break,
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Scanned::Top(_))) | Err(_) => return Err(stopped()),
+        };
         let path = top.join(&dir.rel);
         let before = parent.get(&dir.rel);
         let mut entries = Vec::with_capacity(dir.entries.len());
@@ -642,9 +666,14 @@ fn walk(
             parent: dir.parent,
             before,
         });
+        index += 1;
     }
+    tracing::debug!(
+        dirs = index,
+        "volume backup: directory scanned and compared"
+    );
     out.parent_trees = parent;
-    out
+    Ok(out)
 }
 
 /// A file as read: its pieces and its length.
@@ -1036,4 +1065,71 @@ async fn assemble(
         write,
         warnings: read.warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn repo_in(dir: &Path) -> Repository {
+        let backend: Arc<dyn crate::repo::Backend> =
+            Arc::new(crate::repo::LocalBackend::new(dir.join("repo")));
+        Repository::init(
+            backend,
+            &crate::repo::KeySource::Password("pw".to_string().into()),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_scan_that_stops_before_it_is_done_fails_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo_in(dir.path()).await;
+        let lock = repo.lock_shared().await.unwrap();
+        let top_metadata = std::fs::symlink_metadata(dir.path()).unwrap();
+        let root = || ScannedDir {
+            rel: PathBuf::new(),
+            entries: Vec::new(),
+            parent: None,
+        };
+        let walk_of = |messages: Vec<Result<Scanned, VolumeError>>| {
+            let (found, dirs) = std::sync::mpsc::channel();
+            for m in messages {
+                found.send(m).unwrap();
+            }
+            // The scan's thread is gone: nothing more will come.
+            drop(found);
+            walk(&repo, dir.path(), dirs, BTreeMap::new(), None, false)
+        };
+        let done = walk_of(vec![
+            Ok(Scanned::Top(top_metadata.clone())),
+            Ok(Scanned::Dir(root())),
+            Ok(Scanned::Done),
+        ])
+        .unwrap();
+        assert_eq!(done.dirs.len(), 1);
+        for cut in [
+            vec![],
+            vec![Ok(Scanned::Top(top_metadata.clone()))],
+            vec![
+                Ok(Scanned::Top(top_metadata.clone())),
+                Ok(Scanned::Dir(root())),
+            ],
+        ] {
+            let err = walk_of(cut).err().expect("an unfinished scan is an error");
+            assert!(
+                err.to_string().contains("stopped before it was done"),
+                "{err}"
+            );
+        }
+        let err = walk_of(vec![
+            Ok(Scanned::Top(top_metadata)),
+            Err(VolumeError::io(Path::new("/x/y"), "permission denied")),
+        ])
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("/x/y"), "{err}");
+        lock.release().await.unwrap();
+    }
 }
