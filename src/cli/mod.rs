@@ -116,8 +116,9 @@ async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
         RepoCommand::Init { repo, cipher } => {
             let repository = repo::init(&repo, cipher).await?;
             eprintln!(
-                "created repository {} (blobs sealed with {})",
+                "created repository {} (format {}, blobs sealed with {})",
                 repository.id(),
+                repository.format_version(),
                 repository.cipher()
             );
             eprintln!("keep the password safe: without it the backups cannot be read");

@@ -416,6 +416,17 @@ pub(crate) struct IndexFile {
     pub packs: Vec<PackEntries>,
 }
 
+/// The next `n` bytes of `rest`, which moves past them; `None` where fewer
+/// are left. What the binary decoders (index files, trees) read with.
+pub(crate) fn take_bytes<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if rest.len() < n {
+        return None;
+    }
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    Some(head)
+}
+
 /// The first bytes of a binary index file's plaintext. (A JSON one starts
 /// with `{`.)
 const INDEX_MAGIC: &[u8; 8] = b"FRYIDX\x00\x02";
@@ -452,12 +463,7 @@ impl IndexFile {
             return serde_json::from_slice(plain).map_err(|e| format!("not valid: {e}"));
         };
         fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
-            if rest.len() < n {
-                return Err("not valid: the binary index ends early".into());
-            }
-            let (head, tail) = rest.split_at(n);
-            *rest = tail;
-            Ok(head)
+            take_bytes(rest, n).ok_or_else(|| "not valid: the binary index ends early".into())
         }
         fn u32_of(rest: &mut &[u8]) -> Result<u32, String> {
             Ok(u32::from_le_bytes(

@@ -1317,34 +1317,20 @@ fn a_damaged_binary_index_is_an_error_never_a_shorter_index() {
             .unwrap_err()
             .contains("1 bytes after")
     );
-    // A count of 2^32-1 packs or blobs is refused without allocating for it.
-    let mut huge = INDEX_MAGIC.to_vec();
-    huge.extend_from_slice(&u32::MAX.to_le_bytes());
-    assert!(
-        IndexFile::from_plain(&huge)
-            .unwrap_err()
-            .contains("ends early")
-    );
-    let mut huge_blobs = INDEX_MAGIC.to_vec();
-    huge_blobs.extend_from_slice(&1u32.to_le_bytes());
-    huge_blobs.extend_from_slice(&1u16.to_le_bytes());
-    huge_blobs.push(b'p');
-    huge_blobs.extend_from_slice(&u32::MAX.to_le_bytes());
-    assert!(
-        IndexFile::from_plain(&huge_blobs)
-            .unwrap_err()
-            .contains("ends early")
-    );
-    let mut bad_id = INDEX_MAGIC.to_vec();
-    bad_id.extend_from_slice(&1u32.to_le_bytes());
-    bad_id.extend_from_slice(&1u16.to_le_bytes());
-    bad_id.push(0xff);
-    bad_id.extend_from_slice(&0u32.to_le_bytes());
-    assert!(
-        IndexFile::from_plain(&bad_id)
-            .unwrap_err()
-            .contains("UTF-8")
-    );
+    // A binary index of these parts; counts of 2^32-1 packs or blobs are
+    // refused without allocating for them.
+    let index_of = |parts: &[&[u8]]| {
+        let mut all = INDEX_MAGIC.to_vec();
+        all.extend(parts.iter().flat_map(|p| p.iter()));
+        all
+    };
+    let error_of = |parts: &[&[u8]]| IndexFile::from_plain(&index_of(parts)).unwrap_err();
+    let (one, huge) = (1u32.to_le_bytes(), u32::MAX.to_le_bytes());
+    let one_char_id = [&1u16.to_le_bytes()[..], b"p"].concat();
+    assert!(error_of(&[&huge]).contains("ends early"));
+    assert!(error_of(&[&one, &one_char_id, &huge]).contains("ends early"));
+    let non_utf8_id = [&1u16.to_le_bytes()[..], &[0xff]].concat();
+    assert!(error_of(&[&one, &non_utf8_id, &0u32.to_le_bytes()]).contains("UTF-8"));
 }
 
 /// Rewrites the config's format version, as an older or newer ferry

@@ -352,12 +352,7 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
-    if rest.len() < n {
-        return Err("the tree ends early".into());
-    }
-    let (head, tail) = rest.split_at(n);
-    *rest = tail;
-    Ok(head)
+    crate::repo::take_bytes(rest, n).ok_or_else(|| "the tree ends early".into())
 }
 
 fn varint(rest: &mut &[u8]) -> Result<u64, String> {
