@@ -15,6 +15,13 @@ use crate::support::{
     ClusterInfo, NodeInfo, apply_manifests, env, eventually, ferry, fresh_bucket, with_s3,
 };
 
+/// Held by the tests that keep a mover of the test node in its slot on
+/// purpose (stopped at a failpoint) or fill the node's slots: two of them
+/// at once can take every slot of the node and wait on each other until
+/// their movers time out Pending, so they run one at a time. Other tests'
+/// movers are short and only queue behind them.
+static SLOT_HOLDERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The container script: report whether the volume already holds data
 /// (FOUND: restored before the workload started) or is new (FRESH, then
 /// write it), then a checksum of the data and the file names.
@@ -595,6 +602,7 @@ async fn mover_at_failpoint(pods: &Api<Pod>, name: &str) -> String {
 
 #[tokio::test]
 async fn node_a_second_commands_mover_takes_a_free_slot_instead_of_queueing_behind_the_first() {
+    let _slots = SLOT_HOLDERS.lock().await;
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
     let first = namespace_for_pods(&client, "vol-slot-a").await;
@@ -646,6 +654,7 @@ async fn node_a_second_commands_mover_takes_a_free_slot_instead_of_queueing_behi
 
 #[tokio::test]
 async fn node_a_mover_killed_mid_copy_fails_the_backup_and_leaves_the_repository_valid() {
+    let _slots = SLOT_HOLDERS.lock().await;
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
     let ns = namespace_for_pods(&client, "vol-kill").await;
@@ -1162,6 +1171,7 @@ async fn node_kept_csi_snapshots_leaked_by_killed_commands_are_released_by_prune
 // Two workers: the watcher runs while the test thread waits for `ferry`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_movers_beyond_the_per_node_bound_wait_pending_for_a_slot() {
+    let _slots = SLOT_HOLDERS.lock().await;
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
     let ns = namespace_for_pods(&client, "vol-slots").await;
