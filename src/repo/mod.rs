@@ -1159,12 +1159,16 @@ impl Repository {
     }
 
     fn decode_json<T: serde::de::DeserializeOwned>(&self, sealed: &[u8]) -> Result<T, String> {
+        let plain = self.open_plain(sealed)?;
+        serde_json::from_slice(&plain).map_err(|e| format!("not valid: {e}"))
+    }
+
+    /// A sealed record's plain bytes: authenticated, then decompressed.
+    fn open_plain(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
         let compressed = self.inner.key.open(sealed).map_err(|_| {
             "authentication failed (altered, or written with another key)".to_string()
         })?;
-        let plain = zstd::stream::decode_all(&compressed[..])
-            .map_err(|e| format!("decompression failed: {e}"))?;
-        serde_json::from_slice(&plain).map_err(|e| format!("not valid: {e}"))
+        zstd::stream::decode_all(&compressed[..]).map_err(|e| format!("decompression failed: {e}"))
     }
 
     /// An index file as stored: binary in a format-2 repository, JSON in
@@ -1179,12 +1183,7 @@ impl Repository {
 
     /// An index file in either encoding.
     pub(crate) fn decode_index(&self, sealed: &[u8]) -> Result<IndexFile, String> {
-        let compressed = self.inner.key.open(sealed).map_err(|_| {
-            "authentication failed (altered, or written with another key)".to_string()
-        })?;
-        let plain = zstd::stream::decode_all(&compressed[..])
-            .map_err(|e| format!("decompression failed: {e}"))?;
-        IndexFile::from_plain(&plain)
+        IndexFile::from_plain(&self.open_plain(sealed)?)
     }
 
     /// The repository's format version.
