@@ -64,6 +64,64 @@ impl AsRef<[u8]> for AlignedBuf {
     }
 }
 
+/// A growable byte buffer whose first byte is [`BLOCK`]-aligned, so that
+/// what is built in it can be written with `O_DIRECT` without a copy.
+/// Its spare capacity is not zeroed again when it is reused.
+pub struct AlignedVec {
+    buf: AlignedBuf,
+    len: usize,
+}
+
+impl AlignedVec {
+    /// An empty buffer with room for at least `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        AlignedVec {
+            buf: AlignedBuf::new(capacity.max(1)),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Empties the buffer, keeping its memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf.as_slice()[..self.len]
+    }
+
+    /// Appends `bytes`; past the capacity, the buffer moves to one twice
+    /// as large (or large enough).
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        if end > self.capacity() {
+            let mut grown = AlignedBuf::new(end.max(2 * self.capacity()));
+            grown.as_mut_slice()[..self.len].copy_from_slice(self.as_slice());
+            self.buf = grown;
+        }
+        self.buf.as_mut_slice()[self.len..end].copy_from_slice(bytes);
+        self.len = end;
+    }
+}
+
+impl AsRef<[u8]> for AlignedVec {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +136,27 @@ mod tests {
             buf.as_mut_slice().fill(7);
             assert_eq!(buf.as_slice().len(), buf.len());
         }
+    }
+
+    #[test]
+    fn aligned_vecs_keep_their_bytes_and_alignment_when_they_grow() {
+        let mut v = AlignedVec::with_capacity(10);
+        assert!(v.is_empty());
+        assert_eq!(v.capacity(), BLOCK);
+        let mut expected = Vec::new();
+        for round in 0..5u8 {
+            let piece = vec![round; 3000];
+            v.extend_from_slice(&piece);
+            expected.extend_from_slice(&piece);
+            assert_eq!(v.as_slice(), &expected[..]);
+            assert_eq!(v.as_slice().as_ptr() as usize % BLOCK, 0);
+            assert!(v.capacity() >= v.len());
+        }
+        let capacity = v.capacity();
+        v.clear();
+        assert!(v.is_empty());
+        assert_eq!(v.capacity(), capacity, "cleared, not freed");
+        v.extend_from_slice(b"again");
+        assert_eq!(v.as_slice(), b"again");
     }
 }

@@ -148,12 +148,20 @@ fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
     else {
         return Ok(false);
     };
+    // Data built in block-aligned memory (a pack) goes to the disk from
+    // where it is, in whole blocks; the rest is copied to an aligned buffer.
+    let in_place = if (data.as_ptr() as usize).is_multiple_of(BLOCK) {
+        data.len() / BLOCK * BLOCK
+    } else {
+        0
+    };
     let written = DIRECT_BOUNCE.with(|cell| {
+        file.write_all_at(&data[..in_place], 0)?;
         let mut bounce = cell.borrow_mut();
         let buffer = bounce
             .get_or_insert_with(|| AlignedBuf::new(DIRECT_BUFFER))
             .as_mut_slice();
-        let mut offset = 0;
+        let mut offset = in_place;
         while offset < data.len() {
             let piece = &data[offset..data.len().min(offset + DIRECT_BUFFER)];
             // The last piece is padded to whole blocks; the file is cut
@@ -729,12 +737,19 @@ mod tests {
             2 * DIRECT_BUFFER + BLOCK,
         ] {
             let data = numbered(len);
-            let path = dir.path().join(format!("f{len}"));
-            if write_direct(&path, &data).unwrap() {
-                assert_eq!(std::fs::read(&path).unwrap(), data, "length {len}");
-            } else {
-                // A file system without direct writes: nothing is left.
-                assert!(!path.exists());
+            // From wherever the allocator put it, and from aligned memory
+            // (written in place), which the data must not depend on.
+            let mut aligned = crate::aligned::AlignedVec::with_capacity(len);
+            aligned.extend_from_slice(&data);
+            assert_eq!(aligned.as_slice().as_ptr() as usize % BLOCK, 0);
+            for (source, from) in [(&data[..], "vec"), (aligned.as_slice(), "aligned")] {
+                let path = dir.path().join(format!("f{len}-{from}"));
+                if write_direct(&path, source).unwrap() {
+                    assert_eq!(std::fs::read(&path).unwrap(), data, "length {len}, {from}");
+                } else {
+                    // A file system without direct writes: nothing is left.
+                    assert!(!path.exists());
+                }
             }
         }
     }

@@ -5,9 +5,13 @@
 //! finished. A writer dropped without `finish` leaves only packs no index
 //! names: invisible to readers, reclaimed by prune.
 
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::task::JoinSet;
+
+use crate::aligned::AlignedVec;
 
 use super::{
     BlobEntry, BlobId, IdSet, IndexFile, PackEntries, RepoError, Repository, encode_blob, pack_path,
@@ -17,6 +21,37 @@ use super::{
 pub const PACK_TARGET: usize = 8 * 1024 * 1024;
 /// Uploads in flight at once; each holds one pack in memory.
 const MAX_UPLOADS: usize = 2;
+
+/// Pack buffers back from finished uploads. A backup writes hundreds of
+/// packs: reusing a few keeps their memory faulted in, instead of the
+/// kernel zeroing fresh pages for every pack.
+type PackPool = Arc<Mutex<Vec<AlignedVec>>>;
+
+/// A pack handed to the store. It is built in block-aligned memory, so a
+/// local repository writes it past the page cache without copying it;
+/// its buffer returns to the writer's pool once the store is done with it.
+struct PackBytes {
+    pack: Option<AlignedVec>,
+    pool: PackPool,
+}
+
+impl AsRef<[u8]> for PackBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.pack.as_ref().map_or(&[], AlignedVec::as_slice)
+    }
+}
+
+impl Drop for PackBytes {
+    fn drop(&mut self) {
+        if let Some(mut pack) = self.pack.take() {
+            pack.clear();
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < MAX_UPLOADS {
+                pool.push(pack);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -33,7 +68,8 @@ pub struct WriteStats {
 pub struct PackWriter {
     repo: Repository,
     pack_target: usize,
-    buffer: Vec<u8>,
+    buffer: Option<AlignedVec>,
+    pool: PackPool,
     entries: Vec<BlobEntry>,
     session: IdSet,
     written: Vec<PackEntries>,
@@ -46,7 +82,8 @@ impl PackWriter {
         PackWriter {
             repo,
             pack_target: PACK_TARGET,
-            buffer: Vec::new(),
+            buffer: None,
+            pool: PackPool::default(),
             entries: Vec::new(),
             session: IdSet::default(),
             written: Vec::new(),
@@ -128,23 +165,25 @@ impl PackWriter {
         stored: &[u8],
         raw_length: u32,
     ) -> Result<(), RepoError> {
-        if self.buffer.capacity() == 0 {
-            // One allocation per pack: grown by doubling, a pack would be
-            // copied several times over into newly faulted memory. The
-            // header (a JSON entry per blob) gets a sixty-fourth.
+        let buffer = self.buffer.get_or_insert_with(|| {
+            // Sized once: grown by doubling, a pack would be copied several
+            // times over into newly faulted memory. The header (a JSON
+            // entry per blob) gets a sixty-fourth.
             let target = self.pack_target.min(PACK_TARGET);
-            self.buffer.reserve(target + target / 64 + stored.len());
-        }
+            let reused = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            reused.unwrap_or_else(|| AlignedVec::with_capacity(target + target / 64 + stored.len()))
+        });
         self.entries.push(BlobEntry {
             id,
-            offset: self.buffer.len() as u32,
+            offset: buffer.len() as u32,
             length: stored.len() as u32,
             raw_length,
         });
-        self.buffer.extend_from_slice(stored);
+        buffer.extend_from_slice(stored);
+        let full = buffer.len() >= self.pack_target;
         self.session.insert(id);
         self.stats.blobs_added += 1;
-        if self.buffer.len() >= self.pack_target {
+        if full {
             self.flush().await?;
         }
         Ok(())
@@ -160,7 +199,10 @@ impl PackWriter {
                 done.expect("upload task")?;
             }
         }
-        let mut pack = std::mem::take(&mut self.buffer);
+        let mut pack = self
+            .buffer
+            .take()
+            .expect("a pack with entries has a buffer");
         let entries = std::mem::take(&mut self.entries);
         // The header repeats the index entries so a pack can be understood
         // on its own (e.g. to rebuild a lost index).
@@ -170,7 +212,7 @@ impl PackWriter {
             .seal(&serde_json::to_vec(&entries).expect("entries serialize"));
         pack.extend_from_slice(&header);
         pack.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        let id = blake3::hash(&pack).to_hex().to_string();
+        let id = blake3::hash(pack.as_slice()).to_hex().to_string();
         self.stats.bytes_stored += pack.len() as u64;
         self.stats.packs_written += 1;
         self.written.push(PackEntries {
@@ -178,8 +220,12 @@ impl PackWriter {
             blobs: entries,
         });
         let backend = self.repo.backend().clone();
+        let pack = Bytes::from_owner(PackBytes {
+            pack: Some(pack),
+            pool: self.pool.clone(),
+        });
         self.uploads
-            .spawn(async move { Ok(backend.put(&pack_path(&id), Bytes::from(pack)).await?) });
+            .spawn(async move { Ok(backend.put(&pack_path(&id), pack).await?) });
         Ok(())
     }
 
