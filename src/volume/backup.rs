@@ -57,9 +57,13 @@ struct WalkedDir {
     entries: Vec<Node>,
     /// The directory's own entry in its parent (dir index, entry index).
     parent: Option<(usize, usize)>,
-    /// The parent backup's listing of this directory: its tree's id and
-    /// its path in [`Walk::parent_trees`].
-    before: Option<(BlobId, PathBuf)>,
+    /// The id of the parent backup's tree of this directory.
+    before: Option<BlobId>,
+    /// Every entry is the parent's, subtrees aside (those are known only
+    /// bottom up, when the subdirectories are stored).
+    listed_as_before: bool,
+    /// A subdirectory's tree is not the one the parent backup has.
+    subtree_changed: bool,
 }
 
 /// A file to read.
@@ -80,9 +84,6 @@ struct Walk {
     stats: VolumeStats,
     /// A device read only where it changed since the parent.
     delta: Option<Arc<BlockDelta>>,
-    /// The parent backup's listings, by path: a directory listed the same
-    /// again is the parent's tree, neither encoded nor hashed again.
-    parent_trees: BTreeMap<PathBuf, Tree>,
 }
 
 /// Backs up the directory `dir` into the repository. The caller holds a
@@ -266,6 +267,8 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
             )],
             parent: None,
             before: None,
+            listed_as_before: false,
+            subtree_changed: false,
         }],
         jobs: if size > 0 {
             vec![FileJob {
@@ -284,7 +287,6 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
             ..Default::default()
         },
         delta: None,
-        parent_trees: BTreeMap::new(),
     })
 }
 
@@ -561,7 +563,6 @@ fn walk(
         reused_chunks: Vec::new(),
         stats: VolumeStats::default(),
         delta: None,
-        parent_trees: BTreeMap::new(),
     };
     let mut first_link: HashMap<u64, usize> = HashMap::new();
     let mut reused_links: HashMap<u64, Vec<Piece>> = HashMap::new();
@@ -647,24 +648,24 @@ fn walk(
             }
             entries.push(node);
         }
-        let before = before.and_then(|_| {
-            let id = match (dir.rel.parent(), dir.rel.file_name()) {
-                (Some(up), Some(name)) => {
-                    let listing = parent.get(up)?;
-                    let i = listing
-                        .entries
-                        .binary_search_by(|e| e.name.as_os_str().cmp(name))
-                        .ok()?;
-                    listing.entries[i].subtree?
-                }
-                _ => parent_root?,
-            };
-            Some((id, dir.rel))
+        let listed_as_before = before.is_some_and(|t| same_listing(&mut entries, t));
+        let before = before.and_then(|_| match (dir.rel.parent(), dir.rel.file_name()) {
+            (Some(up), Some(name)) => {
+                let listing = parent.get(up)?;
+                let i = listing
+                    .entries
+                    .binary_search_by(|e| e.name.as_os_str().cmp(name))
+                    .ok()?;
+                listing.entries[i].subtree
+            }
+            _ => parent_root,
         });
         out.dirs.push(WalkedDir {
             entries,
             parent: dir.parent,
             before,
+            listed_as_before,
+            subtree_changed: false,
         });
         index += 1;
     }
@@ -672,8 +673,32 @@ fn walk(
         dirs = index,
         "volume backup: directory scanned and compared"
     );
-    out.parent_trees = parent;
+    drop_elsewhere(parent);
     Ok(out)
+}
+
+/// Whether `entries` are `before`'s, subtrees aside: those are known only
+/// bottom up, when the subdirectories are stored.
+fn same_listing(entries: &mut [Node], before: &Tree) -> bool {
+    entries.len() == before.entries.len()
+        && entries
+            .iter_mut()
+            .zip(&before.entries)
+            .all(|(node, previous)| {
+                let subtree = std::mem::replace(&mut node.subtree, previous.subtree);
+                let same = *node == *previous;
+                node.subtree = subtree;
+                same
+            })
+}
+
+/// Drops `value` on a thread of its own. Freeing the listings of tens of
+/// thousands of files takes milliseconds that a backup need not wait for.
+fn drop_elsewhere<T: Send + 'static>(value: T) {
+    // Without a thread to be had, the value is dropped here, with the closure.
+    let _ = std::thread::Builder::new()
+        .name("drop".into())
+        .spawn(move || drop(value));
 }
 
 /// A file as read: its pieces and its length.
@@ -1005,31 +1030,52 @@ async fn assemble(
     for index in (0..walk.dirs.len()).rev() {
         // Children come after their parents in the walk: going backwards,
         // every subtree is stored before the directory that names it.
-        let tree = Tree {
-            entries: std::mem::take(&mut walk.dirs[index].entries)
-                .into_iter()
-                .enumerate()
-                .filter(|(entry, _)| !vanished.contains(&(index, *entry)))
-                .map(|(_, node)| node)
-                .collect(),
-        };
-        let same = walk.dirs[index]
+        let dir = &mut walk.dirs[index];
+        // A directory listed as in the parent backup, whose subdirectories
+        // are the parent's too, is the parent's tree: it is neither encoded
+        // nor hashed again. (Its files were all taken over from the parent,
+        // so none of them vanished while being read.)
+        let same = dir
             .before
-            .take()
-            .filter(|(id, rel)| walk.parent_trees.get(rel) == Some(&tree) && repo.has_blob(id));
+            .filter(|id| dir.listed_as_before && !dir.subtree_changed && repo.has_blob(id));
         let id = match same {
-            Some((id, _)) => id,
-            None => writer.add(&super::encode_tree(repo, &tree)).await?,
+            Some(id) => id,
+            None => {
+                let tree = Tree {
+                    entries: std::mem::take(&mut dir.entries)
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(entry, _)| !vanished.contains(&(index, *entry)))
+                        .map(|(_, node)| node)
+                        .collect(),
+                };
+                writer.add(&super::encode_tree(repo, &tree)).await?
+            }
         };
         trees.push(id);
-        match walk.dirs[index].parent {
-            Some((dir, entry)) => walk.dirs[dir].entries[entry].subtree = Some(id),
+        let changed = dir.before != Some(id);
+        match dir.parent {
+            Some((up, entry)) => {
+                walk.dirs[up].entries[entry].subtree = Some(id);
+                walk.dirs[up].subtree_changed |= changed;
+            }
             None => top_tree = Some(id),
         }
     }
+    let top_tree = top_tree.expect("the top directory is walked");
+    drop_elsewhere(std::mem::take(&mut walk.dirs));
     let mut blobs = trees;
     blobs.extend(all_chunks);
-    let refs = writer.add(&encode_refs(&blobs)).await?;
+    // The same top tree is the same content: the parent's reference list
+    // is this backup's.
+    let refs = match options
+        .parent
+        .as_ref()
+        .filter(|p| p.tree == top_tree && repo.has_blob(&p.refs))
+    {
+        Some(parent) => parent.refs,
+        None => writer.add(&encode_refs(&blobs)).await?,
+    };
     let mut stats = walk.stats;
     stats.files_read = read.stats.files_read;
     stats.bytes_read = read.stats.bytes_read;
@@ -1041,7 +1087,7 @@ async fn assemble(
         // Nanoseconds: the newest backup of a source is its next parent,
         // even when two are made within a second.
         created: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
-        tree: top_tree.expect("the top directory is walked"),
+        tree: top_tree,
         top: walk.top,
         block,
         refs,

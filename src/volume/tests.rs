@@ -197,6 +197,7 @@ async fn an_unchanged_tree_is_not_read_again_and_a_changed_file_stores_only_its_
     assert_eq!(again.root.stats.files_read, 0, "{:?}", again.root.stats);
     assert_eq!(again.root.stats.files_unchanged, 7);
     assert_eq!(again.root.tree, first.root.tree, "the same trees");
+    assert_eq!(again.root.refs, first.root.refs, "the same reference list");
     assert!(
         again.write.bytes_stored < 4096,
         "an unchanged backup stores its root only: {:?}",
@@ -254,16 +255,55 @@ async fn an_unchanged_tree_is_not_read_again_and_a_changed_file_stores_only_its_
         subtree(&before, "", "nested"),
         subtree(&after, "", "nested")
     );
+    assert_ne!(changed.root.refs, again.root.refs);
+    // A change two levels down: "nested" lists the same entries, but its
+    // subdirectory's tree is new, so its own tree is new too, and so on up.
+    let deep = source.join("nested/deeper/text.log");
+    let mut text = std::fs::read(&deep).unwrap();
+    text.extend_from_slice(b"one more line\n");
+    std::fs::write(&deep, &text).unwrap();
+    let deeper = backup(&repo, &lock, &source, Some(changed.root.clone())).await;
+    assert_eq!(deeper.root.stats.files_read, 1);
+    let deepest = read_trees(&repo, deeper.root.tree).await.unwrap();
+    assert_ne!(
+        subtree(&after, "nested", "deeper"),
+        subtree(&deepest, "nested", "deeper")
+    );
+    assert_ne!(
+        subtree(&after, "", "nested"),
+        subtree(&deepest, "", "nested")
+    );
+    assert_ne!(deeper.root.tree, changed.root.tree);
+    assert_ne!(deeper.root.refs, changed.root.refs);
     let target = dir.path().join("restored");
     restore_dir(
         &repo,
-        &changed.root,
+        &deeper.root,
         &target,
         VolumeRestoreOptions::default(),
     )
     .await
     .unwrap();
     assert_eq!(listing(&target), listing(&source));
+    // The reference list names every blob the backup needs.
+    let refs = crate::repo::decode_refs(&repo.read_blob(&deeper.root.refs).await.unwrap()).unwrap();
+    let refs: HashSet<BlobId> = refs.into_iter().collect();
+    for tree in deepest.values() {
+        for node in &tree.entries {
+            for piece in &node.content {
+                if let Piece::Chunk(id) = piece {
+                    assert!(refs.contains(id), "{:?} is referenced", node.name);
+                }
+            }
+            if let Some(sub) = node.subtree {
+                assert!(
+                    refs.contains(&sub),
+                    "the tree of {:?} is referenced",
+                    node.name
+                );
+            }
+        }
+    }
     lock.release().await.unwrap();
 }
 
