@@ -154,6 +154,11 @@ pub async fn kept_volume_snapshots(
     repo: &Repository,
     snapshot: &Snapshot,
 ) -> Result<Vec<crate::mover::VolumeEntry>, RepoError> {
+    // A `ferry volume backup` snapshot holds a directory's data, never an
+    // application report: it keeps no CSI snapshot.
+    if crate::volume::is_volume_snapshot(snapshot) {
+        return Ok(Vec::new());
+    }
     let report = load_root_locked(repo, snapshot).await?.report;
     Ok(report
         .volumes

@@ -936,3 +936,27 @@ async fn a_format_1_repository_gets_json_trees_and_its_backups_are_parents_in_fo
     }
     lock.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_volume_snapshot_keeps_no_csi_snapshot_and_its_deletion_reads_no_report() {
+    // `ferry backup delete` of a volume snapshot asks what CSI snapshots it
+    // kept: its content is a volume root, not an application report, and
+    // must not be taken for a damaged one.
+    let (_dir, _source, repo, lock, done) = fixture_backup().await;
+    let id = save_snapshot(&repo, "vol", &done, BTreeMap::new())
+        .await
+        .unwrap();
+    lock.release().await.unwrap();
+    let (_, snapshot) = repo
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(listed, _)| *listed == id)
+        .unwrap();
+    assert!(is_volume_snapshot(&snapshot));
+    let kept = crate::snapshot::kept_volume_snapshots(&repo, &snapshot)
+        .await
+        .unwrap();
+    assert!(kept.is_empty());
+}
