@@ -45,22 +45,24 @@ impl ConnectOptions {
             context: self.context.clone(),
             ..Default::default()
         };
-        let err = |e: Box<dyn std::error::Error + Send + Sync>| ClusterError::Kubeconfig {
+        let err = |message: String| ClusterError::Kubeconfig {
             context: self.context.clone(),
-            source: e,
+            message,
         };
         let mut config = match &self.kubeconfig {
             Some(path) => {
                 let kubeconfig = Kubeconfig::read_from(path)
-                    .map_err(|e| err(format!("{}: {e}", path.display()).into()))?;
+                    .map_err(|e| err(format!("{}: {}", path.display(), super::error_chain(&e))))?;
                 kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                     .await
-                    .map_err(|e| err(Box::new(e)))?
+                    .map_err(|e| err(super::error_chain(&e)))?
             }
             None if self.context.is_some() => kube::Config::from_kubeconfig(&options)
                 .await
-                .map_err(|e| err(Box::new(e)))?,
-            None => kube::Config::infer().await.map_err(|e| err(Box::new(e)))?,
+                .map_err(|e| err(super::error_chain(&e)))?,
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| err(super::error_chain(&e)))?,
         };
         let timeout = self.timeout.unwrap_or(Duration::from_secs(60));
         config.read_timeout = Some(timeout);
@@ -81,7 +83,7 @@ impl ConnectOptions {
         let server = config.cluster_url.to_string();
         let client = kube::Client::try_from(config).map_err(|e| ClusterError::Kubeconfig {
             context: self.context.clone(),
-            source: Box::new(e),
+            message: super::error_chain(&e),
         })?;
         let version = match client.apiserver_version().await {
             Ok(v) => v,

@@ -15,14 +15,34 @@ pub mod retry;
 pub use connect::{ConnectOptions, Connection};
 pub use discovery::{Discovery, ServedResource};
 
+/// An error and its causes as one line. kube's errors repeat their causes
+/// in their own messages, so a cause already quoted by the error above it
+/// is left out instead of being printed again.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let message = e.to_string();
+        if !line.contains(&message) {
+            line.push_str(": ");
+            line.push_str(&message);
+        }
+        cause = e.source();
+    }
+    line
+}
+
 /// Errors of the cluster I/O layer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("could not load kubeconfig{}: {source}", context.as_ref().map(|c| format!(" (context {c})")).unwrap_or_default())]
+    #[error(
+        "could not load kubeconfig{}: {message}. Point --kubeconfig or KUBECONFIG at a kubeconfig file, pick a --context, or run inside a cluster",
+        context.as_ref().map(|c| format!(" (context {c})")).unwrap_or_default()
+    )]
     Kubeconfig {
         context: Option<String>,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// The cause, its chain flattened ([`error_chain`]).
+        message: String,
     },
     #[error(
         "cluster at {server} is unreachable: {message}. Check that the API server runs and that --context/--kubeconfig point at it"
@@ -62,5 +82,67 @@ pub fn status_code(error: &kube::Error) -> Option<u16> {
     match error {
         kube::Error::Api(status) => Some(status.code),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer {
+        message: String,
+        cause: Option<Box<Layer>>,
+    }
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.message)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.cause.as_deref().map(|c| c as _)
+        }
+    }
+
+    fn layer(message: &str, cause: Option<Layer>) -> Layer {
+        Layer {
+            message: message.into(),
+            cause: cause.map(Box::new),
+        }
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        // As kube's errors do: each message quotes its cause already.
+        let io = layer("No such file or directory (os error 2)", None);
+        let read = layer(
+            "failed to read kubeconfig from '/root/.kube/config': No such file or directory (os error 2)",
+            Some(io),
+        );
+        let infer = layer(
+            "failed to infer config: kubeconfig: (failed to read kubeconfig from '/root/.kube/config': No such file or directory (os error 2))",
+            Some(read),
+        );
+        assert_eq!(error_chain(&infer), infer.message);
+        // Causes that are not quoted are added, in order.
+        let chained = layer("outer", Some(layer("middle", Some(layer("inner", None)))));
+        assert_eq!(error_chain(&chained), "outer: middle: inner");
+        let error = ClusterError::Kubeconfig {
+            context: Some("prod".into()),
+            message: error_chain(&infer),
+        };
+        let shown = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(
+            shown.matches("No such file or directory").count(),
+            1,
+            "{shown}"
+        );
+        assert!(
+            shown.contains("(context prod)") && shown.contains("--kubeconfig"),
+            "{shown}"
+        );
     }
 }
