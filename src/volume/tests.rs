@@ -960,3 +960,37 @@ async fn a_volume_snapshot_keeps_no_csi_snapshot_and_its_deletion_reads_no_repor
         .unwrap();
     assert!(kept.is_empty());
 }
+
+#[tokio::test]
+async fn an_unchanged_backup_of_a_parent_marked_for_deletion_stores_its_trees_and_references_again()
+{
+    // The parent's data is unreferenced (no snapshot names it), and a
+    // prune marked its packs. A backup that still has the parent's root
+    // takes nothing from those packs, the reference list included, so the
+    // prune that deletes them takes nothing it needs.
+    let (dir, source, repo, lock, first) = fixture_backup().await;
+    lock.release().await.unwrap();
+    let marked = repo.prune(false).await.unwrap();
+    assert!(marked.packs_marked >= 1, "{marked:?}");
+    let lock = repo.lock_shared().await.unwrap();
+    let again = backup(&repo, &lock, &source, Some(first.root.clone())).await;
+    save_snapshot(&repo, "again", &again, BTreeMap::new())
+        .await
+        .unwrap();
+    lock.release().await.unwrap();
+    assert_eq!(again.root.tree, first.root.tree, "the same content");
+    assert!(again.root.stats.files_read > 0, "{:?}", again.root.stats);
+    // Stored anew, outside the marked packs.
+    assert!(repo.has_blob(&again.root.tree));
+    assert!(repo.has_blob(&again.root.refs));
+    let freed = repo.prune(false).await.unwrap();
+    assert!(freed.packs_removed >= 1, "{freed:?}");
+    assert!(repo.verify(true).await.unwrap().is_ok());
+    let target = dir.path().join("restored");
+    restore_dir(&repo, &again.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(listing(&target), listing(&source));
+    let refs = crate::repo::decode_refs(&repo.read_blob(&again.root.refs).await.unwrap()).unwrap();
+    assert!(refs.contains(&again.root.tree));
+}
