@@ -52,17 +52,17 @@ impl ConnectOptions {
         let mut config = match &self.kubeconfig {
             Some(path) => {
                 let kubeconfig = Kubeconfig::read_from(path)
-                    .map_err(|e| err(format!("{}: {}", path.display(), super::error_chain(&e))))?;
+                    .map_err(|e| err(format!("{}: {}", path.display(), error_chain(&e))))?;
                 kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                     .await
-                    .map_err(|e| err(super::error_chain(&e)))?
+                    .map_err(|e| err(error_chain(&e)))?
             }
             None if self.context.is_some() => kube::Config::from_kubeconfig(&options)
                 .await
-                .map_err(|e| err(super::error_chain(&e)))?,
+                .map_err(|e| err(error_chain(&e)))?,
             None => kube::Config::infer()
                 .await
-                .map_err(|e| err(super::error_chain(&e)))?,
+                .map_err(|e| err(error_chain(&e)))?,
         };
         let timeout = self.timeout.unwrap_or(Duration::from_secs(60));
         config.read_timeout = Some(timeout);
@@ -83,7 +83,7 @@ impl ConnectOptions {
         let server = config.cluster_url.to_string();
         let client = kube::Client::try_from(config).map_err(|e| ClusterError::Kubeconfig {
             context: self.context.clone(),
-            message: super::error_chain(&e),
+            message: error_chain(&e),
         })?;
         let version = match client.apiserver_version().await {
             Ok(v) => v,

@@ -15,23 +15,6 @@ pub mod retry;
 pub use connect::{ConnectOptions, Connection};
 pub use discovery::{Discovery, ServedResource};
 
-/// An error and its causes as one line. kube's errors repeat their causes
-/// in their own messages, so a cause already quoted by the error above it
-/// is left out instead of being printed again.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let message = e.to_string();
-        if !line.contains(&message) {
-            line.push_str(": ");
-            line.push_str(&message);
-        }
-        cause = e.source();
-    }
-    line
-}
-
 /// Errors of the cluster I/O layer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -41,7 +24,7 @@ pub enum ClusterError {
     )]
     Kubeconfig {
         context: Option<String>,
-        /// The cause, its chain flattened ([`error_chain`]).
+        /// The cause, its chain flattened ([`connect::error_chain`]).
         message: String,
     },
     #[error(
@@ -87,6 +70,7 @@ pub fn status_code(error: &kube::Error) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
+    use super::connect::error_chain;
     use super::*;
 
     #[derive(Debug)]
