@@ -744,12 +744,14 @@ other TARGET that is not a directory becomes an image file of the volume (holes 
 zero); into a directory it is restored as the file `device`.\n\n\
 Examples:\n  \
   ferry volume restore data-nightly /restore/data\n  \
+  ferry volume restore latest /restore/newest\n  \
   ferry volume restore data-nightly:/etc/app/config.yaml /tmp/config\n  \
   ferry volume restore vm-disk /dev/vdc\n  \
   ferry volume restore vm-disk /tmp/vm-disk.img"
     )]
     Restore {
-        /// Snapshot name or id, optionally followed by :PATH.
+        /// Snapshot name or id (a name means its newest snapshot; `latest`
+        /// the newest volume snapshot), optionally followed by :PATH.
         snapshot: String,
         /// Where to restore: a directory (created if missing); for a block
         /// volume, a block device or an image file.

@@ -420,7 +420,15 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     s.others,
                     out.target.display(),
                     s.duration_ms as f64 / 1000.0
-                )
+                )?;
+                if s.sockets_skipped > 0 {
+                    writeln!(
+                        w,
+                        "{} socket file(s) not made again: the application makes its own when it listens",
+                        s.sockets_skipped
+                    )?;
+                }
+                Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
         }

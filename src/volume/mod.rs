@@ -74,6 +74,8 @@ pub enum VolumeError {
         "snapshot {0} does not hold volume data (it is an application snapshot: use `ferry restore`)"
     )]
     NotAVolume(String),
+    #[error("the repository holds no volume snapshot yet (`ferry volume backup DIR` makes one)")]
+    NoVolumeSnapshot,
 }
 
 impl VolumeError {
@@ -335,12 +337,23 @@ pub async fn latest_of(
         .find(|(_, s)| s.labels.get(LABEL_SOURCE) == Some(&wanted)))
 }
 
-/// The root of a volume snapshot found by name or id. The caller holds a lock.
+/// What `ferry volume restore latest` restores: the newest volume snapshot,
+/// unless a snapshot has this name.
+pub const LATEST: &str = "latest";
+
+/// The root of a volume snapshot found by name or id, or the newest one
+/// for [`LATEST`]. The caller holds a lock.
 pub async fn open_snapshot(
     repo: &Repository,
     name_or_id: &str,
 ) -> Result<(SnapshotId, Snapshot, VolumeRoot), VolumeError> {
-    let (id, snapshot) = repo.find_snapshot(name_or_id).await?;
+    let (id, snapshot) = match repo.find_snapshot(name_or_id).await {
+        Err(RepoError::SnapshotNotFound(_)) if name_or_id == LATEST => list(repo)
+            .await?
+            .pop()
+            .ok_or(VolumeError::NoVolumeSnapshot)?,
+        found => found?,
+    };
     if !is_volume_snapshot(&snapshot) {
         return Err(VolumeError::NotAVolume(snapshot.name));
     }

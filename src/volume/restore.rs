@@ -45,6 +45,10 @@ pub struct RestoreStats {
     pub files: u64,
     pub dirs: u64,
     pub others: u64,
+    /// Sockets in the snapshot, not made again: a socket file belongs to
+    /// the process that listened on it, and a stale one can keep the
+    /// restored application from binding its address.
+    pub sockets_skipped: u64,
     pub hard_links: u64,
     pub bytes: u64,
     pub chunks_read: u64,
@@ -168,6 +172,9 @@ pub async fn restore_dir(
     let warnings = tokio::task::spawn_blocking(move || {
         let mut warnings = Vec::new();
         for item in items_for_metadata.iter().rev() {
+            if item.node.kind == NodeKind::Socket {
+                continue;
+            }
             let path = target_for_metadata.join(&item.rel);
             apply_metadata(&path, &item.node, owners, &mut warnings);
         }
@@ -273,8 +280,7 @@ fn create_entries(
                     ));
                 }
             }
-            // A socket belongs to the process that listened on it.
-            NodeKind::Socket => stats.others += 1,
+            NodeKind::Socket => stats.sockets_skipped += 1,
         }
     }
     Ok((stats, linked, deferred))

@@ -864,6 +864,37 @@ async fn links_and_fifos_in_the_way_are_replaced_never_written_through() {
     assert_eq!(listing(&target), listing(&source));
 }
 
+#[tokio::test]
+async fn a_fifo_comes_back_and_a_socket_is_counted_as_skipped_without_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("data"), b"kept").unwrap();
+    let fifo = std::ffi::CString::new(source.join("pipe").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    let _listener = std::os::unix::net::UnixListener::bind(source.join("app.sock")).unwrap();
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    assert!(done.warnings.is_empty(), "{:?}", done.warnings);
+
+    let target = dir.path().join("target");
+    let stats = restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    assert!(stats.warnings.is_empty(), "{:?}", stats.warnings);
+    assert_eq!(
+        (stats.files, stats.others, stats.sockets_skipped),
+        (1, 1, 1)
+    );
+    let pipe = std::fs::symlink_metadata(target.join("pipe")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&pipe.file_type()));
+    assert_eq!(pipe.mode() & 0o7777, 0o640);
+    assert!(!target.join("app.sock").exists());
+    assert_eq!(std::fs::read(target.join("data")).unwrap(), b"kept");
+}
+
 /// Opens the repository in `dir` as format `version`, as a ferry of that
 /// format would have created it.
 async fn open_as_format(dir: &Path, version: u32) -> Repository {
@@ -959,6 +990,51 @@ async fn a_volume_snapshot_keeps_no_csi_snapshot_and_its_deletion_reads_no_repor
         .await
         .unwrap();
     assert!(kept.is_empty());
+}
+
+#[tokio::test]
+async fn latest_is_the_newest_volume_snapshot_unless_a_snapshot_has_that_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fixture(&source);
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    assert!(matches!(
+        open_snapshot(&repo, LATEST).await,
+        Err(VolumeError::NoVolumeSnapshot)
+    ));
+    let first = backup(&repo, &lock, &source, None).await;
+    save_snapshot(&repo, "first", &first, BTreeMap::new())
+        .await
+        .unwrap();
+    std::fs::write(source.join("small.txt"), b"changed").unwrap();
+    let second = backup(&repo, &lock, &source, Some(first.root.clone())).await;
+    let newest = save_snapshot(&repo, "second", &second, BTreeMap::new())
+        .await
+        .unwrap();
+    // An application snapshot made after them is not a volume's.
+    repo.save_snapshot(&crate::repo::Snapshot {
+        name: "app".into(),
+        created: "9999-01-01T00:00:00Z".into(),
+        expires: None,
+        labels: BTreeMap::new(),
+        content: second.root_blob,
+        refs: second.root.refs,
+        summary: serde_json::Value::Null,
+    })
+    .await
+    .unwrap();
+    let (id, snapshot, root) = open_snapshot(&repo, LATEST).await.unwrap();
+    assert_eq!((id, snapshot.name.as_str()), (newest, "second"));
+    assert_eq!(root.tree, second.root.tree);
+
+    let named = save_snapshot(&repo, LATEST, &first, BTreeMap::new())
+        .await
+        .unwrap();
+    let (id, _, root) = open_snapshot(&repo, LATEST).await.unwrap();
+    assert_eq!(id, named, "a snapshot named latest is found by its name");
+    assert_eq!(root.tree, first.root.tree);
+    lock.release().await.unwrap();
 }
 
 #[tokio::test]
