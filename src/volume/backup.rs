@@ -71,7 +71,16 @@ struct FileJob {
     dir: usize,
     entry: usize,
     path: PathBuf,
+    /// The file has holes worth skipping (see [`SPARSE_MIN_HOLES`]).
+    sparse: bool,
 }
+
+/// A file with at least this many bytes of its length not allocated is
+/// read only where the file system says it holds data: a disk image or a
+/// preallocated database file is mostly holes, and reading its zeros would
+/// cost as much as reading data. Below this, the extra seeks cost more
+/// than the zeros.
+const SPARSE_MIN_HOLES: u64 = 1024 * 1024;
 
 struct Walk {
     top: Node,
@@ -275,6 +284,7 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
                 dir: 0,
                 entry: 0,
                 path: device,
+                sparse: false,
             }]
         } else {
             Vec::new()
@@ -637,10 +647,12 @@ fn walk(
                         if linked {
                             first_link.insert(node.inode, out.jobs.len());
                         }
+                        let allocated = scanned.metadata.blocks().saturating_mul(512);
                         out.jobs.push(FileJob {
                             dir: index,
                             entry,
                             path: path.join(node.name.as_os_str()),
+                            sparse: node.size.saturating_sub(allocated) >= SPARSE_MIN_HOLES,
                         });
                     }
                 }
@@ -774,6 +786,7 @@ async fn read_files(
         .map(|j| ReadJob {
             path: j.path.clone(),
             delta: walk.delta.clone(),
+            sparse: j.sparse,
         })
         .collect();
     let repo_for_readers = repo.clone();
@@ -812,6 +825,8 @@ fn open_for_reading(path: &Path) -> std::io::Result<File> {
 struct ReadJob {
     path: PathBuf,
     delta: Option<Arc<BlockDelta>>,
+    /// Read only the ranges that hold data (see [`SPARSE_MIN_HOLES`]).
+    sparse: bool,
 }
 
 /// Threads reading files: two keep the encoders fed while one waits on
@@ -892,6 +907,8 @@ fn read_share(
     progress: &VolumeProgress,
 ) -> Result<ReadShare, VolumeError> {
     let mut chunker = Chunker::new(repo.chunker_seed());
+    // Reads only up to each cut, for sparse files (see `read_least`).
+    let mut sparse_chunker: Option<Chunker> = None;
     let mut share = ReadShare::default();
     // New chunks go to the encoders in batches: one hand-over per batch,
     // not per chunk of a small file.
@@ -899,7 +916,12 @@ fn read_share(
     let mut batch_bytes = 0;
     loop {
         let job = next.fetch_add(1, Ordering::Relaxed);
-        let Some(ReadJob { path, delta }) = jobs.get(job) else {
+        let Some(ReadJob {
+            path,
+            delta,
+            sparse,
+        }) = jobs.get(job)
+        else {
             if !batch.is_empty() {
                 queue.send(batch).map_err(|_| {
                     VolumeError::io(Path::new("/"), "the repository writer stopped")
@@ -944,21 +966,55 @@ fn read_share(
             }
             Ok(Piece::Chunk(id))
         };
-        let (pieces, read, size) = match delta {
-            None => {
-                let mut pieces: Vec<Piece> = Vec::new();
-                let read = chunker.chunks(
-                    file,
-                    |chunk| {
-                        let piece = name_chunk(chunk)?;
-                        push_piece(&mut pieces, piece);
-                        Ok(())
+        // A sparse file is read where it holds data, its holes taken as
+        // zeros: the pieces a full read would give, as for a device whose
+        // allocated blocks are known.
+        let holes = match (delta, sparse) {
+            (None, true) => file
+                .metadata()
+                .ok()
+                .and_then(|m| sparse_delta(&file, m.len(), &chunker)),
+            _ => None,
+        };
+        #[cfg(test)]
+        if holes.is_some() {
+            tests_hooks::holes_found(path);
+        }
+        let (pieces, read, size) = match (delta, holes) {
+            (None, Some(holes)) => {
+                let ended_early = std::cell::Cell::new(false);
+                let sparse_chunker = sparse_chunker.get_or_insert_with(|| {
+                    let mut chunker = Chunker::new(repo.chunker_seed());
+                    chunker.read_least();
+                    chunker
+                });
+                let read = read_changed(
+                    &file,
+                    &holes,
+                    sparse_chunker,
+                    &mut name_chunk,
+                    |bytes| {
+                        progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
                     },
-                    |e| VolumeError::io(path, e),
-                )?;
-                (pieces, read, read)
+                    |e| {
+                        ended_early.set(e.kind() == std::io::ErrorKind::UnexpectedEof);
+                        VolumeError::io(path, e)
+                    },
+                );
+                match read {
+                    Ok(read) => (read.pieces, read.bytes_read, holes.size()),
+                    // Cut shorter since its holes were looked up (a live
+                    // volume): read as it is now, whole.
+                    Err(_) if ended_early.get() => {
+                        use std::io::Seek;
+                        (&file).rewind().map_err(|e| VolumeError::io(path, e))?;
+                        read_whole(&file, &mut chunker, &mut name_chunk, path)?
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            Some(delta) => {
+            (None, None) => read_whole(&file, &mut chunker, &mut name_chunk, path)?,
+            (Some(delta), _) => {
                 chunker.read_least();
                 let reused = read_changed(
                     &file,
@@ -979,6 +1035,102 @@ fn read_share(
         progress.files_done.fetch_add(1, Ordering::Relaxed);
         share.contents.push((job, Some((pieces, size))));
     }
+}
+
+/// What tests do at exact steps of a backup, to force what a live volume
+/// does at random: change a file between two looks at it.
+#[cfg(test)]
+pub(super) mod tests_hooks {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    type Hook = (PathBuf, fn(&Path));
+
+    static HOLES_FOUND: Mutex<Vec<Hook>> = Mutex::new(Vec::new());
+
+    /// Runs `hook` once the holes of the file at `path` are known, before
+    /// its data is read.
+    pub fn on_holes_found(path: &Path, hook: fn(&Path)) {
+        HOLES_FOUND.lock().unwrap().push((path.to_path_buf(), hook));
+    }
+
+    pub(super) fn holes_found(path: &Path) {
+        let hooks = HOLES_FOUND.lock().unwrap();
+        for (wanted, hook) in hooks.iter() {
+            if wanted == path {
+                hook(path);
+            }
+        }
+    }
+}
+
+/// Reads `file` from where it is to its end, cutting it into chunks that
+/// `name_chunk` names: (pieces, bytes read, size).
+fn read_whole(
+    file: &File,
+    chunker: &mut Chunker,
+    name_chunk: &mut impl FnMut(&[u8]) -> Result<Piece, VolumeError>,
+    path: &Path,
+) -> Result<(Vec<Piece>, u64, u64), VolumeError> {
+    let mut pieces: Vec<Piece> = Vec::new();
+    let read = chunker.chunks(
+        file,
+        |chunk| {
+            let piece = name_chunk(chunk)?;
+            push_piece(&mut pieces, piece);
+            Ok(())
+        },
+        |e| VolumeError::io(path, e),
+    )?;
+    Ok((pieces, read, read))
+}
+
+/// The holes of a file of `size` bytes as a [`BlockDelta`] against an
+/// empty parent: only its data ranges are read. `None` when the file
+/// system cannot tell (no `SEEK_DATA`) or the file has no hole after all.
+fn sparse_delta(file: &File, size: u64, chunker: &Chunker) -> Option<BlockDelta> {
+    use std::io::Seek;
+    let ranges = data_ranges(file, size);
+    // Looking for data moved the file's offset: a full read starts at 0.
+    let mut file = file;
+    file.rewind().ok()?;
+    let ranges = ranges?;
+    if ranges.iter().map(|(_, len)| len).sum::<u64>() >= size {
+        return None;
+    }
+    BlockDelta::new(&[Piece::Zeros(size)], |_| None, chunker, size, &ranges).ok()
+}
+
+/// The (offset, length) ranges of the first `size` bytes of `file` that
+/// hold data, as `SEEK_DATA` and `SEEK_HOLE` report them; `None` if the
+/// file system does not answer. Moves the file's offset.
+fn data_ranges(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor this function borrows open.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data from `pos` to the end.
+            return (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
+                .then_some(ranges);
+        }
+        let data = data as u64;
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let hole = (hole as u64).clamp(data + 1, size);
+        ranges.push((data, hole - data));
+        pos = hole;
+    }
+    Some(ranges)
 }
 
 /// Puts the read contents into the walked trees, stores the trees bottom

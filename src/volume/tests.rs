@@ -683,6 +683,114 @@ async fn files_ending_in_zeros_come_back_at_their_length_with_their_zeros_as_hol
 }
 
 #[tokio::test]
+async fn a_sparse_file_is_read_only_where_it_holds_data_and_stored_as_a_full_read_stores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    // Data at the start, in the middle at an odd offset, and a hole up to
+    // the end; the same bytes written out in full, zeros included.
+    let size: u64 = 128 << 20;
+    let parts: [(u64, Vec<u8>); 3] = [
+        (0, pseudo_random(3_000_000, 21)),
+        ((20 << 20) + 12_345, pseudo_random(100_000, 22)),
+        (120 << 20, b"a compressible line\n".repeat(100_000)),
+    ];
+    let sparse = std::fs::File::create(source.join("holes.img")).unwrap();
+    sparse.set_len(size).unwrap();
+    let mut dense = vec![0u8; size as usize];
+    for (offset, bytes) in &parts {
+        std::os::unix::fs::FileExt::write_all_at(&sparse, bytes, *offset).unwrap();
+        dense[*offset as usize..*offset as usize + bytes.len()].copy_from_slice(bytes);
+    }
+    sparse.sync_all().unwrap();
+    std::fs::write(source.join("dense.img"), &dense).unwrap();
+    let allocated = |name: &str| std::fs::metadata(source.join(name)).unwrap().blocks() * 512;
+    assert!(
+        allocated("holes.img") < 16 << 20,
+        "the file system made no holes"
+    );
+    assert!(allocated("dense.img") >= size);
+
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    let stats = &done.root.stats;
+    assert_eq!(stats.files_read, 2);
+    // The dense copy is read whole; of the sparse one, its 5 MB of data
+    // and what the chunker looks at around each range: from the largest
+    // chunk (4 MiB) before it to two after it, and to the end for the last.
+    assert!(
+        stats.bytes_read < size + (48 << 20),
+        "read {} bytes of two {size}-byte files",
+        stats.bytes_read
+    );
+    let trees = read_trees(&repo, done.root.tree).await.unwrap();
+    let content = |name: &str| {
+        trees[Path::new("")]
+            .entries
+            .iter()
+            .find(|n| n.name.as_os_str() == name)
+            .unwrap()
+            .content
+            .clone()
+    };
+    assert_eq!(content("holes.img"), content("dense.img"));
+    assert!(
+        content("holes.img")
+            .iter()
+            .any(|p| matches!(p, Piece::Zeros(_)))
+    );
+
+    let target = dir.path().join("restored");
+    restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(target.join("holes.img")).unwrap(), dense);
+    let restored = std::fs::metadata(target.join("holes.img"))
+        .unwrap()
+        .blocks()
+        * 512;
+    assert!(restored < 16 << 20, "{restored} bytes allocated");
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_sparse_file_cut_shorter_after_its_holes_were_found_is_read_whole_as_it_is_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let path = source.join("shrinking.img");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pseudo_random(3_000_000, 31), 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"far", 40 << 20).unwrap();
+    drop(file);
+    // A live volume: the file is truncated between finding its holes and
+    // reading its data.
+    backup::tests_hooks::on_holes_found(&path, |path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(1_000_000)
+            .unwrap();
+    });
+    let repo = new_repo(dir.path()).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, &source, None).await;
+    let target = dir.path().join("restored");
+    restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("shrinking.img")).unwrap(),
+        std::fs::read(&path).unwrap()
+    );
+    assert_eq!(std::fs::read(&path).unwrap().len(), 1_000_000);
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
 async fn owners_and_modes_come_back_whether_or_not_they_differ_from_a_new_files() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source");
