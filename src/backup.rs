@@ -1411,8 +1411,50 @@ mod erased {
 pub struct VerifyOutcome {
     pub snapshots: usize,
     pub objects: usize,
+    /// With `--read-data`: the packs and blobs read back (volume data
+    /// included), every one of the repository's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_read: Option<DataRead>,
     /// One line per damaged or missing item, naming the snapshot and object.
     pub problems: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataRead {
+    pub packs: usize,
+    pub blobs: usize,
+}
+
+/// Whether every blob `snapshot` references (its reference list: objects,
+/// volume trees and chunks) is in the index, without reading the blobs:
+/// a lost index file or pack shows even without `--read-data`.
+async fn unindexed_references(repo: &Repository, snapshot: &Snapshot) -> Option<String> {
+    let ids = match repo.read_blob(&snapshot.refs).await {
+        Ok(bytes) => crate::repo::decode_refs(&bytes),
+        Err(e) => Err(e.to_string()),
+    };
+    let ids = match ids {
+        Ok(ids) => ids,
+        Err(e) => {
+            return Some(format!(
+                "snapshot {}: its reference list is unreadable: {e}",
+                snapshot.name
+            ));
+        }
+    };
+    let missing: Vec<&BlobId> = std::iter::once(&snapshot.content)
+        .chain(&ids)
+        .filter(|id| repo.raw_length(id).is_none())
+        .collect();
+    let first = missing.first()?;
+    Some(format!(
+        "snapshot {}: {} of the {} blobs it uses are in no index (the first: {first}); \
+         `ferry repo repair` indexes what the packs still hold",
+        snapshot.name,
+        missing.len(),
+        ids.len() + 1
+    ))
 }
 
 /// Checks that every object of the chosen snapshots (or all) reads back
@@ -1453,6 +1495,9 @@ async fn verify_locked(
     let mut users: std::collections::HashMap<BlobId, Vec<String>> =
         std::collections::HashMap::new();
     for (_, snapshot) in &snapshots {
+        if let Some(problem) = unindexed_references(repo, snapshot).await {
+            outcome.problems.push(problem);
+        }
         if crate::volume::is_volume_snapshot(snapshot) {
             continue;
         }
@@ -1482,6 +1527,10 @@ async fn verify_locked(
     }
     if read_data {
         let report = repo.verify(true).await?;
+        outcome.data_read = Some(DataRead {
+            packs: report.packs_checked,
+            blobs: report.blobs_checked,
+        });
         // Volume data: name the files and directories that use a damaged blob.
         let damaged: std::collections::HashSet<BlobId> = report
             .problems()

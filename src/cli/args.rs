@@ -170,6 +170,10 @@ Examples:\n  \
         /// The cipher that seals blobs (default: the faster on this CPU).
         #[arg(long, value_name = "CIPHER", value_parser = parse_cipher)]
         cipher: Option<crate::repo::Cipher>,
+        /// Create the S3 bucket first if it does not exist (in --s3-region);
+        /// without it, a missing bucket is an error.
+        #[arg(long)]
+        create_bucket: bool,
     },
     /// Show how many snapshots, packs and bytes a repository holds.
     Stats {

@@ -113,8 +113,12 @@ fn selection(args: &SelectionArgs) -> anyhow::Result<Selection> {
 
 async fn repo_command(cmd: RepoCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        RepoCommand::Init { repo, cipher } => {
-            let repository = repo::init(&repo, cipher).await?;
+        RepoCommand::Init {
+            repo,
+            cipher,
+            create_bucket,
+        } => {
+            let repository = repo::init(&repo, cipher, create_bucket).await?;
             eprintln!(
                 "created repository {} (format {}, blobs sealed with {})",
                 repository.id(),
@@ -376,9 +380,19 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 for problem in &report.problems {
                     writeln!(out, "DAMAGED  {problem}")?;
                 }
+                let data = report
+                    .data_read
+                    .as_ref()
+                    .map(|d| {
+                        format!(
+                            " and every pack of the repository ({} packs, {} blobs, volume data included)",
+                            d.packs, d.blobs
+                        )
+                    })
+                    .unwrap_or_default();
                 writeln!(
                     out,
-                    "checked {} snapshot(s), {} object(s): {}",
+                    "checked {} snapshot(s), {} object(s){data}: {}",
                     report.snapshots,
                     report.objects,
                     if report.problems.is_empty() {

@@ -46,6 +46,19 @@ impl ConfigFile {
 }
 
 pub async fn backend(args: &RepoArgs) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(match located_backend(args).await? {
+        LocatedBackend::Local(local) => Arc::new(local),
+        LocatedBackend::S3(s3) => Arc::new(s3),
+    })
+}
+
+/// The repository's backend as its own type, for what only one kind does.
+enum LocatedBackend {
+    Local(LocalBackend),
+    S3(S3Backend),
+}
+
+async fn located_backend(args: &RepoArgs) -> anyhow::Result<LocatedBackend> {
     let config = ConfigFile::load()?;
     let Some(location) = args.repo.clone().or(config.repository) else {
         bail!(
@@ -54,12 +67,12 @@ pub async fn backend(args: &RepoArgs) -> anyhow::Result<Arc<dyn Backend>> {
     };
     let location = parse_location(&location)?;
     Ok(match location {
-        Location::Local(path) => Arc::new(LocalBackend::new(path)),
+        Location::Local(path) => LocatedBackend::Local(LocalBackend::new(path)),
         Location::S3 { bucket, prefix } => {
             let endpoint = args.s3_endpoint.clone().or(config.s3_endpoint);
             let path_style = args.s3_path_style.unwrap_or(endpoint.is_some());
             let region = args.s3_region.clone().or(config.s3_region);
-            Arc::new(
+            LocatedBackend::S3(
                 S3Backend::new(S3Location {
                     bucket,
                     prefix,
@@ -122,8 +135,27 @@ pub async fn open(args: &RepoArgs) -> anyhow::Result<Repository> {
     Ok(Repository::open(backend, &key).await?)
 }
 
-pub async fn init(args: &RepoArgs, cipher: Option<Cipher>) -> anyhow::Result<Repository> {
-    let backend = backend(args).await?;
+/// Creates a repository; with `create_bucket`, first its S3 bucket if
+/// there is none.
+pub async fn init(
+    args: &RepoArgs,
+    cipher: Option<Cipher>,
+    create_bucket: bool,
+) -> anyhow::Result<Repository> {
+    let backend: Arc<dyn Backend> = match located_backend(args).await? {
+        LocatedBackend::Local(_) if create_bucket => {
+            bail!(
+                "--create-bucket is for s3:// repositories; a local directory is created as needed"
+            )
+        }
+        LocatedBackend::Local(local) => Arc::new(local),
+        LocatedBackend::S3(s3) => {
+            if create_bucket && s3.create_bucket_if_missing().await? {
+                eprintln!("created bucket {}", s3.bucket());
+            }
+            Arc::new(s3)
+        }
+    };
     let key = key_source(args, true)?;
     let cipher = cipher.unwrap_or_else(Cipher::preferred);
     Ok(Repository::init_with(backend, &key, cipher).await?)

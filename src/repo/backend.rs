@@ -467,6 +467,49 @@ impl S3Backend {
         })
     }
 
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Creates the bucket unless it exists (in the client's region): what
+    /// `ferry repo init --create-bucket` does. Returns whether it was made.
+    pub async fn create_bucket_if_missing(&self) -> Result<bool, BackendError> {
+        use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => return Ok(false),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {}
+            Err(e) => return Err(self.error("look up the bucket", "", e)),
+        }
+        let mut create = self.client.create_bucket().bucket(&self.bucket);
+        // us-east-1 is the one region that takes no location constraint.
+        if let Some(region) = self
+            .client
+            .config()
+            .region()
+            .map(|r| r.as_ref().to_string())
+            .filter(|r| r != "us-east-1")
+        {
+            create = create.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(region.as_str()))
+                    .build(),
+            );
+        }
+        match create.send().await {
+            Ok(_) => Ok(true),
+            // Made meanwhile by another `repo init`, or by this account.
+            Err(e)
+                if matches!(
+                    aws_sdk_s3::error::ProvideErrorMetadata::code(&e),
+                    Some("BucketAlreadyOwnedByYou")
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.error("create the bucket", "", e)),
+        }
+    }
+
     fn key(&self, path: &str) -> String {
         if self.prefix.is_empty() {
             path.to_string()
@@ -491,7 +534,7 @@ impl S3Backend {
         // context (with the raw response) only when there is neither.
         let message = match (e.code(), e.message()) {
             (Some("NoSuchBucket"), _) => format!(
-                "bucket {} does not exist (NoSuchBucket); create it first (e.g. `aws s3 mb s3://{}`)",
+                "bucket {} does not exist (NoSuchBucket); create it first (e.g. `aws s3 mb s3://{}`), or pass --create-bucket to `ferry repo init`",
                 self.bucket, self.bucket
             ),
             (Some(code), Some(text)) => format!("{code}: {text}"),

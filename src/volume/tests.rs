@@ -438,6 +438,43 @@ async fn a_damaged_chunk_fails_the_restore_and_verify_names_the_file() {
     lock.release().await.unwrap();
 }
 
+#[tokio::test]
+async fn verify_without_reading_data_finds_a_volume_snapshot_whose_blobs_lost_their_index() {
+    let (dir, source, repo, lock, first) = fixture_backup().await;
+    save_snapshot(&repo, "first", &first, BTreeMap::new())
+        .await
+        .unwrap();
+    let indexes = |dir: &Path| -> HashSet<PathBuf> {
+        std::fs::read_dir(dir.join("repo/index"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let before = indexes(dir.path());
+    std::fs::write(source.join("small.txt"), b"a change for a second backup").unwrap();
+    let second = backup(&repo, &lock, &source, Some(first.root.clone())).await;
+    save_snapshot(&repo, "second", &second, BTreeMap::new())
+        .await
+        .unwrap();
+    lock.release().await.unwrap();
+    let outcome = crate::backup::verify(&repo, None, false).await.unwrap();
+    assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
+
+    // The second backup's index file is lost: its new chunk and trees are
+    // in no index any more, though their pack is still there.
+    for lost in indexes(dir.path()).difference(&before) {
+        std::fs::remove_file(lost).unwrap();
+    }
+    let reopened = open_as_format(dir.path(), 2).await;
+    let outcome = crate::backup::verify(&reopened, None, false).await.unwrap();
+    assert_eq!(outcome.problems.len(), 1, "{:?}", outcome.problems);
+    assert!(
+        outcome.problems[0].starts_with("snapshot second: "),
+        "{:?}",
+        outcome.problems
+    );
+}
+
 /// A disk image: random data, a zeroed stretch, text, zeros at the end.
 fn disk_image(path: &Path) -> Vec<u8> {
     let mut image = pseudo_random(3 << 20, 7);

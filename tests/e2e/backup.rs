@@ -10,7 +10,8 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::Value;
 
 use crate::support::{
-    TestNamespace, apply_manifests, env, eventually, ferry, fresh_bucket, multitier_app, with_s3,
+    TestNamespace, apply_manifests, env, eventually, ferry, fresh_bucket, multitier_app,
+    unique_name, with_s3,
 };
 
 /// Deploys the multi-tier app and waits until the controller-manager has
@@ -428,6 +429,67 @@ async fn multitier_app_is_captured_as_a_normalized_graph_in_a_local_repository()
     assert!(dot.status.success());
     let dot = String::from_utf8(dot.stdout).unwrap();
     assert!(dot.starts_with("digraph"), "{dot}");
+}
+
+#[tokio::test]
+async fn repo_init_creates_a_missing_bucket_only_when_asked() {
+    let cluster = env().primary();
+    let bucket = unique_name("t-mkbucket");
+    let init = |prefix: &str, create: bool| {
+        let mut cmd = ferry(&cluster.kubeconfig);
+        with_s3(&mut cmd);
+        cmd.args(["repo", "init", "--repo", &format!("s3://{bucket}/{prefix}")]);
+        if create {
+            cmd.arg("--create-bucket");
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = init("one", false);
+    assert!(!ok, "a missing bucket is an error without --create-bucket");
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("--create-bucket"),
+        "{stderr}"
+    );
+    let (ok, stderr) = init("one", true);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!("created bucket {bucket}")),
+        "{stderr}"
+    );
+    // The bucket is there now: a second repository in it needs no creation.
+    let (ok, stderr) = init("two", true);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("created bucket"), "{stderr}");
+    for prefix in ["one", "two"] {
+        let mut stats = ferry(&cluster.kubeconfig);
+        with_s3(&mut stats);
+        stats
+            .args([
+                "repo",
+                "stats",
+                "--repo",
+                &format!("s3://{bucket}/{prefix}"),
+            ])
+            .assert()
+            .success();
+    }
+    // A local directory has no bucket.
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = ferry(&cluster.kubeconfig);
+    let out = local
+        .args(["repo", "init", "--create-bucket", "--repo"])
+        .arg(dir.path().join("repo"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--create-bucket is for s3://"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]
