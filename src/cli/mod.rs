@@ -648,9 +648,25 @@ fn print_report(
 ) -> std::io::Result<()> {
     let report = &content.report;
     let stats = &report.stats;
+    // Volume data is stored by the movers: counted apart from the objects'.
+    let moved: Vec<&crate::volume::VolumeStats> = report
+        .volumes
+        .iter()
+        .filter_map(|v| v.stats.as_ref())
+        .collect();
+    let volumes = if moved.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; volume data: {} volume(s), {}, {} new",
+            moved.len(),
+            human_bytes(moved.iter().map(|s| s.bytes).sum()),
+            human_bytes(moved.iter().map(|s| s.bytes_stored).sum())
+        )
+    };
     writeln!(
         out,
-        "Backup {name}: {} objects, {} captured, {} new in the repository ({} packs), {:.1}s",
+        "Backup {name}: {} objects, {} captured, {} new in the repository ({} packs){volumes}, {:.1}s",
         stats.objects,
         human_bytes(stats.bytes_plaintext),
         human_bytes(stats.bytes_stored),
@@ -690,8 +706,9 @@ fn print_report(
                             }
                         },
                         format!(
-                            "{} new chunks, {:.1}s{}",
+                            "{} new chunks, {} stored, {:.1}s{}",
                             s.chunks_new,
+                            human_bytes(s.bytes_stored),
                             s.duration_ms as f64 / 1000.0,
                             in_group(v)
                         ),
