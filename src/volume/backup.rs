@@ -142,7 +142,8 @@ pub async fn backup_scanned(
 /// Backs up the whole content of the block device (or disk image file)
 /// `device`: a tree of one file, [`DEVICE_ENTRY`], read like any file, so
 /// its chunks deduplicate against earlier backups and zeroed regions are
-/// stored as holes. Without changed-block tracking every byte is read; an
+/// stored as holes. Without changed-block tracking every byte of a device
+/// is read, and of an image file every byte where it holds data; an
 /// unchanged device stores no new chunk. The caller holds a shared lock.
 pub async fn backup_device(
     repo: &Repository,
@@ -283,8 +284,12 @@ fn walk_device(device: &Path) -> Result<Walk, VolumeError> {
             vec![FileJob {
                 dir: 0,
                 entry: 0,
+                // A disk image file is read where it holds data, unless
+                // changed-block tracking says more (see `backup_device`).
+                sparse: kind.is_file()
+                    && size.saturating_sub(metadata.blocks().saturating_mul(512))
+                        >= SPARSE_MIN_HOLES,
                 path: device,
-                sparse: false,
             }]
         } else {
             Vec::new()

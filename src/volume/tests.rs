@@ -555,6 +555,27 @@ async fn a_disk_image_is_backed_up_whole_and_restored_into_an_image_or_a_directo
         .await
         .unwrap();
     assert_eq!(again.root.stats.chunks_new, 0, "{:?}", again.root.stats);
+
+    // The restored image is sparse: read only where it holds data, it
+    // gives the pieces of the full read.
+    let sparse = backup_device(&repo, &lock, &restored, options())
+        .await
+        .unwrap();
+    let pieces = |root: &VolumeRoot| {
+        let repo = repo.clone();
+        let tree = root.tree;
+        async move {
+            let tree = Tree::decode(&repo.read_blob(&tree).await.unwrap()).unwrap();
+            tree.entries[0].content.clone()
+        }
+    };
+    assert_eq!(pieces(&sparse.root).await, pieces(&done.root).await);
+    assert!(
+        sparse.root.stats.bytes_read < image.len() as u64,
+        "read {} of {}",
+        sparse.root.stats.bytes_read,
+        image.len()
+    );
     lock.release().await.unwrap();
 }
 
