@@ -242,8 +242,12 @@ node_images() {
     imports+=(ferry)
   fi
   local image
+  local -A refs=([pause]=$NODE_IMAGE_PAUSE [busybox]=$NODE_IMAGE_BUSYBOX [postgres]=$NODE_IMAGE_POSTGRES [ferry]=$NODE_IMAGE_FERRY)
   for image in "${imports[@]}"; do
     ctr --address "$d/containerd/containerd.sock" --namespace k8s.io images import "$images/$image.tar" >/dev/null
+    # Pinned: the kubelet's image garbage collection (on a disk filling up)
+    # never removes an image that cannot be pulled again.
+    ctr --address "$d/containerd/containerd.sock" --namespace k8s.io images label "${refs[$image]}" io.cri-containerd.pinned=pinned >/dev/null
   done
 }
 
