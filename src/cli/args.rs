@@ -742,6 +742,9 @@ Examples:\n  \
         after_help = "SNAPSHOT:PATH restores one directory or file of the snapshot. \
 Existing files of the same names in DIR are replaced; other files are left alone. Owners are \
 restored when running as root.\n\n\
+SNAPSHOT may also be an application snapshot: the data of one of its volumes (moved into the \
+repository by a mover) is restored here, on this machine, with no cluster: --claim names the \
+volume when the snapshot has several.\n\n\
 A block volume (the backup of a device) is written into TARGET when it is a block device at \
 least as large as the volume: every byte up to the volume's size is written or zeroed. Any \
 other TARGET that is not a directory becomes an image file of the volume (holes where it was \
@@ -751,7 +754,8 @@ Examples:\n  \
   ferry volume restore latest /restore/newest\n  \
   ferry volume restore data-nightly:/etc/app/config.yaml /tmp/config\n  \
   ferry volume restore vm-disk /dev/vdc\n  \
-  ferry volume restore vm-disk /tmp/vm-disk.img"
+  ferry volume restore vm-disk /tmp/vm-disk.img\n  \
+  ferry volume restore orders-1:/base --claim orders/data-db-0 /tmp/pg-base"
     )]
     Restore {
         /// Snapshot name or id (a name means its newest snapshot; `latest`
@@ -761,6 +765,10 @@ Examples:\n  \
         /// volume, a block device or an image file.
         #[arg(value_name = "TARGET")]
         dir: std::path::PathBuf,
+        /// The volume of an application snapshot (`ferry backup create`) to
+        /// restore, as NAMESPACE/CLAIM; not needed when it has only one.
+        #[arg(long, value_name = "NAMESPACE/CLAIM")]
+        claim: Option<String>,
         #[command(flatten)]
         repo: RepoArgs,
         /// Restore from this volume root blob (of an application snapshot's

@@ -339,6 +339,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
         VolumeCommand::Restore {
             snapshot,
             dir,
+            claim,
             repo: repo_args,
             root,
             result_file,
@@ -358,7 +359,16 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                             .map_err(|e: String| anyhow::anyhow!("--root: {e}"))?;
                         volume::read_root(&repository, &id).await?
                     }
-                    None => volume::open_snapshot(&repository, &name).await?.2,
+                    None => match volume::open_snapshot(&repository, &name).await {
+                        Ok(_) if claim.is_some() => anyhow::bail!(
+                            "--claim picks a volume of an application snapshot; {name} is a volume snapshot"
+                        ),
+                        Ok((_, _, root)) => root,
+                        Err(volume::VolumeError::NotAVolume(_)) => {
+                            claim_root(&repository, &name, claim.as_deref()).await?
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                 };
                 let progress = Arc::new(VolumeProgress::default());
                 let bar = VolumeBar::start(progress.clone());
@@ -506,6 +516,61 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 )
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The data of the volume `claim` (NAMESPACE/NAME) of the application
+/// snapshot `name`: its only volume when `claim` is not given.
+async fn claim_root(
+    repo: &crate::repo::Repository,
+    name: &str,
+    claim: Option<&str>,
+) -> anyhow::Result<volume::VolumeRoot> {
+    let (_, snapshot) = repo.find_snapshot(name).await?;
+    let report = crate::snapshot::load_report(repo, &snapshot).await?;
+    let names: Vec<String> = report
+        .volumes
+        .iter()
+        .map(|v| format!("{}/{}", v.namespace, v.claim))
+        .collect();
+    let wanted = match (claim, names.as_slice()) {
+        (Some(claim), _) => claim.to_string(),
+        (None, [only]) => only.clone(),
+        (None, []) => anyhow::bail!(
+            "snapshot {name} is an application snapshot without volumes: restore it with `ferry restore {name}`"
+        ),
+        (None, _) => anyhow::bail!(
+            "snapshot {name} holds {} volumes: pick one with --claim NAMESPACE/NAME ({})",
+            names.len(),
+            names.join(", ")
+        ),
+    };
+    let Some(entry) = report
+        .volumes
+        .iter()
+        .find(|v| format!("{}/{}", v.namespace, v.claim) == wanted)
+    else {
+        anyhow::bail!(
+            "snapshot {name} has no volume {wanted} (its volumes: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    match (entry.root, &entry.snapshot, &entry.skipped) {
+        (Some(root), _, _) => Ok(volume::read_root(repo, &root).await?),
+        (None, Some(kept), _) => anyhow::bail!(
+            "volume {wanted} of snapshot {name} was kept as the CSI snapshot {} in its cluster, not moved into the repository: `ferry restore {name}` restores it there",
+            kept.volume_snapshot
+        ),
+        (None, None, Some(why)) => {
+            anyhow::bail!("volume {wanted} of snapshot {name} was not backed up: {why}")
+        }
+        (None, None, None) => {
+            anyhow::bail!("volume {wanted} of snapshot {name} has no data in the repository")
         }
     }
 }

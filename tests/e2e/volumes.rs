@@ -333,6 +333,36 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
     assert_eq!(one["filesRead"], 1, "{one}");
     assert_eq!(one["chunksNew"], 1, "{one}");
 
+    // One file of one volume of the application snapshot, restored on this
+    // machine with no cluster: the claim is named when there are several.
+    let local = tempfile::tempdir().unwrap();
+    let target = local.path().join("file");
+    let target = target.to_str().unwrap();
+    let (ok, stderr) = repo.plain(cluster, &["volume", "restore", "changed:/sub/file", target]);
+    assert!(!ok, "two volumes and no --claim");
+    assert!(
+        stderr.contains("--claim") && stderr.contains(&format!("{}/files", ns.name)),
+        "{stderr}"
+    );
+    let claim = format!("{}/files", ns.name);
+    let (ok, stderr) = repo.plain(
+        cluster,
+        &[
+            "volume",
+            "restore",
+            "changed:/sub/file",
+            "--claim",
+            &claim,
+            target,
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let in_pod = exec_output(&client, &ns.name, &files_pod, "cat /data/sub/file").await;
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("file/file")).unwrap(),
+        in_pod
+    );
+
     // The namespace is lost; the restore brings back the first backup's
     // bytes before the workloads start (they print FOUND, not FRESH).
     delete_namespace(&client, &ns.name).await;
