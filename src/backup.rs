@@ -821,6 +821,16 @@ pub async fn run(
             "warnings": content.report.warnings.len(),
             "bytesPlaintext": content.report.stats.bytes_plaintext,
             "bytesStored": write.bytes_stored,
+            "volumes": content.report.volumes.len(),
+            // The size of the volume data the movers read (kept CSI
+            // snapshots and skipped volumes count none).
+            "volumeBytes": content
+                .report
+                .volumes
+                .iter()
+                .filter_map(|v| v.stats.as_ref())
+                .map(|s| s.bytes)
+                .sum::<u64>(),
         }),
     };
     // Tests kill the process here: every pack and index is stored, the

@@ -299,11 +299,25 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                                 .map(|v| v.to_string().trim_matches('"').to_string())
                                 .unwrap_or_default()
                         };
+                        // Snapshots written before volumes were summarized
+                        // say nothing: an empty cell, not "none".
+                        let volumes = match (
+                            s.summary.get("volumes").and_then(|v| v.as_u64()),
+                            s.summary.get("volumeBytes").and_then(|v| v.as_u64()),
+                        ) {
+                            (None, _) => String::new(),
+                            (Some(0), _) => "-".into(),
+                            (Some(n), Some(bytes)) if bytes > 0 => {
+                                format!("{n} ({})", human_bytes(bytes))
+                            }
+                            (Some(n), _) => n.to_string(),
+                        };
                         vec![
                             s.name.clone(),
                             id.to_string().chars().take(12).collect(),
                             s.created.clone(),
                             get("objects"),
+                            volumes,
                             get("cluster"),
                             if get("partial") == "true" {
                                 "partial".into()
@@ -317,7 +331,8 @@ async fn backup_command(global: &GlobalArgs, cmd: BackupCommand) -> anyhow::Resu
                 table(
                     out,
                     &[
-                        "NAME", "ID", "CREATED", "OBJECTS", "CLUSTER", "STATUS", "EXPIRES",
+                        "NAME", "ID", "CREATED", "OBJECTS", "VOLUMES", "CLUSTER", "STATUS",
+                        "EXPIRES",
                     ],
                     &rows,
                 )

@@ -313,6 +313,13 @@ async fn node_volume_data_comes_back_before_the_workloads_in_place_in_a_clone_an
     );
     let files = volume(&first, "files");
     assert_eq!(files["method"], "copy", "{files}");
+    let (ok, listed) = repo.plain(cluster, &["backup", "list"]);
+    assert!(ok, "{listed}");
+    let row = listed.lines().find(|l| l.starts_with("first ")).unwrap();
+    assert!(
+        row.contains(" 2 ("),
+        "the list says the backup holds two volumes: {listed}"
+    );
 
     // Unchanged: nothing is read again. One changed file: only it is read.
     let (ok, again, stderr) = repo.run(cluster, &["backup", "create", "again", "-n", &ns.name]);
