@@ -321,9 +321,14 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                         human_bytes(s.bytes_stored)
                     );
                 }
+                // Links, devices, FIFOs and sockets, when there are any.
+                let others = match s.others {
+                    0 => String::new(),
+                    n => format!(", {n} other entries"),
+                };
                 writeln!(
                     w,
-                    "{what} {id}: {} files, {} dirs, {} in {:.1}s ({} files read, {} unchanged; {} new chunks, {} stored)",
+                    "{what} {id}: {} files, {} dirs{others}, {} in {:.1}s ({} files read, {} unchanged; {} new chunks, {} stored)",
                     s.files,
                     s.dirs,
                     human_bytes(s.bytes),
