@@ -29,6 +29,14 @@ fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
     out
 }
 
+/// A new temporary directory holding the empty directory `source`.
+fn empty_source() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    (dir, source)
+}
+
 /// A directory with every kind of entry the mover keeps.
 fn fixture(root: &Path) {
     std::fs::create_dir_all(root.join("nested/deeper")).unwrap();
@@ -707,9 +715,7 @@ fn raw_zstd_frames_decode_with_any_zstd_decoder() {
 
 #[tokio::test]
 async fn files_ending_in_zeros_come_back_at_their_length_with_their_zeros_as_holes() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    std::fs::create_dir_all(&source).unwrap();
+    let (dir, source) = empty_source();
     // One chunk each: data then zero blocks; zero blocks between data; only
     // zeros; data ending in a partial block.
     let mut tail = pseudo_random(5000, 3);
@@ -742,9 +748,7 @@ async fn files_ending_in_zeros_come_back_at_their_length_with_their_zeros_as_hol
 
 #[tokio::test]
 async fn a_sparse_file_is_read_only_where_it_holds_data_and_stored_as_a_full_read_stores_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    std::fs::create_dir_all(&source).unwrap();
+    let (dir, source) = empty_source();
     // Data at the start, in the middle at an odd offset, and a hole up to
     // the end; the same bytes written out in full, zeros included.
     let size: u64 = 128 << 20;
@@ -814,9 +818,7 @@ async fn a_sparse_file_is_read_only_where_it_holds_data_and_stored_as_a_full_rea
 
 #[tokio::test]
 async fn a_sparse_file_cut_shorter_after_its_holes_were_found_is_read_whole_as_it_is_then() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    std::fs::create_dir_all(&source).unwrap();
+    let (dir, source) = empty_source();
     let path = source.join("shrinking.img");
     let file = std::fs::File::create(&path).unwrap();
     file.set_len(64 << 20).unwrap();
@@ -850,9 +852,7 @@ async fn a_sparse_file_cut_shorter_after_its_holes_were_found_is_read_whole_as_i
 
 #[tokio::test]
 async fn owners_and_modes_come_back_whether_or_not_they_differ_from_a_new_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    std::fs::create_dir_all(&source).unwrap();
+    let (dir, source) = empty_source();
     let root = unsafe { libc::geteuid() } == 0;
     for (name, mode, owner) in [
         ("plain", 0o644, None),
@@ -920,9 +920,7 @@ fn resident_pages(path: &Path) -> usize {
 
 #[tokio::test]
 async fn large_files_come_back_exactly_when_written_past_the_page_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    std::fs::create_dir_all(&source).unwrap();
+    let (dir, source) = empty_source();
     // Several batches long, an unaligned length, with zero blocks and text.
     let mut big = pseudo_random(21 * 1024 * 1024 + 123, 7);
     big[5_000_000..5_300_000].fill(0);
@@ -1032,9 +1030,7 @@ async fn links_and_fifos_in_the_way_are_replaced_never_written_through() {
 
 #[tokio::test]
 async fn a_fifo_comes_back_and_a_socket_is_counted_as_skipped_without_warnings() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    std::fs::create_dir_all(&source).unwrap();
+    let (dir, source) = empty_source();
     std::fs::write(source.join("data"), b"kept").unwrap();
     let fifo = std::ffi::CString::new(source.join("pipe").as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
