@@ -10,15 +10,14 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
+#[path = "support/cluster.rs"]
+mod cluster;
+
 /// Apply example manifests to a cluster.
 #[derive(Parser)]
 struct Args {
-    /// Kubeconfig file (default: $KUBECONFIG or ~/.kube/config).
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context.
-    #[arg(long)]
-    context: Option<String>,
+    #[command(flatten)]
+    cluster: cluster::ClusterArgs,
     /// Replace ${KEY} with VALUE in the manifests; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -30,13 +29,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let conn = ferry::cluster::ConnectOptions {
-        kubeconfig: args.kubeconfig,
-        context: args.context,
-        ..Default::default()
-    }
-    .connect()
-    .await?;
+    let client = args.cluster.client().await?;
     for file in &args.files {
         let mut text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -46,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("--set {pair}: expected KEY=VALUE"))?;
             text = text.replace(&format!("${{{key}}}"), value);
         }
-        let applied = ferry::cluster::apply::apply_manifests(&conn.client, &text, "ferry-example")
+        let applied = ferry::cluster::apply::apply_manifests(&client, &text, "ferry-example")
             .await
             .with_context(|| format!("applying {}", file.display()))?;
         eprintln!("applied {} objects from {}", applied.len(), file.display());

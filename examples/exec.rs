@@ -6,7 +6,6 @@
 //! cargo run --example exec -- --kubeconfig ~/.kube/config -n orders db-0 -- psql -c 'select 1'
 //! ```
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -16,15 +15,14 @@ use kube::Api;
 use kube::api::AttachParams;
 use tokio::io::AsyncReadExt;
 
+#[path = "support/cluster.rs"]
+mod cluster;
+
 /// Run a command in a Pod once it is ready.
 #[derive(Parser)]
 struct Args {
-    /// Kubeconfig file (default: $KUBECONFIG or ~/.kube/config).
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context.
-    #[arg(long)]
-    context: Option<String>,
+    #[command(flatten)]
+    cluster: cluster::ClusterArgs,
     #[arg(short, long)]
     namespace: String,
     /// Container (default: the Pod's first).
@@ -49,14 +47,7 @@ fn ready(pod: &Pod) -> bool {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let conn = ferry::cluster::ConnectOptions {
-        kubeconfig: args.kubeconfig,
-        context: args.context,
-        ..Default::default()
-    }
-    .connect()
-    .await?;
-    let pods: Api<Pod> = Api::namespaced(conn.client.clone(), &args.namespace);
+    let pods: Api<Pod> = Api::namespaced(args.cluster.client().await?, &args.namespace);
     let name = format!("{}/{}", args.namespace, args.pod);
     let deadline = Instant::now() + args.wait;
     loop {

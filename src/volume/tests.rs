@@ -105,6 +105,20 @@ async fn backup(
     .unwrap()
 }
 
+/// `source` backed up into a new repository in `dir` and restored into
+/// `dir/restored`, which is returned.
+async fn backed_up_and_restored(dir: &Path, source: &Path) -> PathBuf {
+    let repo = new_repo(dir).await;
+    let lock = repo.lock_shared().await.unwrap();
+    let done = backup(&repo, &lock, source, None).await;
+    let target = dir.join("restored");
+    restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
+        .await
+        .unwrap();
+    lock.release().await.unwrap();
+    target
+}
+
 /// Every entry under `root` with what the mover promises to keep.
 fn listing(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -726,13 +740,7 @@ async fn files_ending_in_zeros_come_back_at_their_length_with_their_zeros_as_hol
     std::fs::write(source.join("middle-zeros"), &middle).unwrap();
     std::fs::write(source.join("all-zeros"), vec![0u8; 20_000]).unwrap();
     std::fs::write(source.join("data"), pseudo_random(4096 + 7, 5)).unwrap();
-    let repo = new_repo(dir.path()).await;
-    let lock = repo.lock_shared().await.unwrap();
-    let done = backup(&repo, &lock, &source, None).await;
-    let target = dir.path().join("restored");
-    restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
-        .await
-        .unwrap();
+    let target = backed_up_and_restored(dir.path(), &source).await;
     for name in ["tail-zeros", "middle-zeros", "all-zeros", "data"] {
         assert_eq!(
             std::fs::read(target.join(name)).unwrap(),
@@ -835,19 +843,12 @@ async fn a_sparse_file_cut_shorter_after_its_holes_were_found_is_read_whole_as_i
             .set_len(1_000_000)
             .unwrap();
     });
-    let repo = new_repo(dir.path()).await;
-    let lock = repo.lock_shared().await.unwrap();
-    let done = backup(&repo, &lock, &source, None).await;
-    let target = dir.path().join("restored");
-    restore_dir(&repo, &done.root, &target, VolumeRestoreOptions::default())
-        .await
-        .unwrap();
+    let target = backed_up_and_restored(dir.path(), &source).await;
     assert_eq!(
         std::fs::read(target.join("shrinking.img")).unwrap(),
         std::fs::read(&path).unwrap()
     );
     assert_eq!(std::fs::read(&path).unwrap().len(), 1_000_000);
-    lock.release().await.unwrap();
 }
 
 #[tokio::test]
