@@ -551,10 +551,10 @@ async fn claim_root(
             names.join(", ")
         ),
     };
-    let Some(entry) = report
-        .volumes
+    let Some(entry) = names
         .iter()
-        .find(|v| format!("{}/{}", v.namespace, v.claim) == wanted)
+        .position(|n| *n == wanted)
+        .map(|i| &report.volumes[i])
     else {
         anyhow::bail!(
             "snapshot {name} has no volume {wanted} (its volumes: {})",

@@ -25,6 +25,9 @@ pub struct Chunker {
     buffer: Vec<u8>,
     /// Read no further than each cut needs (see [`Chunker::read_least`]).
     least: bool,
+    /// [`Chunker::zero_chunk_len`], found once: every sparse file a reader
+    /// reads asks for it.
+    zero_chunk: std::cell::OnceCell<usize>,
 }
 
 impl Chunker {
@@ -45,6 +48,7 @@ impl Chunker {
             max,
             buffer: Vec::new(),
             least: false,
+            zero_chunk: std::cell::OnceCell::new(),
         }
     }
 
@@ -57,7 +61,9 @@ impl Chunker {
     /// cut falls in zeros when more zeros follow. Such a run is cut at
     /// multiples of this length from its start.
     pub fn zero_chunk_len(&self) -> usize {
-        self.cut_point(&vec![0u8; self.max + 1])
+        *self
+            .zero_chunk
+            .get_or_init(|| self.cut_point(&vec![0u8; self.max + 1]))
     }
 
     /// The length of the chunk at the start of `window`, which holds the
