@@ -457,7 +457,10 @@ pub struct RestoreWriteArgs {
     /// PersistentVolumes. Deleting one deletes everything in it (every
     /// object of the namespace, every custom resource of the CRD, the
     /// volume's data), including what is not in the snapshot; the plan
-    /// lists each. Without it, they are updated instead.
+    /// lists each. Without it, they are updated instead. Objects that come
+    /// only because selected objects need them (the Namespace of
+    /// `--include-kind ConfigMap`) are never deleted, and a claim a Pod
+    /// mounts is refused in preflight.
     #[arg(long)]
     pub recreate_cascading: bool,
     /// Print the restore plan and a diff against the target; write nothing

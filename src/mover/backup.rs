@@ -376,7 +376,13 @@ pub async fn backup_volumes(
             None => Some("no mover is configured".to_string()),
             Some(m) => m.unreachable.clone(),
         };
-        let method = match resolve(chosen, snapshot_class.is_some(), unreachable.is_none()) {
+        let holder = exclusive_holder(&object, &pods_by_namespace[namespace]);
+        let method = match resolve(
+            chosen,
+            snapshot_class.is_some(),
+            unreachable.is_none(),
+            holder.as_deref(),
+        ) {
             Ok(m) => m,
             Err(why) => {
                 let why = match (&unreachable, chosen) {
@@ -706,26 +712,68 @@ async fn chosen_method(
     Ok(policy.default)
 }
 
+/// The Pod that holds a `ReadWriteOncePod` claim: one the scheduler has
+/// placed and that has not finished. No other Pod (a mover included) can
+/// mount the claim while it runs; the scheduler would hold a mover Pending
+/// until the mover's timeout.
+fn exclusive_holder(claim: &PersistentVolumeClaim, pods: &[Pod]) -> Option<String> {
+    let exclusive = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.as_ref())
+        .is_some_and(|modes| modes.iter().any(|m| m == "ReadWriteOncePod"));
+    if !exclusive {
+        return None;
+    }
+    let name = claim.metadata.name.as_deref()?;
+    pods.iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .find(|p| mounts(p, name))
+        .and_then(|p| p.metadata.name.clone())
+}
+
 /// The method to use, given what the cluster and the repository allow.
+/// `holder` is the Pod that holds the claim alone (`ReadWriteOncePod`),
+/// which rules out copying it live.
 pub(super) fn resolve(
     chosen: VolumeMethod,
     has_snapshot_class: bool,
     repository_reachable: bool,
+    holder: Option<&str>,
 ) -> Result<VolumeMethod, String> {
     let no_class = "its CSI driver has no VolumeSnapshotClass";
     let unreachable = "mover Pods cannot reach the repository";
+    let held = |pod: &str| {
+        let instead = if has_snapshot_class {
+            "method snapshot-move copies a snapshot of it instead"
+        } else {
+            "scale the workload down for the backup, or give the CSI driver a VolumeSnapshotClass"
+        };
+        format!(
+            "the claim is ReadWriteOncePod and Pod {pod} holds it, so no mover Pod can mount it \
+             to copy it live; {instead}"
+        )
+    };
     match chosen {
-        VolumeMethod::Auto => match (has_snapshot_class, repository_reachable) {
-            (true, true) => Ok(VolumeMethod::SnapshotMove),
-            (true, false) => Ok(VolumeMethod::Snapshot),
-            (false, true) => Ok(VolumeMethod::Copy),
-            (false, false) => Err(format!("{no_class} and {unreachable}")),
+        VolumeMethod::Auto => match (has_snapshot_class, repository_reachable, holder) {
+            (true, true, _) => Ok(VolumeMethod::SnapshotMove),
+            (true, false, _) => Ok(VolumeMethod::Snapshot),
+            (false, true, Some(pod)) => Err(format!("{no_class}, and {}", held(pod))),
+            (false, true, None) => Ok(VolumeMethod::Copy),
+            (false, false, _) => Err(format!("{no_class} and {unreachable}")),
         },
         VolumeMethod::Snapshot if !has_snapshot_class => Err(no_class.into()),
         VolumeMethod::SnapshotMove if !has_snapshot_class => Err(no_class.into()),
         VolumeMethod::SnapshotMove | VolumeMethod::Copy if !repository_reachable => {
             Err(unreachable.into())
         }
+        VolumeMethod::Copy if holder.is_some() => Err(held(holder.unwrap_or_default())),
         other => Ok(other),
     }
 }
@@ -1290,21 +1338,84 @@ mod tests {
     #[test]
     fn auto_prefers_moving_a_snapshot_and_never_silently_skips_an_explicit_choice() {
         use VolumeMethod::*;
-        assert_eq!(resolve(Auto, true, true), Ok(SnapshotMove));
-        assert_eq!(resolve(Auto, true, false), Ok(Snapshot));
-        assert_eq!(resolve(Auto, false, true), Ok(Copy));
-        assert!(resolve(Auto, false, false).is_err());
+        assert_eq!(resolve(Auto, true, true, None), Ok(SnapshotMove));
+        assert_eq!(resolve(Auto, true, false, None), Ok(Snapshot));
+        assert_eq!(resolve(Auto, false, true, None), Ok(Copy));
+        assert!(resolve(Auto, false, false, None).is_err());
         assert!(
-            resolve(SnapshotMove, false, true)
+            resolve(SnapshotMove, false, true, None)
                 .unwrap_err()
                 .contains("VolumeSnapshotClass")
         );
         assert!(
-            resolve(Copy, true, false)
+            resolve(Copy, true, false, None)
                 .unwrap_err()
                 .contains("cannot reach")
         );
-        assert_eq!(resolve(Copy, false, true), Ok(Copy));
-        assert_eq!(resolve(Skip, false, false), Ok(Skip));
+        assert_eq!(resolve(Copy, false, true, None), Ok(Copy));
+        assert_eq!(resolve(Skip, false, false, None), Ok(Skip));
+    }
+
+    #[test]
+    fn a_claim_one_pod_holds_alone_is_never_copied_live() {
+        use VolumeMethod::*;
+        // A snapshot does not need the claim mounted.
+        assert_eq!(resolve(Auto, true, true, Some("db-0")), Ok(SnapshotMove));
+        assert_eq!(
+            resolve(SnapshotMove, true, true, Some("db-0")),
+            Ok(SnapshotMove)
+        );
+        let asked = resolve(Copy, true, true, Some("db-0")).unwrap_err();
+        assert!(
+            asked.contains("ReadWriteOncePod") && asked.contains("Pod db-0"),
+            "{asked}"
+        );
+        assert!(asked.contains("snapshot-move"), "{asked}");
+        let auto = resolve(Auto, false, true, Some("db-0")).unwrap_err();
+        assert!(
+            auto.contains("no VolumeSnapshotClass") && auto.contains("scale the workload down"),
+            "{auto}"
+        );
+        assert_eq!(resolve(Copy, false, true, None), Ok(Copy));
+    }
+
+    fn pod_mounting(name: &str, claim: &str, node: Option<&str>, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {
+                "nodeName": node,
+                "containers": [{"name": "main", "image": "busybox"}],
+                "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}],
+            },
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_holder_of_a_read_write_once_pod_claim_is_a_placed_unfinished_pod() {
+        let claim = |modes: &[&str]| -> PersistentVolumeClaim {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "data", "namespace": "shop"},
+                "spec": {"accessModes": modes},
+            }))
+            .unwrap()
+        };
+        let pods = vec![
+            pod_mounting("done", "data", Some("n1"), "Succeeded"),
+            pod_mounting("unplaced", "data", None, "Pending"),
+            pod_mounting("other", "logs", Some("n1"), "Running"),
+            pod_mounting("db-0", "data", Some("n1"), "Running"),
+        ];
+        let exclusive = claim(&["ReadWriteOncePod"]);
+        assert_eq!(exclusive_holder(&exclusive, &pods).as_deref(), Some("db-0"));
+        assert_eq!(exclusive_holder(&exclusive, &pods[..3]), None);
+        // A starting Pod already placed on its node holds the claim too.
+        let starting = vec![pod_mounting("db-0", "data", Some("n1"), "Pending")];
+        assert_eq!(
+            exclusive_holder(&exclusive, &starting).as_deref(),
+            Some("db-0")
+        );
+        assert_eq!(exclusive_holder(&claim(&["ReadWriteOnce"]), &pods), None);
     }
 }

@@ -206,7 +206,7 @@ impl AfterWave for VolumeFiller {
             match action {
                 Action::Create | Action::Recreate => to_fill.push((object.clone(), entry.clone())),
                 _ => warnings.push(format!(
-                    "{object}: the claim exists in the target, so its data was not restored (delete it first, or restore with --existing recreate)"
+                    "{object}: the claim exists in the target, so its data was not restored (delete it first, or restore with --existing recreate --recreate-cascading, which deletes it and the data it holds now)"
                 )),
             }
         }

@@ -91,6 +91,8 @@ pub struct Loaded {
     pub source_profile: ClusterProfile,
     /// The selected objects and their closure, sorted by object.
     pub entries: Vec<CatalogEntry>,
+    /// Those of `entries` taken only because selected objects need them.
+    pub dependencies: BTreeSet<ObjectRef>,
 }
 
 /// Reads the snapshot's catalog (and its graph, for a subset) and selects.
@@ -125,7 +127,10 @@ pub async fn load(
     let SnapshotContent {
         objects, profile, ..
     } = content;
-    let entries = select(objects, graph.as_ref(), subset, labelled.as_ref());
+    let Selected {
+        entries,
+        dependencies,
+    } = select(objects, graph.as_ref(), subset, labelled.as_ref());
     if entries.is_empty() {
         return Err(RestoreError::NothingSelected(snap.name));
     }
@@ -134,6 +139,7 @@ pub async fn load(
         snapshot_name: snap.name,
         source_profile: profile,
         entries,
+        dependencies,
     })
 }
 
@@ -161,6 +167,17 @@ async fn labelled(
     Ok(out)
 }
 
+/// What a subset takes from a snapshot.
+#[derive(Debug, Default)]
+pub struct Selected {
+    /// The selected objects and their closure, sorted by object.
+    pub entries: Vec<CatalogEntry>,
+    /// Those of `entries` the subset did not select for their own sake
+    /// (a Namespace, CRD or ClusterRole that selected objects need): a
+    /// restore may create them, never delete them.
+    pub dependencies: BTreeSet<ObjectRef>,
+}
+
 /// Pure selection: the seeds, then what they depend on through the graph,
 /// cluster-scoped objects only (a subset never writes into namespaces it
 /// did not select). Without a graph (nothing narrows) every entry is kept.
@@ -169,7 +186,7 @@ pub fn select(
     graph: Option<&AppGraph>,
     subset: &Subset,
     labelled: Option<&HashSet<ObjectRef>>,
-) -> Vec<CatalogEntry> {
+) -> Selected {
     let namespace_or_namespaced =
         |o: &ObjectRef| o.namespace.is_some() || (o.kind == "Namespace" && o.group.is_empty());
     let Some(graph) = graph else {
@@ -178,7 +195,10 @@ pub fn select(
             all.retain(|e| namespace_or_namespaced(&e.object));
         }
         all.sort_by(|a, b| a.object.cmp(&b.object));
-        return all;
+        return Selected {
+            entries: all,
+            dependencies: BTreeSet::new(),
+        };
     };
     let seeds: Vec<ObjectRef> = entries
         .iter()
@@ -212,7 +232,16 @@ pub fn select(
         })
         .collect();
     out.sort_by(|a, b| a.object.cmp(&b.object));
-    out
+    let seeds: HashSet<&ObjectRef> = seeds.iter().collect();
+    let dependencies = out
+        .iter()
+        .filter(|e| !seeds.contains(&e.object))
+        .map(|e| e.object.clone())
+        .collect();
+    Selected {
+        entries: out,
+        dependencies,
+    }
 }
 
 #[cfg(test)]
@@ -281,7 +310,7 @@ mod tests {
         let (entries, graph) = estate();
         let s = subset(&["team-a"]);
         assert!(s.narrows());
-        let got = names(&select(entries, Some(&graph), &s, None));
+        let got = names(&select(entries, Some(&graph), &s, None).entries);
         assert_eq!(
             got,
             vec![
@@ -300,7 +329,7 @@ mod tests {
         let (entries, graph) = estate();
         let mut s = subset(&["team-a"]);
         s.namespaced_only = true;
-        let got = names(&select(entries.clone(), Some(&graph), &s, None));
+        let got = names(&select(entries.clone(), Some(&graph), &s, None).entries);
         assert_eq!(
             got,
             vec![
@@ -313,7 +342,7 @@ mod tests {
         // Without a graph too.
         let mut everything = subset(&[]);
         everything.namespaced_only = true;
-        let got = names(&select(entries, None, &everything, None));
+        let got = names(&select(entries, None, &everything, None).entries);
         assert!(
             got.iter()
                 .all(|o| !o.starts_with("Cluster") && !o.starts_with("CustomResource")),
@@ -326,7 +355,10 @@ mod tests {
         let (entries, _) = estate();
         let s = subset(&[]);
         assert!(!s.narrows());
-        assert_eq!(select(entries.clone(), None, &s, None).len(), entries.len());
+        assert_eq!(
+            select(entries.clone(), None, &s, None).entries.len(),
+            entries.len()
+        );
     }
 
     #[test]
@@ -339,7 +371,7 @@ mod tests {
             .filter(|e| e.object.kind == "Widget")
             .map(|e| e.object.clone())
             .collect();
-        let got = names(&select(entries, Some(&graph), &s, Some(&labelled)));
+        let got = names(&select(entries, Some(&graph), &s, Some(&labelled)).entries);
         assert_eq!(
             got,
             vec![
@@ -355,7 +387,48 @@ mod tests {
         let (entries, graph) = estate();
         let mut s = subset(&[]);
         s.objects = vec!["configmap/team-b/c".into()];
-        let got = names(&select(entries, Some(&graph), &s, None));
+        let got = names(&select(entries, Some(&graph), &s, None).entries);
         assert_eq!(got, vec!["ConfigMap/team-b/c", "Namespace/team-b"]);
+    }
+
+    #[test]
+    fn what_a_subset_only_needs_is_told_apart_from_what_it_selects() {
+        let (entries, graph) = estate();
+        let dependencies = |s: &Subset| -> Vec<String> {
+            let mut names: Vec<String> = select(entries.clone(), Some(&graph), s, None)
+                .dependencies
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            names.sort();
+            names
+        };
+        // A namespace is selected for its own sake; what it needs is not.
+        assert_eq!(
+            dependencies(&subset(&["team-a"])),
+            vec![
+                "ClusterRole/reader-a",
+                "CustomResourceDefinition/widgets.example.com"
+            ]
+        );
+        // One kind of a namespace: the Namespace only comes with it.
+        let mut kinds = subset(&["team-a"]);
+        kinds.selection.include_kinds = vec!["widgets".into()];
+        assert_eq!(
+            dependencies(&kinds),
+            vec![
+                "CustomResourceDefinition/widgets.example.com",
+                "Namespace/team-a"
+            ]
+        );
+        let mut one = subset(&[]);
+        one.objects = vec!["configmap/team-b/c".into()];
+        assert_eq!(dependencies(&one), vec!["Namespace/team-b"]);
+        // Restoring everything selects everything.
+        assert!(
+            select(entries.clone(), None, &subset(&[]), None)
+                .dependencies
+                .is_empty()
+        );
     }
 }

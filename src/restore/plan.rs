@@ -138,6 +138,9 @@ pub struct Planned {
     pub facts: Facts,
     pub digest: Option<String>,
     pub live: Live,
+    /// Taken only because selected objects need it: created where it is
+    /// missing, never deleted to be recreated.
+    pub dependency: bool,
 }
 
 /// The plan, and the problems that refuse it (objects that exist under
@@ -173,8 +176,14 @@ pub fn build(
         for position in wave {
             let p = slots[position].take().expect("each object is in one wave");
             let object = p.desired.object;
-            let (action, reason, changes, live) =
-                decide(&object, p.live, &header, &mut warnings, &mut problems);
+            let (action, reason, changes, live) = decide(
+                &object,
+                p.live,
+                p.dependency,
+                &header,
+                &mut warnings,
+                &mut problems,
+            );
             items.push(PlanItem {
                 object,
                 action,
@@ -203,6 +212,7 @@ type Decision = (Action, String, Vec<Change>, Option<String>);
 fn decide(
     object: &ObjectRef,
     live: Live,
+    dependency: bool,
     header: &PlanHeader,
     warnings: &mut Vec<String>,
     problems: &mut Vec<String>,
@@ -240,6 +250,22 @@ fn decide(
                 Vec::new(),
                 rv,
             )
+        }
+        ExistingPolicy::Recreate if dependency => {
+            // Deleting what the subset did not select could delete what
+            // it did not restore either: a Namespace with its other
+            // objects, a CRD with every custom resource of the kind.
+            let reason = "exists; not selected, only needed by what is: kept, not recreated";
+            if changes.is_empty() {
+                (Action::Unchanged, reason.into(), changes, rv)
+            } else {
+                (
+                    Action::Update,
+                    format!("{reason} ({} field(s) differ)", changes.len()),
+                    changes,
+                    rv,
+                )
+            }
         }
         ExistingPolicy::Recreate if cascades(object).is_none() || header.recreate_cascading => {
             let reason = match cascades(object) {
@@ -301,6 +327,7 @@ pub fn plan_values(
             digest: Some(super::bodies::digest(&value)),
             live: live(&object),
             desired: Desired { object, blob: None },
+            dependency: false,
         });
     }
     check_and_build(
@@ -383,4 +410,89 @@ fn dependencies(planned: &[Planned]) -> Vec<Vec<usize>> {
             needs
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn present(value: serde_json::Value, dependency: bool) -> Planned {
+        let object = ObjectRef::from_object(&value).unwrap();
+        Planned {
+            facts: Facts::of(&object, &value),
+            digest: None,
+            live: Live::Present {
+                resource_version: "7".into(),
+                changes: vec![Change {
+                    path: "/metadata/labels/team".into(),
+                    live: None,
+                    desired: json!("a"),
+                }],
+            },
+            desired: Desired { object, blob: None },
+            dependency,
+        }
+    }
+
+    #[test]
+    fn recreating_never_deletes_what_only_came_as_a_dependency() {
+        let header = PlanHeader {
+            format: PLAN_FORMAT,
+            repository: "r".into(),
+            snapshot: "s".into(),
+            snapshot_id: "s-id".into(),
+            target: "t".into(),
+            offline: false,
+            subset: Subset::default(),
+            existing: ExistingPolicy::Recreate,
+            recreate_cascading: true,
+            namespace_mapping: Default::default(),
+            transform: None,
+        };
+        let namespace =
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}});
+        let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                         "metadata": {"name": "widgets.example.com"},
+                         "spec": {"group": "example.com", "scope": "Namespaced",
+                                  "names": {"kind": "Widget", "plural": "widgets"},
+                                  "versions": [{"name": "v1", "served": true, "storage": true}]}});
+        let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                           "metadata": {"name": "data", "namespace": "shop"}});
+        let (plan, problems) = build(
+            header,
+            vec![
+                present(namespace.clone(), true),
+                present(crd, true),
+                present(claim, false),
+            ],
+            Vec::new(),
+            Vec::new(),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let action = |kind: &str| {
+            let item = plan.items().find(|i| i.object.kind == kind).unwrap();
+            (item.action, item.reason.clone())
+        };
+        for kind in ["Namespace", "CustomResourceDefinition"] {
+            let (action, reason) = action(kind);
+            assert_eq!(action, Action::Update, "{kind}: {reason}");
+            assert!(reason.contains("not recreated"), "{kind}: {reason}");
+        }
+        // What the subset selected is recreated as asked, with the warning.
+        assert_eq!(action("PersistentVolumeClaim").0, Action::Recreate);
+        assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
+        assert!(plan.warnings[0].contains("PersistentVolumeClaim/shop/data"));
+
+        // Selected for its own sake, the Namespace is recreated too.
+        let mut header = plan.header.clone();
+        header.recreate_cascading = true;
+        let (plan, _) = build(
+            header,
+            vec![present(namespace, false)],
+            Vec::new(),
+            Vec::new(),
+        );
+        assert_eq!(plan.items().next().unwrap().action, Action::Recreate);
+    }
 }

@@ -2,7 +2,7 @@
 //! bodies (facts for validate and plan, the live object to compare with),
 //! validate, and the plan. Writes nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
@@ -41,6 +41,25 @@ pub(crate) async fn prepare(
     let mut warnings = Vec::new();
     let mut trace = Vec::new();
     let entries = std::mem::take(&mut loaded.entries);
+    // Dependencies (all cluster-scoped) by group, kind and the name they
+    // get in the target: a transform may change their API version, and
+    // the namespace mapping renames a Namespace.
+    let dependencies: HashSet<(String, String, String)> = loaded
+        .dependencies
+        .iter()
+        .map(|o| {
+            let name = match opts.namespace_mapping.0.get(&o.name) {
+                Some(to) if o.kind == "Namespace" && o.group.is_empty() => to.clone(),
+                _ => o.name.clone(),
+            };
+            (o.group.clone(), o.kind.clone(), name)
+        })
+        .collect();
+    let dependencies = &dependencies;
+    let is_dependency = |o: &ObjectRef| {
+        o.namespace.is_none()
+            && dependencies.contains(&(o.group.clone(), o.kind.clone(), o.name.clone()))
+    };
     let (bodies, desired) =
         match effective_transform(&opts.namespace_mapping, opts.transform.as_ref())? {
             None => {
@@ -112,6 +131,7 @@ pub(crate) async fn prepare(
                     _ => Live::Unknown,
                 };
                 Ok::<_, RestoreError>(Planned {
+                    dependency: is_dependency(&d.object),
                     digest: held.then(|| digest(&value)),
                     desired: d,
                     facts,
@@ -174,6 +194,17 @@ pub(crate) async fn prepare(
         problems,
     )
     .map_err(RestoreError::Preflight)?;
+    if let TargetView::Cluster(conn) = view {
+        let recreated_claims = plan
+            .items()
+            .filter(|i| i.action == plan::Action::Recreate)
+            .map(|i| &i.object)
+            .filter(|o| o.kind == "PersistentVolumeClaim" && o.group.is_empty());
+        let in_use = target::claims_in_use(conn, recreated_claims).await;
+        if !in_use.is_empty() {
+            return Err(RestoreError::Preflight(in_use));
+        }
+    }
     Ok((plan, bodies, discovery))
 }
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::Value;
 
@@ -229,6 +230,70 @@ pub async fn absent_namespaces(
     Ok(absent)
 }
 
+/// Why recreating these claims cannot work now: a claim a Pod mounts is
+/// only marked for deletion (`kubernetes.io/pvc-protection`) and goes when
+/// that Pod does, so the restore would wait and then fail, leaving the
+/// claim to vanish, with its data, whenever the workload stops. Pods that
+/// cannot be listed are not counted (the delete is then tried as planned).
+pub async fn claims_in_use<'a>(
+    conn: &Connection,
+    claims: impl Iterator<Item = &'a ObjectRef>,
+) -> Vec<String> {
+    let mut by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for claim in claims {
+        if let Some(ns) = claim.namespace.as_deref() {
+            by_namespace.entry(ns).or_default().push(&claim.name);
+        }
+    }
+    let mut problems = Vec::new();
+    for (namespace, names) in by_namespace {
+        let pods: Api<Pod> = Api::namespaced(conn.client.clone(), namespace);
+        let Ok(pods) = pods.list(&Default::default()).await else {
+            continue;
+        };
+        for name in names {
+            let users = users_of_claim(&pods.items, name);
+            if !users.is_empty() {
+                problems.push(format!(
+                    "PersistentVolumeClaim/{namespace}/{name} is in use by Pod {}: --existing recreate \
+                     cannot delete it while it is mounted (kubernetes.io/pvc-protection); scale the \
+                     workload down first, or restore into another namespace with --namespace-mapping",
+                    users.join(", ")
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// The Pods placed on a node that have not finished and mount the claim:
+/// those the claim's protection waits for (an unplaced Pod does not hold
+/// it; the kubelet never starts a Pod on a claim being deleted).
+fn users_of_claim(pods: &[Pod], claim: &str) -> Vec<String> {
+    pods.iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.volumes.as_ref())
+                .is_some_and(|volumes| {
+                    volumes.iter().any(|v| {
+                        v.persistent_volume_claim
+                            .as_ref()
+                            .is_some_and(|c| c.claim_name == claim)
+                    })
+                })
+        })
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +366,27 @@ mod tests {
         ]
         .into();
         assert_eq!(needed, wanted);
+    }
+
+    #[test]
+    fn a_claim_is_in_use_by_the_unfinished_pods_that_mount_it() {
+        let pod = |name: &str, claim: &str, phase: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"containers": [{"name": "c"}], "nodeName": (name != "unplaced").then_some("n1"),
+                         "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]},
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        let pods = vec![
+            pod("web-1", "data", "Running"),
+            pod("web-2", "data", "Pending"),
+            pod("job", "data", "Succeeded"),
+            pod("other", "logs", "Running"),
+            pod("unplaced", "data", "Pending"),
+        ];
+        assert_eq!(users_of_claim(&pods, "data"), vec!["web-1", "web-2"]);
+        assert!(users_of_claim(&pods, "cache").is_empty());
     }
 }

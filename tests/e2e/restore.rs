@@ -842,6 +842,37 @@ async fn recreate_replaces_the_snapshots_objects_and_deletes_nothing_else() {
     let recreated = cms.get("in-snapshot").await.unwrap();
     assert_ne!(recreated.metadata.uid, changed.metadata.uid, "recreated");
     assert_eq!(recreated.data.unwrap()["v"], "1", "as in the snapshot");
+
+    // One kind, with --recreate-cascading: the Namespace comes only because
+    // the ConfigMaps need it, so it is not deleted (with what the restore
+    // did not select) to be made again.
+    let (ok, result, stderr) = restore_json(
+        &cluster.kubeconfig,
+        &[
+            "app",
+            "--repo",
+            &repo,
+            "--include-kind",
+            "ConfigMap",
+            "--existing",
+            "recreate",
+            "--recreate-cascading",
+        ],
+    );
+    assert!(ok, "{stderr}\n{result}");
+    assert_eq!(
+        namespaces.get(&ns.name).await.unwrap().metadata.uid,
+        ns_uid,
+        "the namespace, a dependency only, was not deleted: {result}"
+    );
+    for kept in ["added-later", "owned-later"] {
+        assert!(
+            cms.get_opt(kept).await.unwrap().is_some(),
+            "{kept} is not in the snapshot and must survive"
+        );
+    }
+    let again = cms.get("in-snapshot").await.unwrap();
+    assert_ne!(again.metadata.uid, recreated.metadata.uid, "recreated");
 }
 
 #[tokio::test]

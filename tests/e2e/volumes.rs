@@ -471,6 +471,110 @@ async fn exec_output(client: &kube::Client, ns: &str, pod: &str, script: &str) -
 }
 
 #[tokio::test]
+async fn node_a_claim_its_pod_holds_alone_is_neither_copied_live_nor_recreated_under_it() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-rwop").await;
+    let claim = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "files", "namespace": ns.name},
+        "spec": {"accessModes": ["ReadWriteOncePod"], "storageClassName": node.storage_class,
+                 "resources": {"requests": {"storage": "64Mi"}}}
+    });
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "files", "namespace": ns.name},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "files"}},
+            "template": pod_template(node, "files",
+                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "files"}}]),
+                json!({}))
+        }
+    });
+    apply_manifests(
+        &client,
+        &format!(
+            "{}---\n{}",
+            serde_yaml_ng::to_string(&claim).unwrap(),
+            serde_yaml_ng::to_string(&deployment).unwrap()
+        ),
+    )
+    .await;
+    let (pod, _) = app_output(&client, &ns.name, "files").await;
+    let repo = Repo::new(node, "vol-rwop").await;
+
+    // A mover cannot mount the claim beside its Pod: the backup says so at
+    // once, before any mover Pod is made, instead of waiting it out Pending.
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &[
+            "backup",
+            "create",
+            "live",
+            "-n",
+            &ns.name,
+            "--volume-method",
+            "copy",
+        ],
+    );
+    assert!(!ok, "copying the held claim live cannot work");
+    assert!(
+        stderr.contains(&format!("volume {}/files", ns.name))
+            && stderr.contains("ReadWriteOncePod")
+            && stderr.contains(&format!("Pod {pod} holds it"))
+            && stderr.contains("snapshot-move"),
+        "the claim, its holder and the way out are named: {stderr}"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let movers = pods
+        .list(&ListParams::default().labels("ferry.dev/mover"))
+        .await
+        .unwrap();
+    assert!(movers.items.is_empty(), "no mover Pod was made");
+
+    // A snapshot needs no second mount.
+    let (ok, backup, stderr) = repo.run(cluster, &["backup", "create", "held", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+    let volumes = backup["report"]["volumes"].as_array().unwrap();
+    assert_eq!(volumes[0]["method"], "snapshot-move", "{volumes:?}");
+
+    // Recreating the claim under its Pod would leave it Terminating until
+    // the Pod goes, and then take its data: refused before any write.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
+    let before = claims.get("files").await.unwrap().metadata.uid;
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &[
+            "restore",
+            "held",
+            "--include-kind",
+            "PersistentVolumeClaim",
+            "--existing",
+            "recreate",
+            "--recreate-cascading",
+        ],
+    );
+    assert!(!ok, "the claim is in use");
+    assert!(
+        stderr.contains("nothing was written")
+            && stderr.contains(&format!(
+                "PersistentVolumeClaim/{}/files is in use by Pod {pod}",
+                ns.name
+            )),
+        "{stderr}"
+    );
+    let after = claims.get("files").await.unwrap();
+    assert_eq!(after.metadata.uid, before, "the claim is the same");
+    assert!(
+        after.metadata.deletion_timestamp.is_none(),
+        "the claim is not being deleted"
+    );
+    clean_up(&client, &[&ns.name]).await;
+}
+
+#[tokio::test]
 async fn node_a_failing_pre_backup_hook_fails_the_backup_with_its_output() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
