@@ -6,13 +6,15 @@
 use std::collections::{BTreeMap, HashMap};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use super::pods::{self, DATA, DEVICE, MoverJob};
 use super::{MoverSettings, VolumeEntry, csi};
 use crate::cluster::Connection;
 use crate::model::ObjectRef;
-use crate::restore::{Action, AfterWave};
+use crate::restore::{ANNOTATION_FILLING, Action, AfterWave};
 
 pub struct VolumeFiller {
     /// The snapshot's volumes.
@@ -70,6 +72,41 @@ impl VolumeFiller {
             e.claim == claim.name
                 && self.namespaces.get(&e.namespace).unwrap_or(&e.namespace) == namespace
         })
+    }
+
+    /// Whether the live claim carries the mark of a fill not finished.
+    async fn still_filling(&self, conn: &Connection, claim: &ObjectRef) -> Result<bool, String> {
+        let namespace = claim.namespace.as_deref().unwrap_or_default();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(conn.client.clone(), namespace);
+        let live = claims
+            .get_opt(&claim.name)
+            .await
+            .map_err(|e| format!("reading {claim}: {e}"))?;
+        Ok(live
+            .and_then(|c| c.metadata.annotations)
+            .is_some_and(|a| a.contains_key(ANNOTATION_FILLING)))
+    }
+
+    /// Fills the claim and then takes its mark of a fill in progress off.
+    async fn fill_and_unmark(
+        &self,
+        conn: &Connection,
+        claim: &ObjectRef,
+        entry: &VolumeEntry,
+    ) -> Result<(), String> {
+        self.fill(conn, claim, entry).await?;
+        if entry.root.is_none() {
+            return Ok(());
+        }
+        let namespace = claim.namespace.as_deref().unwrap_or_default();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(conn.client.clone(), namespace);
+        let unmark = Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_FILLING: null}}}));
+        let params = PatchParams::default();
+        crate::cluster::retry::RetryPolicy::default()
+            .run(|| claims.patch(&claim.name, &params, &unmark))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("the data is in, but the mark {ANNOTATION_FILLING} stays: {e}"))
     }
 
     async fn fill(
@@ -142,6 +179,10 @@ fn kept_elsewhere(
 
 #[async_trait::async_trait]
 impl AfterWave for VolumeFiller {
+    /// Claims whose data the backup holds lose the data source they were
+    /// first made from (a VolumeSnapshot, another claim, a populator): the
+    /// backup is their data now, and that source is usually not in the
+    /// target, where the claim would stay Pending and hold up the restore.
     /// Claims whose data is a snapshot kept in this cluster are created
     /// from it: a VolumeSnapshot bound to the kept snapshot becomes their
     /// data source.
@@ -155,8 +196,22 @@ impl AfterWave for VolumeFiller {
             let Some(entry) = self.created_claim(object, *action) else {
                 continue;
             };
-            let (None, Some(kept)) = (&entry.root, &entry.snapshot) else {
+            if entry.skipped.is_some() {
                 continue;
+            }
+            let kept = match (&entry.root, &entry.snapshot) {
+                (Some(_), _) => {
+                    patches.insert(
+                        object.clone(),
+                        json!({
+                            "metadata": {"annotations": {ANNOTATION_FILLING: "pending"}},
+                            "spec": {"dataSource": null, "dataSourceRef": null},
+                        }),
+                    );
+                    continue;
+                }
+                (None, Some(kept)) => kept,
+                (None, None) => continue,
             };
             if let Some(problem) = kept_elsewhere(object, kept, conn) {
                 return Err(problem);
@@ -175,7 +230,7 @@ impl AfterWave for VolumeFiller {
                 .map_err(|e| format!("volume data of {object}: {e}"))?;
             patches.insert(
                 object.clone(),
-                json!({"spec": {"dataSource": {
+                json!({"spec": {"dataSourceRef": null, "dataSource": {
                     "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": name
                 }}}),
             );
@@ -203,11 +258,18 @@ impl AfterWave for VolumeFiller {
                 ));
                 continue;
             }
-            match action {
-                Action::Create | Action::Recreate => to_fill.push((object.clone(), entry.clone())),
-                _ => warnings.push(format!(
+            let fill = match action {
+                Action::Create | Action::Recreate => true,
+                // A claim an earlier run of a restore created and did not
+                // finish filling.
+                _ => entry.root.is_some() && self.still_filling(conn, object).await?,
+            };
+            if fill {
+                to_fill.push((object.clone(), entry.clone()));
+            } else {
+                warnings.push(format!(
                     "{object}: the claim exists in the target, so its data was not restored (delete it first, or restore with --existing recreate --recreate-cascading, which deletes it and the data it holds now)"
-                )),
+                ));
             }
         }
         if let Some(progress) = &self.progress {
@@ -216,10 +278,14 @@ impl AfterWave for VolumeFiller {
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
+        if !to_fill.is_empty() {
+            // Tests kill the process here: claims made and marked, not filled.
+            crate::failpoint::stop_here("restore-before-fill").await;
+        }
         let concurrency = self.mover.as_ref().map_or(1, |m| m.concurrency.max(1));
         let results: Vec<Result<(), String>> = futures::stream::iter(to_fill)
             .map(|(object, entry)| async move {
-                self.fill(conn, &object, &entry)
+                self.fill_and_unmark(conn, &object, &entry)
                     .await
                     .map_err(|e| format!("volume data of {object}: {e}"))
             })

@@ -194,11 +194,8 @@ pub async fn apply(
                 let patch = patches.get(&item.object);
                 async move {
                     let result = match body.and_then(Body::decode) {
-                        Ok(mut value) => {
-                            if let Some(patch) = patch {
-                                json_patch::merge(&mut value, patch);
-                            }
-                            apply_one(conn, discovery, item, value, uids, opts.saved).await
+                        Ok(value) => {
+                            apply_one(conn, discovery, item, value, patch, uids, opts.saved).await
                         }
                         Err(e) => Err(format!("unreadable in the snapshot: {e}")),
                     };
@@ -302,6 +299,7 @@ async fn apply_one(
     discovery: &Discovery,
     item: &PlanItem,
     mut value: Value,
+    patch: Option<&Value>,
     uids: &HashMap<String, String>,
     saved: bool,
 ) -> Result<Option<String>, String> {
@@ -312,6 +310,11 @@ async fn apply_one(
         return Err(
             "the transform now yields another object than the plan shows; make a new plan".into(),
         );
+    }
+    // What the restore itself changes at write time (a claim's data source)
+    // is not part of the planned object, so it comes after the check.
+    if let Some(patch) = patch {
+        json_patch::merge(&mut value, patch);
     }
     let Some(served) = resource_for(discovery, o) else {
         return Err(format!(
@@ -395,6 +398,9 @@ async fn apply_one(
             resource_version.as_deref().unwrap_or("absent"),
             item.live.as_deref().unwrap_or("absent")
         ));
+    }
+    if let Some(current) = &current {
+        super::keep_claim_restore_state(o, &mut value, current);
     }
     if let Some((managed_fields, rv)) = current.as_ref().and_then(adopted_managed_fields) {
         let patch = serde_json::json!([

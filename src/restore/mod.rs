@@ -94,6 +94,49 @@ fn cascades(object: &ObjectRef) -> Option<&'static str> {
         .map(|(_, _, what)| *what)
 }
 
+/// On a claim a restore created and has not finished filling with its
+/// volume data: a restore run again (after a failed mover, a kill) fills
+/// it again before the workloads, instead of taking it for a claim that
+/// was there before. Removed once the data is in.
+pub const ANNOTATION_FILLING: &str = "restore.ferry.dev/volume-data";
+
+/// What a restore keeps of an existing PersistentVolumeClaim: the data
+/// source it was made from (the source only says how a new claim is
+/// filled, a restore that fills it from the backup drops it or names a
+/// kept snapshot, and a claim's spec cannot change) and the mark of a fill
+/// still to finish. Neither is a difference to plan or a field to write.
+pub(crate) fn keep_claim_restore_state(object: &ObjectRef, desired: &mut Value, live: &Value) {
+    if object.kind != "PersistentVolumeClaim" || !object.group.is_empty() {
+        return;
+    }
+    if let Some(spec) = desired.get_mut("spec").and_then(Value::as_object_mut) {
+        for field in ["dataSource", "dataSourceRef"] {
+            match live.pointer(&format!("/spec/{field}")) {
+                Some(source) => {
+                    spec.insert(field.into(), source.clone());
+                }
+                None => {
+                    spec.remove(field);
+                }
+            }
+        }
+    }
+    let filling = live
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(ANNOTATION_FILLING));
+    if let (Some(mark), Some(meta)) = (
+        filling,
+        desired.get_mut("metadata").and_then(Value::as_object_mut),
+    ) {
+        let annotations = meta
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(annotations) = annotations.as_object_mut() {
+            annotations.insert(ANNOTATION_FILLING.into(), mark.clone());
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     pub subset: Subset,
@@ -465,6 +508,54 @@ pub(crate) async fn transformed(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_existing_claim_keeps_its_data_source_and_its_fill_mark() {
+        use serde_json::json;
+        let claim = crate::model::ObjectRef {
+            group: String::new(),
+            version: "v1".into(),
+            kind: "PersistentVolumeClaim".into(),
+            namespace: Some("shop".into()),
+            name: "data".into(),
+        };
+        let source = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap"});
+        let desired = json!({
+            "metadata": {"name": "data", "labels": {"app": "shop"}},
+            "spec": {"dataSource": source, "dataSourceRef": source, "storageClassName": "fast"}
+        });
+        // Filled by a restore (no source), a fill still to finish.
+        let live = json!({
+            "metadata": {"name": "data", "annotations": {super::ANNOTATION_FILLING: "pending"}},
+            "spec": {"storageClassName": "fast", "volumeName": "pv-1"}
+        });
+        let mut kept = desired.clone();
+        super::keep_claim_restore_state(&claim, &mut kept, &live);
+        assert_eq!(
+            kept,
+            json!({
+                "metadata": {"name": "data", "labels": {"app": "shop"},
+                             "annotations": {super::ANNOTATION_FILLING: "pending"}},
+                "spec": {"storageClassName": "fast"}
+            })
+        );
+        // Made from a kept snapshot: that source stays.
+        let from_kept = json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "ferry-1"});
+        let live = json!({"metadata": {"name": "data"}, "spec": {"dataSource": from_kept}});
+        let mut kept = desired.clone();
+        super::keep_claim_restore_state(&claim, &mut kept, &live);
+        assert_eq!(kept["spec"]["dataSource"], from_kept);
+        assert!(kept["spec"].get("dataSourceRef").is_none());
+        assert!(kept["metadata"].get("annotations").is_none());
+        // Other kinds are left alone.
+        let config = crate::model::ObjectRef {
+            kind: "ConfigMap".into(),
+            ..claim
+        };
+        let mut untouched = desired.clone();
+        super::keep_claim_restore_state(&config, &mut untouched, &live);
+        assert_eq!(untouched, desired);
+    }
+
     #[test]
     fn deleting_namespaces_crds_and_volumes_cascades_and_other_kinds_do_not() {
         let object = |group: &str, kind: &str| crate::model::ObjectRef {

@@ -125,7 +125,11 @@ pub(crate) async fn prepare(
                         if in_absent {
                             Live::Absent
                         } else {
-                            compare(&value, target::live(conn, discovery, &d.object).await?)
+                            compare(
+                                &d.object,
+                                &value,
+                                target::live(conn, discovery, &d.object).await?,
+                            )
                         }
                     }
                     _ => Live::Unknown,
@@ -209,11 +213,12 @@ pub(crate) async fn prepare(
 }
 
 /// What the target holds of an object, against what the restore writes.
-fn compare(desired: &Value, live: Option<Value>) -> Live {
+fn compare(object: &ObjectRef, desired: &Value, live: Option<Value>) -> Live {
     let Some(live) = live else {
         return Live::Absent;
     };
     let mut comparable = desired.clone();
+    super::keep_claim_restore_state(object, &mut comparable, &live);
     // Owner references get their UIDs only at apply time.
     if let Some(meta) = comparable
         .get_mut("metadata")

@@ -33,7 +33,12 @@ pub(crate) async fn namespace_for_pods(client: &kube::Client, prefix: &str) -> T
 
 /// Takes VolumeSnapshot `snap` of `claim` through the upstream
 /// snapshot-controller and csi-snapshotter and waits until it is ready.
-async fn snapshot_ready(client: &kube::Client, ns: &str, claim: &str, class: Option<&str>) {
+pub(crate) async fn snapshot_ready(
+    client: &kube::Client,
+    ns: &str,
+    claim: &str,
+    class: Option<&str>,
+) {
     let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
     let snapshots: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk));

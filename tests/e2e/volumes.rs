@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, LogParams};
 use serde_json::{Value, json};
 
-use crate::node::{POD_TIMEOUT, namespace_for_pods, pod_ready};
+use crate::node::{POD_TIMEOUT, namespace_for_pods, pod_ready, snapshot_ready};
 use crate::support::{
     ClusterInfo, NodeInfo, apply_manifests, env, eventually, ferry, fresh_bucket, with_s3,
 };
@@ -575,6 +575,194 @@ async fn node_a_claim_its_pod_holds_alone_is_neither_copied_live_nor_recreated_u
 }
 
 #[tokio::test]
+async fn node_a_restore_killed_before_its_claim_is_filled_fills_it_when_run_again() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-resume").await;
+    files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+    let (_, logs) = app_output(&client, &ns.name, "files").await;
+    let sums = line(&logs, "SUMS").to_string();
+    let repo = Repo::new(node, "vol-resume").await;
+    let (ok, _, stderr) = repo.run(cluster, &["backup", "create", "resume", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+
+    // Killed once the claim is made, before any of its data is in.
+    let clone = format!("{}-c", ns.name);
+    let mapping = format!("{}={clone}", ns.name);
+    let s3 = &env().s3;
+    let mut restore = stop_at_with(
+        &cluster.kubeconfig,
+        "restore-before-fill",
+        &[
+            "restore",
+            "resume",
+            "--namespace-mapping",
+            &mapping,
+            "--repo",
+            &repo.url,
+            "--mover-image",
+            &repo.image,
+            "--mover-s3-endpoint",
+            &repo.node_endpoint,
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", &s3.access_key),
+            ("AWS_SECRET_ACCESS_KEY", &s3.secret_key),
+            ("AWS_REGION", &s3.region),
+            ("FERRY_S3_ENDPOINT", &s3.endpoint),
+        ],
+    );
+    restore.kill().unwrap();
+    restore.wait().unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &clone);
+    let made = claims.get("files").await.unwrap();
+    assert!(
+        made.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("restore.ferry.dev/volume-data"),
+        "the claim says its data is still to come"
+    );
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), &clone);
+    assert!(
+        deployments.get_opt("files").await.unwrap().is_none(),
+        "no workload before its data"
+    );
+
+    // Run again: the claim it made is filled before the workload starts,
+    // not taken for a claim that was there before.
+    let (ok, result, stderr) = repo.run(
+        cluster,
+        &["restore", "resume", "--namespace-mapping", &mapping],
+    );
+    assert!(ok, "{stderr}\n{result}");
+    let (_, logs) = app_output(&client, &clone, "files").await;
+    assert!(logs.contains("FOUND"), "the data was there first: {logs}");
+    assert_eq!(line(&logs, "SUMS"), sums, "the same bytes");
+    let filled = claims.get("files").await.unwrap();
+    assert!(
+        !filled
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("restore.ferry.dev/volume-data"),
+        "the mark is gone once the data is in"
+    );
+    // And a third run finds nothing to do.
+    let (ok, result, stderr) = repo.run(
+        cluster,
+        &["restore", "resume", "--namespace-mapping", &mapping],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        result["report"]["created"].as_array().map(Vec::len),
+        Some(0),
+        "{result}"
+    );
+    assert_eq!(
+        result["report"]["updated"].as_array().map(Vec::len),
+        Some(0),
+        "{result}"
+    );
+    clean_up(&client, &[&ns.name, &clone]).await;
+}
+
+#[tokio::test]
+async fn node_a_claim_made_from_a_snapshot_comes_back_from_its_backup_elsewhere() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-source").await;
+    let claim = |name: &str, source: Value| {
+        let mut claim = json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": ns.name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
+                     "resources": {"requests": {"storage": "64Mi"}}}
+        });
+        if !source.is_null() {
+            claim["spec"]["dataSource"] = source;
+        }
+        serde_yaml_ng::to_string(&claim).unwrap()
+    };
+    apply_manifests(&client, &claim("seed", Value::Null)).await;
+    snapshot_ready(&client, &ns.name, "seed", Some(&node.snapshot_class)).await;
+    // `files` is made from the snapshot; its workload writes its data.
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "files", "namespace": ns.name},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "files"}},
+            "template": pod_template(node, "files",
+                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "files"}}]),
+                json!({}))
+        }
+    });
+    apply_manifests(
+        &client,
+        &format!(
+            "{}---\n{}",
+            claim(
+                "files",
+                json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap"})
+            ),
+            serde_yaml_ng::to_string(&deployment).unwrap()
+        ),
+    )
+    .await;
+    let (_, logs) = app_output(&client, &ns.name, "files").await;
+    let sums = line(&logs, "SUMS").to_string();
+    let repo = Repo::new(node, "vol-source").await;
+    let (ok, _, stderr) = repo.run(cluster, &["backup", "create", "sourced", "-n", &ns.name]);
+    assert!(ok, "{stderr}");
+
+    // In another namespace the snapshot it was made from does not exist
+    // (its VolumeSnapshot object comes later, as a new snapshot): the
+    // claim is filled from the backup, without the source.
+    let clone = format!("{}-c", ns.name);
+    let (ok, result, stderr) = repo.run(
+        cluster,
+        &[
+            "restore",
+            "sourced",
+            "--namespace-mapping",
+            &format!("{}={clone}", ns.name),
+        ],
+    );
+    assert!(ok, "{stderr}\n{result}");
+    let (_, logs) = app_output(&client, &clone, "files").await;
+    assert!(logs.contains("FOUND"), "restored before it started: {logs}");
+    assert_eq!(line(&logs, "SUMS"), sums, "the backed-up bytes");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &clone);
+    let restored = claims.get("files").await.unwrap().spec.unwrap();
+    assert!(
+        restored.data_source.is_none() && restored.data_source_ref.is_none(),
+        "{restored:?}"
+    );
+
+    // Run again: the claim's source is no difference (a claim's spec
+    // cannot change), so nothing is written.
+    let (ok, result, stderr) = repo.run(
+        cluster,
+        &[
+            "restore",
+            "sourced",
+            "--namespace-mapping",
+            &format!("{}={clone}", ns.name),
+        ],
+    );
+    assert!(ok, "{stderr}\n{result}");
+    assert_eq!(
+        result["report"]["updated"].as_array().map(Vec::len),
+        Some(0),
+        "{result}"
+    );
+    clean_up(&client, &[&ns.name, &clone]).await;
+}
+
+#[tokio::test]
 async fn node_a_failing_pre_backup_hook_fails_the_backup_with_its_output() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
@@ -1099,6 +1287,16 @@ async fn node_claims_of_a_volume_group_are_snapshotted_together_moved_kept_and_r
 /// Runs `ferry ARGS` with the failure point `point` armed and returns it
 /// once it is stopped there, alive.
 fn stop_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) -> std::process::Child {
+    stop_at_with(kubeconfig, point, args, &[])
+}
+
+/// [`stop_at`] with more environment variables (`vars`).
+fn stop_at_with(
+    kubeconfig: &std::path::Path,
+    point: &str,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> std::process::Child {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
         .env_clear()
@@ -1107,6 +1305,7 @@ fn stop_at(kubeconfig: &std::path::Path, point: &str, args: &[&str]) -> std::pro
         .env("KUBECONFIG", kubeconfig)
         .env("FERRY_PASSWORD", "correct horse battery staple")
         .env("FERRY_FAILPOINTS", point)
+        .envs(vars.iter().copied())
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
