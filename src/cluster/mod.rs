@@ -68,6 +68,15 @@ pub fn status_code(error: &kube::Error) -> Option<u16> {
     }
 }
 
+/// An API error as a person reads it: the server's message and status,
+/// not the whole response; other errors with their causes.
+pub fn api_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} (HTTP {})", status.message, status.code),
+        other => connect::error_chain(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::connect::error_chain;

@@ -27,9 +27,9 @@ use super::observer::{Event, Observer};
 use super::plan::{Action, PlanItem, RestorePlan};
 use super::target::{absent_namespaces, live, resource_for};
 use super::{FIELD_MANAGER, Failure, RestoreError, RestoreReport, cascades};
-use crate::cluster::Connection;
 use crate::cluster::capture::get_object;
 use crate::cluster::discovery::{Discovery, ServedResource, discover};
+use crate::cluster::{Connection, api_message};
 use crate::model::ObjectRef;
 
 /// How the plan is applied.
@@ -231,7 +231,7 @@ pub async fn apply(
         if !gates.is_empty() {
             wait_ready(conn, &gates, &mut report).await;
             if gates.iter().any(|g| g.kind == "CustomResourceDefinition") {
-                discovery = discover(&conn.client).await?;
+                discovery = discover_serving(conn, &gates).await?;
             }
         }
         // Tests kill the process here: one wave is written, the rest not.
@@ -447,13 +447,6 @@ pub(crate) fn api_resource(served: &ServedResource) -> ApiResource {
     }
 }
 
-pub(crate) fn api_message(error: &kube::Error) -> String {
-    match error {
-        kube::Error::Api(status) => format!("{} (HTTP {})", status.message, status.code),
-        other => crate::cluster::connect::error_chain(other),
-    }
-}
-
 /// Owner references carry the owner's UID, which differs in the target: use
 /// the UID the owner got there, or drop the reference when the owner is not
 /// in the target (the object then stands on its own, which is reported).
@@ -532,6 +525,36 @@ async fn wait_ready(conn: &Connection, objects: &[ObjectRef], report: &mut Resto
         .collect()
         .await;
     report.warnings.extend(not_ready.into_iter().flatten());
+}
+
+/// The target's discovery once it lists the resources of the CRDs just
+/// written: the API server's discovery follows an Established CRD a moment
+/// later, and the custom resources of the next wave would fail as not
+/// served. After 30 s the restore goes on; what is still missing fails by
+/// name.
+async fn discover_serving(
+    conn: &Connection,
+    gates: &[ObjectRef],
+) -> Result<Discovery, RestoreError> {
+    let crds: Vec<&str> = gates
+        .iter()
+        .filter(|g| g.kind == "CustomResourceDefinition" && g.group == "apiextensions.k8s.io")
+        .map(|g| g.name.as_str())
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let discovery = discover(&conn.client).await?;
+        let all_served = crds.iter().all(|name| {
+            discovery
+                .resources
+                .iter()
+                .any(|r| r.qualified_plural() == *name)
+        });
+        if all_served || tokio::time::Instant::now() > deadline {
+            return Ok(discovery);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Waits until a Namespace is Active or a CRD Established; a warning when

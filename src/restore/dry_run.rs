@@ -7,12 +7,13 @@ use futures::StreamExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::Value;
 
-use super::apply::{api_message, api_resource, desired_of};
+use super::apply::{api_resource, desired_of};
 use super::bodies::{Bodies, Body};
 use super::plan::{Action, PlanItem, RestorePlan};
 use super::target::resource_for;
 use super::{FIELD_MANAGER, Failure, RestoreError, RestoreReport};
 use crate::cluster::Connection;
+use crate::cluster::api_message;
 use crate::cluster::discovery::{Discovery, discover};
 
 /// Asks the API server to validate every write of the plan without

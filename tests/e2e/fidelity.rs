@@ -925,8 +925,9 @@ async fn real_operators_resources_migrate_with_their_published_crds_into_a_clust
         .unwrap();
     assert!(
         out.status.success(),
-        "restore into a cluster without the CRDs: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "restore into a cluster without the CRDs: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     );
     for name in &names {
         let source_crd = live(&client, &crd_ref(name)).await.unwrap();
