@@ -532,6 +532,15 @@ pub struct MoverArgs {
     /// Pending until a slot of the node is free.
     #[arg(long, default_value_t = 2)]
     pub mover_concurrency_per_node: usize,
+    /// Compute resources each mover Pod requests, RESOURCE=QUANTITY,...
+    /// (cpu, memory, ephemeral-storage; "none" for none).
+    #[arg(long, value_name = "LIST", default_value = crate::mover::DEFAULT_MOVER_REQUESTS, value_parser = crate::mover::parse_resource_list)]
+    pub mover_requests: std::collections::BTreeMap<String, String>,
+    /// The most each mover Pod may use, RESOURCE=QUANTITY,... ("none" for
+    /// none: a namespace's LimitRange then sets its defaults). A mover
+    /// killed for memory (OOMKilled) needs more here.
+    #[arg(long, value_name = "LIST", default_value = crate::mover::DEFAULT_MOVER_LIMITS, value_parser = crate::mover::parse_resource_list)]
+    pub mover_limits: std::collections::BTreeMap<String, String>,
     /// NAMESPACE/NAME of a ServiceAccount that may get VolumeSnapshots:
     /// Ferry mints its tokens (TokenRequest) for a CSI driver's snapshot
     /// metadata service, and movers then read only the changed blocks of

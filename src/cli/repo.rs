@@ -235,5 +235,9 @@ pub fn mover_settings(
         concurrency: mover.mover_concurrency.max(1),
         per_node: mover.mover_concurrency_per_node,
         snapshot_metadata_account: mover.snapshot_metadata_account.clone(),
+        resources: crate::mover::MoverResources {
+            requests: mover.mover_requests.clone(),
+            limits: mover.mover_limits.clone(),
+        },
     })
 }

@@ -47,6 +47,8 @@ pub async fn run(global: &GlobalArgs, args: TransformArgs) -> anyhow::Result<Exi
             mover_concurrency: 1,
             mover_concurrency_per_node: 2,
             snapshot_metadata_account: None,
+            mover_requests: Default::default(),
+            mover_limits: Default::default(),
         },
     };
     let options = restore_options(Some(&args.options), &write)?;

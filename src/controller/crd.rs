@@ -77,6 +77,11 @@ pub struct RepositorySpec {
     /// Pending until a slot of the node is free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mover_concurrency_per_node: Option<u32>,
+    /// Compute resources of mover Pods (default: requests memory 256Mi,
+    /// limits memory 1Gi); a mover killed for memory
+    /// (OOMKilled) needs a higher `limits.memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mover_resources: Option<crate::mover::MoverResources>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]

@@ -220,6 +220,7 @@ async fn open_uncached(
             timeout: Duration::from_secs(600),
             concurrency: spec.mover_concurrency.map_or(2, |n| n.max(1) as usize),
             per_node: spec.mover_concurrency_per_node.map_or(2, |n| n as usize),
+            resources: spec.mover_resources.clone().unwrap_or_default(),
             // The controller shows its own tokens: it may read every
             // VolumeSnapshot, which the snapshot metadata service checks.
             snapshot_metadata_account: Some(crate::mover::metadata::ServiceAccountRef {

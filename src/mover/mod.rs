@@ -129,6 +129,110 @@ pub struct MoverSettings {
     /// metadata service (changed-block tracking of block volumes); none:
     /// block volumes are read whole.
     pub snapshot_metadata_account: Option<metadata::ServiceAccountRef>,
+    /// The mover container's compute resources.
+    pub resources: MoverResources,
+}
+
+/// Compute resources of a mover container. Explicit by default: without
+/// them a namespace's LimitRange gives movers its default limits (often a
+/// few dozen MiB, which a mover outgrows), and a ResourceQuota on compute
+/// refuses Pods that name none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoverResources {
+    /// What the scheduler reserves (`cpu`, `memory`, `ephemeral-storage`).
+    #[serde(default = "default_requests")]
+    pub requests: BTreeMap<String, String>,
+    /// The most the mover may use; no CPU limit by default, since
+    /// throttling a mover only makes the copy slower.
+    #[serde(default = "default_limits")]
+    pub limits: BTreeMap<String, String>,
+}
+
+fn default_requests() -> BTreeMap<String, String> {
+    parse_resource_list(DEFAULT_MOVER_REQUESTS).expect("valid default")
+}
+
+fn default_limits() -> BTreeMap<String, String> {
+    parse_resource_list(DEFAULT_MOVER_LIMITS).expect("valid default")
+}
+
+/// `--mover-requests`'s default. No CPU: a request above the CPU limit a
+/// namespace's LimitRange sets by default (often 100m or less) makes the
+/// Pod invalid there; memory has its own limit below.
+pub const DEFAULT_MOVER_REQUESTS: &str = "memory=256Mi";
+/// `--mover-limits`'s default: several times the most a mover was
+/// measured to hold (about 150 MiB).
+pub const DEFAULT_MOVER_LIMITS: &str = "memory=1Gi";
+
+impl Default for MoverResources {
+    fn default() -> Self {
+        MoverResources {
+            requests: default_requests(),
+            limits: default_limits(),
+        }
+    }
+}
+
+impl MoverResources {
+    /// The container's `resources`.
+    fn to_json(&self) -> serde_json::Value {
+        let mut out = json!({});
+        if !self.requests.is_empty() {
+            out["requests"] = json!(self.requests);
+        }
+        if !self.limits.is_empty() {
+            out["limits"] = json!(self.limits);
+        }
+        out
+    }
+}
+
+/// `cpu=250m,memory=256Mi` as a resource list; empty (or `none`) for none.
+pub fn parse_resource_list(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    let text = text.trim();
+    if text.is_empty() || text == "none" {
+        return Ok(out);
+    }
+    for item in text.split(',') {
+        let (name, quantity) = item
+            .trim()
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not RESOURCE=QUANTITY (cpu=250m, memory=1Gi)"))?;
+        if !["cpu", "memory", "ephemeral-storage"].contains(&name) {
+            return Err(format!(
+                "'{name}' is not a mover resource: use cpu, memory or ephemeral-storage"
+            ));
+        }
+        if !is_quantity(quantity) {
+            return Err(format!(
+                "'{quantity}' is not a Kubernetes quantity for {name} (like 500m, 2, 256Mi, 1Gi)"
+            ));
+        }
+        out.insert(name.to_string(), quantity.to_string());
+    }
+    Ok(out)
+}
+
+/// A quantity as Kubernetes writes them: a decimal number and an optional
+/// suffix (binary `Ki`…`Ei`, decimal `m`, `k`…`E`, or an exponent).
+fn is_quantity(text: &str) -> bool {
+    let number_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(number_end);
+    let number_ok = !number.is_empty()
+        && number.matches('.').count() <= 1
+        && number.chars().any(|c| c.is_ascii_digit());
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(|e| {
+        let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+    });
+    number_ok && suffix_ok
 }
 
 /// Set in a mover Pod's environment: `ferry volume backup|restore` then
@@ -529,6 +633,27 @@ fn suffix(parts: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_lists_take_kubernetes_quantities_and_name_what_is_wrong() {
+        assert_eq!(
+            parse_resource_list("cpu=500m, memory=1.5Gi,ephemeral-storage=2G").unwrap(),
+            BTreeMap::from([
+                ("cpu".to_string(), "500m".to_string()),
+                ("memory".to_string(), "1.5Gi".to_string()),
+                ("ephemeral-storage".to_string(), "2G".to_string()),
+            ])
+        );
+        assert!(parse_resource_list("none").unwrap().is_empty());
+        assert!(parse_resource_list("").unwrap().is_empty());
+        assert_eq!(parse_resource_list("cpu=1e3").unwrap()["cpu"], "1e3");
+        let wrong = |text: &str| parse_resource_list(text).unwrap_err();
+        assert!(wrong("gpu=1").contains("'gpu' is not a mover resource"));
+        assert!(wrong("memory=1GB").contains("'1GB' is not a Kubernetes quantity"));
+        assert!(wrong("memory=").contains("quantity"));
+        assert!(wrong("memory=1..5Gi").contains("quantity"));
+        assert!(wrong("memory").contains("RESOURCE=QUANTITY"));
+    }
 
     #[test]
     fn a_movers_progress_line_is_read_back_from_the_end_of_its_log() {

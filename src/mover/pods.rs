@@ -13,6 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use serde_json::{Value, json};
 
 use super::{LABEL_MOVER, LABEL_MOVER_SLOT, MoverSettings, PROGRESS_ENV, read_progress, suffix};
+use crate::cluster::api_message;
 use crate::volume::VolumeProgress;
 
 /// Where the repository key is mounted, when it is a key file.
@@ -54,19 +55,73 @@ pub(super) async fn run(
     settings: &MoverSettings,
     job: MoverJob<'_>,
 ) -> Result<Value, String> {
-    let name = format!("ferry-mover-{}", suffix(&[job.namespace, job.claim]));
+    let base = format!("ferry-mover-{}", suffix(&[job.namespace, job.claim]));
     let pods: Api<Pod> = Api::namespaced(client.clone(), job.namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), job.namespace);
-    let result = run_named(settings, &job, &name, &pods, &secrets).await;
-    // Deleting the Pod deletes its Secret (owner reference); both are
-    // deleted here too so that nothing waits for the garbage collector.
-    let now = DeleteParams {
-        grace_period_seconds: Some(0),
-        ..Default::default()
+    let started = Instant::now();
+    let mut slot = if settings.per_node > 0 {
+        let turn = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+        let used = slots_in_use(&pods, settings.per_node, job.node.as_deref()).await;
+        least_used_slot(&used, turn)
+    } else {
+        0
     };
-    let _ = pods.delete(&name, &now).await;
-    let _ = secrets.delete(&name, &DeleteParams::default()).await;
-    result
+    for attempt in 0.. {
+        // A mover moved to another slot is a new Pod: the old name may
+        // still be taken while its deletion completes.
+        let name = match attempt {
+            0 => base.clone(),
+            n => format!("{base}-{n}"),
+        };
+        let ran = run_named(settings, &job, &name, slot, started, &pods, &secrets)
+            .await
+            .unwrap_or_else(|e| Ran::Done(Err(e)));
+        // Deleting the Pod deletes its Secret (owner reference); both are
+        // deleted here too so that nothing waits for the garbage collector.
+        let now = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        let _ = pods.delete(&name, &now).await;
+        let _ = secrets.delete(&name, &DeleteParams::default()).await;
+        match ran {
+            Ran::Done(result) => return result,
+            Ran::MoveTo(free) => {
+                tracing::debug!(mover = %name, from = slot, to = free, "mover Pending for its slot moves to a free one");
+                slot = free;
+            }
+        }
+    }
+    unreachable!("the attempts only end by returning")
+}
+
+/// How one mover Pod ended.
+enum Ran {
+    Done(Result<Value, String>),
+    /// Still Pending for its slot while slot `.0` became free on its
+    /// node: it is made again there.
+    MoveTo(usize),
+}
+
+/// How often a mover Pending for its slot looks for a free one: a slot
+/// chosen while every slot was busy may be held by a long mover while
+/// another frees up.
+const RESLOT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether the scheduler could not place the Pod.
+fn unschedulable(status: &k8s_openapi::api::core::v1::PodStatus) -> bool {
+    status.conditions.as_ref().is_some_and(|conditions| {
+        conditions.iter().any(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        })
+    })
+}
+
+/// A slot other than `current` that no live mover holds.
+fn free_slot(used: &[usize], current: usize) -> Option<usize> {
+    (0..used.len()).find(|&s| s != current && used[s] == 0)
 }
 
 fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str, slot: usize) -> Value {
@@ -121,6 +176,7 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str, slot: usiz
             "volumeMounts": mounts,
             "volumeDevices": devices,
             "terminationMessagePolicy": "FallbackToLogsOnError",
+            "resources": settings.resources.to_json(),
             // Files of every owner are read and restored with their owners.
             "securityContext": {"runAsUser": 0, "runAsGroup": 0}
         }],
@@ -156,6 +212,21 @@ fn pod_spec(settings: &MoverSettings, job: &MoverJob<'_>, name: &str, slot: usiz
         "metadata": {"name": name, "labels": labels},
         "spec": spec
     })
+}
+
+/// Why a mover killed for memory was, and what gives it more.
+fn out_of_memory(name: &str, limit: Option<&str>) -> String {
+    let limit = match limit {
+        Some(limit) => format!(
+            "its memory limit, {limit}, from --mover-limits (moverResources of a Repository) \
+             or, where that sets none, the namespace's LimitRange"
+        ),
+        None => "its memory limit".to_string(),
+    };
+    format!(
+        "mover Pod {name} was killed for using more than {limit} (OOMKilled); \
+         give movers more, for example --mover-limits memory=2Gi"
+    )
 }
 
 /// How many live mover Pods hold each slot: on `node` when the mover must
@@ -207,23 +278,20 @@ fn least_used_slot(used: &[usize], turn: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// Creates the mover Pod `name` in `slot` with its Secret and follows it
+/// until it ends, or until it should move to a free slot.
 async fn run_named(
     settings: &MoverSettings,
     job: &MoverJob<'_>,
     name: &str,
+    slot: usize,
+    started: Instant,
     pods: &Api<Pod>,
     secrets: &Api<Secret>,
-) -> Result<Value, String> {
-    let slot = if settings.per_node > 0 {
-        let turn = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
-        let used = slots_in_use(pods, settings.per_node, job.node.as_deref()).await;
-        least_used_slot(&used, turn)
-    } else {
-        0
-    };
+) -> Result<Ran, String> {
     let pod: Pod = serde_json::from_value(pod_spec(settings, job, name, slot))
         .map_err(|e| format!("mover Pod spec: {e}"))?;
-    let started = Instant::now();
+    let mut slots_checked = Instant::now();
     // A namespace restored a moment ago may not have its default
     // ServiceAccount yet; admission refuses Pods until it does.
     let created = loop {
@@ -236,7 +304,7 @@ async fn run_named(
             {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(format!("creating mover Pod {name}: {e}")),
+            Err(e) => return Err(format!("creating mover Pod {name}: {}", api_message(&e))),
         }
     };
     let uid = created.metadata.uid.clone().unwrap_or_default();
@@ -271,13 +339,21 @@ async fn run_named(
     secrets
         .create(&PostParams::default(), &secret)
         .await
-        .map_err(|e| format!("creating the mover's Secret {name}: {e}"))?;
+        .map_err(|e| format!("creating the mover's Secret {name}: {}", api_message(&e)))?;
     loop {
         let pod = match pods.get_opt(name).await {
             Ok(Some(p)) => p,
             Ok(None) => return Err(format!("mover Pod {name} was deleted before it finished")),
-            Err(e) => return Err(format!("reading mover Pod {name}: {e}")),
+            Err(e) => return Err(format!("reading mover Pod {name}: {}", api_message(&e))),
         };
+        let memory_limit = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.resources.as_ref())
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .map(|q| q.0.clone());
         let status = pod.status.unwrap_or_default();
         let terminated = status
             .container_statuses
@@ -288,11 +364,11 @@ async fn run_named(
         match status.phase.as_deref() {
             Some("Succeeded") => {
                 let message = terminated.and_then(|t| t.message).unwrap_or_default();
-                return serde_json::from_str(&message).map_err(|e| {
+                return Ok(Ran::Done(serde_json::from_str(&message).map_err(|e| {
                     format!(
                         "mover Pod {name} succeeded but its result is unreadable ({e}): {message}"
                     )
-                });
+                })));
             }
             Some("Failed") => {
                 let message = terminated
@@ -303,7 +379,11 @@ async fn run_named(
                     })
                     .or(status.message)
                     .unwrap_or_else(|| "failed".into());
-                return Err(format!("mover Pod {name} failed: {}", message.trim()));
+                let message = message.trim();
+                if message == "OOMKilled" {
+                    return Err(out_of_memory(name, memory_limit.as_deref()));
+                }
+                return Err(format!("mover Pod {name} failed: {message}"));
             }
             Some("Running") => {
                 if let Some(progress) = &job.progress {
@@ -316,6 +396,17 @@ async fn run_named(
                     if let Ok(log) = pods.logs(name, &params).await {
                         read_progress(&log, progress);
                     }
+                }
+            }
+            Some("Pending")
+                if settings.per_node > 0
+                    && unschedulable(&status)
+                    && slots_checked.elapsed() >= RESLOT_EVERY =>
+            {
+                slots_checked = Instant::now();
+                let used = slots_in_use(pods, settings.per_node, job.node.as_deref()).await;
+                if let Some(free) = free_slot(&used, slot) {
+                    return Ok(Ran::MoveTo(free));
                 }
             }
             _ => {}
@@ -346,6 +437,7 @@ async fn run_named(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mover::MoverResources;
 
     fn settings(per_node: usize) -> MoverSettings {
         MoverSettings {
@@ -357,6 +449,7 @@ mod tests {
             concurrency: 4,
             per_node,
             snapshot_metadata_account: None,
+            resources: MoverResources::default(),
         }
     }
 
@@ -373,6 +466,39 @@ mod tests {
             label: "nightly",
             progress: None,
         }
+    }
+
+    #[test]
+    fn movers_ask_for_their_resources_and_an_out_of_memory_kill_says_what_to_raise() {
+        let spec = pod_spec(&settings(0), &job(None), "m", 0);
+        assert_eq!(
+            spec["spec"]["containers"][0]["resources"],
+            json!({"requests": {"memory": "256Mi"}, "limits": {"memory": "1Gi"}})
+        );
+        let mut none = settings(0);
+        none.resources = MoverResources {
+            requests: BTreeMap::new(),
+            limits: BTreeMap::new(),
+        };
+        let spec = pod_spec(&none, &job(None), "m", 0);
+        assert_eq!(spec["spec"]["containers"][0]["resources"], json!({}));
+        let said = out_of_memory("ferry-mover-1", Some("24Mi"));
+        assert!(
+            said.contains("24Mi")
+                && said.contains("LimitRange")
+                && said.contains("--mover-limits memory="),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn a_pending_mover_moves_only_to_a_slot_no_mover_holds() {
+        // Its own slot (1) counts itself; slot 2 is free.
+        assert_eq!(free_slot(&[1, 2, 0], 1), Some(2));
+        assert_eq!(free_slot(&[1, 1], 1), None);
+        // Its own slot emptied meanwhile is not a move.
+        assert_eq!(free_slot(&[0, 1], 0), None);
+        assert_eq!(free_slot(&[1], 0), None);
     }
 
     #[test]

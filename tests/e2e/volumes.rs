@@ -763,6 +763,60 @@ async fn node_a_claim_made_from_a_snapshot_comes_back_from_its_backup_elsewhere(
 }
 
 #[tokio::test]
+async fn node_movers_bring_their_own_limits_into_a_namespace_whose_defaults_are_too_small() {
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let ns = namespace_for_pods(&client, "vol-limits").await;
+    // A tenant namespace's defaults: far below what a mover needs (opening
+    // the repository alone takes 64 MiB for the password's key derivation).
+    apply_manifests(
+        &client,
+        &format!(
+            "apiVersion: v1\nkind: LimitRange\nmetadata: {{name: small, namespace: {}}}\n\
+             spec:\n  limits:\n  - type: Container\n    default: {{memory: 32Mi, cpu: 500m}}\n    \
+             defaultRequest: {{memory: 16Mi, cpu: 50m}}\n",
+            ns.name
+        ),
+    )
+    .await;
+    files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+    app_output(&client, &ns.name, "files").await;
+    let repo = Repo::new(node, "vol-limits").await;
+    let (ok, backup, stderr) = repo.run(cluster, &["backup", "create", "limits", "-n", &ns.name]);
+    assert!(ok, "the movers' own limits hold: {stderr}");
+    assert!(
+        backup["report"]["volumes"][0]["root"].is_string(),
+        "{:#}",
+        backup["report"]["volumes"]
+    );
+
+    // Left to the namespace's defaults, a mover is killed for memory, and
+    // the error says which limit and how to raise it.
+    let (ok, _, stderr) = repo.run(
+        cluster,
+        &[
+            "backup",
+            "create",
+            "defaults",
+            "-n",
+            &ns.name,
+            "--mover-requests",
+            "none",
+            "--mover-limits",
+            "none",
+        ],
+    );
+    assert!(!ok, "a mover under a 32Mi limit cannot open the repository");
+    assert!(
+        stderr.contains("OOMKilled")
+            && stderr.contains("its memory limit, 32Mi")
+            && stderr.contains("--mover-limits memory="),
+        "{stderr}"
+    );
+    clean_up(&client, &[&ns.name]).await;
+}
+
+#[tokio::test]
 async fn node_a_failing_pre_backup_hook_fails_the_backup_with_its_output() {
     let (cluster, node) = env().with_node();
     let client = cluster.client().await;
@@ -979,6 +1033,125 @@ async fn node_a_second_commands_mover_takes_a_free_slot_instead_of_queueing_behi
     stopped.kill().unwrap();
     let _ = stopped.wait();
     clean_up(&client, &[&first.name, &second.name]).await;
+}
+
+#[tokio::test]
+async fn node_a_mover_pending_behind_a_long_one_moves_to_the_slot_that_frees_up() {
+    let _slots = SLOT_HOLDERS.lock().await;
+    let (cluster, node) = env().with_node();
+    let client = cluster.client().await;
+    let mut namespaces = Vec::new();
+    for prefix in ["vol-move-a", "vol-move-b", "vol-move-c"] {
+        let ns = namespace_for_pods(&client, prefix).await;
+        files_deployment(&client, node, &ns.name, json!({}), json!({})).await;
+        namespaces.push(ns);
+    }
+    for ns in &namespaces[..2] {
+        let (pod, _) = app_output(&client, &ns.name, "files").await;
+        // More than one pack (8 MiB), so that the mover reaches its stop.
+        exec(
+            &client,
+            &ns.name,
+            &pod,
+            "head -c 12000000 /dev/urandom > /data/big",
+        )
+        .await;
+    }
+    app_output(&client, &namespaces[2].name, "files").await;
+    let repo = Repo::new(node, "vol-move").await;
+
+    // Both slots of the node held: `a` in slot 0, `b` in slot 1.
+    let mut long = backup_paused_after_first_pack(cluster, &repo, &namespaces[0].name, "long");
+    let long_pods: Api<Pod> = Api::namespaced(client.clone(), &namespaces[0].name);
+    let long_mover = mover_at_failpoint(&long_pods, "long").await;
+    let mut short = backup_paused_after_first_pack(cluster, &repo, &namespaces[1].name, "short");
+    let short_pods: Api<Pod> = Api::namespaced(client.clone(), &namespaces[1].name);
+    let short_mover = mover_at_failpoint(&short_pods, "short").await;
+    let slot_of = |pod: Pod| pod.metadata.labels.unwrap()["ferry.dev/mover-slot"].clone();
+    assert_ne!(
+        slot_of(long_pods.get(&long_mover).await.unwrap()),
+        slot_of(short_pods.get(&short_mover).await.unwrap())
+    );
+
+    // A third backup's mover finds both busy and waits in the first slot
+    // (its first choice on a tie), behind the long mover.
+    let third = namespaces[2].name.clone();
+    let waiting = {
+        let repo_url = repo.url.clone();
+        let (image, endpoint) = (repo.image.clone(), repo.node_endpoint.clone());
+        let kubeconfig = cluster.kubeconfig.clone();
+        std::thread::spawn(move || {
+            let mut cmd = ferry(&kubeconfig);
+            with_s3(&mut cmd);
+            cmd.args([
+                "backup", "create", "third", "-n", &third, "--repo", &repo_url,
+            ])
+            .args(["--mover-image", &image, "--mover-s3-endpoint", &endpoint])
+            .args(["--mover-timeout", "3m", "-o", "json"])
+            .output()
+            .unwrap()
+        })
+    };
+    let third_pods: Api<Pod> = Api::namespaced(client.clone(), &namespaces[2].name);
+    eventually(
+        "the third mover to wait for a slot",
+        POD_TIMEOUT,
+        || async {
+            let list = third_pods
+                .list(&ListParams::default().labels("ferry.dev/mover=third"))
+                .await
+                .ok()?;
+            list.items
+                .iter()
+                .any(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c.reason.as_deref() == Some("Unschedulable"))
+                        })
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The short one ends (its command and mover gone): the waiting mover
+    // moves to the freed slot and the backup completes while the long
+    // mover still holds the other.
+    short.kill().unwrap();
+    let _ = short.wait();
+    let _ = short_pods
+        .delete(
+            &short_mover,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
+    let out = waiting.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the third backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        long_pods
+            .get(&long_mover)
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.phase)
+            .as_deref(),
+        Some("Running"),
+        "the long mover still runs"
+    );
+    long.kill().unwrap();
+    let _ = long.wait();
+    let names: Vec<&str> = namespaces.iter().map(|n| n.name.as_str()).collect();
+    clean_up(&client, &names).await;
 }
 
 #[tokio::test]
