@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::pods::{self, DATA, DEVICE, MoverJob};
 use super::{MoverSettings, VolumeEntry, csi};
-use crate::cluster::Connection;
+use crate::cluster::{Connection, api_message};
 use crate::model::ObjectRef;
 use crate::restore::{ANNOTATION_FILLING, Action, AfterWave};
 
@@ -81,7 +81,7 @@ impl VolumeFiller {
         let live = claims
             .get_opt(&claim.name)
             .await
-            .map_err(|e| format!("reading {claim}: {e}"))?;
+            .map_err(|e| format!("reading {claim}: {}", api_message(&e)))?;
         Ok(live
             .and_then(|c| c.metadata.annotations)
             .is_some_and(|a| a.contains_key(ANNOTATION_FILLING)))
@@ -106,7 +106,12 @@ impl VolumeFiller {
             .run(|| claims.patch(&claim.name, &params, &unmark))
             .await
             .map(|_| ())
-            .map_err(|e| format!("the data is in, but the mark {ANNOTATION_FILLING} stays: {e}"))
+            .map_err(|e| {
+                format!(
+                    "the data is in, but the mark {ANNOTATION_FILLING} stays: {}",
+                    api_message(&e)
+                )
+            })
     }
 
     async fn fill(
