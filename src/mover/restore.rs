@@ -74,6 +74,56 @@ impl VolumeFiller {
         })
     }
 
+    /// What becomes of the data of `object` when the restore has written
+    /// it with `action`.
+    async fn fate(
+        &self,
+        conn: &Connection,
+        object: &ObjectRef,
+        action: Action,
+    ) -> Result<Fate<'_>, String> {
+        if object.kind != "PersistentVolumeClaim" || !object.group.is_empty() {
+            return Ok(Fate::NoVolume);
+        }
+        let Some(entry) = self.entry_for(object) else {
+            return Ok(Fate::NoVolume);
+        };
+        if let Some(why) = &entry.skipped {
+            return Ok(Fate::Without(format!(
+                "{object}: restored without data; its volume was not backed up ({why})"
+            )));
+        }
+        let fill = match action {
+            Action::Create | Action::Recreate => true,
+            // A claim an earlier run of a restore created and did not
+            // finish filling.
+            _ => entry.root.is_some() && self.still_filling(conn, object).await?,
+        };
+        Ok(if fill {
+            Fate::Fill(entry)
+        } else {
+            Fate::Without(format!(
+                "{object}: the claim exists in the target, so its data is not restored (delete it first, or restore with --existing recreate --recreate-cascading, which deletes it and the data it holds now)"
+            ))
+        })
+    }
+
+    /// What a dry run of `plan` says of volume data: the claims whose data
+    /// the restore would not bring back, and why.
+    pub async fn dry_run_warnings(
+        &self,
+        conn: &Connection,
+        items: &[(&ObjectRef, Action)],
+    ) -> Result<Vec<String>, String> {
+        let mut warnings = Vec::new();
+        for (object, action) in items {
+            if let Fate::Without(why) = self.fate(conn, object, *action).await? {
+                warnings.push(why);
+            }
+        }
+        Ok(warnings)
+    }
+
     /// Whether the live claim carries the mark of a fill not finished.
     async fn still_filling(&self, conn: &Connection, claim: &ObjectRef) -> Result<bool, String> {
         let namespace = claim.namespace.as_deref().unwrap_or_default();
@@ -170,6 +220,16 @@ impl VolumeFiller {
     }
 }
 
+/// What becomes of a restored object's volume data.
+enum Fate<'a> {
+    /// Not a claim with a volume in the snapshot.
+    NoVolume,
+    /// Filled from its entry before the workloads.
+    Fill(&'a VolumeEntry),
+    /// Left without the backed-up data, for the reason given.
+    Without(String),
+}
+
 /// Why a snapshot kept in another cluster cannot fill `object` here.
 fn kept_elsewhere(
     object: &ObjectRef,
@@ -251,30 +311,10 @@ impl AfterWave for VolumeFiller {
         let mut warnings = Vec::new();
         let mut to_fill: Vec<(ObjectRef, VolumeEntry)> = Vec::new();
         for (object, action) in written {
-            if object.kind != "PersistentVolumeClaim" || !object.group.is_empty() {
-                continue;
-            }
-            let Some(entry) = self.entry_for(object) else {
-                continue;
-            };
-            if let Some(why) = &entry.skipped {
-                warnings.push(format!(
-                    "{object}: restored without data; its volume was not backed up ({why})"
-                ));
-                continue;
-            }
-            let fill = match action {
-                Action::Create | Action::Recreate => true,
-                // A claim an earlier run of a restore created and did not
-                // finish filling.
-                _ => entry.root.is_some() && self.still_filling(conn, object).await?,
-            };
-            if fill {
-                to_fill.push((object.clone(), entry.clone()));
-            } else {
-                warnings.push(format!(
-                    "{object}: the claim exists in the target, so its data was not restored (delete it first, or restore with --existing recreate --recreate-cascading, which deletes it and the data it holds now)"
-                ));
+            match self.fate(conn, object, *action).await? {
+                Fate::Fill(entry) => to_fill.push((object.clone(), entry.clone())),
+                Fate::Without(why) => warnings.push(why),
+                Fate::NoVolume => {}
             }
         }
         if let Some(progress) = &self.progress {

@@ -287,6 +287,27 @@ pub async fn run(
             ..Default::default()
         };
         if opts.dry_run {
+            // What the restore would refuse or leave without data, said now.
+            if !opts.skip_volume_data
+                && let Some(filler) = volume_filler(
+                    conn,
+                    repo,
+                    &plan,
+                    snapshot,
+                    &opts.namespace_mapping,
+                    opts.mover.as_ref(),
+                    observer,
+                )
+                .await?
+            {
+                let items: Vec<(&ObjectRef, Action)> =
+                    plan.items().map(|i| (&i.object, i.action)).collect();
+                let warnings = filler
+                    .dry_run_warnings(conn, &items)
+                    .await
+                    .map_err(|e| RestoreError::VolumeData(vec![e]))?;
+                report.warnings.extend(warnings);
+            }
             dry_run::server_dry_run(conn, &plan, &bodies, &mut report, discovery).await?;
         } else {
             let filler = if opts.skip_volume_data {

@@ -565,6 +565,16 @@ async fn node_a_claim_its_pod_holds_alone_is_neither_copied_live_nor_recreated_u
             )),
         "{stderr}"
     );
+    // A dry run says beforehand that the claim keeps the data it has.
+    let (ok, planned, stderr) = repo.run(cluster, &["restore", "held", "--dry-run"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        planned["report"]["warnings"].to_string().contains(&format!(
+            "PersistentVolumeClaim/{}/files: the claim exists in the target, so its data is not restored",
+            ns.name
+        )),
+        "{planned}"
+    );
     let after = claims.get("files").await.unwrap();
     assert_eq!(after.metadata.uid, before, "the claim is the same");
     assert!(
@@ -628,6 +638,25 @@ async fn node_a_restore_killed_before_its_claim_is_filled_fills_it_when_run_agai
     assert!(
         deployments.get_opt("files").await.unwrap().is_none(),
         "no workload before its data"
+    );
+
+    // A dry run sees the claim as one to fill, not as one that was there.
+    let (ok, planned, stderr) = repo.run(
+        cluster,
+        &[
+            "restore",
+            "resume",
+            "--namespace-mapping",
+            &mapping,
+            "--dry-run",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        !planned["report"]["warnings"]
+            .to_string()
+            .contains("is not restored"),
+        "{planned}"
     );
 
     // Run again: the claim it made is filled before the workload starts,
