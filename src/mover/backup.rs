@@ -413,7 +413,7 @@ pub async fn backup_volumes(
         let node = pods_by_namespace[namespace]
             .iter()
             .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            .find(|p| mounts(p, name))
+            .find(|p| super::mounts(p, name))
             .and_then(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()));
         let metadata = match &driver {
             Some(d) if method == VolumeMethod::SnapshotMove && is_block(&object) => {
@@ -443,7 +443,7 @@ pub async fn backup_volumes(
             let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
             let uses = protected
                 .iter()
-                .any(|c| &c.namespace == namespace && mounts(pod, &c.name));
+                .any(|c| &c.namespace == namespace && super::mounts(pod, &c.name));
             if !running || !uses {
                 continue;
             }
@@ -651,19 +651,6 @@ pub async fn backup_volumes(
     Ok(entries)
 }
 
-fn mounts(pod: &Pod, claim: &str) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.volumes.as_ref())
-        .is_some_and(|volumes| {
-            volumes.iter().any(|v| {
-                v.persistent_volume_claim
-                    .as_ref()
-                    .is_some_and(|c| c.claim_name == claim)
-            })
-        })
-}
-
 /// The method asked for: the claim's annotation, its class's annotation,
 /// the per-class policy, the default.
 async fn chosen_method(
@@ -712,10 +699,9 @@ async fn chosen_method(
     Ok(policy.default)
 }
 
-/// The Pod that holds a `ReadWriteOncePod` claim: one the scheduler has
-/// placed and that has not finished. No other Pod (a mover included) can
-/// mount the claim while it runs; the scheduler would hold a mover Pending
-/// until the mover's timeout.
+/// The Pod that holds a `ReadWriteOncePod` claim ([`super::holders`]). No
+/// other Pod (a mover included) can mount the claim while it runs; the
+/// scheduler would hold a mover Pending until the mover's timeout.
 fn exclusive_holder(claim: &PersistentVolumeClaim, pods: &[Pod]) -> Option<String> {
     let exclusive = claim
         .spec
@@ -726,16 +712,7 @@ fn exclusive_holder(claim: &PersistentVolumeClaim, pods: &[Pod]) -> Option<Strin
         return None;
     }
     let name = claim.metadata.name.as_deref()?;
-    pods.iter()
-        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-        .filter(|p| {
-            !matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            )
-        })
-        .find(|p| mounts(p, name))
-        .and_then(|p| p.metadata.name.clone())
+    super::holders(pods, name).next().map(str::to_string)
 }
 
 /// The method to use, given what the cluster and the repository allow.

@@ -33,6 +33,41 @@ pub use backup::backup_volumes;
 pub use hooks::{Hook, HookPhase, OnError, hooks_of};
 pub use restore::VolumeFiller;
 
+/// Whether `pod` mounts the claim `claim` of its namespace.
+pub(crate) fn mounts(pod: &k8s_openapi::api::core::v1::Pod, claim: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|volumes| {
+            volumes.iter().any(|v| {
+                v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim_name == claim)
+            })
+        })
+}
+
+/// The Pods that hold the claim `claim`: placed on a node, not finished,
+/// mounting it. A `ReadWriteOncePod` claim admits no other Pod while one
+/// holds it, and a claim being deleted waits for them
+/// (`kubernetes.io/pvc-protection`); an unplaced Pod holds nothing (the
+/// kubelet never starts a Pod on a claim being deleted).
+pub(crate) fn holders<'a>(
+    pods: &'a [k8s_openapi::api::core::v1::Pod],
+    claim: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    pods.iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .filter(move |p| mounts(p, claim))
+        .filter_map(|p| p.metadata.name.as_deref())
+}
+
 /// Annotation on a PersistentVolumeClaim or StorageClass choosing the method.
 pub const ANNOTATION_METHOD: &str = "backup.ferry.dev/volume-method";
 /// Label on everything Ferry creates to move data.
@@ -633,6 +668,31 @@ fn suffix(parts: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_is_in_use_by_the_unfinished_pods_that_mount_it() {
+        let pod = |name: &str, claim: &str, phase: &str| -> k8s_openapi::api::core::v1::Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"containers": [{"name": "c"}], "nodeName": (name != "unplaced").then_some("n1"),
+                         "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]},
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        let pods = vec![
+            pod("web-1", "data", "Running"),
+            pod("web-2", "data", "Pending"),
+            pod("job", "data", "Succeeded"),
+            pod("other", "logs", "Running"),
+            pod("unplaced", "data", "Pending"),
+        ];
+        assert_eq!(
+            holders(&pods, "data").collect::<Vec<_>>(),
+            vec!["web-1", "web-2"]
+        );
+        assert_eq!(holders(&pods, "cache").count(), 0);
+    }
 
     #[test]
     fn resource_lists_take_kubernetes_quantities_and_name_what_is_wrong() {

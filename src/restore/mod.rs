@@ -286,20 +286,25 @@ pub async fn run(
             warnings: plan.warnings.clone(),
             ..Default::default()
         };
+        // Volume data the restore cannot bring here is refused before any
+        // write, by a dry run too.
+        let filler = if opts.skip_volume_data {
+            None
+        } else {
+            volume_filler(
+                conn,
+                repo,
+                &plan,
+                snapshot,
+                &opts.namespace_mapping,
+                opts.mover.as_ref(),
+                observer,
+            )
+            .await?
+        };
         if opts.dry_run {
-            // What the restore would refuse or leave without data, said now.
-            if !opts.skip_volume_data
-                && let Some(filler) = volume_filler(
-                    conn,
-                    repo,
-                    &plan,
-                    snapshot,
-                    &opts.namespace_mapping,
-                    opts.mover.as_ref(),
-                    observer,
-                )
-                .await?
-            {
+            // The claims that would be left without their data, said now.
+            if let Some(filler) = &filler {
                 let items: Vec<(&ObjectRef, Action)> =
                     plan.items().map(|i| (&i.object, i.action)).collect();
                 let warnings = filler
@@ -310,20 +315,6 @@ pub async fn run(
             }
             dry_run::server_dry_run(conn, &plan, &bodies, &mut report, discovery).await?;
         } else {
-            let filler = if opts.skip_volume_data {
-                None
-            } else {
-                volume_filler(
-                    conn,
-                    repo,
-                    &plan,
-                    snapshot,
-                    &opts.namespace_mapping,
-                    opts.mover.as_ref(),
-                    observer,
-                )
-                .await?
-            };
             let apply_options = apply::ApplyOptions {
                 concurrency: opts.concurrency,
                 saved: false,

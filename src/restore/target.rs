@@ -252,7 +252,7 @@ pub async fn claims_in_use<'a>(
             continue;
         };
         for name in names {
-            let users = users_of_claim(&pods.items, name);
+            let users: Vec<&str> = crate::mover::holders(&pods.items, name).collect();
             if !users.is_empty() {
                 problems.push(format!(
                     "PersistentVolumeClaim/{namespace}/{name} is in use by Pod {}: --existing recreate \
@@ -264,34 +264,6 @@ pub async fn claims_in_use<'a>(
         }
     }
     problems
-}
-
-/// The Pods placed on a node that have not finished and mount the claim:
-/// those the claim's protection waits for (an unplaced Pod does not hold
-/// it; the kubelet never starts a Pod on a claim being deleted).
-fn users_of_claim(pods: &[Pod], claim: &str) -> Vec<String> {
-    pods.iter()
-        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-        .filter(|p| {
-            !matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            )
-        })
-        .filter(|p| {
-            p.spec
-                .as_ref()
-                .and_then(|s| s.volumes.as_ref())
-                .is_some_and(|volumes| {
-                    volumes.iter().any(|v| {
-                        v.persistent_volume_claim
-                            .as_ref()
-                            .is_some_and(|c| c.claim_name == claim)
-                    })
-                })
-        })
-        .filter_map(|p| p.metadata.name.clone())
-        .collect()
 }
 
 #[cfg(test)]
@@ -366,27 +338,5 @@ mod tests {
         ]
         .into();
         assert_eq!(needed, wanted);
-    }
-
-    #[test]
-    fn a_claim_is_in_use_by_the_unfinished_pods_that_mount_it() {
-        let pod = |name: &str, claim: &str, phase: &str| -> Pod {
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name},
-                "spec": {"containers": [{"name": "c"}], "nodeName": (name != "unplaced").then_some("n1"),
-                         "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]},
-                "status": {"phase": phase},
-            }))
-            .unwrap()
-        };
-        let pods = vec![
-            pod("web-1", "data", "Running"),
-            pod("web-2", "data", "Pending"),
-            pod("job", "data", "Succeeded"),
-            pod("other", "logs", "Running"),
-            pod("unplaced", "data", "Pending"),
-        ];
-        assert_eq!(users_of_claim(&pods, "data"), vec!["web-1", "web-2"]);
-        assert!(users_of_claim(&pods, "cache").is_empty());
     }
 }

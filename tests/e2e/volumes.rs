@@ -92,7 +92,18 @@ pub(crate) async fn files_deployment(
         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": node.storage_class,
                  "resources": {"requests": {"storage": "64Mi"}}}
     });
-    let deployment = json!({
+    let deployment = files_workload(node, ns, pod_annotations);
+    let yaml = format!(
+        "{}---\n{}",
+        serde_yaml_ng::to_string(&claim).unwrap(),
+        serde_yaml_ng::to_string(&deployment).unwrap()
+    );
+    apply_manifests(client, &yaml).await;
+}
+
+/// The Deployment `files` of [`SCRIPT`], mounting the claim `files`.
+fn files_workload(node: &NodeInfo, ns: &str, pod_annotations: Value) -> Value {
+    json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "files", "namespace": ns},
         "spec": {
@@ -103,13 +114,7 @@ pub(crate) async fn files_deployment(
                 json!([{"name": "data", "persistentVolumeClaim": {"claimName": "files"}}]),
                 pod_annotations)
         }
-    });
-    let yaml = format!(
-        "{}---\n{}",
-        serde_yaml_ng::to_string(&claim).unwrap(),
-        serde_yaml_ng::to_string(&deployment).unwrap()
-    );
-    apply_manifests(client, &yaml).await;
+    })
 }
 
 /// The running Pod of `app` once Ready, and the lines its script printed.
@@ -137,6 +142,17 @@ pub(crate) async fn app_output(client: &kube::Client, ns: &str, app: &str) -> (S
     )
     .await;
     (name, logs)
+}
+
+/// Asserts that a restore's `-o json` result created and updated nothing.
+fn wrote_nothing(result: &Value) {
+    for key in ["created", "updated"] {
+        assert_eq!(
+            result["report"][key].as_array().map(Vec::len),
+            Some(0),
+            "{key}: {result}"
+        );
+    }
 }
 
 pub(crate) fn line<'a>(logs: &'a str, prefix: &str) -> &'a str {
@@ -481,18 +497,7 @@ async fn node_a_claim_its_pod_holds_alone_is_neither_copied_live_nor_recreated_u
         "spec": {"accessModes": ["ReadWriteOncePod"], "storageClassName": node.storage_class,
                  "resources": {"requests": {"storage": "64Mi"}}}
     });
-    let deployment = json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "files", "namespace": ns.name},
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": "files"}},
-            "template": pod_template(node, "files",
-                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "files"}}]),
-                json!({}))
-        }
-    });
+    let deployment = files_workload(node, &ns.name, json!({}));
     apply_manifests(
         &client,
         &format!(
@@ -684,16 +689,7 @@ async fn node_a_restore_killed_before_its_claim_is_filled_fills_it_when_run_agai
         &["restore", "resume", "--namespace-mapping", &mapping],
     );
     assert!(ok, "{stderr}");
-    assert_eq!(
-        result["report"]["created"].as_array().map(Vec::len),
-        Some(0),
-        "{result}"
-    );
-    assert_eq!(
-        result["report"]["updated"].as_array().map(Vec::len),
-        Some(0),
-        "{result}"
-    );
+    wrote_nothing(&result);
     clean_up(&client, &[&ns.name, &clone]).await;
 }
 
@@ -717,18 +713,7 @@ async fn node_a_claim_made_from_a_snapshot_comes_back_from_its_backup_elsewhere(
     apply_manifests(&client, &claim("seed", Value::Null)).await;
     snapshot_ready(&client, &ns.name, "seed", Some(&node.snapshot_class)).await;
     // `files` is made from the snapshot; its workload writes its data.
-    let deployment = json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "files", "namespace": ns.name},
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": "files"}},
-            "template": pod_template(node, "files",
-                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "files"}}]),
-                json!({}))
-        }
-    });
+    let deployment = files_workload(node, &ns.name, json!({}));
     apply_manifests(
         &client,
         &format!(
@@ -783,11 +768,7 @@ async fn node_a_claim_made_from_a_snapshot_comes_back_from_its_backup_elsewhere(
         ],
     );
     assert!(ok, "{stderr}\n{result}");
-    assert_eq!(
-        result["report"]["updated"].as_array().map(Vec::len),
-        Some(0),
-        "{result}"
-    );
+    wrote_nothing(&result);
     clean_up(&client, &[&ns.name, &clone]).await;
 }
 
