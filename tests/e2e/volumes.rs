@@ -630,14 +630,22 @@ async fn node_a_restore_killed_before_its_claim_is_filled_fills_it_when_run_agai
     restore.kill().unwrap();
     restore.wait().unwrap();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &clone);
-    let made = claims.get("files").await.unwrap();
-    assert!(
-        made.metadata
+    let marked = || async {
+        claims
+            .get("files")
+            .await
+            .unwrap()
+            .metadata
             .annotations
             .unwrap_or_default()
-            .contains_key("restore.ferry.dev/volume-data"),
-        "the claim says its data is still to come"
-    );
+            .contains_key("restore.ferry.dev/volume-data")
+    };
+    assert!(marked().await, "the claim says its data is still to come");
+    let restore_again = |extra: &[&str]| {
+        let mut args = vec!["restore", "resume", "--namespace-mapping", &mapping];
+        args.extend_from_slice(extra);
+        repo.run(cluster, &args)
+    };
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(client.clone(), &clone);
     assert!(
@@ -646,16 +654,7 @@ async fn node_a_restore_killed_before_its_claim_is_filled_fills_it_when_run_agai
     );
 
     // A dry run sees the claim as one to fill, not as one that was there.
-    let (ok, planned, stderr) = repo.run(
-        cluster,
-        &[
-            "restore",
-            "resume",
-            "--namespace-mapping",
-            &mapping,
-            "--dry-run",
-        ],
-    );
+    let (ok, planned, stderr) = restore_again(&["--dry-run"]);
     assert!(ok, "{stderr}");
     assert!(
         !planned["report"]["warnings"]
@@ -666,28 +665,14 @@ async fn node_a_restore_killed_before_its_claim_is_filled_fills_it_when_run_agai
 
     // Run again: the claim it made is filled before the workload starts,
     // not taken for a claim that was there before.
-    let (ok, result, stderr) = repo.run(
-        cluster,
-        &["restore", "resume", "--namespace-mapping", &mapping],
-    );
+    let (ok, result, stderr) = restore_again(&[]);
     assert!(ok, "{stderr}\n{result}");
     let (_, logs) = app_output(&client, &clone, "files").await;
     assert!(logs.contains("FOUND"), "the data was there first: {logs}");
     assert_eq!(line(&logs, "SUMS"), sums, "the same bytes");
-    let filled = claims.get("files").await.unwrap();
-    assert!(
-        !filled
-            .metadata
-            .annotations
-            .unwrap_or_default()
-            .contains_key("restore.ferry.dev/volume-data"),
-        "the mark is gone once the data is in"
-    );
+    assert!(!marked().await, "the mark is gone once the data is in");
     // And a third run finds nothing to do.
-    let (ok, result, stderr) = repo.run(
-        cluster,
-        &["restore", "resume", "--namespace-mapping", &mapping],
-    );
+    let (ok, result, stderr) = restore_again(&[]);
     assert!(ok, "{stderr}");
     wrote_nothing(&result);
     clean_up(&client, &[&ns.name, &clone]).await;
