@@ -341,20 +341,12 @@ async fn run_named(
         .await
         .map_err(|e| format!("creating the mover's Secret {name}: {}", api_message(&e)))?;
     loop {
-        let pod = match pods.get_opt(name).await {
+        let mut pod = match pods.get_opt(name).await {
             Ok(Some(p)) => p,
             Ok(None) => return Err(format!("mover Pod {name} was deleted before it finished")),
             Err(e) => return Err(format!("reading mover Pod {name}: {}", api_message(&e))),
         };
-        let memory_limit = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .and_then(|c| c.resources.as_ref())
-            .and_then(|r| r.limits.as_ref())
-            .and_then(|l| l.get("memory"))
-            .map(|q| q.0.clone());
-        let status = pod.status.unwrap_or_default();
+        let status = pod.status.take().unwrap_or_default();
         let terminated = status
             .container_statuses
             .as_ref()
@@ -381,7 +373,15 @@ async fn run_named(
                     .unwrap_or_else(|| "failed".into());
                 let message = message.trim();
                 if message == "OOMKilled" {
-                    return Err(out_of_memory(name, memory_limit.as_deref()));
+                    // The limit the Pod got: ours, or a LimitRange's default.
+                    let limit = pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.containers.first())
+                        .and_then(|c| c.resources.as_ref())
+                        .and_then(|r| r.limits.as_ref())
+                        .and_then(|l| l.get("memory"));
+                    return Err(out_of_memory(name, limit.map(|q| q.0.as_str())));
                 }
                 return Err(format!("mover Pod {name} failed: {message}"));
             }
